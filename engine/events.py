@@ -1,0 +1,408 @@
+"""What the engine says while it runs: frozen event dataclasses, the bus that fans them out, and the JSONL log.
+
+The engine reports only through these events. Every face (TUI bridge, headless reporter, JSONL writer) is a
+subscriber on an `EventBus`; a process that did not start the run follows it by tailing `events.jsonl` with
+`follow_events`. One event is one JSON object on one line, tagged with its `kind`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+log = logging.getLogger(__name__)
+
+PHASES = ("check", "cache", "load", "train", "validate", "export", "done")
+CHECKPOINT_REASONS = ("interval", "stop", "signal", "oom", "final")
+RUN_STATUSES = ("completed", "stopped", "failed")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+EVENTS_FILENAME = "events.jsonl"
+
+
+def _one_of(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of all events. `ts` is wall-clock seconds (time.time()) when the event was made."""
+
+    kind: ClassVar[str] = "event"
+    ts: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            data[f.name] = value
+        return data
+
+    def to_json(self) -> str:
+        # NaN/inf losses are legal here (a skipped non-finite step reports its loss); Python's json writes and
+        # reads them as NaN/Infinity. Keys are sorted so two identical events give identical lines.
+        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    kind: ClassVar[str] = "run_started"
+    run_dir: str
+    config_hash: str
+    total_steps: int
+    resumed_from_step: int = 0  # 0 for a fresh run
+    name: str = ""
+    device: str = ""  # e.g. "cuda:0 NVIDIA H100 80GB HBM3" or "cpu"
+    pid: int = field(default_factory=os.getpid)  # lets `attach` tell a live run from a dead one
+    host: str = field(default_factory=lambda: os.uname().nodename)
+    trainable_params: int = 0
+
+
+@dataclass(frozen=True)
+class PhaseChanged(Event):
+    kind: ClassVar[str] = "phase_changed"
+    phase: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        _one_of(self.phase, PHASES, "phase")
+
+
+@dataclass(frozen=True)
+class StepEnd(Event):
+    """One optimizer step (after gradient accumulation). Memory fields are None where not measurable (CPU)."""
+
+    kind: ClassVar[str] = "step_end"
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    loss_smooth: float
+    lr: float
+    grad_norm: float | None = None
+    samples_per_s: float = 0.0
+    s_per_step: float = 0.0
+    eta_s: float | None = None
+    peak_alloc_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    host_rss_bytes: int | None = None
+    skipped_nonfinite: int = 0  # total steps skipped for a NaN/inf loss or gradient so far
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event):
+    kind: ClassVar[str] = "checkpoint_saved"
+    step: int
+    path: str
+    reason: str = "interval"
+
+    def __post_init__(self) -> None:
+        _one_of(self.reason, CHECKPOINT_REASONS, "checkpoint reason")
+
+
+@dataclass(frozen=True)
+class ValidationDone(Event):
+    kind: ClassVar[str] = "validation_done"
+    step: int
+    sample_paths: tuple[str, ...] = ()
+    eval_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class RunWarning(Event):
+    """A problem the run survives. `code` is stable (e.g. "cache_missing"), for grouping and tests."""
+
+    kind: ClassVar[str] = "warning"
+    code: str
+    message: str
+
+
+# The design documents call it `Warning`; the alias keeps that name without hiding the builtin in this module.
+Warning = RunWarning  # noqa: A001
+
+
+@dataclass(frozen=True)
+class LogLine(Event):
+    kind: ClassVar[str] = "log"
+    level: str
+    message: str
+
+    def __post_init__(self) -> None:
+        _one_of(self.level, LOG_LEVELS, "log level")
+
+
+@dataclass(frozen=True)
+class RunEnded(Event):
+    kind: ClassVar[str] = "run_ended"
+    status: str
+    reason: str = ""
+    outputs: Mapping[str, str] = field(default_factory=dict)  # format name -> file path, e.g. {"peft": ...}
+
+    def __post_init__(self) -> None:
+        _one_of(self.status, RUN_STATUSES, "run status")
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (RunStarted, PhaseChanged, StepEnd, CheckpointSaved, ValidationDone, RunWarning, LogLine, RunEnded)
+}
+
+
+def event_from_dict(data: Mapping[str, Any]) -> Event:
+    """Rebuild an event from its dict form. Unknown fields are ignored so a newer writer does not break an
+    older reader; an unknown kind or a missing required field raises ValueError."""
+    kind = data.get("kind")
+    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"unknown event kind {kind!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in data.items() if k in names}
+    if cls is ValidationDone and "sample_paths" in kwargs:
+        kwargs["sample_paths"] = tuple(kwargs["sample_paths"])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # missing required field
+        raise ValueError(f"bad {kind} event: {exc}") from None
+
+
+def event_from_json(line: str) -> Event:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not a JSON line: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("event line is not a JSON object")
+    return event_from_dict(data)
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    """Fans each event out to subscriber callables, in subscription order, on the emitting thread.
+
+    Subscribers must be quick (the TUI bridge only posts a message). One that raises is logged and detached:
+    a broken display must never stop a training run.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        """Add `fn`; returns a function that removes it again."""
+        with self._lock:
+            self._subscribers.append(fn)
+        return lambda: self.unsubscribe(fn)
+
+    def unsubscribe(self, fn: Subscriber) -> None:
+        with self._lock:
+            if fn in self._subscribers:
+                self._subscribers.remove(fn)
+
+    @property
+    def subscribers(self) -> tuple[Subscriber, ...]:
+        with self._lock:
+            return tuple(self._subscribers)
+
+    def emit(self, event: Event) -> None:
+        # Iterate over a copy: subscribers may (un)subscribe, or emit, from inside their callback.
+        for fn in self.subscribers:
+            try:
+                fn(event)
+            except Exception:
+                log.exception("event subscriber %r failed on %s; detached", fn, event.kind)
+                self.unsubscribe(fn)
+
+
+class JsonlEventWriter:
+    """Subscriber that appends each event to `run_dir/events.jsonl`.
+
+    Each line is flushed as written so a follower sees it at once; checkpoint and end events are also fsynced,
+    so the log on disk is at least as new as the newest checkpoint after a power loss.
+    """
+
+    FSYNC_KINDS = frozenset({CheckpointSaved.kind, RunEnded.kind})
+
+    def __init__(self, run_dir: str | os.PathLike[str], filename: str = EVENTS_FILENAME) -> None:
+        self.path = Path(run_dir) / filename
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file = open(self.path, "a+b")  # noqa: SIM115 - closed in close()
+        self._end_torn_line()
+
+    def _end_torn_line(self) -> None:
+        # A process killed mid-write leaves a line without its newline; appending straight after it would glue
+        # our first event onto the torn one and lose both. Start on a fresh line instead.
+        self._file.seek(0, os.SEEK_END)
+        if self._file.tell() == 0:
+            return
+        self._file.seek(-1, os.SEEK_END)
+        if self._file.read(1) != b"\n":
+            self._file.seek(0, os.SEEK_END)
+            self._file.write(b"\n")
+            self._file.flush()
+
+    def __call__(self, event: Event) -> None:
+        data = (event.to_json() + "\n").encode("utf-8")
+        with self._lock:
+            if self._file.closed:
+                return
+            self._file.write(data)
+            self._file.flush()
+            if event.kind in self.FSYNC_KINDS:
+                os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+
+    def __enter__(self) -> JsonlEventWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parse_lines(lines: list[bytes], source: str, last_may_be_torn: bool) -> Iterator[Event]:
+    for number, raw in enumerate(lines, start=1):
+        text = raw.decode("utf-8", errors="replace").strip()
+        if not text:
+            continue
+        try:
+            yield event_from_json(text)
+        except ValueError as exc:
+            if last_may_be_torn and number == len(lines):
+                log.debug("%s: ignoring torn last line", source)
+            else:
+                log.warning("%s:%d: skipped event line: %s", source, number, exc)
+
+
+def read_events(path: str | os.PathLike[str]) -> list[Event]:
+    """All events of a finished or running log. A torn last line (the writer died mid-line) is ignored
+    quietly; a bad line elsewhere is skipped with a logged warning."""
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    torn = not data.endswith(b"\n")
+    return list(_parse_lines(lines, str(path), last_may_be_torn=torn))
+
+
+def follow_events(
+    path: str | os.PathLike[str],
+    stop_event: threading.Event,
+    poll_s: float = 0.25,
+    from_start: bool = True,
+) -> Iterator[Event]:
+    """Yield events as another process appends them to `path`, until `stop_event` is set.
+
+    Waits for the file to appear. Only complete lines are parsed; a partial last line is kept until its newline
+    arrives. If the file is replaced or truncated (a new run in the same folder), reading restarts from its
+    beginning. With `from_start=False` only events written after the call are yielded.
+    """
+    path = Path(path)
+    handle = None
+    identity: tuple[int, int] | None = None
+    pending = b""
+    # Only events written after this call: skip what exists now; a file that appears later is read whole.
+    skip_existing = not from_start and path.exists()
+    try:
+        while not stop_event.is_set():
+            if handle is None:
+                try:
+                    handle = open(path, "rb")  # noqa: SIM115 - closed in finally / on rotation
+                except FileNotFoundError:
+                    stop_event.wait(poll_s)
+                    continue
+                st = os.fstat(handle.fileno())
+                identity = (st.st_dev, st.st_ino)
+                pending = b""
+                if skip_existing:
+                    handle.seek(0, os.SEEK_END)
+                    skip_existing = False
+            chunk = handle.read()
+            if chunk:
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                yield from _parse_lines(complete, str(path), last_may_be_torn=False)
+                continue
+            # Nothing new: check whether the file was replaced or truncated before sleeping.
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                st = None
+            if st is None or (st.st_dev, st.st_ino) != identity or st.st_size < handle.tell():
+                handle.close()
+                handle = None
+                continue
+            stop_event.wait(poll_s)
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+class LogRecordsToEvents(logging.Handler):
+    """Logging handler that turns engine log records into `LogLine` events on a bus, for the TUI log pane.
+
+    Attach it to the "engine" logger for the duration of a run. A thread-local guard stops the loop a failing
+    subscriber would otherwise make (the bus logs the failure, which would come back here)."""
+
+    def __init__(self, bus: EventBus, level: int = logging.INFO) -> None:
+        super().__init__(level)
+        self.bus = bus
+        self._local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(self._local, "busy", False):
+            return
+        self._local.busy = True
+        try:
+            level = record.levelname.lower()
+            if level not in LOG_LEVELS:
+                level = "info"
+            self.bus.emit(LogLine(level=level, message=self.format(record), ts=record.created))
+        except Exception:
+            self.handleError(record)
+        finally:
+            self._local.busy = False
+
+
+__all__ = [
+    "CHECKPOINT_REASONS",
+    "EVENTS_FILENAME",
+    "EVENT_TYPES",
+    "LOG_LEVELS",
+    "PHASES",
+    "RUN_STATUSES",
+    "CheckpointSaved",
+    "Event",
+    "EventBus",
+    "JsonlEventWriter",
+    "LogLine",
+    "LogRecordsToEvents",
+    "PhaseChanged",
+    "RunEnded",
+    "RunStarted",
+    "RunWarning",
+    "StepEnd",
+    "Subscriber",
+    "ValidationDone",
+    "event_from_dict",
+    "event_from_json",
+    "follow_events",
+    "read_events",
+]
