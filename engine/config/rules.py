@@ -1,0 +1,217 @@
+"""Value rules of the run config: ranges, and combinations the model or the data make impossible.
+
+`check_config` returns every problem (the TUI shows them next to their fields); `validate_config` raises the
+first. Frame arithmetic follows spec/S2V_MODEL.md: the VAE encodes 4k+1 pixel frames (the first alone, then
+groups of 4), and the official continuation mode feeds 73 motion frames (19 latents) before 80 new ones.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from engine.config.errors import BadValueError, ConfigError, ConflictError
+from engine.config.schema import Config
+
+MAX_MOTION_FRAMES = 73  # the frame packer takes at most 19 motion latents: (73 + 3) // 4
+
+
+class _Checker:
+    def __init__(self, origin: Callable[[str], str]) -> None:
+        self.origin = origin
+        self.errors: list[ConfigError] = []
+
+    def bad(self, key: str, message: str, fix: str) -> None:
+        self.errors.append(BadValueError(self.origin(key), key, message, fix))
+
+    def conflict(self, key: str, message: str, fix: str) -> None:
+        self.errors.append(ConflictError(self.origin(key), key, message, fix))
+
+    def at_least(self, key: str, value: float, low: float, fix: str = "") -> None:
+        if value < low:
+            self.bad(key, f"must be at least {low:g}, got {value:g}", fix or f"set it to {low:g} or more")
+
+    def positive(self, key: str, value: float) -> None:
+        if not value > 0:
+            self.bad(key, f"must be greater than 0, got {value:g}", "use a positive value")
+
+    def probability(self, key: str, value: float, allow_one: bool = True) -> None:
+        ok = 0.0 <= value <= 1.0 if allow_one else 0.0 <= value < 1.0
+        if not ok:
+            upper = "1" if allow_one else "below 1"
+            self.bad(key, f"must be a probability between 0 and {upper}, got {value:g}", "e.g. 0.1")
+
+
+def _check_data(c: _Checker, cfg: Config) -> None:
+    d = cfg.data
+    for i, ds in enumerate(d.datasets):
+        key = f"data.datasets[{i}]"
+        if not ds.path:
+            c.bad(f"{key}.path", "is empty", "give the folder of the clips")
+        c.at_least(f"{key}.repeats", ds.repeats, 1)
+        c.positive(f"{key}.weight", ds.weight)
+    width, height = d.resolution
+    if width <= 0 or height <= 0 or width % 16 or height % 16:
+        fix = f"use multiples of 16, e.g. [{max(16, round(width / 16) * 16)}, {max(16, round(height / 16) * 16)}]"
+        c.bad("data.resolution", f"{width}x{height} is not a multiple of 16 on both sides (VAE 8x, patch 2x)", fix)
+    mf = d.motion_frames
+    if mf < 0 or mf > MAX_MOTION_FRAMES or (mf and mf % 4 != 1):
+        c.bad(
+            "data.motion_frames",
+            f"{mf} motion frames do not give whole motion latents (4k+1, at most {MAX_MOTION_FRAMES})",
+            "use 73 (the official 19 motion latents) or 0 to train first-clip mode only",
+        )
+    if d.frames < 1:
+        c.bad("data.frames", f"must be at least 1, got {d.frames}", "use 80 (20 latents, as inference)")
+    elif mf and d.frames % 4:
+        c.conflict(
+            "data.frames",
+            f"{d.frames} frames after {mf} motion frames is not 4k+1 frames in all ({mf + d.frames})",
+            f"use a multiple of 4, e.g. {max(4, d.frames // 4 * 4)} (80 as inference)",
+        )
+    elif not mf and d.frames % 4 not in (0, 1):
+        c.bad(
+            "data.frames",
+            f"{d.frames} is neither 4k (as inference) nor 4k+1 (one VAE clip)",
+            f"use {d.frames // 4 * 4} or {d.frames // 4 * 4 + 1}",
+        )
+    c.probability("data.motion_drop_prob", d.motion_drop_prob)
+    c.at_least("data.windows_per_clip", d.windows_per_clip, 0)
+    c.probability("data.caption_dropout", d.caption_dropout)
+
+
+def _check_lora(c: _Checker, cfg: Config) -> None:
+    lo = cfg.lora
+    c.at_least("lora.rank", lo.rank, 1, "e.g. rank = 16")
+    c.positive("lora.alpha", lo.alpha)
+    c.probability("lora.dropout", lo.dropout, allow_one=False)
+    if not lo.targets:
+        c.bad("lora.targets", "is empty: nothing would train", "remove the key to use the default targets")
+    for i, pattern in enumerate(lo.targets):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            c.bad(f"lora.targets[{i}]", f"is not a valid regex: {exc}", "escape dots as \\\\. in TOML strings")
+
+
+def _check_optim(c: _Checker, cfg: Config, dataset_size: int | None) -> None:
+    o = cfg.optim
+    c.positive("optim.lr", o.lr)
+    if o.optimizer == "prodigy" and 0 < o.lr < 0.1:
+        c.conflict("optim.lr", f"prodigy finds the step size itself; lr {o.lr:g} is a multiplier", "set lr = 1.0")
+    for i, beta in enumerate(o.betas):
+        if not 0.0 <= beta < 1.0:
+            c.bad(f"optim.betas[{i}]", f"must be in [0, 1), got {beta:g}", "e.g. betas = [0.9, 0.999]")
+    c.at_least("optim.weight_decay", o.weight_decay, 0)
+    c.positive("optim.eps", o.eps)
+    c.at_least("optim.max_steps", o.max_steps, 1)
+    c.at_least("optim.warmup_steps", o.warmup_steps, 0)
+    if o.max_steps >= 1 and o.warmup_steps >= o.max_steps:
+        c.conflict(
+            "optim.warmup_steps",
+            f"warmup of {o.warmup_steps} steps is not shorter than the run ({o.max_steps} steps)",
+            f"lower it below optim.max_steps, e.g. {o.max_steps // 10}",
+        )
+    if o.optimizer == "schedulefree" and o.schedule != "constant":
+        c.conflict("optim.schedule", "schedule-free optimizers replace the lr schedule", 'set schedule = "constant"')
+    c.at_least("optim.batch_size", o.batch_size, 1)
+    c.at_least("optim.grad_accum", o.grad_accum, 1, "grad_accum = 1 means no accumulation")
+    if dataset_size is not None and o.batch_size > dataset_size:
+        c.conflict(
+            "optim.batch_size",
+            f"batch of {o.batch_size} is larger than the dataset ({dataset_size} windows)",
+            f"set batch_size to at most {max(1, dataset_size)} and raise optim.grad_accum instead",
+        )
+    c.at_least("optim.max_grad_norm", o.max_grad_norm, 0, "0 turns clipping off")
+    if not 0.0 < o.ema.decay < 1.0:
+        c.bad("optim.ema.decay", f"must be between 0 and 1 (exclusive), got {o.ema.decay:g}", "e.g. 0.999")
+
+
+def _check_train(c: _Checker, cfg: Config) -> None:
+    t = cfg.train
+    c.positive("train.flow_shift", t.flow_shift)
+    c.positive("train.logit_std", t.logit_std)
+    c.at_least("train.nonfinite_max_in_a_row", t.nonfinite_max_in_a_row, 1)
+    c.at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 0, "0 = only on stop, signal and end")
+    c.at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1, "keep at least 1 to be able to resume")
+
+
+def _check_validation(c: _Checker, cfg: Config) -> None:
+    v = cfg.validation
+    c.at_least("validation.every_steps", v.every_steps, 0)
+    c.at_least("validation.steps", v.steps, 1, "40 as the official inference")
+    c.at_least("validation.cfg_scale", v.cfg_scale, 1, "4.5 as the official inference; 1 = no guidance")
+    c.at_least("validation.eval_loss.num_triples", v.eval_loss.num_triples, 1)
+    for i, case in enumerate(v.cases):
+        for name in ("reference", "audio"):
+            if not getattr(case, name):
+                c.bad(f"validation.cases[{i}].{name}", "is empty", f"give the {name} file of this case")
+    if v.every_steps > 0 and not v.cases and not v.eval_loss.enabled:
+        c.conflict(
+            "validation.every_steps",
+            "validation is scheduled but there is nothing to validate",
+            "add [[validation.cases]], enable validation.eval_loss, or set every_steps = 0",
+        )
+
+
+def _check_memory(c: _Checker, cfg: Config) -> None:
+    m = cfg.memory
+    c.at_least("memory.checkpoint_interval", m.checkpoint_interval, 1)
+    if m.offload_checkpoint_inputs and not m.gradient_checkpointing:
+        c.conflict(
+            "memory.offload_checkpoint_inputs",
+            "needs memory.gradient_checkpointing (there are no saved block inputs without it)",
+            "set gradient_checkpointing = true or offload_checkpoint_inputs = false",
+        )
+    c.at_least("memory.blocks_resident", m.blocks_resident, 0)
+    c.at_least("memory.chunked_ffn", m.chunked_ffn, 0, "0 = off")
+    c.at_least("memory.vram_budget_gb", m.vram_budget_gb, 0, "0 = what the card has free")
+    if m.base_weights != "bf16" and cfg.model.dtype != "bf16":
+        c.conflict(
+            "memory.base_weights",
+            f"{m.base_weights} base weights compute in bf16, but model.dtype is {cfg.model.dtype}",
+            'set model.dtype = "bf16" or base_weights = "bf16"',
+        )
+
+
+def _check_output(c: _Checker, cfg: Config) -> None:
+    out = cfg.output
+    if not out.name or "/" in out.name or "\\" in out.name or out.name in (".", ".."):
+        c.bad("output.name", f"'{out.name}' is not a plain folder name", 'e.g. name = "my-voice-lora"')
+    if not out.run_dir:
+        c.bad("output.run_dir", "is empty", 'e.g. run_dir = "runs"')
+    if not out.formats:
+        c.bad("output.formats", "is empty: nothing would be exported", 'e.g. formats = ["peft", "native"]')
+    elif len(set(out.formats)) != len(out.formats):
+        c.bad("output.formats", "lists a format twice", "list each format once")
+    c.at_least("logging.every_steps", cfg.logging.every_steps, 1)
+
+
+def check_config(
+    cfg: Config,
+    origin: Callable[[str], str] | str = "<config>",
+    dataset_size: int | None = None,
+    require_data: bool = False,
+) -> list[ConfigError]:
+    """Every rule broken by `cfg`, in schema order. `origin` is the file name, or a function from dotted key
+    to the file that set it. `dataset_size` (windows) enables the batch-size check; `require_data` the check
+    that at least one dataset is given (a preset may leave that to the file that extends it)."""
+    where = origin if callable(origin) else (lambda key, name=origin: name)
+    c = _Checker(where)
+    if require_data and not cfg.data.datasets:
+        c.bad("data.datasets", "no dataset is given", 'add a [[data.datasets]] table with path = "clips/"')
+    _check_data(c, cfg)
+    _check_lora(c, cfg)
+    _check_optim(c, cfg, dataset_size)
+    _check_train(c, cfg)
+    _check_validation(c, cfg)
+    _check_memory(c, cfg)
+    _check_output(c, cfg)
+    return c.errors
+
+
+def validate_config(cfg: Config, origin: Callable[[str], str] | str = "<config>", **kwargs) -> Config:
+    """`cfg` unchanged if it breaks no rule; otherwise raises the first ConfigError."""
+    errors = check_config(cfg, origin, **kwargs)
+    if errors:
+        raise errors[0]
+    return cfg

@@ -1,0 +1,280 @@
+"""The run config as typed dataclasses: every section, key, default and one line of help.
+
+The help text lives in each field's metadata so the commented `presets/base.toml`, the TUI's config form and
+the error messages all read the same words. No `None` defaults: TOML has no null, so "off" or "automatic" is
+spelled with an empty string or 0 and the help says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ModelDtype = Literal["bf16", "fp16", "fp32"]
+BucketMode = Literal["fixed", "aspect"]
+CropMode = Literal["center", "random"]
+ReferenceChoice = Literal["first", "random", "outside"]
+LoraInit = Literal["default", "gaussian", "pissa", "olora"]
+OptimizerName = Literal["adamw", "adamw8bit", "lion", "prodigy", "schedulefree"]
+ScheduleName = Literal["constant", "cosine", "linear"]
+MixedPrecision = Literal["bf16", "fp16", "no"]
+SigmaSampling = Literal["logit_normal", "uniform"]
+Solver = Literal["unipc", "euler"]
+BaseWeights = Literal["bf16", "int8", "fp8"]
+AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
+ExportFormat = Literal["peft", "native"]
+
+# Full-match regexes over the transformer's module names (diffusers layout, see spec/S2V_MODEL.md §2.3):
+# q, k, v, o of self-attention (attn1), text cross-attention (attn2) and the 12 audio injectors.
+DEFAULT_LORA_TARGETS = (
+    r"blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)",
+    r"blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)",
+    r"audio_injector\.injector\.\d+\.(to_q|to_k|to_v|to_out\.0)",
+)
+
+
+def opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call sites
+    """A field with a default and its help line. Lists get a fresh copy per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    if dataclasses.is_dataclass(default):
+        # A fresh default instance each time, so no two configs share a nested list.
+        return field(default_factory=type(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    source: str = opt("Wan-AI/Wan2.2-S2V-14B", "Hugging Face hub id or local folder of the S2V checkpoint")
+    transformer_subfolder: str = opt("", "subfolder holding the transformer weights; '' = find it")
+    dtype: ModelDtype = opt("bf16", "dtype of the frozen base weights once loaded: bf16, fp16 or fp32")
+
+
+@dataclass
+class DatasetEntry:
+    path: str = opt("", "folder of video clips (each with a caption .txt of the same name)")
+    audio_dir: str = opt("", "folder of separate audio files of the same names; '' = audio track of the clip")
+    repeats: int = opt(1, "how many times each clip counts per epoch")
+    weight: float = opt(1.0, "relative sampling weight against the other datasets")
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetEntry] = opt([], "the training folders, one [[data.datasets]] table each")
+    resolution: tuple[int, int] = opt((832, 480), "[width, height] in pixels, multiples of 16")
+    bucket: BucketMode = opt("aspect", "fixed = every clip to `resolution`; aspect = buckets of similar area")
+    crop: CropMode = opt("center", "where to crop a clip that does not fit its bucket: center or random")
+    frames: int = opt(80, "new pixel frames per training window at 16 fps (80 = 20 latents, as inference)")
+    motion_frames: int = opt(73, "frames before the window given as motion context (73 = 19 latents; 0 = none)")
+    motion_drop_prob: float = opt(0.25, "probability of dropping the motion frames so first-clip mode is learnt")
+    reference: ReferenceChoice = opt("first", "reference image: first frame, a random frame, or one outside the window")
+    windows_per_clip: int = opt(1, "training windows taken from each clip; 0 = every window that fits")
+    allow_silent_audio: bool = opt(False, "accept clips whose audio is silent (otherwise the check flags them)")
+    cache_dir: str = opt("", "cache of latents, text and audio features; '' = <output.run_dir>/cache")
+    caption_dropout: float = opt(0.1, "probability of training a step with an empty caption")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = opt(16, "LoRA rank")
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = opt(0.0, "dropout on the LoRA input, 0 <= dropout < 1")
+    targets: list[str] = opt(list(DEFAULT_LORA_TARGETS), "full-match regexes of the Linear modules to adapt")
+    init: LoraInit = opt("default", "initialisation of the LoRA weights: default, gaussian, pissa or olora")
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = opt(False, "keep an exponential moving average of the LoRA weights and export it")
+    decay: float = opt(0.999, "EMA decay per optimizer step, 0 < decay < 1")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: OptimizerName = opt("adamw", "adamw, adamw8bit (bitsandbytes), lion, prodigy or schedulefree")
+    lr: float = opt(1e-4, "peak learning rate (prodigy: a multiplier, usually 1.0)")
+    betas: tuple[float, float] = opt((0.9, 0.999), "[beta1, beta2] of the optimizer")
+    weight_decay: float = opt(0.01, "decoupled weight decay")
+    eps: float = opt(1e-8, "optimizer epsilon")
+    schedule: ScheduleName = opt("constant", "learning-rate schedule after warmup: constant, cosine or linear")
+    warmup_steps: int = opt(0, "linear warmup steps from 0 to lr")
+    max_steps: int = opt(2000, "optimizer steps of the whole run")
+    batch_size: int = opt(1, "windows per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this; 0 = no clipping")
+    ema: EmaConfig = opt(EmaConfig(), "EMA of the LoRA weights")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = opt(42, "seed of every random choice (data order, noise, sigmas, LoRA init)")
+    mixed_precision: MixedPrecision = opt("bf16", "autocast dtype of the forward pass: bf16, fp16 or no")
+    flow_shift: float = opt(3.0, "shift of the flow-matching sigmas (the official inference uses 3)")
+    sigma_sampling: SigmaSampling = opt("logit_normal", "how training sigmas are drawn: logit_normal or uniform")
+    logit_mean: float = opt(0.0, "mean of the logit-normal sigma distribution")
+    logit_std: float = opt(1.0, "standard deviation of the logit-normal sigma distribution")
+    nonfinite_max_in_a_row: int = opt(20, "stop the run after this many NaN/inf steps in a row")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = opt(250, "write a checkpoint every N steps; 0 = only on stop, signal and end")
+    keep_last: int = opt(3, "checkpoints kept; older ones are deleted")
+
+
+@dataclass
+class ValidationCase:
+    reference: str = opt("", "reference image (or video whose first frame is used)")
+    audio: str = opt("", "speech audio file")
+    prompt: str = opt("", "text prompt")
+    seed: int = opt(0, "noise seed of this sample")
+
+
+@dataclass
+class EvalLossConfig:
+    enabled: bool = opt(False, "measure a fixed-noise loss on held-out windows at each validation")
+    num_triples: int = opt(8, "(window, sigma, noise) triples in the eval loss")
+
+
+@dataclass
+class ValidationConfig:
+    every_steps: int = opt(0, "validate every N steps; 0 = never")
+    cases: list[ValidationCase] = opt([], "samples to render, one [[validation.cases]] table each")
+    steps: int = opt(40, "sampling steps per validation sample")
+    cfg_scale: float = opt(4.5, "classifier-free guidance scale")
+    solver: Solver = opt("unipc", "sampler: unipc (as the official inference) or euler")
+    eval_loss: EvalLossConfig = opt(EvalLossConfig(), "fixed-noise evaluation loss")
+
+
+@dataclass
+class MemoryConfig:
+    gradient_checkpointing: bool = opt(True, "recompute block activations in the backward pass")
+    checkpoint_interval: int = opt(1, "checkpoint every Nth block (1 = every block)")
+    offload_checkpoint_inputs: bool = opt(False, "keep the saved block inputs in host memory")
+    block_offload: bool = opt(False, "stream transformer blocks from pinned host memory to the GPU")
+    blocks_resident: int = opt(0, "with block_offload: blocks that stay on the GPU")
+    base_weights: BaseWeights = opt("bf16", "storage of the frozen base weights: bf16, int8 or fp8")
+    chunked_ffn: int = opt(0, "split the feed-forward over this many sequence chunks; 0 = off")
+    attention_backend: AttentionBackend = opt("auto", "auto, cudnn, flash, efficient or math")
+    vram_budget_gb: float = opt(0.0, "GPU memory the run may use, in GB; 0 = what the card has free")
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = opt("runs", "folder that holds the run folders")
+    name: str = opt("s2v-lora", "this run's folder name under run_dir, also the LoRA file name")
+    formats: list[ExportFormat] = opt(["peft", "native"], "LoRA layouts to export: peft (diffusers), native (ComfyUI)")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = opt(10, "log a metrics line every N steps")
+    tensorboard: bool = opt(True, "write TensorBoard scalars under the run folder")
+    wandb_project: str = opt("", "Weights & Biases project; '' = off")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = opt(ModelConfig(), "the base model")
+    data: DataConfig = opt(DataConfig(), "training data and windowing")
+    lora: LoraConfig = opt(LoraConfig(), "the adapter")
+    optim: OptimConfig = opt(OptimConfig(), "optimizer, schedule and batch")
+    train: TrainConfig = opt(TrainConfig(), "objective and numerics")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints")
+    validation: ValidationConfig = opt(ValidationConfig(), "validation samples and loss")
+    memory: MemoryConfig = opt(MemoryConfig(), "memory switches (set by the VRAM presets)")
+    output: OutputConfig = opt(OutputConfig(), "where results go")
+    logging: LoggingConfig = opt(LoggingConfig(), "metrics")
+
+    def resolved_dict(self) -> dict[str, Any]:
+        return resolved_dict(self)
+
+    def config_hash(self) -> str:
+        return config_hash(self)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def resolved_dict(config: Any) -> dict[str, Any]:
+    """Every key with its value, as plain dicts, lists and scalars (tuples become lists), in schema order."""
+    return _plain(config)
+
+
+def config_hash(config: Config) -> str:
+    """Stable 16-hex-digit hash of the resolved values: same config, same hash, in any process."""
+    text = json.dumps(resolved_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"ema": {"decay": x}}} -> {"optim.ema.decay": x}. Lists (also of tables) stay leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    key: str
+    old: Any
+    new: Any
+
+
+def diff(a: Config, b: Config) -> list[ConfigChange]:
+    """Keys whose values differ from `a` to `b`, in schema order (lists compare whole)."""
+    flat_a, flat_b = flatten(resolved_dict(a)), flatten(resolved_dict(b))
+    return [ConfigChange(k, flat_a[k], flat_b[k]) for k in flat_a if flat_a[k] != flat_b[k]]
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One leaf key of the schema, for forms and generated docs."""
+
+    key: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+
+
+def type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def choices_of(tp: Any) -> tuple[str, ...]:
+    """The allowed strings of a Literal (or of a list of a Literal); () otherwise."""
+    if typing.get_origin(tp) is list:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) is Literal:
+        return tuple(typing.get_args(tp))
+    return ()
+
+
+def schema_fields(cls: type = Config, prefix: str = "") -> list[FieldInfo]:
+    """Every leaf key below `cls` with its type, default and help. Lists of tables are one leaf each."""
+    hints = type_hints(cls)
+    default = cls()
+    out: list[FieldInfo] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out.extend(schema_fields(tp, key + "."))
+        else:
+            value = _plain(getattr(default, f.name))
+            out.append(FieldInfo(key, tp, value, f.metadata.get("help", ""), choices_of(tp)))
+    return out
