@@ -1,0 +1,253 @@
+"""Strict, shard-by-shard loading of the S2V transformer from either published layout.
+
+A transformer folder holds `config.json` and safetensors shards (with or without an index). The config is the
+diffusers one (`_class_name` WanS2VTransformer3DModel / S2VTransformer3DModel) or the official one
+(`dim`, `num_heads`, `cond_dim`, ...); the tensors are in the diffusers-checkpoint layout or the native layout.
+The model is built on the meta device and each tensor is read, converted to the target dtype and placed on
+the target device one at a time, so host RAM peaks near one model copy in the target dtype (less when the
+target is a GPU), never two. Every missing, unexpected or mis-shaped tensor is reported by name, and loading
+fails: nothing is dropped with a warning.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from engine.models.keymap import detect_layout, native_to_diffusers, normalise_diffusers_name
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint does not match the architecture; the message names every offending tensor."""
+
+
+# Official config field -> ours (the rest of the official fields must hold the values of the S2V checkpoint).
+_NATIVE_FIELDS = {
+    "in_dim": "in_channels",
+    "out_dim": "out_channels",
+    "text_dim": "text_dim",
+    "text_len": "text_len",
+    "freq_dim": "freq_dim",
+    "ffn_dim": "ffn_dim",
+    "num_layers": "num_layers",
+    "eps": "eps",
+    "cond_dim": "pose_dim",
+    "audio_dim": "audio_dim",
+    "num_audio_token": "num_audio_tokens",
+    "audio_inject_layers": "audio_inject_layers",
+    "enable_adain": "enable_adain",
+    "adain_mode": "adain_mode",
+    "zero_timestep": "zero_timestep",
+    "add_last_motion": "add_last_motion",
+    "enable_framepack": "enable_framepack",
+    "framepack_drop_mode": "framepack_drop_mode",
+    "patch_size": "patch_size",
+}
+# Official fields whose only supported value is the released one (anything else is another architecture).
+_NATIVE_FIXED = {
+    "model_type": "s2v",
+    "enable_motioner": False,
+    "enable_tsm": False,
+    "trainable_token_pos_emb": False,
+    "window_size": [-1, -1],
+    "qk_norm": True,
+    "cross_attn_norm": True,
+}
+_NATIVE_IGNORED = {"zero_init", "motion_token_num", "_class_name", "_diffusers_version", "__name__"}
+
+
+def is_native_config(raw: dict) -> bool:
+    return "dim" in raw and "num_heads" in raw
+
+
+def config_from_json(raw: dict, source: str) -> dict:
+    """Our constructor kwargs from a diffusers or an official config.json."""
+    from engine.models.s2v_transformer import S2VTransformer3DModel
+
+    known = set(inspect.signature(S2VTransformer3DModel.__init__).parameters) - {"self"}
+    if not is_native_config(raw):
+        out, unknown = {}, []
+        for key, value in raw.items():
+            if key.startswith("_"):
+                continue
+            if key == "added_kv_proj_dim":
+                if value is not None:
+                    raise CheckpointError(f"{source}: added_kv_proj_dim={value} is not an S2V transformer")
+                continue
+            (out.__setitem__(key, value) if key in known else unknown.append(key))
+        if unknown:
+            raise CheckpointError(f"{source}: unknown config fields {sorted(unknown)} for the S2V transformer")
+        return out
+    out = {}
+    for key, value in raw.items():
+        if key in _NATIVE_FIELDS:
+            out[_NATIVE_FIELDS[key]] = value
+        elif key in _NATIVE_FIXED:
+            if value != _NATIVE_FIXED[key]:
+                raise CheckpointError(
+                    f"{source}: {key}={value!r} is not supported (the S2V checkpoint has {_NATIVE_FIXED[key]!r})"
+                )
+        elif key not in _NATIVE_IGNORED and key not in ("dim", "num_heads"):
+            raise CheckpointError(f"{source}: unknown official config field {key!r}")
+    dim, heads = raw["dim"], raw["num_heads"]
+    if dim % heads:
+        raise CheckpointError(f"{source}: dim {dim} is not a multiple of num_heads {heads}")
+    out["num_attention_heads"] = heads
+    out["attention_head_dim"] = dim // heads
+    return out
+
+
+def resolve_transformer_dir(source: str | os.PathLike, subfolder: str | None = "transformer") -> Path:
+    """A local folder (model root or the transformer folder itself) or a hub id, resolved to a folder."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if subfolder and (path / subfolder / CONFIG_NAME).is_file():
+            return path / subfolder
+        if (path / CONFIG_NAME).is_file():
+            return path
+        raise FileNotFoundError(
+            f"{path}: no {CONFIG_NAME} here{f' or in {subfolder}/' if subfolder else ''}; point the model "
+            "source at a diffusers model folder, its transformer/ folder, or an official Wan2.2-S2V-14B folder"
+        )
+    return _download(str(source), subfolder)
+
+
+def _download(repo_id: str, subfolder: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    patterns = [CONFIG_NAME, "diffusion_pytorch_model*.safetensors*"]
+    if subfolder:
+        patterns += [f"{subfolder}/{CONFIG_NAME}", f"{subfolder}/*.safetensors*"]
+    try:
+        root = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except HFValidationError as exc:
+        raise FileNotFoundError(f"{repo_id!r} is neither an existing folder nor a valid hub id") from exc
+    except (LocalEntryNotFoundError, OSError) as exc:
+        raise FileNotFoundError(
+            f"could not fetch {repo_id!r} from the hub ({type(exc).__name__}); on a machine without network, "
+            "download the model elsewhere and point the model source at its local folder"
+        ) from exc
+    return resolve_transformer_dir(root, subfolder)
+
+
+def shard_files(folder: Path) -> list[Path]:
+    for name in INDEX_NAMES:
+        index = folder / name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({folder / f for f in weight_map.values()})
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: shards listed in the index are missing: {missing}")
+            return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no .safetensors files")
+    return files
+
+
+def _place(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    old = module._parameters.get(leaf)
+    if old is not None:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _summary(kind: str, names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{len(names)} {kind}: {shown}{more}"
+
+
+def load_state_into(model: nn.Module, folder: Path, dtype: torch.dtype | None, device) -> str:
+    """Fill a meta-initialised model from the shards in `folder`. Returns the detected layout."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    files = shard_files(folder)
+    keys_per_file = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            keys_per_file[f] = list(handle.keys())
+    layout = detect_layout(k for keys in keys_per_file.values() for k in keys)
+
+    def ours(key: str) -> str | None:
+        try:
+            return native_to_diffusers(key) if layout == "native" else normalise_diffusers_name(key)
+        except KeyError:
+            return None
+
+    unexpected, mismatched, seen = [], [], set()
+    for f, keys in keys_per_file.items():
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            for key in keys:
+                name = ours(key)
+                if name is None or name not in expected:
+                    unexpected.append(f"{key} ({f.name})")
+                    continue
+                shape = tuple(handle.get_slice(key).get_shape())
+                if shape != expected[name]:
+                    mismatched.append(f"{key} has shape {list(shape)}, the model needs {list(expected[name])}")
+                    seen.add(name)  # present, so not also "missing"
+                    continue
+                if name in seen:
+                    unexpected.append(f"{key} (duplicate in {f.name})")
+                    continue
+                tensor = handle.get_tensor(key)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                _place(model, name, tensor.to(device))
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    problems = []
+    if missing:
+        problems.append(_summary("missing tensors", missing))
+    if unexpected:
+        problems.append(_summary("unexpected tensors", unexpected))
+    if mismatched:
+        problems.append(_summary("mis-shaped tensors", mismatched))
+    if problems:
+        raise CheckpointError(f"{folder} ({layout} layout) does not match the S2V transformer: " + "; ".join(problems))
+    return layout
+
+
+_MIX_KEYS = ("casual_audio_encoder.weights", "condition_embedder.causal_audio_encoder.weights",
+             "condition_embedder.causal_audio_encoder.weighted_avg.weights")
+
+
+def _mixed_layer_count(folder: Path) -> int:
+    for f in shard_files(folder):
+        with safe_open(str(f), framework="pt") as handle:
+            for key in _MIX_KEYS:
+                if key in handle.keys():
+                    return int(handle.get_slice(key).get_shape()[1])
+    raise CheckpointError(f"{folder}: no audio layer-mixing weights ({_MIX_KEYS[0]}) in any shard")
+
+
+def load_transformer(cls, source, subfolder="transformer", torch_dtype=None, device="cpu"):
+    folder = resolve_transformer_dir(source, subfolder)
+    raw = json.loads((folder / CONFIG_NAME).read_text())
+    kwargs = config_from_json(raw, str(folder / CONFIG_NAME))
+    if "num_weighted_avg_layers" not in kwargs:
+        # Neither the official config nor the first diffusers config records how many wav2vec2 layers are
+        # mixed; the checkpoint's mixing weights [1, L, 1, 1] do.
+        kwargs["num_weighted_avg_layers"] = _mixed_layer_count(folder)
+    with torch.device("meta"):
+        model = cls(**kwargs)
+    layout = load_state_into(model, folder, torch_dtype, torch.device(device))
+    log.info("loaded S2V transformer from %s (%s layout)", folder, layout)
+    model.eval()
+    return model

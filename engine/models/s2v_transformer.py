@@ -1,0 +1,302 @@
+"""The Wan 2.2 S2V transformer, our own implementation (diffusers ModelMixin + ConfigMixin, PEFT-ready).
+
+`S2VTransformer3DModel()` with no arguments is the 14B architecture (1,260 tensors, 16,295,755,609 parameters).
+`S2VTransformer3DModel.from_pretrained(path_or_id)` loads the diffusers-checkpoint layout and the native
+layout of the official `Wan-AI/Wan2.2-S2V-14B` shards (see `engine/models/loading.py`).
+
+Mapping from the official `WanModel_S2V.forward` (batch of B same-shaped samples; the official code takes
+lists of per-sample tensors and stacks them):
+
+    official argument          this forward
+    x[i]        [16, T, h, w]   hidden_states[i]        [B, 16, T, h, w]
+    t           [B]             timestep                [B]  (sigma * 1000)
+    context[i]  [L_i, 4096]     encoder_hidden_states   [B, L, 4096], L <= 512 (zero-padded here to 512)
+    ref_latents[i] [16,1,h,w]   ref_latents             [B, 16, 1, h_r, w_r]
+    motion_latents[i] [16,Tm,h,w]  motion_latents       [B, 16, Tm, h, w]
+    cond_states[i] [16,T,h,w]   pose_latents            [B, 16, T, h, w] or None (None == zeros, as official)
+    audio_input [B,25,1024,N]   audio_features          [B, 25, 1024, N_px]
+    motion_frames [73, 19]      motion_frames           (73, 19)
+    add_last_motion 2           add_last_motion         2 (multiplied by config.add_last_motion)
+    drop_motion_frames          drop_motion_frames      bool
+    seq_len                     (unused by the official S2V model too)
+
+The output is the velocity prediction [B, 16, T, h, w] (fp32), equal to the official list stacked.
+
+Native -> module names: `keymap.native_to_diffusers` (e.g. `blocks.3.self_attn.q` <-> `blocks.3.attn1.to_q`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_utils import ModelMixin
+from torch.utils.checkpoint import checkpoint
+
+from engine.models.rope import rope_cos_sin, sequence_positions
+from engine.models.s2v_layers import (
+    AudioInjector,
+    CausalAudioEncoder,
+    FramePackMotion,
+    S2VTransformerBlock,
+    linear_fp32,
+    timestep_sinusoid,
+)
+
+AUDIO_INJECT_LAYERS_14B = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+
+
+class TimeEmbedder(nn.Module):
+    def __init__(self, freq_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(freq_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, sinusoid: torch.Tensor) -> torch.Tensor:
+        # fp32 throughout, as the official model computes the time embedding under an fp32 autocast.
+        return linear_fp32(self.linear_2, F.silu(linear_fp32(self.linear_1, sinusoid)))
+
+
+class TextEmbedder(nn.Module):
+    def __init__(self, text_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(text_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.linear_1.weight.dtype)
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class ConditionEmbedder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        dim = cfg.num_attention_heads * cfg.attention_head_dim
+        self.time_embedder = TimeEmbedder(cfg.freq_dim, dim)
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = TextEmbedder(cfg.text_dim, dim)
+        self.pose_embedder = nn.Conv3d(cfg.pose_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.causal_audio_encoder = CausalAudioEncoder(
+            cfg.audio_dim, dim, cfg.num_weighted_avg_layers, cfg.num_audio_tokens, need_global=cfg.enable_adain
+        )
+
+
+class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["S2VTransformerBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        text_len: int = 512,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        audio_dim: int = 1024,
+        num_weighted_avg_layers: int = 25,
+        num_audio_tokens: int = 4,
+        audio_inject_layers: tuple = AUDIO_INJECT_LAYERS_14B,
+        enable_adain: bool = True,
+        adain_mode: str = "attn_norm",
+        pose_dim: int = 16,
+        enable_framepack: bool = True,
+        framepack_drop_mode: str = "padd",
+        zip_frame_buckets: tuple = (1, 2, 16),
+        add_last_motion: bool = True,
+        zero_timestep: bool = True,
+        rope_max_seq_len: int = 1024,
+        ref_rope_time: int = 30,
+    ):
+        super().__init__()
+        if qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"qk_norm={qk_norm!r}: only 'rms_norm_across_heads' (the S2V checkpoint) is built")
+        if adain_mode != "attn_norm":
+            raise ValueError(f"adain_mode={adain_mode!r}: only 'attn_norm' (the S2V checkpoint) is built")
+        if not enable_framepack:
+            raise ValueError("enable_framepack=False (the transformer motioner) is not part of the S2V checkpoint")
+        if tuple(zip_frame_buckets) != (1, 2, 16):
+            raise ValueError(f"zip_frame_buckets={zip_frame_buckets}: the framepack kernels need (1, 2, 16)")
+        dim = num_attention_heads * attention_head_dim
+        self.inner_dim = dim
+
+        self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.condition_embedder = ConditionEmbedder(self.config)
+        self.blocks = nn.ModuleList(
+            [S2VTransformerBlock(dim, ffn_dim, num_attention_heads, eps, cross_attn_norm) for _ in range(num_layers)]
+        )
+        self.audio_injector = AudioInjector(dim, num_attention_heads, len(audio_inject_layers), eps, enable_adain)
+        self.trainable_condition_mask = nn.Embedding(3, dim)
+        self.frame_packer = FramePackMotion(in_channels, dim, zip_frame_buckets, framepack_drop_mode)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.proj_out = nn.Linear(dim, out_channels * patch_size[0] * patch_size[1] * patch_size[2])
+
+        self.injector_of_block = {block: i for i, block in enumerate(audio_inject_layers)}
+        self.gradient_checkpointing = False
+        self.checkpoint_interval = 1
+        # Keep the residual stream in fp32 between blocks, as the official model does. Off = cast back to the
+        # compute dtype after each block (the diffusers port's behaviour, half the activation memory).
+        self.residual_fp32 = True
+        self._rope_cache: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = "transformer",
+                        torch_dtype: torch.dtype | None = None, device="cpu", **kwargs):
+        """Load a diffusers-layout or native-layout transformer folder (or hub id) strictly; see loading.py."""
+        if kwargs:
+            raise TypeError(f"unsupported from_pretrained arguments: {sorted(kwargs)}")
+        from engine.models.loading import load_transformer
+
+        return load_transformer(cls, pretrained_model_name_or_path, subfolder, torch_dtype, device)
+
+    # ---- switches -------------------------------------------------------------------------------------
+    def enable_gradient_checkpointing(self, interval: int = 1) -> None:
+        """Recompute every `interval`-th block (with its audio injector) in the backward pass."""
+        if interval < 1:
+            raise ValueError("checkpoint interval must be >= 1")
+        self.gradient_checkpointing = True
+        self.checkpoint_interval = interval
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
+    def set_ffn_chunk_size(self, tokens: int | None) -> None:
+        """Run each FFN over the sequence in chunks of `tokens` (None: whole sequence)."""
+        for block in self.blocks:
+            block.ffn.chunk_size = tokens
+
+    # ---- pieces of the forward ------------------------------------------------------------------------
+    def _rope(self, key, device):
+        cached = self._rope_cache.get((key, device))
+        if cached is None:
+            positions = sequence_positions(*key[:3], ref_time=self.config.ref_rope_time,
+                                           include_newest=key[3], include_2x=key[4])
+            cached = rope_cos_sin(positions, self.config.attention_head_dim, device)
+            self._rope_cache = {(key, device): cached}  # one live shape at a time (buckets change rarely)
+        return cached
+
+    def _time_modulation(self, timestep: torch.Tensor):
+        """e [B, D] for the head and e0 [B, 6, 2, D] per segment (video: t, reference/motion: 0 if zero_timestep)."""
+        ce = self.condition_embedder
+        b = timestep.shape[0]
+        t = timestep.float()
+        if self.config.zero_timestep:
+            t = torch.cat([t, t.new_zeros(1)])
+        e = ce.time_embedder(timestep_sinusoid(t, self.config.freq_dim))
+        e0 = linear_fp32(ce.time_proj, F.silu(e)).unflatten(1, (6, self.inner_dim))
+        if self.config.zero_timestep:
+            e0 = torch.stack([e0[:b], e0[b:].expand(b, -1, -1)], dim=2)
+            e = e[:b]
+        else:
+            e0 = torch.stack([e0, e0], dim=2)
+        return e, e0
+
+    def _audio_tokens(self, audio_features: torch.Tensor, motion_frames):
+        """Prepend motion_frames[0] copies of the first frame, encode, drop the first motion_frames[1] steps."""
+        lead = audio_features[..., :1].expand(*audio_features.shape[:-1], motion_frames[0])
+        feats = torch.cat([lead, audio_features], dim=-1)
+        glob, local = self.condition_embedder.causal_audio_encoder(feats)
+        drop = motion_frames[1]
+        return local[:, drop:], (glob[:, drop:] if glob is not None else None)
+
+    def _patchify(self, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        return conv(x.to(conv.weight.dtype))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        ref_latents: torch.Tensor,
+        audio_features: torch.Tensor,
+        motion_latents: torch.Tensor | None = None,
+        pose_latents: torch.Tensor | None = None,
+        motion_frames=(73, 19),
+        add_last_motion: int = 2,
+        drop_motion_frames: bool = False,
+    ) -> torch.Tensor:
+        cfg = self.config
+        b, _, t, h, w = hidden_states.shape
+        pt, ph, pw = cfg.patch_size
+        compute_dtype = self.patch_embedding.weight.dtype
+        residual_dtype = torch.float32 if self.residual_fp32 else compute_dtype
+        add_last_motion = int(cfg.add_last_motion) * add_last_motion
+
+        audio_local, audio_global = self._audio_tokens(audio_features, motion_frames)
+        n_audio = audio_local.shape[1]
+        if n_audio != t // pt:
+            raise ValueError(
+                f"audio gives {n_audio} latent steps but the video has {t // pt} latent frames: pass one wav2vec2 "
+                f"vector per pixel frame ({4 * (t // pt)} columns for {t // pt} latents)"
+            )
+
+        # Video tokens (+ pose), then reference tokens, then motion tokens: one sequence.
+        x = self._patchify(self.patch_embedding, hidden_states)
+        pose_conv = self.condition_embedder.pose_embedder
+        if pose_latents is None:
+            x = x + pose_conv.bias.to(x.dtype).view(1, -1, 1, 1, 1)  # conv of zeros == its bias
+        else:
+            x = x + self._patchify(pose_conv, pose_latents)
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)
+        n_video = x.shape[1]
+        ref = self._patchify(self.patch_embedding, ref_latents)
+        ref_grid = tuple(ref.shape[3:])
+        parts = [x, ref.flatten(2).transpose(1, 2)]
+
+        use_motion = not drop_motion_frames and motion_latents is not None
+        drop_mode = cfg.framepack_drop_mode == "drop"
+        if use_motion:
+            parts.append(self.frame_packer(motion_latents, add_last_motion))
+        x = torch.cat(parts, dim=1)
+        segment = torch.ones(x.shape[1], dtype=torch.long, device=x.device)
+        segment[:n_video] = 0
+        segment[n_video + parts[1].shape[1]:] = 2
+        x = x + self.trainable_condition_mask(segment).to(x.dtype)[None]
+
+        rope_key = (
+            grid,
+            ref_grid,
+            tuple(motion_latents.shape[3:]) if use_motion else None,
+            not (drop_mode and add_last_motion < 2),
+            not (drop_mode and add_last_motion < 1),
+        )
+        rope = self._rope(rope_key, x.device)
+
+        e, e0 = self._time_modulation(timestep)
+        context = encoder_hidden_states
+        if context.shape[1] < cfg.text_len:
+            context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        context = self.condition_embedder.text_embedder(context)
+
+        for i, block in enumerate(self.blocks):
+            args = (x, e0, n_video, rope, context, residual_dtype, audio_local, audio_global)
+            if self.gradient_checkpointing and torch.is_grad_enabled() and i % self.checkpoint_interval == 0:
+                x = checkpoint(self._block_and_injector, i, *args, use_reentrant=False)
+            else:
+                x = self._block_and_injector(i, *args)
+
+        x = x[:, :n_video]
+        shift, scale = (self.scale_shift_table.float() + e[:, None]).chunk(2, dim=1)
+        x = F.layer_norm(x.float(), (x.shape[-1],), eps=cfg.eps) * (1 + scale) + shift
+        out = linear_fp32(self.proj_out, x)  # the official head runs in fp32
+        gt, gh, gw = grid
+        out = out.view(b, gt, gh, gw, pt, ph, pw, cfg.out_channels)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, cfg.out_channels, gt * pt, gh * ph, gw * pw)
+
+    def _block_and_injector(self, i, x, e0, n_video, rope, context, residual_dtype, audio_local, audio_global):
+        x = self.blocks[i](x, e0, n_video, rope, context, residual_dtype)
+        inj = self.injector_of_block.get(i)
+        if inj is not None:
+            x = self.audio_injector(inj, x, audio_local, audio_global, n_video)
+        return x
