@@ -1,0 +1,116 @@
+"""engine/ knows nothing of any UI: it imports no textual, rich or s2v_tui, and it never prints.
+
+Note on rich: huggingface_hub imports httpx, whose optional command-line client imports rich when it is
+installed, so importing engine.models loads rich through no fault of ours. The runtime test therefore records
+who asks for each UI package: textual and s2v_tui must not be loaded at all, rich only by third-party code,
+never by an engine file; the engine's core modules (no heavy dependencies) must leave rich unloaded too. A
+static scan catches direct imports that an already-loaded module would hide at runtime.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE = REPO / "engine"
+FORBIDDEN = ("textual", "rich", "s2v_tui")
+
+
+def engine_modules() -> list[str]:
+    names = []
+    for path in sorted(ENGINE.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names.append(".".join(parts))
+    return names
+
+
+# Runs in a fresh interpreter so nothing this test process imported can hide a leak. The finder only watches:
+# for each first request of a UI package it records the file that asked (the first frame outside the import
+# machinery and outside the package itself), then lets the normal finders answer.
+_PROBE = """
+import importlib, importlib.abc, json, sys
+
+FORBIDDEN = {forbidden!r}
+attempts = []
+
+def outside(filename):
+    return not ("importlib" in filename or filename.startswith("<")
+                or any(f"/{{p}}/" in filename for p in FORBIDDEN))
+
+class WatchUi(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in FORBIDDEN:
+            frame = sys._getframe(1)
+            while frame and not outside(frame.f_code.co_filename):
+                frame = frame.f_back
+            attempts.append([name, frame.f_code.co_filename if frame else "?"])
+        return None
+
+sys.meta_path.insert(0, WatchUi())
+errors = {{}}
+for name in {modules!r}:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        errors[name] = f"{{type(exc).__name__}}: {{exc}}"
+loaded = sorted({{m.split(".")[0] for m in sys.modules if m.split(".")[0] in FORBIDDEN}})
+print(json.dumps({{"errors": errors, "loaded": loaded, "attempts": attempts}}))
+"""
+
+# The engine's own foundations: no torch, diffusers or transformers behind them, so nothing may load rich.
+CORE = ["engine", "engine.events", "engine.config", "engine.gpu", "engine.gpu_fake"]
+
+
+def run_probe(modules: list[str]) -> dict:
+    code = _PROBE.format(forbidden=FORBIDDEN, modules=modules)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_engine_core_loads_no_ui_module():
+    report = run_probe(CORE)
+    assert report["errors"] == {}
+    assert report["loaded"] == [], f"UI packages loaded by the engine core: {report['attempts']}"
+
+
+def test_every_engine_module_imports_and_asks_for_no_ui_module():
+    modules = engine_modules()
+    assert set(CORE) <= set(modules)
+    report = run_probe(modules)
+    assert report["errors"] == {}, f"engine modules failed to import: {report['errors']}"
+    assert "textual" not in report["loaded"] and "s2v_tui" not in report["loaded"], report["attempts"]
+    ours = [a for a in report["attempts"] if Path(a[1]).resolve().is_relative_to(ENGINE)]
+    assert not ours, f"engine code asked for UI packages: {ours}"
+
+
+def test_engine_source_never_imports_ui_modules():
+    offenders = []
+    for path in sorted(ENGINE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            if any(name.split(".")[0] in FORBIDDEN for name in names):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, f"engine code imports UI packages: {offenders}"
+
+
+def test_engine_never_prints():
+    offenders = []
+    for path in sorted(ENGINE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, f"engine code must log, not print: {offenders}"
