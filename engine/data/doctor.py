@@ -1,0 +1,351 @@
+"""The dataset doctor: inspect every clip before any GPU work and say exactly what will happen to it.
+
+For each clip the report gives the plan (windows, bucket and crop, fps conversion, reference frame, audio
+source) and every problem with a stable code (problems.KINDS), a severity, the file and the fix. It reads
+headers and packet timestamps, decodes one video frame (display rotation, and proof the stream decodes)
+and the audio track for the silence check; nothing else is decoded. Files are only ever opened for reading.
+Progress goes to a callback; the engine logs, it never prints.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from engine.data import media
+from engine.data.discover import ClipSource, DatasetSpec, discover
+from engine.data.problems import BLOCKING, WARNING, DataError, Problem, make_problem
+from engine.data.windows import (MODEL_FPS, BucketSettings, CropPlan, Window, WindowSettings, aspect_buckets,
+                                 choose_bucket, choose_reference_frame, crop_for, plan_windows)
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, Path], None]  # (clips done, clips total, clip just finished)
+
+
+@dataclass(frozen=True)
+class DoctorSettings:
+    windows: WindowSettings = field(default_factory=WindowSettings)
+    buckets: BucketSettings = field(default_factory=BucketSettings)
+    crop: str = "center"
+    reference: str = "first"
+    allow_silent_audio: bool = False  # clips without audio train with zero audio instead of blocking
+    min_side: int = 256  # shorter side below this is too small to upscale into a bucket
+    min_kept_fraction: float = 0.6  # warn when cropping to the bucket discards more than 40 %
+    duration_tolerance_s: float = 0.25  # audio/video length difference tolerated (AAC priming is ~0.02-0.06)
+    vfr_tolerance: float = 0.1  # relative frame-interval spread that counts as variable frame rate
+    silence_db: float = -45.0  # 20 ms blocks quieter than this count as silent
+    max_silent_fraction: float = 0.8
+    silence_check_max_s: float | None = 300.0  # decode at most this much audio per clip for the check
+    max_caption_tokens: int = 512
+    count_tokens: Callable[[str], int] | None = None  # exact UMT5 count when a tokenizer is at hand
+    workers: int | None = None  # threads; None = min(8, CPUs)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """What training will use from one clip."""
+
+    width: int  # as displayed (after rotation)
+    height: int
+    rotation: int
+    source_fps: float | None
+    variable_rate: bool
+    fps_conversion: str
+    duration_s: float  # usable: where both video and audio exist
+    frames: int  # at 16 fps in the usable duration
+    windows: tuple[Window, ...]
+    bucket: str
+    crop: CropPlan
+    reference: str
+    audio_source: str
+
+    def to_dict(self) -> dict:
+        return {"width": self.width, "height": self.height, "rotation": self.rotation,
+                "source_fps": self.source_fps, "variable_rate": self.variable_rate,
+                "fps_conversion": self.fps_conversion, "duration_s": round(self.duration_s, 4),
+                "frames_16fps": self.frames, "windows": [w.to_dict() for w in self.windows],
+                "bucket": self.bucket, "crop": vars(self.crop), "reference": self.reference,
+                "audio_source": self.audio_source}
+
+
+@dataclass(frozen=True)
+class ClipReport:
+    clip: ClipSource
+    plan: ClipPlan | None
+    problems: tuple[Problem, ...]
+
+    @property
+    def usable(self) -> bool:
+        return self.plan is not None and bool(self.plan.windows) and not any(p.blocking for p in self.problems)
+
+    def to_dict(self) -> dict:
+        c = self.clip
+        return {"video": str(c.video), "dataset": c.dataset, "usable": self.usable,
+                "caption_source": str(c.caption_source) if c.caption_source else None,
+                "audio": str(c.audio_path), "reference_image": str(c.reference_image) if c.reference_image
+                else None, "repeats": c.repeats, "weight": c.weight,
+                "plan": self.plan.to_dict() if self.plan else None,
+                "problems": [p.to_dict() for p in self.problems]}
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    datasets: tuple[DatasetSpec, ...]
+    clips: tuple[ClipReport, ...]
+    problems: tuple[Problem, ...]  # not tied to one clip
+    elapsed_s: float
+    cancelled: bool = False
+
+    @property
+    def all_problems(self) -> list[Problem]:
+        return list(self.problems) + [p for c in self.clips for p in c.problems]
+
+    @property
+    def blocking(self) -> list[Problem]:
+        return [p for p in self.all_problems if p.severity == BLOCKING]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.all_problems if p.severity == WARNING]
+
+    @property
+    def windows(self) -> int:
+        return sum(len(c.plan.windows) * c.clip.repeats for c in self.clips if c.usable and c.plan)
+
+    def to_dict(self) -> dict:
+        return {"datasets": [{"path": str(d.path), "audio_dir": str(d.audio_dir) if d.audio_dir else None,
+                              "repeats": d.repeats, "weight": d.weight, "name": d.label} for d in self.datasets],
+                "summary": {"clips": len(self.clips), "usable_clips": sum(c.usable for c in self.clips),
+                            "windows_per_epoch": self.windows, "blocking": len(self.blocking),
+                            "warnings": len(self.warnings), "elapsed_s": round(self.elapsed_s, 3),
+                            "cancelled": self.cancelled},
+                "problems": [p.to_dict() for p in self.problems],
+                "clips": [c.to_dict() for c in self.clips]}
+
+
+_PIECE = re.compile(r"[A-Za-z]+|\d|[^\sA-Za-z\d]")
+
+
+def estimate_tokens(text: str) -> int:
+    """A generous stand-in for the UMT5 token count (plus end-of-sequence) when no tokenizer is loaded.
+
+    SentencePiece keeps common English words whole; counting one token per 4 ASCII letters, one per digit,
+    symbol or non-ASCII character errs on the long side, which is the safe side for a warning.
+    """
+    n = 0
+    for m in _PIECE.finditer(text):
+        s = m.group()
+        n += math.ceil(len(s) / 4) if s.isascii() and s.isalpha() else len(s)
+    return n + 1
+
+
+def _fingerprint(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _describe_fps(fps: float | None, vfr: bool) -> str:
+    if fps is None:
+        return "unknown source rate: frames picked by timestamp at 16 fps"
+    if vfr:
+        return f"variable rate (~{fps:.3f} fps) -> 16 fps, frames picked by timestamp"
+    if abs(fps - MODEL_FPS) < 1e-3:
+        return "16 fps source: used as is"
+    verb = "drops" if fps > MODEL_FPS else "repeats"
+    return f"{fps:.3f} fps -> 16 fps by timestamp ({verb} frames)"
+
+
+def _silence_check(path: Path, settings: DoctorSettings) -> Problem | None:
+    levels = media.audio_block_levels_db(path, max_seconds=settings.silence_check_max_s)
+    if levels.size == 0:
+        return make_problem("mostly-silent", path, "the audio track holds no samples")
+    silent = float(np.mean(levels < settings.silence_db))
+    if silent > settings.max_silent_fraction:
+        return make_problem("mostly-silent", path, f"{silent:.0%} of the audio is below {settings.silence_db:g} "
+                            f"dBFS (peak block {levels.max():.1f} dBFS)")
+    return None
+
+
+def _audio_extent(clip: ClipSource, timing: media.StreamTiming) -> tuple[float | None, str]:
+    """End of the audio on the clip's timeline (None = no audio) and a description of the source."""
+    if clip.audio is not None:
+        if not clip.audio.is_file():
+            return None, "missing"  # discovery already reported the metadata row
+        info = media.probe(clip.audio)
+        if info.audio is None:
+            raise DataError(make_problem("no-audio-stream", clip.audio, "the paired audio file has no audio"))
+        dur = info.audio.duration_s or info.duration_s
+        return (dur if dur is not None else timing.video_duration_s), (
+            f"{clip.audio.name}: {info.audio.codec} {info.audio.sample_rate} Hz x{info.audio.channels} "
+            "-> 16 kHz mono")
+    if timing.audio_end_s is None:
+        return None, "none"
+    return timing.audio_end_s - timing.video_start_s, "embedded track -> 16 kHz mono"
+
+
+def inspect_clip(clip: ClipSource, settings: DoctorSettings = DoctorSettings(),
+                 on_file_read: Callable[[Path], None] | None = None) -> ClipReport:
+    """Check one clip and plan its windows. `on_file_read` runs after reading (tests change files there)."""
+    problems = list(clip.problems)
+    if settings.allow_silent_audio:
+        problems = [replace(p, severity=WARNING, message=p.message + "; trains with zero audio")
+                    if p.code == "audio-missing" else p for p in problems]
+    watched = [clip.video] + ([clip.audio] if clip.audio is not None and clip.audio.is_file() else [])
+    before = {p: _fingerprint(p) for p in watched}
+    plan = None
+    try:
+        plan = _plan(clip, settings, problems)
+    except DataError as exc:
+        problems.append(exc.problem)
+    if on_file_read is not None:
+        on_file_read(clip.video)
+    for p in watched:
+        if _fingerprint(p) != before[p]:
+            problems.append(make_problem("file-changed", p, "size or modification time changed during the check"))
+    return ClipReport(clip=clip, plan=plan, problems=tuple(problems))
+
+
+def _plan(clip: ClipSource, settings: DoctorSettings, problems: list[Problem]) -> ClipPlan | None:
+    if clip.caption is not None:
+        where = clip.caption_source or clip.video
+        if not clip.caption.strip():
+            problems.append(make_problem("caption-empty", where))
+        else:
+            counter = settings.count_tokens or estimate_tokens
+            n = counter(clip.caption)
+            if n > settings.max_caption_tokens:
+                how = "" if settings.count_tokens else "about "
+                problems.append(make_problem("caption-too-long", where, f"{how}{n} tokens, the text encoder "
+                                             f"keeps {settings.max_caption_tokens}"))
+    info = media.probe(clip.video)
+    if info.video is None:
+        raise DataError(make_problem("no-video-stream", clip.video,
+                                     f"only {'audio' if info.audio else 'no'} streams in the file"))
+    timing = media.read_stream_timing(clip.video)
+    rotation = media.first_frame_rotation(clip.video)
+    w, h = (info.video.height, info.video.width) if rotation % 180 else (info.video.width, info.video.height)
+
+    if min(w, h) < settings.min_side:
+        problems.append(make_problem("tiny-resolution", clip.video, f"{w}x{h}: shorter side below "
+                                     f"{settings.min_side} px"))
+    bucket = choose_bucket(w, h, aspect_buckets(settings.buckets))
+    rng = random.Random(settings.seed ^ zlib.crc32(str(clip.video).encode()))
+    crop = crop_for(w, h, bucket, settings.crop, rng)
+    if crop.kept_fraction < settings.min_kept_fraction:
+        problems.append(make_problem("extreme-aspect-ratio", clip.video, f"{w}x{h} (aspect {w / h:.2f}) goes to "
+                                     f"bucket {bucket}: the crop keeps {crop.kept_fraction:.0%} of the frame"))
+
+    fps = timing.mean_fps
+    if fps and info.video.rate and abs(info.video.rate - fps) < 0.01 * fps:
+        fps = info.video.rate  # the header's exact rate (30000/1001) when the timestamps agree with it
+    vfr = timing.is_variable_rate(settings.vfr_tolerance)
+    if vfr:
+        d = timing.frame_intervals
+        problems.append(make_problem("variable-frame-rate", clip.video, f"frame intervals from {d.min() * 1000:.1f} "
+                                     f"to {d.max() * 1000:.1f} ms; frames are picked by timestamp at 16 fps"))
+
+    duration = timing.video_duration_s
+    audio_path = clip.audio_path
+    if any(p.code in ("audio-missing", "audio-ambiguous") for p in problems):
+        audio_end, audio_desc = None, "missing"  # never fall back silently to the video's own track
+    else:
+        try:
+            audio_end, audio_desc = _audio_extent(clip, timing)
+        except DataError as exc:
+            problems.append(exc.problem)
+            audio_end, audio_desc = None, "unreadable"
+    if audio_end is None:
+        if clip.audio is None and audio_desc == "none":
+            if settings.allow_silent_audio:
+                problems.append(make_problem("no-audio-stream", clip.video, "no audio track; trains with zero "
+                                             "audio (allowed)", severity=WARNING))
+            else:
+                problems.append(make_problem("no-audio-stream", clip.video))
+        audio_desc = "zero audio" if settings.allow_silent_audio else audio_desc
+    else:
+        if abs(audio_end - duration) > settings.duration_tolerance_s:
+            problems.append(make_problem("duration-mismatch", audio_path, f"video {duration:.2f} s, audio "
+                                         f"{audio_end:.2f} s; windows only where both exist"))
+        duration = min(duration, audio_end)
+        silent = _silence_check(audio_path, settings)
+        if silent is not None:
+            problems.append(silent)
+
+    frames = media.frames_at_rate(duration, MODEL_FPS)
+    windows = plan_windows(frames, settings.windows)
+    if not windows:
+        need = settings.windows.frames
+        problems.append(make_problem("too-few-frames", clip.video, f"{frames} frames at 16 fps ({duration:.2f} s); "
+                                     f"one window needs {need} ({need / MODEL_FPS:.2f} s)"))
+        reference = "-"
+    else:
+        ref = choose_reference_frame(windows[0], frames, settings.reference, rng)
+        if clip.reference_image is not None:
+            reference = f"image {clip.reference_image.name} (from metadata)"
+        else:
+            reference = f"frame {ref.frame} ({ref.mode})" + (f"; {ref.note}" if ref.note else "")
+    return ClipPlan(width=w, height=h, rotation=rotation, source_fps=fps, variable_rate=vfr,
+                    fps_conversion=_describe_fps(fps, vfr), duration_s=duration, frames=frames,
+                    windows=tuple(windows), bucket=str(bucket), crop=crop, reference=reference,
+                    audio_source=audio_desc)
+
+
+def inspect_datasets(datasets: Iterable[DatasetSpec | Path | str], settings: DoctorSettings = DoctorSettings(),
+                     *, progress: ProgressCallback | None = None, stop: threading.Event | None = None,
+                     on_file_read: Callable[[Path], None] | None = None) -> DoctorReport:
+    """Discover and check every clip of the datasets, in parallel threads (PyAV decodes without the GIL).
+
+    `stop` ends the scan early (the report is then marked cancelled); `progress` is called from this
+    thread after each clip.
+    """
+    t0 = time.perf_counter()
+    found = discover(datasets)
+    total = len(found.clips)
+    reports: list[ClipReport | None] = [None] * total
+    workers = settings.workers or min(8, os.cpu_count() or 1)
+    cancelled = False
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="doctor") as pool:
+        futures = {pool.submit(inspect_clip, clip, settings, on_file_read): i for i, clip in enumerate(found.clips)}
+        done = 0
+        for future, i in futures.items():
+            if stop is not None and stop.is_set():
+                cancelled = True
+                for f in futures:
+                    f.cancel()
+                break
+            reports[i] = future.result()
+            done += 1
+            if progress is not None:
+                progress(done, total, found.clips[i].video)
+    clips = tuple(r for r in reports if r is not None)
+    elapsed = time.perf_counter() - t0
+    log.info("checked %d clips in %.2f s", len(clips), elapsed)
+    return DoctorReport(datasets=found.datasets, clips=clips, problems=found.problems, elapsed_s=elapsed,
+                        cancelled=cancelled)
+
+
+def problems_by_code(report: DoctorReport) -> dict[str, list[Problem]]:
+    out: dict[str, list[Problem]] = {}
+    for p in report.all_problems:
+        out.setdefault(p.code, []).append(p)
+    return out
+
+
+__all__: Sequence[str] = ("DoctorSettings", "ClipPlan", "ClipReport", "DoctorReport", "estimate_tokens",
+                          "inspect_clip", "inspect_datasets", "problems_by_code")

@@ -1,0 +1,399 @@
+"""Reading clips with PyAV: header probes, packet timing, frames by timestamp, audio at 16 kHz mono.
+
+Time convention used everywhere in engine.data: time 0 is the presentation time of the video's first
+frame. Embedded audio is placed on the same container timeline (its own pts), so an audio track that starts
+late or early stays aligned; a separate audio file starts at time 0 with the video.
+
+Frame choice: the model's frame k (16 fps) shows the source frame that is on screen at t = k/16, i.e. the
+last source frame whose timestamp is <= t. That is what a player shows, it works for any source rate,
+including variable ones, and it never invents frames. No ffmpeg subprocess: everything goes through av.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+from engine.data.problems import DataError, make_problem
+
+MODEL_AUDIO_RATE = 16000
+# Timestamps in containers are rounded to their time base (1 ms in Matroska); this absorbs that rounding
+# when we compare a frame's time with a target time.
+TIME_EPS = 1e-4
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    codec: str
+    width: int
+    height: int
+    rate: float | None  # the container's nominal frame rate, None when it does not say
+    start_s: float
+    duration_s: float | None  # from the header; None when the container does not store it
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    codec: str
+    sample_rate: int
+    channels: int
+    start_s: float
+    duration_s: float | None
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    path: Path
+    format_name: str
+    duration_s: float | None
+    video: VideoInfo | None
+    audio: AudioInfo | None
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    """Open read-only, turning every failure into a DataError that names the file and the fix."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(make_problem("symlink-loop", path, f"cannot open: {exc.strerror}")) from exc
+        raise DataError(make_problem("broken-symlink" if os.path.islink(path) else "missing-file", path,
+                                     f"cannot open: {exc.strerror}")) from exc
+    if size == 0:
+        raise DataError(make_problem("zero-length-file", path))
+    try:
+        return av.open(str(path), mode="r", metadata_errors="ignore")
+    except (av.error.FFmpegError, UnicodeDecodeError) as exc:
+        raise DataError(make_problem("corrupt-container", path, f"PyAV cannot read it: {exc}")) from exc
+
+
+def _seconds(value: int | None, time_base) -> float | None:
+    if value is None or time_base is None:
+        return None
+    return float(value * time_base)
+
+
+def probe(path: Path | str) -> MediaInfo:
+    """Read the headers only (no decode). Raises DataError for unreadable files or undecodable streams."""
+    path = Path(path)
+    with _open(path) as container:
+        video = audio = None
+        if container.streams.video:
+            vs = container.streams.video[0]
+            ctx = vs.codec_context
+            if ctx is None:
+                raise DataError(make_problem("unsupported-codec", path,
+                                             "the video codec is unknown to this build of PyAV/FFmpeg"))
+            rate = vs.average_rate or vs.guessed_rate or vs.base_rate
+            video = VideoInfo(codec=ctx.name, width=ctx.width, height=ctx.height,
+                              rate=float(rate) if rate else None,
+                              start_s=_seconds(vs.start_time, vs.time_base) or 0.0,
+                              duration_s=_seconds(vs.duration, vs.time_base))
+        if container.streams.audio:
+            aus = container.streams.audio[0]
+            ctx = aus.codec_context
+            if ctx is None:
+                raise DataError(make_problem("unsupported-codec", path,
+                                             "the audio codec is unknown to this build of PyAV/FFmpeg"))
+            audio = AudioInfo(codec=ctx.name, sample_rate=ctx.sample_rate, channels=ctx.channels,
+                              start_s=_seconds(aus.start_time, aus.time_base) or 0.0,
+                              duration_s=_seconds(aus.duration, aus.time_base))
+        duration = container.duration / av.time_base if container.duration else None
+        return MediaInfo(path=path, format_name=container.format.name, duration_s=duration,
+                         video=video, audio=audio)
+
+
+@dataclass(frozen=True)
+class StreamTiming:
+    """Exact timing from packet timestamps (demux only, no decode)."""
+
+    video_times: np.ndarray  # sorted presentation times of every video frame, seconds, time 0 = first frame
+    video_start_s: float  # container time of the first video frame
+    video_duration_s: float  # first frame to the end of the last one
+    audio_start_s: float | None  # container times of the audio track's extent, None without audio
+    audio_end_s: float | None
+
+    @property
+    def audio_duration_s(self) -> float | None:
+        if self.audio_start_s is None or self.audio_end_s is None:
+            return None
+        return self.audio_end_s - self.audio_start_s
+
+    @property
+    def frame_intervals(self) -> np.ndarray:
+        return np.diff(self.video_times)
+
+    @property
+    def mean_fps(self) -> float | None:
+        """Frames per second over the whole stream; exact for constant rates despite rounded timestamps."""
+        span = float(self.video_times[-1]) if self.video_times.size > 1 else 0.0
+        return (self.video_times.size - 1) / span if span > 0 else None
+
+    def is_variable_rate(self, tolerance: float = 0.1) -> bool:
+        """True when some frame interval differs from the typical one by more than `tolerance` (relative)."""
+        d = self.frame_intervals
+        if d.size < 2:
+            return False
+        med = float(np.median(d))
+        # 1.5 ms absorbs timestamp rounding (Matroska stores milliseconds; 30 fps alternates 33/34 ms).
+        slack = max(tolerance * med, 0.0015)
+        return bool(np.any(np.abs(d - med) > slack))
+
+
+def read_stream_timing(path: Path | str) -> StreamTiming:
+    """Demux every packet of the first video and audio stream and collect their timestamps."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise DataError(make_problem("no-video-stream", path))
+        vs = container.streams.video[0]
+        streams = [vs] + ([container.streams.audio[0]] if container.streams.audio else [])
+        vpts: list[int] = []
+        a_first = a_end = None
+        try:
+            for packet in container.demux(streams):
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if ts is None:
+                    continue  # flush packets at the end of each stream carry no data
+                if packet.stream.type == "video":
+                    vpts.append(ts)
+                else:
+                    t0 = float(ts * packet.time_base)
+                    t1 = t0 + float((packet.duration or 0) * packet.time_base)
+                    a_first = t0 if a_first is None else min(a_first, t0)
+                    a_end = t1 if a_end is None else max(a_end, t1)
+        except av.error.FFmpegError as exc:
+            raise DataError(make_problem("corrupt-container", path, f"reading packets failed: {exc}")) from exc
+        if not vpts:
+            raise DataError(make_problem("corrupt-container", path, "the video stream holds no frames"))
+        tb = vs.time_base
+        times = np.unique(np.asarray(vpts, dtype=np.int64)).astype(np.float64) * float(tb)
+        start = float(times[0])
+        rel = times - start
+        # The last frame lasts one mean interval (timestamps do not say how long it is shown).
+        step = float(rel[-1] / (rel.size - 1)) if rel.size > 1 else (1.0 / float(vs.average_rate or 16))
+        return StreamTiming(video_times=rel, video_start_s=start, video_duration_s=float(rel[-1] + step),
+                            audio_start_s=a_first, audio_end_s=a_end)
+
+
+def frames_at_rate(duration_s: float, fps: int) -> int:
+    """How many frames at `fps` fit in a source of this duration: frame k exists when k/fps < duration."""
+    return max(0, math.ceil(duration_s * fps - 1e-6))
+
+
+def source_frame_indices(source_times: np.ndarray, target_times: np.ndarray) -> np.ndarray:
+    """For each target time, the index of the source frame on screen then (last one with time <= target)."""
+    idx = np.searchsorted(source_times, np.asarray(target_times) + TIME_EPS, side="right") - 1
+    return np.clip(idx, 0, len(source_times) - 1)
+
+
+@dataclass(frozen=True)
+class FrameTransform:
+    """Scale to (resize_w, resize_h) then keep the box (left, top, width, height); see windows.crop_for."""
+
+    resize_w: int
+    resize_h: int
+    left: int
+    top: int
+    width: int
+    height: int
+
+
+def _to_rgb(frame: av.VideoFrame, transform: FrameTransform | None) -> np.ndarray:
+    rotation = getattr(frame, "rotation", 0) or 0
+    if transform is None:
+        img = frame.to_ndarray(format="rgb24")
+    else:
+        # Phone clips store portrait video as landscape plus a rotation: scale in stored orientation.
+        rw, rh = (transform.resize_h, transform.resize_w) if rotation % 180 else (transform.resize_w,
+                                                                                    transform.resize_h)
+        img = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA").to_ndarray()
+    if rotation % 360:
+        # Display matrix rotation is counter-clockwise in degrees; np.rot90 turns counter-clockwise too.
+        img = np.rot90(img, k=int(rotation // 90) % 4)
+    if transform is not None:
+        img = img[transform.top:transform.top + transform.height, transform.left:transform.left + transform.width]
+    return np.ascontiguousarray(img)
+
+
+def decode_frames(path: Path | str, times_s: np.ndarray | list[float],
+                  transform: FrameTransform | None = None) -> np.ndarray:
+    """Decode the frames on screen at the given times (seconds, time 0 = first frame), sorted ascending.
+
+    Returns uint8 [N, H, W, 3]. A source frame chosen by several targets (a 12 fps source at 16 fps) is
+    converted once and repeated; frames between targets are decoded but never converted.
+    """
+    path = Path(path)
+    times = np.asarray(times_s, dtype=np.float64)
+    if times.size == 0:
+        raise ValueError("decode_frames needs at least one time")
+    if np.any(np.diff(times) < 0):
+        raise ValueError("decode_frames needs times in ascending order")
+    out: list[np.ndarray | None] = [None] * times.size
+    with _open(path) as container:
+        if not container.streams.video:
+            raise DataError(make_problem("no-video-stream", path))
+        vs = container.streams.video[0]
+        vs.thread_type = "AUTO"
+        tb = float(vs.time_base)
+        start = (vs.start_time or 0) * tb
+        first_target = start + float(times[0])
+        if first_target > start + 1.0:
+            # Seek lands on the last keyframe at or before the offset; decoding forward from there is exact.
+            container.seek(int((first_target - TIME_EPS) / tb), stream=vs, backward=True, any_frame=False)
+        next_i = 0
+        prev: av.VideoFrame | None = None
+        prev_img: np.ndarray | None = None
+        try:
+            for frame in container.decode(vs):
+                if frame.pts is None:
+                    continue
+                ft = frame.pts * tb - start
+                while next_i < times.size and times[next_i] + TIME_EPS < ft:
+                    if prev is None:  # target before the first decoded frame: show the first one
+                        prev = frame
+                    if prev_img is None:
+                        prev_img = _to_rgb(prev, transform)
+                    out[next_i] = prev_img
+                    next_i += 1
+                if next_i >= times.size:
+                    break
+                prev, prev_img = frame, None
+        except av.error.FFmpegError as exc:
+            raise DataError(make_problem("corrupt-container", path, f"decoding video failed: {exc}")) from exc
+        if prev is None:
+            raise DataError(make_problem("corrupt-container", path, "no video frame could be decoded"))
+        while next_i < times.size:  # targets at or after the last frame show the last frame
+            if prev_img is None:
+                prev_img = _to_rgb(prev, transform)
+            out[next_i] = prev_img
+            next_i += 1
+    return np.stack(out)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class AudioWindow:
+    samples: np.ndarray  # float32 mono at `rate`
+    rate: int
+    missing_before: int  # zero samples added where the window starts before the audio
+    missing_after: int  # zero samples added where it runs past the end
+
+
+def _mono_resampler(rate: int) -> av.AudioResampler:
+    # libswresample compensates its filter delay: an impulse at t comes out at t (checked in the tests).
+    return av.AudioResampler(format="flt", layout="mono", rate=rate)
+
+
+def _resampled(resampler: av.AudioResampler, frame: av.AudioFrame | None) -> list[np.ndarray]:
+    return [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+
+
+def decode_audio(path: Path | str, start_s: float = 0.0, duration_s: float | None = None, *,
+                 rate: int = MODEL_AUDIO_RATE) -> AudioWindow:
+    """Audio of [start_s, start_s + duration_s) on the clip's timeline, mono float32 at `rate`.
+
+    The window is exact to the sample: round(duration_s * rate) samples, zero-filled where the audio track
+    does not cover it. For a file with video, time 0 is the first video frame; for an audio-only file, its
+    first sample. Channels are averaged (downmix), resampling is band-limited (libswresample).
+    """
+    path = Path(path)
+    margin = 0.25  # decode a little around the window so the resampler's edges fall outside it
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise DataError(make_problem("no-audio-stream", path))
+        aus = container.streams.audio[0]
+        if aus.codec_context is None:
+            raise DataError(make_problem("unsupported-codec", path, "the audio codec is unknown"))
+        if container.streams.video:
+            vs = container.streams.video[0]
+            zero = (vs.start_time or 0) * float(vs.time_base)
+        else:
+            zero = (aus.start_time or 0) * float(aus.time_base)
+        t0 = zero + start_s
+        t1 = None if duration_s is None else t0 + duration_s
+        if start_s > margin + 1.0:
+            container.seek(int((t0 - margin) / float(aus.time_base)), stream=aus, backward=True)
+        resampler = _mono_resampler(rate)
+        chunks: list[np.ndarray] = []
+        base: float | None = None
+        try:
+            for frame in container.decode(aus):
+                if frame.pts is None:
+                    continue
+                ft = float(frame.pts * frame.time_base)
+                if t1 is not None and ft > t1 + margin:
+                    break
+                if ft + frame.samples / frame.sample_rate < t0 - margin:
+                    continue
+                if base is None:
+                    base = ft
+                chunks.extend(_resampled(resampler, frame))
+        except av.error.FFmpegError as exc:
+            raise DataError(make_problem("corrupt-container", path, f"decoding audio failed: {exc}")) from exc
+        chunks.extend(_resampled(resampler, None))
+    decoded = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if base is None:
+        base = t0
+    offset = round((t0 - base) * rate)  # index in `decoded` of the window's first sample
+    n = max(0, len(decoded) - offset) if duration_s is None else round(duration_s * rate)
+    out = np.zeros(n, dtype=np.float32)
+    src_lo, src_hi = max(offset, 0), min(offset + n, len(decoded))
+    if src_hi > src_lo:
+        out[src_lo - offset:src_hi - offset] = decoded[src_lo:src_hi]
+    before = min(n, max(0, -offset))
+    after = min(n, max(0, offset + n - len(decoded)))
+    return AudioWindow(samples=out, rate=rate, missing_before=before, missing_after=after)
+
+
+def audio_block_levels_db(path: Path | str, *, block_s: float = 0.02, max_seconds: float | None = None
+                          ) -> np.ndarray:
+    """Loudness (dBFS) of consecutive blocks of the first audio track, at its own rate (no resampling)."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise DataError(make_problem("no-audio-stream", path))
+        aus = container.streams.audio[0]
+        if aus.codec_context is None:
+            raise DataError(make_problem("unsupported-codec", path, "the audio codec is unknown"))
+        native = aus.codec_context.sample_rate or MODEL_AUDIO_RATE
+        resampler = _mono_resampler(native)  # same rate: only downmix and sample format conversion
+        chunks: list[np.ndarray] = []
+        total = 0
+        limit = None if max_seconds is None else int(max_seconds * native)
+        try:
+            for frame in container.decode(aus):
+                for c in _resampled(resampler, frame):
+                    chunks.append(c)
+                    total += c.size
+                if limit is not None and total >= limit:
+                    break
+        except av.error.FFmpegError as exc:
+            raise DataError(make_problem("corrupt-container", path, f"decoding audio failed: {exc}")) from exc
+    if not chunks:
+        return np.zeros(0)
+    x = np.concatenate(chunks).astype(np.float64)
+    block = max(1, int(block_s * native))
+    nb = x.size // block
+    if nb == 0:
+        nb, block = 1, x.size
+    rms = np.sqrt(np.mean(x[: nb * block].reshape(nb, block) ** 2, axis=1))
+    return 20.0 * np.log10(np.maximum(rms, 1e-10))
+
+
+def first_frame_rotation(path: Path | str) -> int:
+    """Decode one frame and return its display rotation in degrees; also proves the stream decodes."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise DataError(make_problem("no-video-stream", path))
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                return int(getattr(frame, "rotation", 0) or 0) % 360
+        except av.error.FFmpegError as exc:
+            raise DataError(make_problem("corrupt-container", path, f"decoding video failed: {exc}")) from exc
+    raise DataError(make_problem("corrupt-container", path, "no video frame could be decoded"))

@@ -1,0 +1,165 @@
+"""`s2v-tui check DATASET_DIR... [--json]`: the dataset doctor on the command line.
+
+A rich progress bar and tables on a terminal, plain lines when piped, one JSON document with --json.
+Exit status: 0 when nothing blocks training, 1 when a blocking problem exists (or any warning with
+--strict), 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from engine.data.discover import DatasetSpec
+from engine.data.doctor import DoctorReport, DoctorSettings, inspect_datasets
+from engine.data.windows import CROP_MODES, REFERENCE_MODES, BucketSettings, WindowSettings
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+CLIP_TABLE_LIMIT = 30  # above this many clips the per-clip table needs --verbose
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="s2v-tui check",
+        description="Inspect every clip of one or more datasets without a GPU: what each clip will give "
+                    "(windows, bucket, fps conversion, reference, audio) and every problem, with its fix.")
+    p.add_argument("datasets", nargs="+", type=Path, metavar="DATASET_DIR", help="dataset folder(s)")
+    p.add_argument("--json", action="store_true", help="print one JSON document (machine-readable)")
+    p.add_argument("--audio-dir", type=Path, help="folder of <stem>.wav|flac|mp3|ogg|m4a files "
+                   "(default: the audio track inside each video)")
+    p.add_argument("--allow-silent-audio", action="store_true",
+                   help="clips without audio train with zero audio (warning instead of blocking)")
+    p.add_argument("--min-side", type=int, default=DoctorSettings.min_side, metavar="PX",
+                   help="smallest accepted shorter side in pixels (default %(default)s)")
+    p.add_argument("--max-area", type=int, default=BucketSettings.max_area, metavar="PX",
+                   help="largest bucket area (default 832*480 = %(default)s)")
+    p.add_argument("--bucket", metavar="WxH[@F]", help="one fixed size for every clip, e.g. 832x480@80")
+    p.add_argument("--crop", choices=CROP_MODES, default="center", help="crop to the bucket (default center)")
+    p.add_argument("--reference", choices=REFERENCE_MODES, default="first",
+                   help="reference frame: first, random, or outside the window (default first)")
+    p.add_argument("--stride", type=int, default=WindowSettings.stride, metavar="FRAMES",
+                   help="frames between window starts at 16 fps (default %(default)s)")
+    p.add_argument("--max-windows", type=int, metavar="N", help="at most N windows per clip")
+    p.add_argument("--workers", type=int, metavar="N", help="parallel readers (default min(8, CPUs))")
+    p.add_argument("--strict", action="store_true", help="exit non-zero on warnings too")
+    p.add_argument("-v", "--verbose", action="store_true", help="always list every clip's plan")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> DoctorSettings:
+    bucket = BucketSettings(max_area=args.max_area, fixed=args.bucket)
+    frames = WindowSettings.frames
+    if bucket.fixed:
+        from engine.data.windows import parse_fixed_bucket
+
+        frames = parse_fixed_bucket(bucket.fixed).frames or frames
+    windows = WindowSettings(frames=frames, stride=args.stride, max_windows=args.max_windows)
+    return DoctorSettings(windows=windows, buckets=bucket, crop=args.crop, reference=args.reference,
+                          allow_silent_audio=args.allow_silent_audio, min_side=args.min_side, workers=args.workers)
+
+
+def _exit_code(report: DoctorReport, strict: bool) -> int:
+    if report.blocking or report.cancelled or (strict and report.warnings):
+        return EXIT_PROBLEMS
+    return EXIT_OK
+
+
+def _summary_line(report: DoctorReport) -> str:
+    usable = sum(c.usable for c in report.clips)
+    return (f"{len(report.clips)} clips, {usable} usable, {report.windows} windows per epoch; "
+            f"{len(report.blocking)} blocking, {len(report.warnings)} warnings; {report.elapsed_s:.2f} s")
+
+
+def _print_plain(report: DoctorReport, out: TextIO, verbose: bool) -> None:
+    if verbose or len(report.clips) <= CLIP_TABLE_LIMIT:
+        for c in report.clips:
+            if c.plan is None:
+                print(f"clip {c.clip.video}: not readable", file=out)
+                continue
+            pl = c.plan
+            print(f"clip {c.clip.video}: {pl.width}x{pl.height} -> {pl.bucket}; {pl.fps_conversion}; "
+                  f"{len(pl.windows)} windows ({sum(w.has_motion for w in pl.windows)} with motion frames); "
+                  f"reference {pl.reference}; audio {pl.audio_source}", file=out)
+    for p in report.all_problems:
+        print(f"{p.severity.upper()} {p.code} {p.path}: {p.message} (fix: {p.fix})", file=out)
+    print(_summary_line(report), file=out)
+
+
+def _print_rich(report: DoctorReport, console, verbose: bool) -> None:
+    from rich.table import Table
+
+    if verbose or len(report.clips) <= CLIP_TABLE_LIMIT:
+        clips = Table(title="Clips", show_lines=False)
+        for col in ("clip", "size -> bucket", "frame rate", "windows", "reference", "audio"):
+            clips.add_column(col, overflow="fold")
+        for c in report.clips:
+            pl = c.plan
+            name = c.clip.video.name if c.usable else f"[red]{c.clip.video.name}[/]"
+            if pl is None:
+                clips.add_row(name, "-", "-", "-", "-", "-")
+                continue
+            clips.add_row(name, f"{pl.width}x{pl.height} -> {pl.bucket}", pl.fps_conversion,
+                          f"{len(pl.windows)} ({sum(w.has_motion for w in pl.windows)} with motion)",
+                          pl.reference, pl.audio_source)
+        console.print(clips)
+    if report.all_problems:
+        table = Table(title="Problems", show_lines=True)
+        for col in ("severity", "code", "file", "what", "fix"):
+            table.add_column(col, overflow="fold")
+        for p in sorted(report.all_problems, key=lambda p: (p.severity != "blocking", p.code, str(p.path))):
+            colour = "red" if p.blocking else "yellow"
+            table.add_row(f"[{colour}]{p.severity}[/]", p.code, str(p.path), p.message, p.fix)
+        console.print(table)
+    style = "red" if report.blocking else ("yellow" if report.warnings else "green")
+    console.print(f"[{style}]{_summary_line(report)}[/]")
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on bad arguments (2)
+        return int(exc.code or 0)
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        print(f"s2v-tui check: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    specs = [DatasetSpec(path=d, audio_dir=args.audio_dir) for d in args.datasets]
+
+    if args.json:
+        report = inspect_datasets(specs, settings)
+        json.dump(report.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return _exit_code(report, args.strict)
+
+    if not sys.stdout.isatty():
+        report = inspect_datasets(specs, settings)
+        _print_plain(report, sys.stdout, args.verbose)
+        return _exit_code(report, args.strict)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()
+    with Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console, transient=True,
+                  refresh_per_second=4) as bar:
+        task = bar.add_task("", total=None)
+
+        def on_progress(done: int, total: int, path: Path) -> None:
+            bar.update(task, completed=done, total=total, description=path.name)
+
+        try:
+            report = inspect_datasets(specs, settings, progress=on_progress)
+        except KeyboardInterrupt:
+            console.print("[yellow]check interrupted[/]")
+            return EXIT_PROBLEMS
+    _print_rich(report, console, args.verbose)
+    return _exit_code(report, args.strict)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,114 @@
+"""One test per doctor problem code: build the bad input, run `s2v-tui check`, check code, file and exit."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from engine.data import problems, synth_broken
+from engine.data.discover import DatasetSpec
+from engine.data.doctor import DoctorSettings, inspect_datasets
+from s2v_tui import check_cmd
+
+
+def run_check(capsys, args: list[str]) -> tuple[int, dict]:
+    code = check_cmd.main(args + ["--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+def reported(doc: dict) -> list[dict]:
+    return doc["problems"] + [p for c in doc["clips"] for p in c["problems"]]
+
+
+def test_every_code_has_a_maker():
+    assert set(synth_broken.MAKERS) == set(problems.KINDS)
+
+
+@pytest.mark.parametrize("code", sorted(problems.KINDS))
+def test_problem_code(code, tmp_path, capsys, monkeypatch):
+    case = synth_broken.make_broken(code, tmp_path)
+    if case.on_file_read is not None:
+        # The scanner's hook simulates a file that changes while it is being checked.
+        monkeypatch.setattr(check_cmd, "inspect_datasets",
+                            functools.partial(inspect_datasets, on_file_read=case.on_file_read))
+    exit_code, doc = run_check(capsys, [str(case.dataset), *case.args])
+    hits = [p for p in reported(doc) if p["code"] == code]
+    assert hits, f"{code} not reported; got {[p['code'] for p in reported(doc)]}"
+    assert any(Path(p["path"]) == case.path for p in hits), (case.path, hits)
+    assert all(p["fix"] and p["message"] for p in hits)
+    if problems.KINDS[code].severity == problems.BLOCKING:
+        assert exit_code == 1
+    else:
+        # Warnings alone do not fail the check, except with --strict.
+        assert exit_code == 0, [p for p in reported(doc) if p["severity"] == "blocking"]
+        strict_code, _ = run_check(capsys, [str(case.dataset), *case.args, "--strict"])
+        assert strict_code == 1
+
+
+def test_clean_dataset_passes(tmp_path, capsys):
+    for i in range(2):
+        synth_broken.good_clip(tmp_path / "ds", f"ok_{i}", seed=i)
+    exit_code, doc = run_check(capsys, [str(tmp_path / "ds"), *synth_broken.BASE_ARGS])
+    assert exit_code == 0
+    assert reported(doc) == []
+    assert doc["summary"]["usable_clips"] == 2
+    plan = doc["clips"][0]["plan"]
+    assert plan["windows"][0] == {"start": 0, "end": 80, "frames": 80, "motion_frames": 0, "latents": 20,
+                                  "motion_latents": 0}
+    assert "25.000 fps -> 16 fps" in plan["fps_conversion"]
+
+
+def test_silent_audio_allowed_turns_blocking_into_warning(tmp_path):
+    case = synth_broken.make_broken("no-audio-stream", tmp_path)
+    report = inspect_datasets([case.dataset], DoctorSettings(min_side=40, allow_silent_audio=True))
+    assert [p.code for p in report.warnings] == ["no-audio-stream"]
+    assert report.blocking == []
+    assert report.clips[0].usable
+
+
+def test_file_symlink_loop_is_reported(tmp_path):
+    d = tmp_path / "ds"
+    synth_broken.good_clip(d)
+    os.symlink("self.mp4", d / "self.mp4")
+    report = inspect_datasets([d], DoctorSettings(min_side=40))
+    assert [(p.code, p.path) for p in report.all_problems] == [("symlink-loop", d / "self.mp4")]
+
+
+def _tree_state(root: Path) -> dict[str, tuple]:
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + dirnames:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else ""
+            state[str(p)] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+    return state
+
+
+def test_check_never_modifies_user_files(tmp_path, capsys):
+    roots = []
+    for code in ("corrupt-container", "caption-undecodable", "duplicate-stem", "metadata-invalid"):
+        case = synth_broken.make_broken(code, tmp_path / code)
+        roots.append(case.dataset)
+    before = _tree_state(tmp_path)
+    check_cmd.main([str(r) for r in roots] + list(synth_broken.BASE_ARGS))
+    capsys.readouterr()
+    assert _tree_state(tmp_path) == before
+
+
+def test_plain_output_names_file_and_fix(tmp_path, capsys):
+    case = synth_broken.make_broken("caption-missing", tmp_path)
+    assert check_cmd.main([str(case.dataset), *case.args]) == 1
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if "caption-missing" in l)
+    assert str(case.path) in line and "fix:" in line
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    assert check_cmd.main([str(tmp_path), "--bucket", "830x480"]) == 2
+    assert "multiples of 16" in capsys.readouterr().err
