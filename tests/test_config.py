@@ -342,3 +342,42 @@ def test_frozen_copy_round_trips_and_refuses_extends(tmp_path):
     with pytest.raises(cf.ExtendsError) as info:
         cf.read_frozen_config(tmp_path / "run")
     assert_names_file_key_fix(info.value, path, "extends")
+
+
+def test_default_lora_targets_hit_the_368_linears_of_the_14b_checkpoint():
+    # spec/S2V_MODEL.md §2.3: q, k, v, o of self-attn and text cross-attn in 40 blocks, plus 12 audio injectors.
+    import re
+    from importlib import resources
+
+    rows = resources.files("engine.models").joinpath("data/s2v14b_checkpoint_keys.tsv").read_text().splitlines()
+    diffusers_keys = [line.split("\t")[1] for line in rows[1:]]
+    modules = {key.removesuffix(".weight") for key in diffusers_keys if key.endswith(".weight")}
+    hits = {m for m in modules if any(re.fullmatch(p, m) for p in cf.DEFAULT_LORA_TARGETS)}
+    assert len(hits) == 40 * 8 + 12 * 4
+    assert all(m.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or m.endswith("to_out.0") for m in hits)
+
+
+def test_with_value_converts_and_checks_like_a_file():
+    c = cf.Config()
+    new = cf.with_value(c, *cf.parse_override("optim.lr=2e-4"))
+    assert new.optim.lr == 2e-4 and c.optim.lr == 1e-4  # a copy; the original is untouched
+    assert cf.with_value(c, *cf.parse_override('output.name="a b"')).output.name == "a b"
+    assert cf.with_value(c, *cf.parse_override("model.source=org/model")).model.source == "org/model"
+    assert cf.with_value(c, "data.resolution", [640, 384]).data.resolution == (640, 384)
+    with pytest.raises(cf.WrongTypeError) as info:
+        cf.with_value(c, "lora.rank", "x", file="form")
+    assert_names_file_key_fix(info.value, Path("form"), "lora.rank")
+    with pytest.raises(cf.UnknownKeyError) as info:
+        cf.with_value(c, "optim.lrr", 1.0, file="form")
+    assert_names_file_key_fix(info.value, Path("form"), "optim.lrr")
+    assert "optim.lr" in info.value.fix
+    with pytest.raises(cf.ConfigError) as info:
+        cf.parse_override("optim.lr")
+    assert_names_file_key_fix(info.value, Path("<command line>"), "optim.lr")
+
+
+def test_run_and_cache_paths():
+    c = cf.Config()
+    assert c.run_path() == Path("runs/s2v-lora") and c.cache_path() == Path("runs/cache")
+    c.data.cache_dir = "/fast/cache"
+    assert c.cache_path() == Path("/fast/cache")

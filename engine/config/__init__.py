@@ -37,6 +37,7 @@ from engine.config.schema import (
     schema_fields,
 )
 from engine.config.strict import build as config_from_dict_tree
+from engine.config.strict import parse_override, with_value
 from engine.config.toml_io import (
     FROZEN_FILENAME,
     load_config,
@@ -78,10 +79,12 @@ __all__ = [
     "config_hash",
     "diff",
     "load_config",
+    "parse_override",
     "read_frozen_config",
     "render_defaults_toml",
     "resolved_dict",
     "save_config",
     "schema_fields",
     "validate_config",
+    "with_value",
 ]

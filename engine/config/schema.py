@@ -11,6 +11,7 @@ import hashlib
 import json
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 ModelDtype = Literal["bf16", "fp16", "fp32"]
@@ -191,6 +192,14 @@ class Config:
 
     def resolved_dict(self) -> dict[str, Any]:
         return resolved_dict(self)
+
+    def run_path(self) -> Path:
+        """This run's folder: <output.run_dir>/<output.name>."""
+        return Path(self.output.run_dir) / self.output.name
+
+    def cache_path(self) -> Path:
+        """The feature cache: data.cache_dir, or <output.run_dir>/cache shared by the runs there."""
+        return Path(self.data.cache_dir) if self.data.cache_dir else Path(self.output.run_dir) / "cache"
 
     def config_hash(self) -> str:
         return config_hash(self)

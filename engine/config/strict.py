@@ -6,13 +6,15 @@ which file of an `extends` chain set a key.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import tomllib
 import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
-from engine.config.errors import BadValueError, UnknownKeyError, WrongTypeError
+from engine.config.errors import BadValueError, ConfigError, UnknownKeyError, WrongTypeError
 from engine.config.schema import Config, flatten, resolved_dict, type_hints
 
 Origin = Callable[[str], str]
@@ -140,3 +142,36 @@ def build(cls: type, data: dict[str, Any], origin: Origin, prefix: str = "") -> 
         default = None if dataclasses.is_dataclass(hints[name]) else plain_defaults.get(name)
         kwargs[name] = convert(hints[name], value, key, origin, default)
     return cls(**kwargs)
+
+
+def with_value(config: Config, key: str, value: Any, file: str = "<input>") -> Config:
+    """A copy of `config` with dotted `key` set to `value` (a TOML-typed value), converted and type-checked
+    like a file would be. For the TUI form and command-line overrides; run `check_config` on the result."""
+    parts = key.split(".")
+    new = copy.deepcopy(config)
+    node: Any = new
+    for depth, name in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            raise WrongTypeError(file, key, f"'{'.'.join(parts[:depth])}' is not a table", "name a leaf key")
+        fields = [f.name for f in dataclasses.fields(node)]
+        if name not in fields:
+            raise _unknown_key(name, ".".join(parts[: depth + 1]), fields, lambda _k: file)
+        if depth == len(parts) - 1:
+            tp = type_hints(type(node))[name]
+            default = resolved_dict(type(node)()).get(name)
+            setattr(node, name, convert(tp, value, key, lambda _k: file, default))
+        else:
+            node = getattr(node, name)
+    return new
+
+
+def parse_override(text: str, file: str = "<command line>") -> tuple[str, Any]:
+    """'optim.lr=2e-4' -> ("optim.lr", 2e-4): the value is read as TOML; a bare word is taken as a string."""
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise ConfigError(file, text, "is not KEY=VALUE", "write e.g. optim.lr=2e-4")
+    try:
+        return key, tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, raw
