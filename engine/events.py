@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -66,7 +67,7 @@ class RunStarted(Event):
     name: str = ""
     device: str = ""  # e.g. "cuda:0 NVIDIA H100 80GB HBM3" or "cpu"
     pid: int = field(default_factory=os.getpid)  # lets `attach` tell a live run from a dead one
-    host: str = field(default_factory=lambda: os.uname().nodename)
+    host: str = field(default_factory=platform.node)
     trainable_params: int = 0
 
 

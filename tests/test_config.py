@@ -123,6 +123,7 @@ def test_toml_syntax_error(tmp_path):
         ("[optim.ema]\ndecy = 0.9\n", "optim.ema.decy", "did you mean 'optim.ema.decay'?"),
         ('[[data.datasets]]\npath = "x"\nrepeat = 2\n', "data.datasets[0].repeat", "'data.datasets[0].repeats'"),
         ("[memory]\nqwerty = 1\n", "memory.qwerty", "valid keys here"),
+        ('extend = "base.toml"\n', "extend", "did you mean 'extends'?"),
     ],
 )
 def test_unknown_key_names_file_key_and_closest(tmp_path, text, key, hint):

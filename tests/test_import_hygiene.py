@@ -90,27 +90,33 @@ def test_every_engine_module_imports_and_asks_for_no_ui_module():
     assert not ours, f"engine code asked for UI packages: {ours}"
 
 
-def test_engine_source_never_imports_ui_modules():
-    offenders = []
+def engine_nodes():
+    """(place, node) for every AST node of every engine file."""
     for path in sorted(ENGINE.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            if any(name.split(".")[0] in FORBIDDEN for name in names):
-                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+            yield f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}", node
+
+
+def imported_names(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return [node.module]
+    return []
+
+
+def test_engine_source_never_imports_ui_modules():
+    offenders = [
+        place for place, node in engine_nodes() if any(n.split(".")[0] in FORBIDDEN for n in imported_names(node))
+    ]
     assert not offenders, f"engine code imports UI packages: {offenders}"
 
 
 def test_engine_never_prints():
-    offenders = []
-    for path in sorted(ENGINE.rglob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
-                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    offenders = [
+        place
+        for place, node in engine_nodes()
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
+    ]
     assert not offenders, f"engine code must log, not print: {offenders}"

@@ -63,6 +63,8 @@ def _describe(value: Any) -> str:
 
 def _unknown_key(name: str, key: str, valid: list[str], origin: Origin) -> UnknownKeyError:
     section = key.rsplit(".", 1)[0] if "." in key else ""
+    if not section:
+        valid = [*valid, "extends"]  # read by the loader before typing, but a typo of it lands here
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     if close:
         fix = f"did you mean '{(section + '.') if section else ''}{close[0]}'?"
