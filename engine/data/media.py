@@ -25,6 +25,9 @@ MODEL_AUDIO_RATE = 16000
 # Timestamps in containers are rounded to their time base (1 ms in Matroska); this absorbs that rounding
 # when we compare a frame's time with a target time.
 TIME_EPS = 1e-4
+# Audio is decoded from the start of the file unless the window starts later than this: decoding a minute
+# of audio costs milliseconds, and it keeps the sample count exact.
+SEEK_AUDIO_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -316,7 +319,8 @@ def decode_audio(path: Path | str, start_s: float = 0.0, duration_s: float | Non
             zero = (aus.start_time or 0) * float(aus.time_base)
         t0 = zero + start_s
         t1 = None if duration_s is None else t0 + duration_s
-        if start_s > margin + 1.0:
+        if start_s > SEEK_AUDIO_AFTER_S:
+            # Only for far windows: after a seek the first frame's pts may be rounded (1 ms in Matroska).
             container.seek(int((t0 - margin) / float(aus.time_base)), stream=aus, backward=True)
         resampler = _mono_resampler(rate)
         chunks: list[np.ndarray] = []
@@ -328,8 +332,8 @@ def decode_audio(path: Path | str, start_s: float = 0.0, duration_s: float | Non
                 ft = float(frame.pts * frame.time_base)
                 if t1 is not None and ft > t1 + margin:
                     break
-                if ft + frame.samples / frame.sample_rate < t0 - margin:
-                    continue
+                # Positions come from counting samples after the first frame, never from later frames'
+                # pts, which containers round (1 ms in Matroska = 16 samples at 16 kHz).
                 if base is None:
                     base = ft
                 chunks.extend(_resampled(resampler, frame))
