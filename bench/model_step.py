@@ -1,0 +1,156 @@
+"""Time one LoRA training step of the full 14B S2V transformer with random bf16 weights (GPU machine).
+
+LoRA rank 16 on the 368 attention Linears (self-attn, text cross-attn, 12 audio injectors), base frozen,
+per-block activation checkpointing, AdamW on the LoRA weights. Prints s/step (median of N after W warm-ups),
+peak allocated/reserved memory, tokens, and FLOPs utilisation against the H100's dense bf16 peak.
+
+    python bench/model_step.py --mode first          # 832x480, 81 frames + 1 reference latent: 34,320 tokens
+    python bench/model_step.py --mode continuation   # + 19 framepack motion latents: 36,634 tokens
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.flops import H100_BF16_DENSE_TFLOPS, step_flops  # noqa: E402
+from engine.models.attention import set_attention_backend  # noqa: E402
+from engine.models.s2v_transformer import S2VTransformer3DModel  # noqa: E402
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def random_14b(device, dtype=torch.bfloat16, seed=0):
+    with torch.device("meta"):
+        model = S2VTransformer3DModel()
+    model = model.to(dtype=dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif p.ndim == 1:
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+    model.requires_grad_(False)
+    return model
+
+
+def add_lora(model, rank: int):
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return params
+
+
+def inputs(mode: str, device, frames: int, width: int, height: int, seed: int = 1):
+    g = torch.Generator(device=device).manual_seed(seed)
+    t = 1 + (frames - 1) // 4
+    h, w = height // 8, width // 8
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.bfloat16)
+
+    batch = dict(
+        hidden_states=rnd(1, 16, t, h, w),
+        timestep=torch.tensor([500.0], device=device),
+        encoder_hidden_states=rnd(1, 512, 4096),
+        ref_latents=rnd(1, 16, 1, h, w),
+        audio_features=rnd(1, 25, 1024, 4 * t),
+    )
+    if mode == "continuation":
+        batch["motion_latents"] = rnd(1, 16, 19, h, w)
+    else:
+        batch["drop_motion_frames"] = True
+    return batch, rnd(1, 16, t, h, w)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("first", "continuation"), default="first")
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--attention", default="cudnn")
+    ap.add_argument("--residual", choices=("fp32", "bf16"), default="bf16",
+                    help="dtype of the residual stream between blocks (fp32 = the official model)")
+    ap.add_argument("--ffn-chunk", type=int, default=0, help="FFN sequence chunk in tokens (0: off)")
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", help="append the result as one JSON line to this file")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda")
+    set_attention_backend(args.attention)
+    t0 = time.perf_counter()
+    model = random_14b(device)
+    model.residual_fp32 = args.residual == "fp32"
+    if args.ffn_chunk:
+        model.set_ffn_chunk_size(args.ffn_chunk)
+    if not args.no_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    params = add_lora(model, args.rank)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    batch, target = inputs(args.mode, device, args.frames, args.width, args.height)
+    build_s = time.perf_counter() - t0
+
+    times = []
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        pred = model(**batch)
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+
+    cfg = model.config
+    t_lat = 1 + (args.frames - 1) // 4
+    hw = (args.height // 16) * (args.width // 16)
+    video = t_lat * hw
+    motion = (hw + (args.height // 32) * (args.width // 32) + 4 * (args.height // 64) * (args.width // 64)
+              if args.mode == "continuation" else 0)
+    seq = video + hw + motion
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    fl = step_flops(dim, cfg.ffn_dim, cfg.num_layers, len(cfg.audio_inject_layers), seq, video,
+                    recompute=not args.no_checkpointing)
+    med = statistics.median(times)
+    result = {
+        "mode": args.mode, "tokens": seq, "frames": args.frames, "size": f"{args.width}x{args.height}",
+        "attention": args.attention, "residual": args.residual, "ffn_chunk": args.ffn_chunk,
+        "checkpointing": not args.no_checkpointing, "lora_params": sum(p.numel() for p in params),
+        "s_per_step": round(med, 3), "s_all": [round(t, 3) for t in times],
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "model_tflops_per_s": round(fl["model"] / med / 1e12, 1),
+        "mfu": round(fl["model"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
+        "hfu": round(fl["hardware"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
+        "loss": float(loss), "build_s": round(build_s, 1),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
