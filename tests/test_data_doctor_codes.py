@@ -112,3 +112,30 @@ def test_plain_output_names_file_and_fix(tmp_path, capsys):
 def test_bad_arguments_exit_2(tmp_path, capsys):
     assert check_cmd.main([str(tmp_path), "--bucket", "830x480"]) == 2
     assert "multiples of 16" in capsys.readouterr().err
+
+
+def test_process_pool_gives_the_same_report_and_progress(tmp_path, monkeypatch):
+    from engine.data import doctor
+
+    synth_broken.good_clip(tmp_path, "a")
+    synth_broken.good_clip(tmp_path, "b", caption=None)
+    synth_broken.good_clip(tmp_path, "c", silent=True)
+    settings = DoctorSettings(min_side=40, workers=2)
+    threads = inspect_datasets([tmp_path], settings)
+    monkeypatch.setattr(doctor, "PROCESS_POOL_MIN_CLIPS", 2)
+    seen = []
+    procs = inspect_datasets([tmp_path], settings, progress=lambda d, t, p: seen.append((d, t)))
+    assert [c.to_dict() for c in procs.clips] == [c.to_dict() for c in threads.clips]
+    assert sorted(p.code for p in procs.all_problems) == ["caption-missing", "mostly-silent"]
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_stop_event_cancels_the_check(tmp_path):
+    import threading
+
+    for i in range(3):
+        synth_broken.good_clip(tmp_path, f"c{i}")
+    stop = threading.Event()
+    stop.set()
+    report = inspect_datasets([tmp_path], DoctorSettings(min_side=40, workers=1), stop=stop)
+    assert report.cancelled and len(report.clips) < 3

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import media, synth
+from engine.data import media, scan, synth
 from engine.data.windows import Window, audio_features_per_frame, crop_for, Bucket
 
 
@@ -17,7 +17,7 @@ def _indices(frames: np.ndarray) -> list[int]:
 def test_frames_picked_by_timestamp(tmp_path, fps):
     clip = synth.make_talking_clip(tmp_path, f"src{fps}", fps=fps, duration_s=6.0, stamp_index=True,
                                    audio="none", use_espeak=False)
-    timing = media.read_stream_timing(clip.video)
+    timing = scan.read_stream_timing(clip.video)
     assert timing.mean_fps == pytest.approx(fps, rel=1e-3)
     assert not timing.is_variable_rate()
     n16 = media.frames_at_rate(timing.video_duration_s, 16)
@@ -42,7 +42,7 @@ def test_variable_rate_source_by_timestamp(tmp_path):
     times = times[times < 5.6]
     clip = synth.make_talking_clip(tmp_path, "vfr", container="mkv", audio="pcm", frame_times_s=times,
                                    duration_s=5.6, stamp_index=True, use_espeak=False)
-    timing = media.read_stream_timing(clip.video)
+    timing = scan.read_stream_timing(clip.video)
     assert timing.is_variable_rate()
     np.testing.assert_allclose(timing.video_times, np.round(times, 3), atol=1e-9)
     targets = np.arange(80) / 16

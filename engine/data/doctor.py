@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
+import pickle
 import random
 import re
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -25,6 +28,7 @@ import numpy as np
 
 from engine.data import media
 from engine.data.discover import ClipSource, DatasetSpec, discover
+from engine.data.scan import MediaScan, scan_media
 from engine.data.problems import BLOCKING, WARNING, DataError, Problem, make_problem
 from engine.data.windows import (MODEL_FPS, BucketSettings, CropPlan, Window, WindowSettings, aspect_buckets,
                                  choose_bucket, choose_reference_frame, crop_for, plan_windows)
@@ -171,32 +175,44 @@ def _describe_fps(fps: float | None, vfr: bool) -> str:
     return f"{fps:.3f} fps -> 16 fps by timestamp ({verb} frames)"
 
 
-def _silence_check(path: Path, settings: DoctorSettings) -> Problem | None:
-    levels = media.audio_block_levels_db(path, max_seconds=settings.silence_check_max_s)
+def _silence_check(levels: np.ndarray | None, path: Path, settings: DoctorSettings) -> Problem | None:
+    if levels is None:
+        return None
     if levels.size == 0:
         return make_problem("mostly-silent", path, "the audio track holds no samples")
     silent = float(np.mean(levels < settings.silence_db))
     if silent > settings.max_silent_fraction:
         return make_problem("mostly-silent", path, f"{silent:.0%} of the audio is below {settings.silence_db:g} "
-                            f"dBFS (peak block {levels.max():.1f} dBFS)")
+                            f"dBFS (loudest 20 ms: {levels.max():.1f} dBFS)")
     return None
 
 
-def _audio_extent(clip: ClipSource, timing: media.StreamTiming) -> tuple[float | None, str]:
-    """End of the audio on the clip's timeline (None = no audio) and a description of the source."""
-    if clip.audio is not None:
-        if not clip.audio.is_file():
-            return None, "missing"  # discovery already reported the metadata row
-        info = media.probe(clip.audio)
-        if info.audio is None:
-            raise DataError(make_problem("no-audio-stream", clip.audio, "the paired audio file has no audio"))
-        dur = info.audio.duration_s or info.duration_s
-        return (dur if dur is not None else timing.video_duration_s), (
-            f"{clip.audio.name}: {info.audio.codec} {info.audio.sample_rate} Hz x{info.audio.channels} "
-            "-> 16 kHz mono")
-    if timing.audio_end_s is None:
-        return None, "none"
-    return timing.audio_end_s - timing.video_start_s, "embedded track -> 16 kHz mono"
+@dataclass(frozen=True)
+class _AudioFound:
+    end_s: float | None  # end of the audio on the clip's timeline; None = no audio
+    source: str
+    path: Path
+    levels_db: np.ndarray | None
+
+
+def _audio_found(clip: ClipSource, video_scan: MediaScan, settings: DoctorSettings) -> _AudioFound:
+    """Where the clip's audio comes from and how far it reaches (separate file or the video's track)."""
+    timing = video_scan.timing
+    if clip.audio is None:
+        if video_scan.audio_end_s is None:
+            return _AudioFound(None, "none", clip.video, None)
+        return _AudioFound(video_scan.audio_end_s - timing.video_start_s, "embedded track -> 16 kHz mono",
+                           clip.video, video_scan.levels_db)
+    if not clip.audio.is_file():
+        return _AudioFound(None, "missing", clip.audio, None)  # discovery already reported the metadata row
+    info = media.probe(clip.audio)
+    if info.audio is None:
+        raise DataError(make_problem("no-audio-stream", clip.audio, "the paired audio file has no audio"))
+    found = scan_media(clip.audio, max_audio_s=settings.silence_check_max_s)
+    # A separate file starts with the video; its length comes from its packets (headers of mp3 guess).
+    end = (found.audio_end_s - found.audio_start_s) if found.audio_end_s is not None else info.duration_s
+    return _AudioFound(end, f"{clip.audio.name}: {info.audio.codec} {info.audio.sample_rate} Hz "
+                       f"x{info.audio.channels} -> 16 kHz mono", clip.audio, found.levels_db)
 
 
 def inspect_clip(clip: ClipSource, settings: DoctorSettings = DoctorSettings(),
@@ -237,8 +253,10 @@ def _plan(clip: ClipSource, settings: DoctorSettings, problems: list[Problem]) -
     if info.video is None:
         raise DataError(make_problem("no-video-stream", clip.video,
                                      f"only {'audio' if info.audio else 'no'} streams in the file"))
-    timing = media.read_stream_timing(clip.video)
-    rotation = media.first_frame_rotation(clip.video)
+    pairing_failed = any(p.code in ("audio-missing", "audio-ambiguous") for p in problems)
+    scanned = scan_media(clip.video, audio_levels=clip.audio is None and not pairing_failed,
+                         max_audio_s=settings.silence_check_max_s)
+    timing, rotation = scanned.timing, scanned.rotation
     w, h = (info.video.height, info.video.width) if rotation % 180 else (info.video.width, info.video.height)
 
     if min(w, h) < settings.min_side:
@@ -261,29 +279,30 @@ def _plan(clip: ClipSource, settings: DoctorSettings, problems: list[Problem]) -
                                      f"to {d.max() * 1000:.1f} ms; frames are picked by timestamp at 16 fps"))
 
     duration = timing.video_duration_s
-    audio_path = clip.audio_path
-    if any(p.code in ("audio-missing", "audio-ambiguous") for p in problems):
-        audio_end, audio_desc = None, "missing"  # never fall back silently to the video's own track
+    if pairing_failed:
+        audio = _AudioFound(None, "missing", clip.video, None)  # never fall back silently to the video's track
     else:
         try:
-            audio_end, audio_desc = _audio_extent(clip, timing)
+            audio = _audio_found(clip, scanned, settings)
         except DataError as exc:
             problems.append(exc.problem)
-            audio_end, audio_desc = None, "unreadable"
-    if audio_end is None:
-        if clip.audio is None and audio_desc == "none":
+            audio = _AudioFound(None, "unreadable", clip.audio_path, None)
+    audio_desc = audio.source
+    if audio.end_s is None:
+        if audio.source == "none":
             if settings.allow_silent_audio:
                 problems.append(make_problem("no-audio-stream", clip.video, "no audio track; trains with zero "
                                              "audio (allowed)", severity=WARNING))
             else:
                 problems.append(make_problem("no-audio-stream", clip.video))
-        audio_desc = "zero audio" if settings.allow_silent_audio else audio_desc
+        if settings.allow_silent_audio:
+            audio_desc = "zero audio"
     else:
-        if abs(audio_end - duration) > settings.duration_tolerance_s:
-            problems.append(make_problem("duration-mismatch", audio_path, f"video {duration:.2f} s, audio "
-                                         f"{audio_end:.2f} s; windows only where both exist"))
-        duration = min(duration, audio_end)
-        silent = _silence_check(audio_path, settings)
+        if abs(audio.end_s - duration) > settings.duration_tolerance_s:
+            problems.append(make_problem("duration-mismatch", audio.path, f"video {duration:.2f} s, audio "
+                                         f"{audio.end_s:.2f} s; windows only where both exist"))
+        duration = min(duration, audio.end_s)
+        silent = _silence_check(audio.levels_db, audio.path, settings)
         if silent is not None:
             problems.append(silent)
 
@@ -306,33 +325,63 @@ def _plan(clip: ClipSource, settings: DoctorSettings, problems: list[Problem]) -
                     audio_source=audio_desc)
 
 
+# Below this many clips a pool of processes costs more to start (~0.5 s) than it saves.
+PROCESS_POOL_MIN_CLIPS = 64
+
+
+def _executor(workers: int, clips: int, settings: DoctorSettings, hooked: bool) -> Executor:
+    """Processes for big datasets (the checks are GIL-bound Python around PyAV), threads otherwise.
+
+    forkserver, not fork: the TUI calls this from a worker thread, and forking a threaded process is unsafe.
+    Settings with a custom token counter may not pickle; those runs, and test hooks, stay in threads.
+    """
+    if workers > 1 and clips >= PROCESS_POOL_MIN_CLIPS and not hooked:
+        try:
+            pickle.dumps(settings)
+            return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+        except (pickle.PicklingError, AttributeError, TypeError, ValueError) as exc:
+            log.debug("doctor settings cannot go to other processes (%s); using threads", exc)
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="doctor")
+
+
+def _check_all(clips: Sequence[ClipSource], pool: Executor, settings: DoctorSettings,
+               progress: ProgressCallback | None, stop: threading.Event | None,
+               on_file_read: Callable[[Path], None] | None) -> tuple[list[ClipReport | None], bool]:
+    reports: list[ClipReport | None] = [None] * len(clips)
+    with pool:
+        futures = {pool.submit(inspect_clip, clip, settings, on_file_read): i for i, clip in enumerate(clips)}
+        for done, future in enumerate(as_completed(futures), 1):
+            if stop is not None and stop.is_set():
+                for f in futures:
+                    f.cancel()
+                return reports, True
+            i = futures[future]
+            reports[i] = future.result()
+            if progress is not None:
+                progress(done, len(clips), clips[i].video)
+    return reports, False
+
+
 def inspect_datasets(datasets: Iterable[DatasetSpec | Path | str], settings: DoctorSettings = DoctorSettings(),
                      *, progress: ProgressCallback | None = None, stop: threading.Event | None = None,
                      on_file_read: Callable[[Path], None] | None = None) -> DoctorReport:
-    """Discover and check every clip of the datasets, in parallel threads (PyAV decodes without the GIL).
+    """Discover and check every clip of the datasets, spread over `settings.workers` processes or threads.
 
-    `stop` ends the scan early (the report is then marked cancelled); `progress` is called from this
-    thread after each clip.
+    `stop` ends the scan early (the report is then marked cancelled); `progress` is called from the
+    calling thread after each clip. The report lists clips in discovery order.
     """
     t0 = time.perf_counter()
     found = discover(datasets)
     total = len(found.clips)
-    reports: list[ClipReport | None] = [None] * total
     workers = settings.workers or min(8, os.cpu_count() or 1)
-    cancelled = False
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="doctor") as pool:
-        futures = {pool.submit(inspect_clip, clip, settings, on_file_read): i for i, clip in enumerate(found.clips)}
-        done = 0
-        for future, i in futures.items():
-            if stop is not None and stop.is_set():
-                cancelled = True
-                for f in futures:
-                    f.cancel()
-                break
-            reports[i] = future.result()
-            done += 1
-            if progress is not None:
-                progress(done, total, found.clips[i].video)
+    try:
+        reports, cancelled = _check_all(found.clips, _executor(workers, total, settings, on_file_read is not None),
+                                        settings, progress, stop, on_file_read)
+    except BrokenProcessPool as exc:
+        # A child could not start (e.g. a __main__ that cannot be re-imported): same work, in threads.
+        log.warning("doctor worker processes failed (%s); checking in threads instead", exc)
+        reports, cancelled = _check_all(found.clips, ThreadPoolExecutor(max_workers=workers), settings, progress,
+                                        stop, on_file_read)
     clips = tuple(r for r in reports if r is not None)
     elapsed = time.perf_counter() - t0
     log.info("checked %d clips in %.2f s", len(clips), elapsed)
