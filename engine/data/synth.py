@@ -218,10 +218,13 @@ def _convert(frame: av.AudioFrame, fmt: str, rate: int) -> av.AudioFrame:
 
 def write_video(path: Path, frames: np.ndarray, fps: float, *, codec: str = "h264",
                 frame_times_s: np.ndarray | None = None, audio: np.ndarray | None = None,
-                audio_rate: int = 16000, audio_codec: str = "aac", audio_start_s: float = 0.0) -> Path:
+                audio_rate: int = 16000, audio_codec: str = "aac", audio_start_s: float = 0.0,
+                display_rotation: int = 0) -> Path:
     """Encode frames (uint8 [N, H, W, 3]) and optional mono audio into one container with PyAV.
 
     With `frame_times_s`, frames get those presentation times (variable frame rate) in a 1 ms time base.
+    `display_rotation` (degrees counter-clockwise) stores the frames sideways plus a display matrix, as
+    phones do for portrait video.
     """
     path = Path(path)
     with av.open(str(path), "w") as container:
@@ -235,6 +238,8 @@ def write_video(path: Path, frames: np.ndarray, fps: float, *, codec: str = "h26
             vs.bit_rate = 2_000_000
         if frame_times_s is not None:
             vs.codec_context.time_base = Fraction(1, 1000)
+        if display_rotation:
+            vs.set_display_rotation(display_rotation)
         a_stream = None
         if audio is not None:
             a_stream = container.add_stream(audio_codec, rate=audio_rate)
@@ -272,7 +277,8 @@ def make_talking_clip(folder: Path, stem: str = "clip", *, fps: float = 25, size
                       audio_dir: Path | None = None, container: str | None = None,
                       caption: str | None = DEFAULT_CAPTION, seed: int = 0, use_espeak: bool = True,
                       stamp_index: bool = False, click_at_s: float | None = None,
-                      silent: bool = False, frame_times_s: np.ndarray | None = None) -> SynthClip:
+                      silent: bool = False, frame_times_s: np.ndarray | None = None,
+                      display_rotation: int = 0) -> SynthClip:
     """Write one synthetic talking clip (and its caption / separate audio) into `folder`.
 
     audio: "aac" (mp4), "pcm" (PCM in mkv: exact samples, for alignment tests), "wav" (the video has no
@@ -302,7 +308,7 @@ def make_talking_clip(folder: Path, stem: str = "clip", *, fps: float = 25, size
     embedded = audio in ("aac", "pcm")
     write_video(video, frames, fps, codec=codec, frame_times_s=frame_times_s,
                 audio=track if embedded else None, audio_rate=audio_rate,
-                audio_codec="aac" if audio == "aac" else "pcm_s16le")
+                audio_codec="aac" if audio == "aac" else "pcm_s16le", display_rotation=display_rotation)
     audio_path = None
     if audio == "wav":
         adir = Path(audio_dir) if audio_dir is not None else folder
