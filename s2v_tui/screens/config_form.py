@@ -1,0 +1,210 @@
+"""Config: the run config as a form in topic tabs, checked by the engine as you type, saved as TOML that
+keeps the file's comments, with the difference from the chosen preset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, Footer, Input, Select, Static, Switch, TabbedContent, TabPane
+
+from engine.config import ConfigError, check_config, diff, save_config, with_value
+
+from s2v_tui.config_fields import (field_of_error_key, is_table_list, key_of, parse, show, topic_fields,
+                                   widget_id)
+from s2v_tui.screens.base import AppScreen
+from s2v_tui.widgets.nav import NavBar
+
+DEFAULT_SAVE_NAME = "s2v-run.toml"
+
+
+class ConfigScreen(AppScreen):
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save", id="config.save", tooltip="Write the config to the TOML file"),
+        Binding("ctrl+d", "show_diff", "Diff", id="config.diff", tooltip="What differs from the chosen preset"),
+    ]
+    DEFAULT_CSS = """
+    ConfigScreen #save-row { height: 1; margin: 0 1; }
+    ConfigScreen #save-path { width: 1fr; }
+    ConfigScreen #save { min-width: 8; }
+    ConfigScreen .field { height: auto; padding: 0 1; }
+    ConfigScreen #topics { height: 1fr; }
+    ConfigScreen TabPane { height: 1fr; padding: 0; }
+    ConfigScreen TabPane > VerticalScroll { height: 1fr; }
+    ConfigScreen .field-label { height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
+    ConfigScreen .field Input, ConfigScreen .field Select { width: 1fr; }
+    ConfigScreen .field Switch { width: auto; }
+    ConfigScreen .field-error { height: auto; color: $error; display: none; }
+    ConfigScreen .field-error.shown { display: block; }
+    ConfigScreen #diff { padding: 0 1; }
+    ConfigScreen #config-status { height: 1; padding: 0 1; }
+    """
+
+    AUTO_FOCUS = "#topics Tabs"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._infos = {info.key: info for _, infos in topic_fields() for info in infos}
+        self._typing_errors: dict[str, str] = {}  # keys whose text is not a valid value yet
+        self._syncing = False
+
+    def compose(self) -> ComposeResult:
+        session = self.app.session  # type: ignore[attr-defined]
+        yield NavBar("config")
+        with Horizontal(id="save-row"):
+            yield Input(str(session.config_path or DEFAULT_SAVE_NAME), id="save-path", compact=True,
+                        tooltip="TOML file to write; an existing file keeps its comments")
+            yield Button("Save", id="save", compact=True, variant="primary", tooltip="Save (ctrl+s)")
+        yield Static("", id="config-status")
+        with TabbedContent(id="topics"):
+            for title, infos in topic_fields():
+                with TabPane(title, id=f"topic-{title.lower()}"):
+                    with VerticalScroll():
+                        for info in infos:
+                            yield from self._field(info)
+            with TabPane("Diff", id="topic-diff"):
+                with VerticalScroll():
+                    yield Static("", id="diff", markup=False)
+        yield Footer()
+
+    def _field(self, info) -> ComposeResult:
+        value = self._value(info.key)
+        with Vertical(classes="field"):
+            yield Static(f"[b]{info.key}[/]  [dim]{info.help}[/]", classes="field-label")
+            wid = widget_id(info.key)
+            if is_table_list(info):
+                yield Static(self._table_list_text(info.key), id=wid, markup=False)
+            elif info.type is bool:
+                yield Switch(bool(value), id=wid, tooltip=info.help)
+            elif info.choices and not isinstance(info.default, list):
+                yield Select([(c, c) for c in info.choices], value=value, allow_blank=False, id=wid,
+                             compact=True, tooltip=info.help)
+            else:
+                yield Input(show(value, info), id=wid, compact=True, tooltip=info.help)
+            yield Static("", classes="field-error", id=f"err-{wid}", markup=False)
+
+    def _value(self, key: str):
+        node = self.app.session.config  # type: ignore[attr-defined]
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    def _table_list_text(self, key: str) -> str:
+        items = self._value(key)
+        where = "the Dataset screen sets the first; " if key == "data.datasets" else ""
+        paths = ", ".join(getattr(i, "path", "") or getattr(i, "reference", "") for i in items) or "none"
+        return f"{len(items)}: {paths}  ({where}edit more in the TOML file)"
+
+    def on_mount(self) -> None:
+        self.validate_all()
+
+    def on_screen_resume(self) -> None:
+        """Another screen may have changed the config (a preset, the dataset folder): show its values."""
+        self._syncing = True
+        try:
+            for key, info in self._infos.items():
+                widget = self.query_one(f"#{widget_id(key)}")
+                value = self._value(key)
+                if isinstance(widget, Switch):
+                    widget.value = bool(value)
+                elif isinstance(widget, Select):
+                    widget.value = value
+                elif isinstance(widget, Input):
+                    if key not in self._typing_errors:
+                        widget.value = show(value, info)
+                else:
+                    widget.update(self._table_list_text(key))  # type: ignore[attr-defined]
+        finally:
+            self._syncing = False
+        self.validate_all()
+
+    # -- editing -------------------------------------------------------------------------------------------
+
+    @on(Input.Changed)
+    @on(Select.Changed)
+    @on(Switch.Changed)
+    def _edited(self, event) -> None:
+        widget = event.control
+        if self._syncing or not widget.id or not widget.id.startswith("f-"):
+            return
+        key = key_of(widget.id)
+        info = self._infos[key]
+        session = self.app.session  # type: ignore[attr-defined]
+        file = str(session.config_path or "<form>")
+        value = event.value
+        try:
+            if isinstance(widget, Input):
+                value = parse(value, info, file)
+            session.config = with_value(session.config, key, value, file)
+        except ConfigError as exc:
+            self._typing_errors[key] = f"{exc.message}" + (f"; fix: {exc.fix}" if exc.fix else "")
+        else:
+            self._typing_errors.pop(key, None)
+        self.validate_all()
+
+    def validate_all(self) -> list[str]:
+        """Show the engine's verdict under each field; returns every message (empty = valid)."""
+        session = self.app.session  # type: ignore[attr-defined]
+        errors: dict[str, list[str]] = {}
+        for key, message in self._typing_errors.items():
+            errors.setdefault(key, []).append(message)
+        for err in check_config(session.config, str(session.config_path or "<form>")):
+            msg = f"{err.key}: {err.message}" + (f"; fix: {err.fix}" if err.fix else "")
+            errors.setdefault(field_of_error_key(err.key), []).append(msg)
+        for key in self._infos:
+            box = self.query_one(f"#err-{widget_id(key)}", Static)
+            text = "\n".join(errors.get(key, []))
+            box.update(text)
+            box.set_class(bool(text), "shown")
+        count = sum(len(v) for v in errors.values())
+        status = self.query_one("#config-status", Static)
+        if count:
+            first = next(iter(errors))
+            status.update(f"[b red]{count} problem{'s' * (count > 1)}[/], first at [b]{first}[/]")
+        else:
+            status.update("[green]config valid[/]" + ("" if session.config.data.datasets
+                                                      else "  [yellow](no dataset yet: Dataset screen, 1)[/]"))
+        self._update_diff()
+        return [m for v in errors.values() for m in v]
+
+    def _update_diff(self) -> None:
+        session = self.app.session  # type: ignore[attr-defined]
+        preset = session.preset_path.name if session.preset_path else "the defaults"
+        changes = diff(session.preset_config(), session.config)
+        lines = [f"{len(changes)} difference(s) from {preset}:"]
+        lines += [f"{c.key}: {show(c.old, self._infos[c.key])} -> {show(c.new, self._infos[c.key])}"
+                  if c.key in self._infos else f"{c.key}: {c.old!r} -> {c.new!r}" for c in changes]
+        self.query_one("#diff", Static).update("\n".join(lines))
+
+    # -- actions -------------------------------------------------------------------------------------------
+
+    def action_show_diff(self) -> None:
+        self.query_one("#topics", TabbedContent).active = "topic-diff"
+
+    @on(Button.Pressed, "#save")
+    def action_save(self) -> None:
+        problems = self.validate_all()
+        if problems:
+            self.notify(problems[0], title="Not saved: fix the config first", severity="error", timeout=8)
+            return
+        session = self.app.session  # type: ignore[attr-defined]
+        path = Path(self.query_one("#save-path", Input).value.strip() or DEFAULT_SAVE_NAME)
+        extends = None
+        if not path.exists() and session.preset_path is not None:
+            # A new file records only what differs from its preset, so it stays short and readable.
+            extends = _relative(session.preset_path, path.parent)
+        try:
+            save_config(session.config, path, extends=extends)
+        except (ConfigError, OSError) as exc:
+            self.notify(str(exc), title="Not saved", severity="error", timeout=10)
+            return
+        session.config_path = path
+        self.notify(f"Saved {path}")
+
+
+def _relative(target: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(target.resolve(), start.resolve())

@@ -1,0 +1,160 @@
+"""Presets: live GPU readings (1 Hz, from the app's poll), host RAM, and the presets with the memory each
+needs against what is free. Without an NVIDIA driver the screen says so and takes a typed VRAM size."""
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import DataTable, Footer, Input, Label, Static
+
+from engine.config import with_value
+
+from s2v_tui.fmt import gib
+from s2v_tui.presets_logic import PresetRow, available_vram, evaluate, load_presets, recommend
+from s2v_tui.screens.base import AppScreen
+from s2v_tui.widgets.nav import NavBar
+
+GPU_COLUMNS = ("GPU", "name", "total", "used", "free", "util", "temp")
+PRESET_COLUMNS = ("", "preset", "VRAM need", "host need", "fits")
+
+
+def _fits(row: PresetRow) -> str:
+    if row.error:
+        return "[red]does not load[/]"
+    if row.need is None:
+        return "[dim]not measured yet[/]"
+    if row.fits_gpu is None:
+        return "[dim]free VRAM unknown[/]"
+    if not row.fits_gpu:
+        return "[red]too big for the GPU[/]"
+    if row.fits_host is False:
+        return "[red]host RAM too small[/]"
+    return "[green]fits[/]"
+
+
+class PresetsScreen(AppScreen):
+    BINDINGS = [
+        Binding("u", "use_preset", "Use preset", id="presets.use",
+                tooltip="Load the highlighted preset as the run config (keeps your datasets)"),
+        Binding("ctrl+r", "reload", "Reload", id="presets.reload", tooltip="Read the preset files again"),
+    ]
+    DEFAULT_CSS = """
+    PresetsScreen #gpus { height: auto; max-height: 10; }
+    PresetsScreen #no-driver { height: auto; padding: 0 1; color: $warning; }
+    PresetsScreen #vram-row { height: 3; display: none; }
+    PresetsScreen #vram-row.shown { display: block; }
+    PresetsScreen #vram-row Label { padding: 1 1; }
+    PresetsScreen #vram { width: 16; }
+    PresetsScreen #host { height: 1; padding: 0 1; }
+    PresetsScreen #presets { height: 1fr; }
+    PresetsScreen #preset-note { height: auto; padding: 0 1; color: $text-muted; }
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._presets: list = []
+        self._painted_version = -1
+        self._rows: list[PresetRow] = []
+
+    def compose(self) -> ComposeResult:
+        yield NavBar("presets")
+        gpus = DataTable(id="gpus", cursor_type="none", show_cursor=False)
+        gpus.add_columns(*GPU_COLUMNS)
+        yield gpus
+        yield Static("", id="no-driver", markup=False)
+        with Horizontal(id="vram-row"):
+            yield Label("VRAM of the GPU you will train on (GB):")
+            yield Input(placeholder="e.g. 80", id="vram", type="number",
+                        tooltip="Used instead of NVML readings to pick a preset")
+        yield Static("", id="host")
+        presets = DataTable(id="presets", cursor_type="row")
+        presets.add_columns(*PRESET_COLUMNS)
+        yield presets
+        yield Static("", id="preset-note")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.action_reload()
+        self.set_interval(1.0, self.repaint, name="presets-1hz")
+        self.repaint()
+
+    def action_reload(self) -> None:
+        self._presets = load_presets(self.app.services.presets_dir)  # type: ignore[attr-defined]
+        self._painted_version = -1
+        self.repaint()
+
+    def repaint(self) -> None:
+        readings = self.app.readings  # type: ignore[attr-defined]
+        if readings.version == self._painted_version:
+            return
+        self._painted_version = readings.version
+        self._paint_gpus(readings)
+        host = readings.host
+        self.query_one("#host", Static).update(
+            f"host RAM {gib(host.available_bytes)} GiB available of {gib(host.total_bytes)} GiB"
+            if host else "host RAM: not read yet")
+        self._paint_presets(readings)
+
+    def _paint_gpus(self, readings) -> None:
+        table = self.query_one("#gpus", DataTable)
+        table.clear()
+        for g in readings.gpus:
+            table.add_row(str(g.index), g.name, gib(g.total_bytes), gib(g.used_bytes), gib(g.free_bytes),
+                          f"{g.util_percent}%" if g.util_percent is not None else "-",
+                          f"{g.temperature_c}C" if g.temperature_c is not None else "-")
+        no_driver = readings.version > 0 and not readings.gpus
+        table.display = not no_driver
+        self.query_one("#no-driver", Static).update(
+            f"No GPU readings: {readings.nvml_reason or 'no GPU found'}. "
+            "Type the VRAM size to choose a preset." if no_driver else "")
+        self.query_one("#vram-row").set_class(no_driver, "shown")
+
+    def _paint_presets(self, readings) -> None:
+        session = self.app.session  # type: ignore[attr-defined]
+        vram_free = available_vram(readings.gpus, session.vram_override_gb)
+        predict = self.app.services.predict_memory  # type: ignore[attr-defined]
+        self._rows = evaluate(self._presets, predict, vram_free, readings.host)
+        best = recommend(self._rows)
+        table = self.query_one("#presets", DataTable)
+        cursor = table.cursor_row
+        table.clear()
+        for row in self._rows:
+            mark = "[b green]*[/]" if row is best else ("[b]>[/]" if row.path == session.preset_path else "")
+            name = f"[b green]{row.name} (recommended)[/]" if row is best else row.name
+            vram = gib(row.need.vram_bytes) + " GiB" if row.need else "not measured yet"
+            host = gib(row.need.host_bytes) + " GiB" if row.need else "-"
+            table.add_row(mark, name, vram, host, _fits(row), key=str(row.path))
+        if self._rows:
+            table.move_cursor(row=min(cursor, len(self._rows) - 1))
+        measured = any(r.need for r in self._rows)
+        note = "" if measured else ("The memory model has no measurements yet: needs are unknown, so nothing "
+                                    "is recommended. ")
+        self.query_one("#preset-note", Static).update(note + "Enter or u: use the highlighted preset.")
+
+    @on(Input.Changed, "#vram")
+    def _vram_typed(self, event: Input.Changed) -> None:
+        try:
+            value = float(event.value)
+        except ValueError:
+            value = None
+        self.app.session.vram_override_gb = value if value and value > 0 else None  # type: ignore[attr-defined]
+        self._painted_version = -1
+        self.repaint()
+
+    @on(DataTable.RowSelected, "#presets")
+    def action_use_preset(self) -> None:
+        table = self.query_one("#presets", DataTable)
+        if not self._rows or table.cursor_row >= len(self._rows):
+            return
+        row = self._rows[table.cursor_row]
+        if row.config is None:
+            self.notify(row.error, title=f"{row.name} does not load", severity="error", timeout=10)
+            return
+        session = self.app.session  # type: ignore[attr-defined]
+        datasets = [vars(d).copy() for d in session.config.data.datasets]
+        session.config = with_value(row.config, "data.datasets", datasets) if datasets else row.config
+        session.preset_path = row.path
+        self._painted_version = -1
+        self.repaint()
+        self.notify(f"Config now from preset {row.name}; edit it on the Config screen (3).")

@@ -1,0 +1,144 @@
+"""Run: start the engine in the one training worker and watch it; Stop asks first.
+
+The worker calls `services.runner(config, [bridge], stop, run_dir)` on a thread. `stop` is a
+threading.Event owned by this screen and set only by Stop or a confirmed quit: Textual cancels every worker
+when the app exits, and after an SSH hangup the run must outlive the UI (see S2VApp.hangup).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import Footer, Static
+from textual.worker import Worker, get_current_worker
+
+from engine.config import check_config
+from engine.events import RunEnded
+
+from s2v_tui.bridge import EventBridge, EventsPending
+from s2v_tui.run_model import RunModel
+from s2v_tui.screens.dialogs import STOP, ConfirmStop
+from s2v_tui.screens.base import AppScreen
+from s2v_tui.widgets.nav import NavBar
+from s2v_tui.widgets.run_panels import RunPanels
+
+PAINT_HZ = 4
+
+
+class RunScreen(AppScreen):
+    WORKER_GROUP = "training"
+    BINDINGS = [
+        Binding("s", "start", "Start", id="run.start", tooltip="Start training with the current config"),
+        Binding("x", "stop", "Stop", id="run.stop", tooltip="Stop at the next step, after a checkpoint"),
+        Binding("ctrl+q", "app.quit", "Quit", id="run.quit", tooltip="Quit (asks while training)"),
+    ]
+    DEFAULT_CSS = """
+    RunScreen #run-hint { height: 1; padding: 0 1; color: $text-muted; }
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = RunModel()
+        self.stop_event = threading.Event()
+        self.run_dir: Path | None = None
+        self.bridge = EventBridge(self)
+
+    def compose(self) -> ComposeResult:
+        yield NavBar("run")
+        yield Static("press s to start training with the current config", id="run-hint")
+        yield RunPanels(id="panels")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.set_interval(1 / PAINT_HZ, self.repaint, name="run-paint")
+        self.repaint()
+
+    def repaint(self) -> None:
+        readings = self.app.readings  # type: ignore[attr-defined]
+        self.query_one(RunPanels).paint(self.model.snapshot(), readings.gpus, readings.host)
+
+    @on(EventsPending)
+    def _take_events(self, message: EventsPending) -> None:
+        for event in message.bridge.drain():
+            self.model.apply(event)
+
+    # -- start ---------------------------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        running = self.app.training_active()  # type: ignore[attr-defined]
+        if action == "start":
+            return None if running else True  # None: shown, greyed out
+        if action == "stop":
+            return True if running and not self.stop_event.is_set() else None
+        return True
+
+    def start_refusal(self) -> str | None:
+        """Why training cannot start now, in words for the user; None when it can."""
+        app = self.app
+        session = app.session  # type: ignore[attr-defined]
+        if app.training_active():  # type: ignore[attr-defined]
+            return "a run is already training in this app"
+        if app.services.runner is None:  # type: ignore[attr-defined]
+            return "the training engine (engine.runner) is not installed in this build"
+        if session.dataset_blocking:
+            return "the dataset check found blocking problems: fix them on the Dataset screen (1)"
+        errors = check_config(session.config, str(session.config_path or "<config>"), require_data=True)
+        if errors:
+            return f"the config is not valid: {errors[0]}"
+        return None
+
+    def action_start(self) -> None:
+        refusal = self.start_refusal()
+        if refusal:
+            self.notify(refusal, title="Cannot start", severity="error", timeout=8)
+            return
+        config = self.app.session.config  # type: ignore[attr-defined]
+        self.run_dir = config.run_path()
+        self.stop_event = threading.Event()
+        self.model.reset()
+        self.query_one(RunPanels).reset()
+        self.query_one("#run-hint", Static).update(f"training in {self.run_dir}   x: stop (checkpoint first)")
+        worker = self.train(config, self.run_dir, self.stop_event)
+        from s2v_tui.app import WorkerContext  # the app module imports this one
+
+        self.app.worker_contexts[worker] = WorkerContext("training", self.run_dir)  # type: ignore[attr-defined]
+        self.refresh_bindings()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group=WORKER_GROUP, name="training")
+    def train(self, config, run_dir: Path, stop: threading.Event) -> RunEnded:
+        get_current_worker()  # a thread worker by contract; the engine's stop is `stop` (see module doc)
+        runner = self.app.services.runner  # type: ignore[attr-defined]
+        return runner(config, [self.bridge], stop, run_dir=run_dir)
+
+    # -- stop ----------------------------------------------------------------------------------------------
+
+    def action_stop(self) -> None:
+        if not self.app.training_active():  # type: ignore[attr-defined]
+            return
+        snap = self.model.snapshot()
+
+        def answered(answer: str | None) -> None:
+            if answer == STOP:
+                self.request_stop()
+
+        self.app.push_screen(ConfirmStop(snap.step, snap.total_steps), answered)
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+        self.query_one("#run-hint", Static).update("stopping: a checkpoint is written at the next step boundary")
+        self.refresh_bindings()
+
+    def worker_done(self, worker: Worker) -> None:
+        """Called by the app's one worker handler when the training worker has finished, however it ended."""
+        if worker.group != self.WORKER_GROUP:
+            return
+        for event in self.bridge.drain():  # events that raced the end of the worker
+            self.model.apply(event)
+        if worker.error is not None:
+            self.model.fail(f"{type(worker.error).__name__}: {worker.error}")
+        status = self.model.snapshot().status
+        self.query_one("#run-hint", Static).update(f"run {status}; press s to start another")
+        self.refresh_bindings()

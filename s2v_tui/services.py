@@ -1,0 +1,110 @@
+"""What the app talks to outside itself, gathered in one object so tests and the demo can swap any of it.
+
+The screens never import the engine's heavy parts directly: they call these services. Production values come
+from `default_services()`; tests pass fakes (FakeNvml, the fake engine, a fixed host-memory reading).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import Config
+from engine.events import RunEnded
+from engine.gpu import GpuProbe, HostMemory, default_probe, host_memory
+
+log = logging.getLogger(__name__)
+
+# engine.runner.run(config, subscribers, stop_event, run_dir=None) -> RunEnded
+Runner = Callable[..., RunEnded]
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What a config needs, from the engine's memory model (calibrated on measured runs)."""
+
+    vram_bytes: int
+    host_bytes: int
+
+
+# None means "the engine has no measurement for this config": the UI says so and never guesses.
+MemoryPredictor = Callable[[Config], MemoryNeed | None]
+
+
+def _no_prediction(config: Config) -> MemoryNeed | None:
+    return None
+
+
+def engine_memory_predictor() -> MemoryPredictor:
+    """`engine.memory.predict(config) -> (vram_bytes, host_bytes) | None` when that module exists.
+
+    The memory model is another issue's work; until it lands every preset shows "not measured yet".
+    """
+    try:
+        memory = importlib.import_module("engine.memory")
+    except ImportError:
+        return _no_prediction
+    predict = getattr(memory, "predict", None)
+    if predict is None:
+        return _no_prediction
+
+    def adapter(config: Config) -> MemoryNeed | None:
+        try:
+            result = predict(config)
+        except Exception:  # a model that cannot answer is "not measured", not a crash of the picker
+            log.exception("memory model failed")
+            return None
+        if result is None:
+            return None
+        vram, host = result
+        return MemoryNeed(int(vram), int(host))
+
+    return adapter
+
+
+def engine_runner() -> Runner | None:
+    """The real training entry point, or None while `engine.runner` is not installed."""
+    try:
+        module = importlib.import_module("engine.runner")
+    except ImportError:
+        return None
+    return getattr(module, "run", None)
+
+
+def find_repo_presets() -> Path:
+    """presets/ next to the engine package (a source checkout or an editable install)."""
+    import engine
+
+    return Path(engine.__file__).resolve().parent.parent / "presets"
+
+
+@dataclass
+class Services:
+    probe: GpuProbe
+    runner: Runner | None
+    predict_memory: MemoryPredictor = _no_prediction
+    host_memory: Callable[[], HostMemory] = host_memory
+    presets_dir: Path = field(default_factory=find_repo_presets)
+    runs_dir: Path = Path("runs")
+    # Doctor entry point, swappable so snapshot tests can show a fixed report without decoding video.
+    inspect_datasets: Callable[..., Any] | None = None
+
+    def doctor(self) -> Callable[..., Any]:
+        if self.inspect_datasets is not None:
+            return self.inspect_datasets
+        from engine.data.doctor import inspect_datasets
+
+        return inspect_datasets
+
+
+def default_services(runs_dir: Path = Path("runs")) -> Services:
+    return Services(
+        probe=default_probe(),
+        runner=engine_runner(),
+        predict_memory=engine_memory_predictor(),
+        runs_dir=runs_dir,
+    )
+

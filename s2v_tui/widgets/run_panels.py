@@ -1,0 +1,146 @@
+"""The live panels shared by the Run and Attach screens: loss, throughput, GPU memory, host RAM, outputs, log.
+
+They repaint only from a `RunSnapshot` plus the latest hardware readings, called by the screen's timer at a
+few hertz; nothing here listens to the engine. Sparklines get new lists, never mutated ones.
+"""
+from __future__ import annotations
+
+from statistics import fmean
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widget import Widget
+from textual.widgets import Log, Sparkline, Static
+
+from engine.gpu import GpuSnapshot, HostMemory
+
+from s2v_tui.fmt import duration, gib, number
+from s2v_tui.run_model import RunSnapshot
+
+STATUS_STYLE = {"running": "bold green", "completed": "bold cyan", "stopped": "bold yellow",
+                "failed": "bold red", "idle": "dim"}
+
+
+def _mean(values) -> float:
+    return fmean(values) if values else 0.0
+
+
+class RunPanels(Widget):
+    DEFAULT_CSS = """
+    RunPanels { height: 1fr; }
+    RunPanels #run-status { height: 1; padding: 0 1; }
+    RunPanels .row { height: 6; }
+    RunPanels .panel { border: round $primary-darken-1; padding: 0 1; height: 6; }
+    RunPanels .panel Static { text-wrap: nowrap; text-overflow: ellipsis; }
+    RunPanels #loss-panel { width: 1fr; }
+    RunPanels #speed-panel { width: 30; }
+    RunPanels #gpu-panel { width: 1fr; }
+    RunPanels #out-panel { width: 1fr; }
+    RunPanels Sparkline { height: 2; margin: 0; }
+    RunPanels #loss-smooth { height: 1; }
+    RunPanels #run-log { height: 1fr; min-height: 3; border: round $primary-darken-1; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:  # noqa: A002 - Textual's own name
+        super().__init__(id=id)
+        self._painted = -1
+        self._painted_hw: object = None
+        self._log_seen = 0
+
+    def compose(self) -> ComposeResult:
+        yield Static("no run yet", id="run-status", markup=True)
+        with Horizontal(classes="row"):
+            with Vertical(id="loss-panel", classes="panel") as loss:
+                loss.border_title = "loss"
+                yield Sparkline([], id="loss-raw", summary_function=_mean)
+                yield Sparkline([], id="loss-smooth", summary_function=_mean)
+                yield Static("-", id="loss-values")
+            with Vertical(id="speed-panel", classes="panel") as speed:
+                speed.border_title = "throughput"
+                yield Static("-", id="speed")
+        with Horizontal(classes="row"):
+            with Vertical(id="gpu-panel", classes="panel") as gpu:
+                gpu.border_title = "memory"
+                yield Static("-", id="gpu-memory")
+            with Vertical(id="out-panel", classes="panel") as out:
+                out.border_title = "outputs"
+                yield Static("-", id="outputs", markup=False)
+        log = Log(id="run-log", max_lines=2000, auto_scroll=True)
+        log.border_title = "log"
+        yield log
+
+    def reset(self) -> None:
+        """Forget what was painted (another run is about to be shown)."""
+        self._painted = -1
+        self._painted_hw = None
+        self._log_seen = 0
+        self.query_one("#run-log", Log).clear()
+
+    def paint(self, snap: RunSnapshot, gpus: tuple[GpuSnapshot, ...], host: HostMemory | None) -> None:
+        if (gpus, host) != self._painted_hw or snap.version != self._painted:
+            self._paint_memory(snap, gpus, host)
+            self._painted_hw = (gpus, host)
+        if snap.version == self._painted:
+            return
+        self._painted = snap.version
+        style = STATUS_STYLE.get(snap.status, "")
+        where = f"  [dim]{snap.run_dir}[/]" if snap.run_dir else ""
+        reason = f" ({snap.reason})" if snap.reason and snap.status != "running" else ""
+        phase = f"  phase {snap.phase}" if snap.phase else ""
+        self.query_one("#run-status", Static).update(f"[{style}]{snap.status}[/]{reason}{phase}{where}")
+        self.query_one("#loss-raw", Sparkline).data = list(snap.losses)
+        self.query_one("#loss-smooth", Sparkline).data = list(snap.smoothed)
+        self.query_one("#loss-values", Static).update(
+            f"last {number(snap.last_loss)}  min {number(snap.min_loss)}  smooth {number(snap.last_smoothed)}")
+        self.query_one("#speed", Static).update(self._speed_text(snap))
+        self.query_one("#outputs", Static).update(self._outputs_text(snap))
+        self._paint_log(snap)
+
+    @staticmethod
+    def _speed_text(s: RunSnapshot) -> str:
+        pct = f" {100 * s.step / s.total_steps:.0f}%" if s.total_steps else ""
+        lines = [f"step {s.step}/{s.total_steps or '-'}{pct}",
+                 f"{number(s.s_per_step, 3)} s/step  {number(s.samples_per_s, 3)} samples/s",
+                 f"ETA {duration(s.eta_s)}  lr {number(s.lr, 3)}"]
+        if s.skipped_nonfinite:
+            lines.append(f"[yellow]{s.skipped_nonfinite} non-finite steps skipped[/]")
+        return "\n".join(lines)
+
+    @staticmethod
+    def _outputs_text(s: RunSnapshot) -> str:
+        """Paths relative to the run folder (shown on the status line) so they fit the panel."""
+        def rel(path: str) -> str:
+            if s.run_dir and path.startswith(s.run_dir.rstrip("/") + "/"):
+                return path[len(s.run_dir.rstrip("/")) + 1:]
+            return path
+
+        ckpt = f"{rel(s.checkpoint_path)} (step {s.checkpoint_step})" if s.checkpoint_path else "none yet"
+        samples = ", ".join(rel(p) for p in s.sample_paths) if s.sample_paths else "none yet"
+        lines = [f"checkpoint {ckpt}", f"samples {samples}"]
+        lines += [f"{fmt} {rel(path)}" for fmt, path in s.outputs]
+        return "\n".join(lines)
+
+    def _paint_memory(self, s: RunSnapshot, gpus: tuple[GpuSnapshot, ...], host: HostMemory | None) -> None:
+        lines = []
+        for g in gpus:
+            lines.append(f"GPU{g.index} used {gib(g.used_bytes)}/{gib(g.total_bytes)} GiB"
+                         f"  util {g.util_percent if g.util_percent is not None else '-'}%")
+        if not gpus:
+            lines.append("GPU: no NVML readings")
+        lines.append(f"run peak {gib(s.peak_alloc_bytes)} alloc, {gib(s.peak_reserved_bytes)} resv GiB")
+        if host is not None:
+            rss = f", run {gib(s.host_rss_bytes)}" if s.host_rss_bytes is not None else ""
+            lines.append(f"host {gib(host.used_bytes)}/{gib(host.total_bytes)} GiB{rss}")
+        self.query_one("#gpu-memory", Static).update("\n".join(lines))
+
+    def _paint_log(self, s: RunSnapshot) -> None:
+        log = self.query_one("#run-log", Log)
+        new = s.log_total - self._log_seen
+        if new <= 0:
+            if s.log_total < self._log_seen:  # a fresh model (new run): start over
+                log.clear()
+                log.write_lines(s.log)
+                self._log_seen = s.log_total
+            return
+        log.write_lines(s.log[-min(new, len(s.log)):])
+        self._log_seen = s.log_total

@@ -1,0 +1,285 @@
+"""Pilot tests of each screen at 80x24 with fake NVML, a fixed host reading and the fast fake engine."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_config, with_value
+from engine.gpu_fake import GIB
+from s2v_tui.app import build_app
+from s2v_tui.fake_engine import FakeEngine, fixed_clock
+from s2v_tui.screens.dialogs import ConfirmQuit, ConfirmStop, ErrorReport
+from s2v_tui.session import start_session
+from s2v_tui.services import MemoryNeed
+from s2v_tui.testing import fake_services, fixed_doctor
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = (80, 24)
+pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async tests (no pytest-asyncio needed)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def presets_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    shutil.copy(REPO / "presets" / "base.toml", folder / "base.toml")
+    (folder / "24gb.toml").write_text('extends = "base.toml"\n[memory]\nblock_offload = true\n')
+    (folder / "80gb.toml").write_text('extends = "base.toml"\n[memory]\ngradient_checkpointing = false\n')
+    return folder
+
+
+def make_app(tmp_path: Path, presets_dir: Path, *, datasets: bool = True, start_mode: str = "dataset", **kw):
+    services = fake_services(tmp_path, presets_dir=presets_dir, **kw)
+    session = start_session(None, presets_dir)
+    session.config = with_value(session.config, "output.run_dir", str(tmp_path / "runs"))
+    if datasets:
+        session.config = with_value(session.config, "data.datasets", [{"path": str(tmp_path / "clips")}])
+    return build_app(services, session, start_mode=start_mode)
+
+
+async def settle(app, pilot) -> None:
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+# -- Dataset ---------------------------------------------------------------------------------------------------
+
+async def test_dataset_blocking_problem_disables_train(tmp_path, presets_dir):
+    app = make_app(tmp_path, presets_dir, doctor=fixed_doctor(blocking=True))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        screen = app.screen
+        assert screen.query_one("#clips").row_count == 4
+        assert "1 blocking" in str(screen.query_one("#summary").render())
+        problems = str(screen.query_one("#problems").render())
+        assert "too-few-frames" in problems and "fix: use clips of at least 5 s" in problems
+        assert screen.query_one("#train").disabled
+        await pilot.press("ctrl+t")  # refused: nothing starts
+        await settle(app, pilot)
+        assert app.screen is screen and not app.training_active()
+
+
+async def test_dataset_clean_check_starts_training(tmp_path, presets_dir):
+    app = make_app(tmp_path, presets_dir, doctor=fixed_doctor(blocking=False))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        assert not app.screen.query_one("#train").disabled
+        await pilot.click("#train")
+        await settle(app, pilot)
+        await pilot.pause()
+        assert type(app.screen).__name__ == "RunScreen"
+        snap = app.screen.model.snapshot()
+        assert snap.status == "completed" and snap.step == 20
+
+
+async def test_dataset_real_doctor_on_synthetic_clip(tmp_path, presets_dir):
+    from engine.data.synth import make_talking_clip
+
+    make_talking_clip(tmp_path / "clips", "tiny", size=(64, 48), duration_s=1.0, use_espeak=False)
+    app = make_app(tmp_path, presets_dir)  # the real doctor
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        problems = str(app.screen.query_one("#problems").render())
+        assert "tiny-resolution" in problems and "too-few-frames" in problems
+        assert app.screen.query_one("#train").disabled
+        assert app.session.dataset_blocking
+
+
+# -- Presets ---------------------------------------------------------------------------------------------------
+
+async def test_presets_show_gpus_and_not_measured(tmp_path, presets_dir):
+    app = make_app(tmp_path, presets_dir, gpus=2, start_mode="presets")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        app.screen.repaint()
+        gpus = app.screen.query_one("#gpus")
+        assert gpus.row_count == 2
+        assert [str(c) for c in gpus.get_row_at(1)][:5] == ["1", "NVIDIA H100 80GB HBM3", "80.0", "22.0", "58.0"]
+        presets = app.screen.query_one("#presets")
+        assert presets.row_count == 3
+        assert all("not measured yet" in str(presets.get_row_at(i)[2]) for i in range(3))
+        assert "nothing is recommended" in str(app.screen.query_one("#preset-note").render())
+
+
+async def test_presets_no_driver_takes_typed_vram_and_recommends(tmp_path, presets_dir):
+    needs = {"24gb": MemoryNeed(22 * GIB, 64 * GIB), "80gb": MemoryNeed(70 * GIB, 32 * GIB)}
+
+    def predict(config):  # keyed on the switches that tell the two presets apart
+        if config.memory.block_offload:
+            return needs["24gb"]
+        if not config.memory.gradient_checkpointing:
+            return needs["80gb"]
+        return None
+
+    app = make_app(tmp_path, presets_dir, no_driver=True, predict=predict, start_mode="presets")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        app.screen.repaint()
+        assert "No GPU readings: no NVIDIA driver" in str(app.screen.query_one("#no-driver").render())
+        assert not app.screen.query_one("#gpus").display
+        app.screen.query_one("#vram").focus()
+        await pilot.press("4", "8")
+        await pilot.pause()
+        rows = {str(r[1]): r for r in (app.screen.query_one("#presets").get_row_at(i) for i in range(3))}
+        assert any("24gb (recommended)" in name for name in rows)
+        app.session.vram_override_gb = 80
+        app.screen._painted_version = -1
+        app.screen.repaint()
+        names = [str(app.screen.query_one("#presets").get_row_at(i)[1]) for i in range(3)]
+        assert any("80gb (recommended)" in name for name in names)
+        assert not any("24gb (recommended)" in name for name in names)
+
+
+async def test_presets_use_keeps_datasets(tmp_path, presets_dir):
+    app = make_app(tmp_path, presets_dir, start_mode="presets")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        table = app.screen.query_one("#presets")
+        table.focus()
+        table.move_cursor(row=0)  # 24gb (sorted by name)
+        await pilot.press("u")
+        assert app.session.preset_path.name == "24gb.toml"
+        assert app.session.config.memory.block_offload
+        assert app.session.config.data.datasets[0].path == str(tmp_path / "clips")
+
+
+# -- Config ----------------------------------------------------------------------------------------------------
+
+async def test_config_inline_errors_save_and_diff(tmp_path, presets_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "mine.toml"
+    target.write_text('# my run, keep this comment\nextends = "presets/base.toml"\n\n[optim]\nlr = 0.0001 # peak\n')
+    app = make_app(tmp_path, presets_dir, start_mode="config")
+    app.session.config_path = target
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#topics").active = "topic-optimisation"
+        await pilot.pause()
+        lr = screen.query_one("#f-optim--lr")
+        lr.value = "fast"
+        await pilot.pause()
+        error = screen.query_one("#err-f-optim--lr")
+        assert "is not a value of this type" in str(error.render()) and error.has_class("shown")
+        lr.value = "-1"
+        await pilot.pause()
+        assert "must be greater than 0" in str(error.render())
+        assert "problem" in str(screen.query_one("#config-status").render())
+        await pilot.press("ctrl+s")  # refused while invalid
+        assert "lr = 0.0001 # peak" in target.read_text()
+        lr.value = "0.0002"
+        await pilot.pause()
+        assert not error.has_class("shown")
+        assert app.session.config.optim.lr == 0.0002
+        screen.query_one("#save-path").value = str(target)
+        await pilot.press("ctrl+s")
+        text = target.read_text()
+        assert "# my run, keep this comment" in text and "lr = 0.0002" in text
+        assert load_config(target).optim.lr == 0.0002
+        await pilot.press("ctrl+d")
+        assert "optim.lr: 0.0001 -> 0.0002" in str(screen.query_one("#diff").render())
+
+
+# -- Run -------------------------------------------------------------------------------------------------------
+
+async def test_run_steps_advance_and_stop_checkpoints(tmp_path, presets_dir):
+    engine = FakeEngine(steps=100, hold_at_step=8, clock=fixed_clock())
+    app = make_app(tmp_path, presets_dir, engine=engine, start_mode="run")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("s")
+        assert engine.started.wait(10)
+        for _ in range(50):  # the engine holds at step 8 until stopped
+            await pilot.pause(0.05)
+            if app.screen.model.snapshot().step == 7:
+                break
+        snap = app.screen.model.snapshot()
+        assert snap.status == "running" and snap.step == 7 and len(snap.losses) == 7
+        await pilot.press("x")
+        assert isinstance(app.screen, ConfirmStop)
+        await pilot.click("#answer-stop")
+        await settle(app, pilot)
+        snap = app.screen.model.snapshot()
+        assert snap.status == "stopped"
+        assert Path(snap.checkpoint_path).is_dir() and snap.checkpoint_step == 7
+        assert "checkpoint (stop) at step 7" in "\n".join(snap.log)
+
+
+async def test_quit_during_run_asks_then_stops_with_checkpoint(tmp_path, presets_dir):
+    engine = FakeEngine(steps=100, hold_at_step=3, clock=fixed_clock())
+    app = make_app(tmp_path, presets_dir, engine=engine, start_mode="run")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("s")
+        assert engine.started.wait(10)
+        await pilot.press("ctrl+q")
+        assert isinstance(app.screen, ConfirmQuit)
+        await pilot.press("escape")  # keep training
+        assert app.training_active()
+        await pilot.press("ctrl+q")
+        await pilot.click("#answer-stop")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+    assert app.return_code == 0
+    assert (tmp_path / "runs" / "s2v-lora" / "checkpoints" / "step_000002").is_dir()
+
+
+async def test_engine_failure_shows_modal_and_writes_train_log(tmp_path, presets_dir):
+    engine = FakeEngine(steps=10, fail_at_step=4, clock=fixed_clock())
+    app = make_app(tmp_path, presets_dir, engine=engine, start_mode="run")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("s")
+        await settle(app, pilot)
+        assert isinstance(app.screen, ErrorReport)
+        run_dir = tmp_path / "runs" / "s2v-lora"
+        assert str(run_dir) in str(app.screen.query_one("#error-run-dir").render())
+        log = (run_dir / "train.log").read_text()
+        assert "RuntimeError: fake engine failure at step 4" in log and "Traceback" in log
+        await pilot.press("escape")
+        assert app.screen.model.snapshot().status == "failed"
+
+
+async def test_start_refused_without_dataset(tmp_path, presets_dir):
+    app = make_app(tmp_path, presets_dir, datasets=False, start_mode="run")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("s")
+        await pilot.pause()
+        assert not app.training_active()
+        assert "no dataset is given" in app.screen.start_refusal()
+
+
+async def test_hangup_leaves_run_going(tmp_path, presets_dir):
+    engine = FakeEngine(steps=100, hold_at_step=3, clock=fixed_clock())
+    app = make_app(tmp_path, presets_dir, engine=engine, start_mode="run")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("s")
+        assert engine.started.wait(10)
+        run_screen = app.screen
+        app.hangup()
+        await pilot.pause()
+        assert app.hung_up and not run_screen.stop_event.is_set()
+        run_screen.stop_event.set()  # let the held fake engine finish so the test ends
+
+
+async def test_command_palette_lists_screen_actions(tmp_path, presets_dir):
+    app = make_app(tmp_path, presets_dir, start_mode="run")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert any(t.startswith("Start") for t in titles)
+        assert any(t.startswith("Dataset") for t in titles) and any(t.startswith("Runs") for t in titles)
+
+
+def test_animation_off_and_no_color_respected(tmp_path, presets_dir, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app(tmp_path, presets_dir)
+    assert app.animation_level == "none"
+    assert app.no_color
