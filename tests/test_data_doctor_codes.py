@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from engine.data import problems, synth_broken
-from engine.data.discover import DatasetSpec
 from engine.data.doctor import DoctorSettings, inspect_datasets
 from s2v_tui import check_cmd
 

@@ -13,7 +13,7 @@ def _indices(frames: np.ndarray) -> list[int]:
     return [synth.read_frame_index(f) for f in frames]
 
 
-@pytest.mark.parametrize("fps", [30, 25, 12])
+@pytest.mark.parametrize("fps", [60, 30, 25, 12])
 def test_frames_picked_by_timestamp(tmp_path, fps):
     clip = synth.make_talking_clip(tmp_path, f"src{fps}", fps=fps, duration_s=6.0, stamp_index=True,
                                    audio="none", use_espeak=False)
@@ -54,8 +54,7 @@ def test_variable_rate_source_by_timestamp(tmp_path):
 def test_resize_and_crop_to_bucket(tmp_path):
     clip = synth.make_talking_clip(tmp_path, "wide", size=(128, 48), audio="none", use_espeak=False)
     crop = crop_for(128, 48, Bucket(64, 32))
-    t = media.FrameTransform(**vars(crop))
-    frames = media.decode_frames(clip.video, [0.0, 0.5], t)
+    frames = media.decode_frames(clip.video, [0.0, 0.5], crop)
     assert frames.shape == (2, 32, 64, 3) and frames.dtype == np.uint8
 
 
@@ -115,3 +114,17 @@ def test_mpeg4_video_decodes(tmp_path):
                                    use_espeak=False)
     got = _indices(media.decode_frames(clip.video, np.arange(10) / 16))
     assert got == [k * 25 // 16 for k in range(10)]
+
+
+@pytest.mark.parametrize("ext,codec,acodec,rate", [("avi", "mpeg4", "pcm_s16le", 16000),
+                                                   ("mov", "h264", "pcm_s16le", 16000),
+                                                   ("webm", "libvpx-vp9", "libopus", 48000),
+                                                   ("m4v", "h264", "aac", 16000)])
+def test_other_containers(tmp_path, ext, codec, acodec, rate):
+    frames = synth.render_faces(np.zeros(40), 64, 48, stamp_index=True)
+    path = synth.write_video(tmp_path / f"c.{ext}", frames, 25, codec=codec, audio_codec=acodec, audio_rate=rate,
+                             audio=synth.speech_like_audio(1.6, rate))
+    found = scan.scan_media(path)
+    assert found.timing.mean_fps == pytest.approx(25) and found.timing.video_duration_s == pytest.approx(1.6)
+    assert found.audio_end_s == pytest.approx(1.6, abs=0.01) and found.levels_db.size > 50
+    assert _indices(media.decode_frames(path, np.arange(20) / 16)) == [k * 25 // 16 for k in range(20)]

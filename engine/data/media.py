@@ -20,6 +20,7 @@ import av
 import numpy as np
 
 from engine.data.problems import DataError, make_problem
+from engine.data.windows import CropPlan
 
 MODEL_AUDIO_RATE = 16000
 # Timestamps in containers are rounded to their time base (1 ms in Matroska); this absorbs that rounding
@@ -75,6 +76,14 @@ def _open(path: Path) -> av.container.InputContainer:
         raise DataError(make_problem("corrupt-container", path, f"PyAV cannot read it: {exc}")) from exc
 
 
+def require_decoder(stream, path: Path):
+    """The stream's codec context; PyAV gives none when FFmpeg has no decoder for the codec."""
+    if stream.codec_context is None:
+        raise DataError(make_problem("unsupported-codec", path,
+                                     f"the {stream.type} codec is unknown to this build of PyAV/FFmpeg"))
+    return stream.codec_context
+
+
 def _seconds(value: int | None, time_base) -> float | None:
     if value is None or time_base is None:
         return None
@@ -88,10 +97,7 @@ def probe(path: Path | str) -> MediaInfo:
         video = audio = None
         if container.streams.video:
             vs = container.streams.video[0]
-            ctx = vs.codec_context
-            if ctx is None:
-                raise DataError(make_problem("unsupported-codec", path,
-                                             "the video codec is unknown to this build of PyAV/FFmpeg"))
+            ctx = require_decoder(vs, path)
             rate = vs.average_rate or vs.guessed_rate or vs.base_rate
             video = VideoInfo(codec=ctx.name, width=ctx.width, height=ctx.height,
                               rate=float(rate) if rate else None,
@@ -99,10 +105,7 @@ def probe(path: Path | str) -> MediaInfo:
                               duration_s=_seconds(vs.duration, vs.time_base))
         if container.streams.audio:
             aus = container.streams.audio[0]
-            ctx = aus.codec_context
-            if ctx is None:
-                raise DataError(make_problem("unsupported-codec", path,
-                                             "the audio codec is unknown to this build of PyAV/FFmpeg"))
+            ctx = require_decoder(aus, path)
             audio = AudioInfo(codec=ctx.name, sample_rate=ctx.sample_rate, channels=ctx.channels,
                               start_s=_seconds(aus.start_time, aus.time_base) or 0.0,
                               duration_s=_seconds(aus.duration, aus.time_base))
@@ -122,39 +125,28 @@ def source_frame_indices(source_times: np.ndarray, target_times: np.ndarray) -> 
     return np.clip(idx, 0, len(source_times) - 1)
 
 
-@dataclass(frozen=True)
-class FrameTransform:
-    """Scale to (resize_w, resize_h) then keep the box (left, top, width, height); see windows.crop_for."""
-
-    resize_w: int
-    resize_h: int
-    left: int
-    top: int
-    width: int
-    height: int
-
-
-def _to_rgb(frame: av.VideoFrame, transform: FrameTransform | None) -> np.ndarray:
+def _to_rgb(frame: av.VideoFrame, crop: CropPlan | None) -> np.ndarray:
     rotation = getattr(frame, "rotation", 0) or 0
-    if transform is None:
+    if crop is None:
         img = frame.to_ndarray(format="rgb24")
     else:
         # Phone clips store portrait video as landscape plus a rotation: scale in stored orientation.
-        rw, rh = (transform.resize_h, transform.resize_w) if rotation % 180 else (transform.resize_w,
-                                                                                    transform.resize_h)
+        rw, rh = (crop.resize_h, crop.resize_w) if rotation % 180 else (crop.resize_w,
+                                                                                    crop.resize_h)
         img = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA").to_ndarray()
     if rotation % 360:
         # Display matrix rotation is counter-clockwise in degrees; np.rot90 turns counter-clockwise too.
         img = np.rot90(img, k=int(rotation // 90) % 4)
-    if transform is not None:
-        img = img[transform.top:transform.top + transform.height, transform.left:transform.left + transform.width]
+    if crop is not None:
+        img = img[crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
     return np.ascontiguousarray(img)
 
 
 def decode_frames(path: Path | str, times_s: np.ndarray | list[float],
-                  transform: FrameTransform | None = None) -> np.ndarray:
+                  crop: CropPlan | None = None) -> np.ndarray:
     """Decode the frames on screen at the given times (seconds, time 0 = first frame), sorted ascending.
 
+    With `crop` (windows.crop_for), each frame is scaled to cover the bucket and cropped to it.
     Returns uint8 [N, H, W, 3]. A source frame chosen by several targets (a 12 fps source at 16 fps) is
     converted once and repeated; frames between targets are decoded but never converted.
     """
@@ -188,7 +180,7 @@ def decode_frames(path: Path | str, times_s: np.ndarray | list[float],
                     if prev is None:  # target before the first decoded frame: show the first one
                         prev = frame
                     if prev_img is None:
-                        prev_img = _to_rgb(prev, transform)
+                        prev_img = _to_rgb(prev, crop)
                     out[next_i] = prev_img
                     next_i += 1
                 if next_i >= times.size:
@@ -200,7 +192,7 @@ def decode_frames(path: Path | str, times_s: np.ndarray | list[float],
             raise DataError(make_problem("corrupt-container", path, "no video frame could be decoded"))
         while next_i < times.size:  # targets at or after the last frame show the last frame
             if prev_img is None:
-                prev_img = _to_rgb(prev, transform)
+                prev_img = _to_rgb(prev, crop)
             out[next_i] = prev_img
             next_i += 1
     return np.stack(out)  # type: ignore[arg-type]
@@ -237,8 +229,7 @@ def decode_audio(path: Path | str, start_s: float = 0.0, duration_s: float | Non
         if not container.streams.audio:
             raise DataError(make_problem("no-audio-stream", path))
         aus = container.streams.audio[0]
-        if aus.codec_context is None:
-            raise DataError(make_problem("unsupported-codec", path, "the audio codec is unknown"))
+        require_decoder(aus, path)
         if container.streams.video:
             vs = container.streams.video[0]
             zero = (vs.start_time or 0) * float(vs.time_base)

@@ -40,10 +40,6 @@ class WindowSample:
         return self.frames[self.window.motion_frames:]
 
 
-def _transform(crop: CropPlan) -> media.FrameTransform:
-    return media.FrameTransform(crop.resize_w, crop.resize_h, crop.left, crop.top, crop.width, crop.height)
-
-
 def load_reference_image(path: Path, crop: CropPlan) -> np.ndarray:
     """A still image (png, jpg, webp...) read with PyAV and brought to the clip's bucket."""
     from engine.data.windows import Bucket, crop_for
@@ -52,20 +48,19 @@ def load_reference_image(path: Path, crop: CropPlan) -> np.ndarray:
     h, w = frames.shape[1:3]
     # Same bucket as the clip; the image may have another size, so its own cover-and-centre-crop.
     plan = crop_for(w, h, Bucket(crop.width, crop.height), "center", random.Random(0))
-    return media.decode_frames(path, [0.0], _transform(plan))[0]
+    return media.decode_frames(path, [0.0], plan)[0]
 
 
 def load_window(clip: ClipSource, window: Window, crop: CropPlan, reference_frame: int = 0, *,
                 allow_silent_audio: bool = False, fps: int = MODEL_FPS) -> WindowSample:
     """Decode one window. Without audio it raises (naming the file) unless silent audio is allowed."""
     times = window.frame_times_s(fps)
-    transform = _transform(crop)
-    frames = media.decode_frames(clip.video, times, transform)
+    frames = media.decode_frames(clip.video, times, crop)
     if clip.reference_image is not None:
         reference = load_reference_image(clip.reference_image, crop)
         ref_source = str(clip.reference_image)
     else:
-        reference = media.decode_frames(clip.video, [reference_frame / fps], transform)[0]
+        reference = media.decode_frames(clip.video, [reference_frame / fps], crop)[0]
         ref_source = f"frame {reference_frame}"
     start_s, end_s = window.audio_span_s(fps)
     n_samples = round((end_s - start_s) * media.MODEL_AUDIO_RATE)

@@ -14,7 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from engine.data.media import _open
+from engine.data.media import _open, require_decoder
 from engine.data.problems import DataError, make_problem
 
 
@@ -116,12 +116,9 @@ def scan_media(path: Path | str, *, audio_levels: bool = True, block_s: float = 
     with _open(path) as container:
         vs = container.streams.video[0] if container.streams.video else None
         aus = container.streams.audio[0] if container.streams.audio else None
-        if vs is not None and vs.codec_context is None:
-            raise DataError(make_problem("unsupported-codec", path, "the video codec is unknown"))
-        if aus is not None and aus.codec_context is None:
-            raise DataError(make_problem("unsupported-codec", path, "the audio codec is unknown"))
         for stream in (vs, aus):
             if stream is not None:
+                require_decoder(stream, path)
                 # One decoder thread: we decode a single video frame, and threaded decoders cost more to
                 # start than that frame; the doctor runs files in parallel instead.
                 stream.codec_context.thread_count = 1
