@@ -125,6 +125,10 @@ def source_frame_indices(source_times: np.ndarray, target_times: np.ndarray) -> 
     return np.clip(idx, 0, len(source_times) - 1)
 
 
+# decode_frames takes the bucket's CropPlan itself; this name stays for callers written against it.
+FrameTransform = CropPlan
+
+
 def _to_rgb(frame: av.VideoFrame, crop: CropPlan | None) -> np.ndarray:
     rotation = getattr(frame, "rotation", 0) or 0
     if crop is None:
