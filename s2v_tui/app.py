@@ -17,6 +17,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
+from engine.events import RunEnded
 from engine.gpu import GpuSnapshot, HostMemory
 
 from s2v_tui.screens.attach import AttachScreen
@@ -123,6 +124,14 @@ class S2VApp(App[int]):
             done(worker)
         if event.state == WorkerState.ERROR and worker.group != READINGS_GROUP:
             self._report_failure(worker, context)
+        elif event.state == WorkerState.SUCCESS and isinstance(worker.result, RunEnded) \
+                and worker.result.status == "failed":
+            # The engine catches its own failures, writes the traceback to train.log and returns the reason.
+            run_dir = context.run_dir if context else None
+            log_path = run_dir / "train.log" if run_dir is not None else None
+            self.push_screen(ErrorReport("training failed", worker.result.reason or "the run failed",
+                                         str(run_dir) if run_dir else None,
+                                         str(log_path) if log_path and log_path.exists() else None))
         if self._quit_when_idle and not self.training_active():
             self.exit(0)
 

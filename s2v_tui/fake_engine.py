@@ -31,7 +31,7 @@ class FakeEngine:
 
     def __init__(self, steps: int | None = None, step_delay_s: float = 0.0, fail_at_step: int | None = None,
                  clock: Callable[[], float] = time.time, checkpoint_every: int = 0,
-                 hold_at_step: int | None = None, seed: int = 0) -> None:
+                 hold_at_step: int | None = None, seed: int = 0, host: str | None = None) -> None:
         self.steps = steps
         self.step_delay_s = step_delay_s
         self.fail_at_step = fail_at_step
@@ -39,6 +39,7 @@ class FakeEngine:
         self.checkpoint_every = checkpoint_every
         self.hold_at_step = hold_at_step
         self.seed = seed
+        self.host = host  # None = this machine's name; snapshots pass a fixed one
         self.started = threading.Event()  # set once RunStarted is out: tests wait on it instead of sleeping
 
     def __call__(self, config: Config, subscribers: Sequence[Subscriber], stop_event: threading.Event,
@@ -58,7 +59,8 @@ class FakeEngine:
         total = self.steps or config.optim.max_steps
         ts = self.clock
         bus.emit(RunStarted(run_dir=str(run_dir), config_hash=config.config_hash(), total_steps=total,
-                            name=config.output.name, device="cpu (fake engine)", ts=ts()))
+                            name=config.output.name, device="cpu (fake engine)", ts=ts(),
+                            **({"host": self.host} if self.host is not None else {})))
         self.started.set()
         bus.emit(PhaseChanged(phase="train", detail=f"{total} steps", ts=ts()))
         bus.emit(LogLine(level="info", message="fake engine: no model is loaded", ts=ts()))

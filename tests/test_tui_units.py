@@ -1,0 +1,112 @@
+"""The TUI's pieces without a running app: run model, bridge coalescing, runs index, entry points."""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+
+import pytest
+
+from engine.config import Config
+from engine.events import CheckpointSaved, LogLine, RunEnded, RunStarted, StepEnd
+from s2v_tui import tui_main
+from s2v_tui.bridge import EventBridge, EventsPending
+from s2v_tui.fake_engine import FakeEngine, fixed_clock
+from s2v_tui.presets_logic import recommend
+from s2v_tui.run_model import LOSS_HISTORY, RunModel
+from s2v_tui.runs_index import list_runs, summarise
+from s2v_tui.services import engine_memory_predictor
+
+
+def step(n: int, loss: float = 0.5) -> StepEnd:
+    return StepEnd(step=n, total_steps=100, epoch=0, loss=loss, loss_smooth=loss, lr=1e-4, s_per_step=2.0,
+                   samples_per_s=0.5, eta_s=(100 - n) * 2.0, ts=0.0)
+
+
+def test_run_model_accumulates_and_snapshots_are_copies():
+    model = RunModel()
+    model.apply(RunStarted(run_dir="runs/a", config_hash="x", total_steps=100, ts=0.0))
+    for n in range(1, LOSS_HISTORY + 10):
+        model.apply(step(n, loss=1.0 / n))
+    model.apply(step(LOSS_HISTORY + 10, loss=math.nan))  # skipped step: counted, not drawn
+    snap = model.snapshot()
+    assert len(snap.losses) == LOSS_HISTORY and snap.min_loss == pytest.approx(1.0 / (LOSS_HISTORY + 9))
+    assert snap.step == LOSS_HISTORY + 10 and snap.status == "running"
+    model.apply(CheckpointSaved(step=5, path="runs/a/ck", reason="stop", ts=0.0))
+    model.apply(RunEnded(status="stopped", reason="user", ts=0.0))
+    assert snap.checkpoint_path == "" and snap.status == "running"  # the old snapshot did not change
+    later = model.snapshot()
+    assert later.status == "stopped" and later.checkpoint_step == 5 and later.version > snap.version
+
+
+class _Target:
+    """Stands in for a Textual node: collects posted messages, as its queue would before coalescing."""
+
+    def __init__(self) -> None:
+        self.messages: list = []
+
+    def post_message(self, message) -> bool:
+        self.messages.append(message)
+        return True
+
+
+def test_bridge_coalesces_notifications_but_loses_no_event():
+    target = _Target()
+    bridge = EventBridge(target)
+    thread = threading.Thread(target=lambda: [bridge(step(n)) for n in range(1, 1001)])
+    thread.start()
+    thread.join()
+    first, second = target.messages[0], target.messages[1]
+    assert isinstance(first, EventsPending) and first.can_replace(second)
+    assert not first.can_replace(EventsPending(EventBridge(target)))  # another bridge's news stays
+    assert [e.step for e in bridge.drain()] == list(range(1, 1001))
+    assert bridge.drain() == []
+
+
+def test_fake_engine_obeys_the_runner_contract(tmp_path):
+    stop = threading.Event()
+    seen = []
+    engine = FakeEngine(steps=10, clock=fixed_clock())
+
+    def subscriber(event):
+        seen.append(event)
+        if isinstance(event, StepEnd) and event.step == 4:
+            stop.set()
+
+    end = engine(Config(), [subscriber], stop, run_dir=tmp_path / "r")
+    assert end.status == "stopped"
+    assert [e.step for e in seen if isinstance(e, StepEnd)] == [1, 2, 3, 4]
+    saved = [e for e in seen if isinstance(e, CheckpointSaved)]
+    assert saved[-1].reason == "stop" and saved[-1].step == 4
+    summary = summarise(tmp_path / "r")
+    assert summary.status == "stopped" and summary.step == 4 and summary.total_steps == 10
+
+
+def test_runs_index_tells_a_dead_run_from_a_live_one(tmp_path):
+    from engine.events import JsonlEventWriter
+
+    with JsonlEventWriter(tmp_path / "dead") as w:
+        w(RunStarted(run_dir=str(tmp_path / "dead"), config_hash="x", total_steps=9, pid=2**22 + 12345))
+        w(step(3))
+    with JsonlEventWriter(tmp_path / "live") as w:
+        w(RunStarted(run_dir=str(tmp_path / "live"), config_hash="x", total_steps=9))
+        w(LogLine(level="info", message="hi"))
+    runs = {r.run_dir.name: r for r in list_runs(tmp_path)}
+    assert runs["dead"].status == "gone" and runs["dead"].step == 3
+    assert runs["live"].status == "running"
+
+
+def test_recommend_needs_measurements():
+    assert recommend([]) is None
+
+
+def test_memory_predictor_says_unknown_without_engine_memory():
+    predict = engine_memory_predictor()
+    assert predict(Config()) is None or predict(Config()).vram_bytes > 0
+
+
+def test_main_tui_refuses_without_a_tty(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)
+    assert tui_main.main_tui([]) == 2
+    assert "--run" in capsys.readouterr().err
+    assert tui_main.main_attach(["runs/x"]) == 2
