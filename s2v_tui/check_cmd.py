@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=WindowSettings.stride, metavar="FRAMES",
                    help="frames between window starts at 16 fps (default %(default)s)")
     p.add_argument("--max-windows", type=int, metavar="N", help="at most N windows per clip")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR",
+                   help="count caption tokens exactly with this tokenizer folder (default: an estimate)")
     p.add_argument("--workers", type=int, metavar="N", help="parallel readers (default min(8, CPUs))")
     p.add_argument("--strict", action="store_true", help="exit non-zero on warnings too")
     p.add_argument("-v", "--verbose", action="store_true", help="always list every clip's plan")
@@ -56,8 +58,14 @@ def _settings(args: argparse.Namespace) -> DoctorSettings:
 
         frames = parse_fixed_bucket(bucket.fixed).frames or frames
     windows = WindowSettings(frames=frames, stride=args.stride, max_windows=args.max_windows)
+    counter = None
+    if args.tokenizer is not None:
+        from engine.data.caption_tokens import TokenizerCounter
+
+        counter = TokenizerCounter(args.tokenizer)
     return DoctorSettings(windows=windows, buckets=bucket, crop=args.crop, reference=args.reference,
-                          allow_silent_audio=args.allow_silent_audio, min_side=args.min_side, workers=args.workers)
+                          allow_silent_audio=args.allow_silent_audio, min_side=args.min_side, workers=args.workers,
+                          count_tokens=counter)
 
 
 def _exit_code(report: DoctorReport, strict: bool) -> int:

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine.data import problems, synth_broken
@@ -138,3 +139,26 @@ def test_stop_event_cancels_the_check(tmp_path):
     stop.set()
     report = inspect_datasets([tmp_path], DoctorSettings(min_side=40, workers=1), stop=stop)
     assert report.cancelled and len(report.clips) < 3
+
+
+def test_late_audio_start_is_a_duration_mismatch(tmp_path):
+    from engine.data import synth
+
+    synth.make_talking_clip(tmp_path, "late", audio="pcm", duration_s=6.0, audio_duration_s=5.0, use_espeak=False)
+    # Rewrite with the audio placed 1 s late on the container timeline.
+    frames = synth.render_faces(np.zeros(150), 64, 48)
+    synth.write_video(tmp_path / "late.mkv", frames, 25, audio=synth.speech_like_audio(5.0), audio_codec="pcm_s16le",
+                      audio_start_s=1.0)
+    report = inspect_datasets([tmp_path], DoctorSettings(min_side=40))
+    (p,) = report.all_problems
+    assert p.code == "duration-mismatch" and "starts 1.00 s after" in p.message
+
+
+def test_exact_token_count_with_a_tokenizer_folder(tmp_path, capsys):
+    from engine.models.tiny import _write_tokenizer  # the tiny model's tokenizer alone, without weights
+
+    _write_tokenizer(tmp_path)
+    case = synth_broken.make_broken("caption-too-long", tmp_path / "case")
+    code, doc = run_check(capsys, [str(case.dataset), *case.args, "--tokenizer", str(tmp_path / "tokenizer")])
+    (hit,) = [p for p in reported(doc) if p["code"] == "caption-too-long"]
+    assert "about" not in hit["message"] and code == 0

@@ -9,12 +9,10 @@ Progress goes to a callback; the engine logs, it never prints.
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import pickle
 import random
-import re
 import threading
 import time
 import zlib
@@ -27,6 +25,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from engine.data import media
+from engine.data.caption_tokens import estimate_tokens
 from engine.data.discover import ClipSource, DatasetSpec, discover
 from engine.data.scan import MediaScan, scan_media
 from engine.data.problems import BLOCKING, WARNING, DataError, Problem, make_problem
@@ -140,22 +139,6 @@ class DoctorReport:
                 "clips": [c.to_dict() for c in self.clips]}
 
 
-_PIECE = re.compile(r"[A-Za-z]+|\d|[^\sA-Za-z\d]")
-
-
-def estimate_tokens(text: str) -> int:
-    """A generous stand-in for the UMT5 token count (plus end-of-sequence) when no tokenizer is loaded.
-
-    SentencePiece keeps common English words whole; counting one token per 4 ASCII letters, one per digit,
-    symbol or non-ASCII character errs on the long side, which is the safe side for a warning.
-    """
-    n = 0
-    for m in _PIECE.finditer(text):
-        s = m.group()
-        n += math.ceil(len(s) / 4) if s.isascii() and s.isalpha() else len(s)
-    return n + 1
-
-
 def _fingerprint(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -193,6 +176,7 @@ class _AudioFound:
     source: str
     path: Path
     levels_db: np.ndarray | None
+    start_s: float = 0.0  # start of the audio on the clip's timeline (embedded tracks may start late)
 
 
 def _audio_found(clip: ClipSource, video_scan: MediaScan, settings: DoctorSettings) -> _AudioFound:
@@ -202,7 +186,7 @@ def _audio_found(clip: ClipSource, video_scan: MediaScan, settings: DoctorSettin
         if video_scan.audio_end_s is None:
             return _AudioFound(None, "none", clip.video, None)
         return _AudioFound(video_scan.audio_end_s - timing.video_start_s, "embedded track -> 16 kHz mono",
-                           clip.video, video_scan.levels_db)
+                           clip.video, video_scan.levels_db, video_scan.audio_start_s - timing.video_start_s)
     if not clip.audio.is_file():
         return _AudioFound(None, "missing", clip.audio, None)  # discovery already reported the metadata row
     info = media.probe(clip.audio)
@@ -301,6 +285,9 @@ def _plan(clip: ClipSource, settings: DoctorSettings, problems: list[Problem]) -
         if abs(audio.end_s - duration) > settings.duration_tolerance_s:
             problems.append(make_problem("duration-mismatch", audio.path, f"video {duration:.2f} s, audio "
                                          f"{audio.end_s:.2f} s; windows only where both exist"))
+        elif audio.start_s > settings.duration_tolerance_s:
+            problems.append(make_problem("duration-mismatch", audio.path, f"the audio starts {audio.start_s:.2f} s "
+                                         "after the first video frame; windows before that get silence"))
         duration = min(duration, audio.end_s)
         silent = _silence_check(audio.levels_db, audio.path, settings)
         if silent is not None:
