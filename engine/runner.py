@@ -1,0 +1,279 @@
+"""`run(config, subscribers, stop_event, run_dir=None) -> RunEnded`: one whole training job, any face.
+
+Phases: check -> cache -> load -> train -> export. Every event goes to the subscribers and to
+`run_dir/events.jsonl`; the engine's log goes to `run_dir/train.log` (and, as LogLine events, to the faces).
+The run folder holds a frozen copy of the resolved config: when it exists the run resumes with that copy (the
+config passed in is compared and a difference is reported), from the newest valid checkpoint.
+
+`run` never raises for a failed run: it returns (and emits) RunEnded(status="failed") with a reason written for
+a person; the traceback is in train.log. Only a broken call (e.g. a stop_event that is not an Event) raises.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import FROZEN_FILENAME, Config, ConfigError, read_frozen_config, validate_config
+from engine.config import diff as config_diff
+from engine.config import write_frozen_config
+from engine.events import (EventBus, JsonlEventWriter, LogRecordsToEvents, PhaseChanged, RunEnded, RunStarted,
+                           RunWarning, Subscriber)
+
+log = logging.getLogger(__name__)
+
+LOG_FILENAME = "train.log"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MEMORY_CLASSES_GB = (24, 32, 48, 80)
+
+
+class RunFailed(Exception):
+    """A failure whose message is already written for a person (no traceback needed in the summary)."""
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} {torch.cuda.get_device_name(device)}"
+    return str(device)
+
+
+def smaller_preset_hint(config: Config, device: torch.device) -> str:
+    """Name the VRAM preset one class below the memory this run had."""
+    if config.memory.vram_budget_gb > 0:
+        budget = config.memory.vram_budget_gb
+    elif device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory / 1e9
+    else:
+        budget = 0.0
+    current = [c for c in MEMORY_CLASSES_GB if c <= budget + 1]
+    below = [c for c in MEMORY_CLASSES_GB if current and c < current[-1]]
+    if below:
+        return (f"try presets/{below[-1]}gb.toml (the preset one memory class below this {budget:.0f} GB "
+                "budget), or lower data.resolution / optim.batch_size")
+    return "lower data.resolution, optim.batch_size or lora.rank, and keep memory.gradient_checkpointing on"
+
+
+# ---- the phases ------------------------------------------------------------------------------------------------
+def _resolve_config(config: Config, run_dir: Path, bus: EventBus) -> Config:
+    if not (run_dir / FROZEN_FILENAME).exists():
+        write_frozen_config(config, run_dir)
+        return config
+    frozen = read_frozen_config(run_dir)
+    changes = config_diff(frozen, config)
+    if changes:
+        keys = ", ".join(c.key for c in changes[:6]) + (" ..." if len(changes) > 6 else "")
+        bus.emit(RunWarning(code="config_differs", message=(
+            f"{run_dir} already holds a run; it resumes with its frozen {FROZEN_FILENAME}, not the config given "
+            f"now (they differ in {keys}). To train with the new settings, set another output.name")))
+    return frozen
+
+
+def _check(config: Config, bus: EventBus, have_dataset: bool) -> None:
+    from engine.train.switches import unsupported_switches
+
+    validate_config(config, "<run config>", require_data=not have_dataset)
+    problems = unsupported_switches(config)
+    if problems:
+        raise RunFailed("this preset asks for memory switches the engine does not have yet: " + "; ".join(problems))
+    if config.logging.tensorboard and not _installed("tensorboard"):
+        bus.emit(RunWarning(code="tensorboard_missing", message=(
+            "logging.tensorboard is on but the 'tensorboard' package is not installed: metrics are only in "
+            "events.jsonl (pip install tensorboard, or set logging.tensorboard = false)")))
+    if config.logging.wandb_project and not _installed("wandb"):
+        bus.emit(RunWarning(code="wandb_missing", message=(
+            "logging.wandb_project is set but the 'wandb' package is not installed: pip install wandb, "
+            "or set wandb_project = \"\"")))
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _cached_dataset(config: Config, bus: EventBus, device: torch.device):
+    """Fill the feature cache (only missing entries are computed) and open the dataset over it."""
+    try:
+        from engine.data.dataset import CachedDataset, fill_cache  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise RunFailed(
+            f"the feature cache is not available in this build ({exc}); engine/data/dataset.py must provide "
+            "fill_cache and the cached dataset"
+        ) from None
+    last = [0.0]
+
+    def progress(done: int = 0, total: int = 0, *args: Any, **kwargs: Any) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - last[0] >= 0.5 or (total and done >= total):  # at most 2 events/s: caching has many entries
+            last[0] = now
+            bus.emit(PhaseChanged(phase="cache", detail=f"{done}/{total}"))
+
+    fill_cache(config, progress, device)
+    return CachedDataset(config)
+
+
+def _load_model(config: Config, device: torch.device):
+    from engine.models.s2v_transformer import S2VTransformer3DModel
+    from engine.train.lora import add_lora
+    from engine.train.switches import apply_memory_switches
+
+    model = S2VTransformer3DModel.from_pretrained(
+        config.model.source, subfolder=config.model.transformer_subfolder or "transformer",
+        torch_dtype=_DTYPES[config.model.dtype], device=device,
+    )
+    lo = config.lora
+    add_lora(model, lo.rank, lo.alpha, lo.dropout, list(lo.targets), lo.init, config.train.seed)
+    for line in apply_memory_switches(model, config, device):
+        log.info("memory: %s", line)
+    return model
+
+
+def _export(config: Config, model, trainer, run_dir: Path, config_hash: str) -> dict[str, str]:
+    from engine.train.lora import get_lora_state, lora_metadata, native_reference_modules, save_lora
+
+    if trainer.ema:
+        trainer.ema.swap()  # export the averaged weights
+    if hasattr(trainer.optimizer, "eval"):
+        trainer.optimizer.eval()  # schedule-free: the evaluation weights are the ones to keep
+    state = get_lora_state(model)
+    lo = config.lora
+    outputs = {}
+    for layout in config.output.formats:
+        meta = lora_metadata(config.model.source, lo.rank, lo.alpha, trainer.step, config_hash, layout,
+                             list(lo.targets), {"ema": str(bool(trainer.ema))})
+        path = run_dir / f"{config.output.name}_{layout}.safetensors"
+        modules = native_reference_modules(model) if layout == "native" else None
+        save_lora(path, state, layout, meta, lo.alpha, modules)
+        outputs[layout] = str(path)
+        log.info("exported the LoRA (%s layout) to %s", layout, path)
+    return outputs
+
+
+# ---- logging plumbing ------------------------------------------------------------------------------------------
+class _NotMetrics(logging.Filter):
+    # Step metric lines go to train.log only: the faces already show every StepEnd event.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("engine.train.metrics")
+
+
+def _attach_logging(run_dir: Path, bus: EventBus) -> Callable[[], None]:
+    engine_log = logging.getLogger("engine")
+    previous_level = engine_log.level
+    if engine_log.getEffectiveLevel() > logging.INFO:
+        engine_log.setLevel(logging.INFO)
+    file_handler = logging.FileHandler(run_dir / LOG_FILENAME, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_events = LogRecordsToEvents(bus)
+    to_events.addFilter(_NotMetrics())
+    engine_log.addHandler(file_handler)
+    engine_log.addHandler(to_events)
+
+    def detach() -> None:
+        engine_log.removeHandler(to_events)
+        engine_log.removeHandler(file_handler)
+        file_handler.close()
+        engine_log.setLevel(previous_level)
+
+    return detach
+
+
+# ---- run -----------------------------------------------------------------------------------------------------------
+def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: threading.Event | None = None,
+        run_dir: str | Path | None = None, *, dataset=None, device: str | None = None) -> RunEnded:
+    """Run (or resume) the training job of `config`; returns the RunEnded event it also emitted.
+
+    `dataset` (tests, the demo): a map-style dataset of sample dicts used instead of the feature cache;
+    `device`: e.g. "cpu" or "cuda:1" (default: the current CUDA device, else the CPU).
+    """
+    stop_event = stop_event if stop_event is not None else threading.Event()
+    run_dir = Path(run_dir) if run_dir is not None else config.run_path()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bus = EventBus()
+    writer = JsonlEventWriter(run_dir)
+    bus.subscribe(writer)
+    for fn in subscribers:
+        bus.subscribe(fn)
+    detach_logging = _attach_logging(run_dir, bus)
+    dev = pick_device(device)
+    try:
+        try:
+            config = _resolve_config(config, run_dir, bus)
+            end = _run_phases(config, bus, stop_event, run_dir, dataset, dev)
+        except Exception as exc:
+            end = _failure(exc, config, dev)
+        bus.emit(end)
+        return end
+    finally:
+        detach_logging()
+        writer.close()
+
+
+def _failure(exc: BaseException, config: Config, device: torch.device) -> RunEnded:
+    log.error("run failed: %s\n%s", exc, "".join(traceback.format_exception(exc)))
+    if isinstance(exc, torch.OutOfMemoryError):
+        reason = f"CUDA ran out of memory before training started: {smaller_preset_hint(config, device)}"
+    elif isinstance(exc, (RunFailed, ConfigError)):
+        reason = str(exc)
+    else:
+        reason = f"{type(exc).__name__}: {exc} (traceback in {LOG_FILENAME})"
+    return RunEnded(status="failed", reason=reason)
+
+
+def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_dir: Path, dataset,
+                device: torch.device) -> RunEnded:
+    from engine.train import checkpoint as ckpt
+    from engine.train.loop import Trainer
+
+    chash = config.config_hash()
+    resume_state, resume_path, skipped = ckpt.find_resume_state(run_dir, chash)
+    bus.emit(RunStarted(run_dir=str(run_dir), config_hash=chash, total_steps=config.optim.max_steps,
+                        resumed_from_step=int(resume_state["step"]) if resume_state else 0,
+                        name=config.output.name, device=device_label(device)))
+    for s in skipped:
+        bus.emit(RunWarning(code="checkpoint_skipped", message=f"skipped a checkpoint that cannot be used: {s.reason}"))
+    if resume_path:
+        log.info("resuming from %s (step %d)", resume_path, resume_state["step"])
+
+    bus.emit(PhaseChanged(phase="check"))
+    _check(config, bus, dataset is not None)
+
+    bus.emit(PhaseChanged(phase="cache", detail="" if dataset is None else "dataset given by the caller"))
+    if dataset is None:
+        dataset = _cached_dataset(config, bus, device)
+    if len(dataset) < config.optim.batch_size:
+        raise RunFailed(f"the dataset has {len(dataset)} windows, fewer than optim.batch_size = "
+                        f"{config.optim.batch_size}: lower the batch size or add clips")
+
+    bus.emit(PhaseChanged(phase="load", detail=config.model.source))
+    model = _load_model(config, device)
+
+    bus.emit(PhaseChanged(phase="train", detail=f"{config.optim.max_steps} steps"))
+    trainer = Trainer(config, model, dataset, run_dir, bus.emit, stop_event, device, chash, resume_state)
+    del resume_state  # the trainer holds what it needs; the rest can be freed
+    outcome = trainer.run()
+    if outcome.status == "failed":
+        reason = outcome.reason
+        if outcome.oom:
+            saved = f"the LoRA of step {outcome.step} was saved to {outcome.emergency_lora}; " if outcome.emergency_lora else ""
+            reason = f"CUDA ran out of memory at step {outcome.step + 1}: {saved}{smaller_preset_hint(config, device)}"
+        return RunEnded(status="failed", reason=reason)
+    if outcome.status == "stopped":
+        return RunEnded(status="stopped", reason=outcome.reason)
+
+    bus.emit(PhaseChanged(phase="export", detail=", ".join(config.output.formats)))
+    outputs = _export(config, model, trainer, run_dir, chash)
+    bus.emit(PhaseChanged(phase="done"))
+    return RunEnded(status="completed", reason=f"trained {outcome.step} steps", outputs=outputs)

@@ -1,0 +1,1 @@
+"""Training: the flow-matching objective, LoRA, optimizers, checkpoints and the loop (see engine.runner.run)."""

@@ -1,0 +1,123 @@
+"""The order in which training windows are drawn, and how sample dicts become a batch.
+
+The order is a pure function of (seed, epoch): a fresh permutation of the dataset per epoch. The only state is a
+cursor (windows consumed since the start), so a checkpoint stores one integer and a resumed run draws exactly
+the windows an uninterrupted run would. Any map-style dataset (`len(ds)`, `ds[i] -> sample dict`) works.
+
+Sample dict contract (engine/data/dataset.py):
+    latents [16, T, h, w], motion_latents [16, 19, h, w] or None, ref_latents [16, 1, h, w],
+    text [512, D], text_empty [512, D], audio [L, A, 4T], clip_id, window
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SAMPLE_KEYS = ("latents", "motion_latents", "ref_latents", "text", "text_empty", "audio")
+
+
+class EpochOrder:
+    def __init__(self, size: int, seed: int) -> None:
+        if size < 1:
+            raise ValueError("the dataset is empty: no training windows to draw")
+        self.size = size
+        self.seed = seed
+        self._epoch = -1
+        self._perm: list[int] = []
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.size, generator=gen).tolist()
+            self._epoch = epoch
+        return self._perm
+
+    def index(self, cursor: int) -> tuple[int, int]:
+        """(epoch, dataset index) of the window at `cursor`."""
+        epoch, pos = divmod(cursor, self.size)
+        return epoch, self._permutation(epoch)[pos]
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [B, 16, T, h, w]
+    motion_latents: torch.Tensor | None  # [B, 16, 19, h, w]; None when any sample has none
+    ref_latents: torch.Tensor
+    text: torch.Tensor  # caption dropout already applied
+    audio: torch.Tensor
+    drop_motion: bool
+    clip_ids: list[str]
+
+    def to(self, device: torch.device) -> Batch:
+        def move(t):
+            return None if t is None else t.to(device, torch.float32, non_blocking=True)
+
+        return Batch(move(self.latents), move(self.motion_latents), move(self.ref_latents), move(self.text),
+                     move(self.audio), self.drop_motion, self.clip_ids)
+
+
+def _check(sample: dict[str, Any], index: int) -> None:
+    missing = [k for k in SAMPLE_KEYS if k not in sample]
+    if missing:
+        raise KeyError(f"dataset sample {index} ({sample.get('clip_id', '?')}) lacks {missing}: the cache is "
+                       "from an older build; delete the cache folder and run again")
+
+
+def _stack(samples: Sequence[dict[str, Any]], key: str) -> torch.Tensor:
+    shapes = {tuple(s[key].shape) for s in samples}
+    if len(shapes) > 1:
+        ids = [s.get("clip_id", "?") for s in samples]
+        raise ValueError(f"batch of {ids} mixes {key} shapes {sorted(shapes)}: windows of different buckets "
+                         "cannot share a batch; set optim.batch_size = 1 or data.bucket = \"fixed\"")
+    return torch.stack([torch.as_tensor(s[key]) for s in samples])
+
+
+def collate(samples: Sequence[dict[str, Any]], caption_drop: Sequence[bool], motion_drop: bool) -> Batch:
+    """Stack samples; `caption_drop[i]` swaps sample i's text for its empty-caption embedding; the motion is
+    dropped for the whole batch when `motion_drop` or when any sample has no motion latents (a first window)."""
+    texts = [s["text_empty"] if drop else s["text"] for s, drop in zip(samples, caption_drop, strict=True)]
+    has_motion = all(s["motion_latents"] is not None for s in samples)
+    return Batch(
+        latents=_stack(samples, "latents"),
+        motion_latents=_stack(samples, "motion_latents") if has_motion else None,
+        ref_latents=_stack(samples, "ref_latents"),
+        text=torch.stack([torch.as_tensor(t) for t in texts]),
+        audio=_stack(samples, "audio"),
+        drop_motion=bool(motion_drop or not has_motion),
+        clip_ids=[str(s.get("clip_id", "")) for s in samples],
+    )
+
+
+class BatchSource:
+    """Draws batches in the seeded order; caption and motion dropout come from its own generator so they replay
+    exactly on resume. `cursor` (windows consumed) is the data position a checkpoint stores."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, caption_dropout: float, motion_drop_prob: float,
+                 generator: torch.Generator) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.order = EpochOrder(len(dataset), seed)
+        self.caption_dropout = caption_dropout
+        self.motion_drop_prob = motion_drop_prob
+        self.generator = generator
+        self.cursor = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.cursor // self.order.size
+
+    def next_batch(self) -> Batch:
+        samples = []
+        for _ in range(self.batch_size):
+            _, index = self.order.index(self.cursor)
+            sample = self.dataset[index]
+            _check(sample, index)
+            samples.append(sample)
+            self.cursor += 1
+        # Always draw both, whatever the probabilities, so the generator advances the same way every step.
+        draws = torch.rand(len(samples) + 1, generator=self.generator).tolist()
+        caption_drop = [d < self.caption_dropout for d in draws[:-1]]
+        return collate(samples, caption_drop, draws[-1] < self.motion_drop_prob)

@@ -1,0 +1,286 @@
+"""The training loop: flow matching on a LoRA'd S2V transformer, with checkpoints, resume and a stop event.
+
+One optimizer step = `grad_accum` micro-batches. The stop event is checked at every step boundary; stopping
+writes a checkpoint and returns. All randomness comes from seeded generators saved in each checkpoint, so a
+resumed run replays the same windows, sigmas and noise as an uninterrupted one (bit for bit on CPU).
+
+A step whose loss or gradient is NaN/inf is skipped (no update, counted); `train.nonfinite_max_in_a_row` in a
+row stop the run. A CUDA out-of-memory error saves the LoRA as it stands and ends the run with status failed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import Config
+from engine.events import CheckpointSaved, Event, RunWarning, StepEnd
+from engine.train import checkpoint as ckpt
+from engine.train.batches import Batch, BatchSource
+from engine.train.ema import LoraEma
+from engine.train.lora import get_lora_state, lora_parameters, set_lora_state
+from engine.train.metrics import LossSmoother, StepTimer, memory_stats
+from engine.train.objective import (flow_loss, noisy_input, sample_sigmas, sigmas_to_timesteps,
+                                    velocity_target)
+from engine.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+metrics_log = logging.getLogger("engine.train.metrics")
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    status: str  # "completed", "stopped" or "failed" (events.RUN_STATUSES)
+    step: int
+    reason: str = ""
+    checkpoint: Path | None = None  # the newest checkpoint written by this run, if any
+    oom: bool = False
+    emergency_lora: Path | None = None
+
+
+class NonFiniteStop(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, config: Config, model: torch.nn.Module, dataset, run_dir: str | Path,
+                 emit: Callable[[Event], None], stop_event: threading.Event, device: torch.device,
+                 config_hash: str, resume_state: dict | None = None) -> None:
+        self.cfg = config
+        self.model = model
+        self.run_dir = Path(run_dir)
+        self.emit = emit
+        self.stop_event = stop_event
+        self.device = device
+        self.config_hash = config_hash
+        o, t = config.optim, config.train
+
+        # Fresh-run seeding; a resume overwrites every one of these from the checkpoint below.
+        random.seed(t.seed)
+        np.random.seed(t.seed % 2**32)
+        torch.manual_seed(t.seed)
+        self.noise_gen = torch.Generator().manual_seed(t.seed + 1)
+        self.data_gen = torch.Generator().manual_seed(t.seed + 2)
+
+        self.params = lora_parameters(model)
+        self.optimizer = build_optimizer(self.params, o.optimizer, o.lr, o.betas, o.weight_decay, o.eps)
+        self.scheduler = build_scheduler(self.optimizer, o.schedule, o.warmup_steps, o.max_steps, o.optimizer)
+        self.ema = LoraEma(self.params, o.ema.decay) if o.ema.enabled else None
+        mp = t.mixed_precision
+        self.autocast_dtype = _AUTOCAST.get(mp)
+        self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" and device.type == "cuda" else None
+        motion_drop = config.data.motion_drop_prob if config.data.motion_frames > 0 else 1.0
+        self.batches = BatchSource(dataset, o.batch_size, t.seed, config.data.caption_dropout, motion_drop,
+                                   self.data_gen)
+        self.smoother = LossSmoother()
+        self.timer = StepTimer()
+        self.step = 0
+        self.skipped = 0
+        self.in_a_row = 0
+        self.last_checkpoint: Path | None = None
+        self.last_checkpoint_step = -1
+        self.last_step_skipped = False
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"noise": self.noise_gen, "data": self.data_gen}
+
+    def state(self) -> dict:
+        return {
+            "format_version": ckpt.FORMAT_VERSION,
+            "step": self.step,
+            "epoch": self.batches.epoch,
+            "config_hash": self.config_hash,
+            "lora": get_lora_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else {},
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "rng": ckpt.capture_rng(self._generators()),
+            "data": {"cursor": self.batches.cursor, "dataset_size": self.batches.order.size},
+            "counters": {"skipped": self.skipped, "in_a_row": self.in_a_row},
+            "metrics": self.smoother.state_dict(),
+        }
+
+    def _restore(self, state: dict) -> None:
+        set_lora_state(self.model, state["lora"], source=f"checkpoint of step {state['step']}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        data = state["data"]
+        if data.get("dataset_size") != self.batches.order.size:
+            self.emit(RunWarning(code="dataset_changed", message=(
+                f"the dataset had {data.get('dataset_size')} windows when the checkpoint was written and has "
+                f"{self.batches.order.size} now: training continues, but not in the original order")))
+        self.batches.cursor = int(data["cursor"])
+        self.step = int(state["step"])
+        self.skipped = int(state["counters"]["skipped"])
+        self.in_a_row = int(state["counters"]["in_a_row"])
+        self.smoother.load_state_dict(state["metrics"])
+        self.last_checkpoint_step = self.step
+        ckpt.restore_rng(state["rng"], self._generators())  # last: nothing above may draw after it
+
+    def save_checkpoint(self, reason: str) -> Path | None:
+        """Write the full state; on failure (disk full, ...) warn and return None: the previous one is intact."""
+        if self.last_checkpoint_step == self.step and self.last_checkpoint is not None:
+            return self.last_checkpoint
+        try:
+            path = ckpt.save_checkpoint(self.run_dir, self.state(), self.cfg.checkpoint.keep_last)
+        except OSError as exc:
+            previous = f"step {self.last_checkpoint_step}" if self.last_checkpoint_step >= 0 else "none yet"
+            self.emit(RunWarning(code="checkpoint_failed", message=(
+                f"could not write the checkpoint of step {self.step} to {ckpt.checkpoint_dir(self.run_dir)} "
+                f"({exc.strerror or exc}); the previous checkpoint ({previous}) is intact. Free disk space there; "
+                "training goes on")))
+            return None
+        self.last_checkpoint, self.last_checkpoint_step = path, self.step
+        self.emit(CheckpointSaved(step=self.step, path=str(path), reason=reason))
+        metrics_log.info("checkpoint of step %d written to %s (%s)", self.step, path, reason)  # train.log only
+        return path
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+    def _forward_loss(self, batch: Batch) -> torch.Tensor:
+        t = self.cfg.train
+        x0 = batch.latents
+        # Sigmas and noise come from the CPU generator whatever the device, so runs replay on any machine.
+        sigmas = sample_sigmas(x0.shape[0], self.noise_gen, t.sigma_sampling, t.flow_shift, t.logit_mean,
+                               t.logit_std).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.noise_gen).to(self.device)
+        x_t = noisy_input(x0, noise, sigmas)
+        amp = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+               else nullcontext())
+        with amp:
+            prediction = self.model(
+                x_t, sigmas_to_timesteps(sigmas), batch.text, batch.ref_latents, batch.audio,
+                motion_latents=batch.motion_latents, drop_motion_frames=batch.drop_motion,
+            )
+        return flow_loss(prediction, velocity_target(x0, noise))
+
+    def _grad_norm(self) -> float:
+        max_norm = self.cfg.optim.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        return float(norm)
+
+    def train_step(self) -> StepEnd:
+        o = self.cfg.optim
+        started = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        losses, bad = [], False
+        for _ in range(o.grad_accum):
+            batch = self.batches.next_batch().to(self.device)
+            loss = self._forward_loss(batch)
+            value = float(loss.detach())
+            losses.append(value)
+            if not math.isfinite(value):
+                bad = True
+            if not bad:  # after one non-finite micro-batch the step is lost; the data is still consumed
+                scaled = loss / o.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        grad_norm = None
+        if not bad:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = self._grad_norm()
+            bad = not math.isfinite(grad_norm)
+            if self.scaler:
+                self.scaler.step(self.optimizer)  # skips the update itself when the gradient is not finite
+                self.scaler.update()
+            elif not bad:
+                self.optimizer.step()
+        self.last_step_skipped = bad
+        if bad:
+            self.skipped += 1
+            self.in_a_row += 1
+        else:
+            self.in_a_row = 0
+            if self.ema:
+                self.ema.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        mean_loss = sum(losses) / len(losses)
+        elapsed = time.perf_counter() - started
+        self.timer.add(elapsed)
+        peak_alloc, peak_reserved, rss = memory_stats(self.device)
+        return StepEnd(
+            step=self.step, total_steps=o.max_steps, epoch=self.batches.epoch, loss=mean_loss,
+            loss_smooth=self.smoother.update(mean_loss), lr=lr, grad_norm=grad_norm,
+            samples_per_s=(o.batch_size * o.grad_accum / self.timer.s_per_step) if self.timer.s_per_step else 0.0,
+            s_per_step=self.timer.s_per_step, eta_s=self.timer.eta(o.max_steps - self.step),
+            peak_alloc_bytes=peak_alloc, peak_reserved_bytes=peak_reserved, host_rss_bytes=rss,
+            skipped_nonfinite=self.skipped,
+        )
+
+    # ---- the run -------------------------------------------------------------------------------------------------
+    def run(self) -> TrainOutcome:
+        o, c = self.cfg.optim, self.cfg.checkpoint
+        limit = self.cfg.train.nonfinite_max_in_a_row
+        self.model.train()
+        if hasattr(self.optimizer, "train"):  # schedule-free optimizers keep separate train/eval weights
+            self.optimizer.train()
+        try:
+            while self.step < o.max_steps:
+                if self.stop_event.is_set():
+                    path = self.save_checkpoint("stop")
+                    reason = (f"stopped at step {self.step}; " + (f"checkpoint {path}" if path else
+                              "the checkpoint could not be written (see the warning)")) + "; run again to resume"
+                    return TrainOutcome("stopped", self.step, reason, path)
+                event = self.train_step()
+                self.emit(event)
+                if self.step % self.cfg.logging.every_steps == 0 or self.step == 1:
+                    metrics_log.info("step %d/%d loss %.4f (smoothed %.4f) lr %.3g grad norm %s %.2f s/step",
+                                     self.step, o.max_steps, event.loss, event.loss_smooth, event.lr,
+                                     "-" if event.grad_norm is None else f"{event.grad_norm:.3g}",
+                                     event.s_per_step)
+                if self.last_step_skipped:
+                    log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", self.step,
+                                self.in_a_row)
+                if self.in_a_row >= limit:
+                    raise NonFiniteStop(
+                        f"{self.in_a_row} steps in a row had a NaN/inf loss or gradient (up to step {self.step}); "
+                        "the LoRA was not updated by them. Lower optim.lr, use train.mixed_precision = \"bf16\" "
+                        "rather than fp16, or check the cache for broken entries (delete it to rebuild)"
+                    )
+                if c.every_steps and self.step % c.every_steps == 0 and self.step < o.max_steps:
+                    self.save_checkpoint("interval")
+        except NonFiniteStop as exc:
+            return TrainOutcome("failed", self.step, str(exc), self.last_checkpoint)
+        except torch.OutOfMemoryError:
+            return self._out_of_memory()
+        path = self.save_checkpoint("final")
+        return TrainOutcome("completed", self.step, f"trained {self.step} steps", path)
+
+    def _out_of_memory(self) -> TrainOutcome:
+        # Free what the failed step held before writing anything; the LoRA is as of the last completed step.
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        from engine.train.lora import save_lora
+
+        path = self.run_dir / f"{self.cfg.output.name}_emergency_step{self.step}.safetensors"
+        saved = None
+        try:
+            meta = {"base_model": self.cfg.model.source, "steps": str(self.step), "config_hash": self.config_hash,
+                    "rank": str(self.cfg.lora.rank), "alpha": repr(self.cfg.lora.alpha)}
+            saved = save_lora(path, get_lora_state(self.model), "peft", meta, self.cfg.lora.alpha)
+            self.emit(CheckpointSaved(step=self.step, path=str(saved), reason="oom"))
+        except OSError as exc:
+            log.error("emergency LoRA save to %s failed: %s", path, exc)
+        return TrainOutcome("failed", self.step, "CUDA out of memory", self.last_checkpoint, oom=True,
+                            emergency_lora=saved)

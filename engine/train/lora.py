@@ -1,0 +1,265 @@
+"""LoRA on the S2V transformer through peft, and the LoRA files we write and read.
+
+Inside the engine a LoRA is a "canonical" state dict keyed like peft without the adapter name:
+`<module>.lora_A.weight` [r, in] and `<module>.lora_B.weight` [out, r], module names in the diffusers layout
+(`blocks.3.attn1.to_q`). It is exported in two layouts (spec/S2V_MODEL.md §2.3):
+
+    peft / diffusers   transformer.<module>.lora_A.weight, transformer.<module>.lora_B.weight
+    native (ComfyUI)   diffusion_model.<native module>.lora_down.weight, .lora_up.weight, .alpha
+
+Both carry the same header metadata (base model, rank, alpha, steps, config hash). A native file is checked at
+save time: every module must exist in the 14B checkpoint manifest (or, for another architecture such as the
+tiny test model, among the model's own modules), so a file that ComfyUI would silently ignore is never written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from engine.models.keymap import diffusers_to_native, native_modules_14b, native_to_diffusers
+from engine.train.fsio import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "default"
+PEFT_PREFIX = "transformer."
+NATIVE_PREFIX = "diffusion_model."
+LAYOUTS = ("peft", "native")
+# lora.init -> peft's init_lora_weights. PiSSA and OLoRA rewrite the base weights at init, so a LoRA trained
+# that way does not apply to the stock checkpoint users load in ComfyUI; they are refused until export folds
+# the base change back in.
+_INITS = {"default": True, "gaussian": "gaussian"}
+
+
+class LoraFileError(ValueError):
+    """A LoRA file or state that does not fit: the message names the file or key and the fix."""
+
+
+def targets_regex(targets: Iterable[str]) -> str:
+    """One full-match regex from the configured ones (peft full-matches a string target against module names)."""
+    return "|".join(f"(?:{t})" for t in targets)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str], init: str,
+             seed: int) -> list[str]:
+    """Freeze the base, inject a LoRA into the Linear modules matching `targets`; returns the adapted names.
+
+    LoRA weights are kept in fp32 whatever the base dtype: bf16 updates of small LoRA steps round to nothing.
+    """
+    from peft import LoraConfig
+
+    if init not in _INITS:
+        raise ValueError(
+            f"lora.init = {init!r} is not supported: PiSSA/OLoRA change the base weights, so the exported LoRA "
+            "would not apply to the stock model; use init = \"default\" or \"gaussian\""
+        )
+    pattern = targets_regex(targets)
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    matched = [n for n in linear_names if re.fullmatch(pattern, n)]
+    if not matched:
+        raise ValueError(
+            f"lora.targets match no Linear module of the transformer (e.g. {linear_names[:3]}); "
+            "check the regexes in [lora] targets, or remove the key to use the defaults"
+        )
+    model.requires_grad_(False)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern,
+                     init_lora_weights=_INITS[init])
+    # The LoRA init draws from the global torch RNG; a fork keeps it a function of the seed alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(cfg, adapter_name=ADAPTER)
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    log.info("LoRA rank %d alpha %g on %d modules, %s trainable parameters", rank, alpha, len(matched),
+             f"{sum(p.numel() for p in lora_parameters(model)):,}")
+    return matched
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".lora_" in n]
+
+
+def _canonical(param_name: str) -> str:
+    # "blocks.0.attn1.to_q.lora_A.default.weight" -> "blocks.0.attn1.to_q.lora_A.weight"
+    return param_name.replace(f".{ADAPTER}.", ".")
+
+
+def get_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical LoRA state: detached CPU fp32 copies."""
+    return {_canonical(n): p.detach().to("cpu", torch.float32, copy=True)
+            for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def set_lora_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "<state>") -> None:
+    """Copy a canonical LoRA state into the model; every key must match a LoRA parameter, shape for shape."""
+    params = {_canonical(n): p for n, p in model.named_parameters() if ".lora_" in n}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise LoraFileError(
+            f"{source}: LoRA keys do not match the model's adapter (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); was it trained with other "
+            "lora.targets or another model?"
+        )
+    with torch.no_grad():
+        for key, p in params.items():
+            value = state[key]
+            if tuple(value.shape) != tuple(p.shape):
+                raise LoraFileError(f"{source}: {key} has shape {tuple(value.shape)}, the model's adapter "
+                                    f"{tuple(p.shape)}; was it trained with another lora.rank?")
+            p.copy_(value.to(p.device, p.dtype))
+
+
+def lora_module_names(state: Mapping[str, torch.Tensor]) -> list[str]:
+    return sorted({k.rsplit(".lora_", 1)[0] for k in state})
+
+
+# ---- layouts ------------------------------------------------------------------------------------------------
+def to_peft_layout(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {PEFT_PREFIX + k: v for k, v in state.items()}
+
+
+def to_native_layout(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for module in lora_module_names(state):
+        native = NATIVE_PREFIX + diffusers_to_native(module)
+        out[f"{native}.lora_down.weight"] = state[f"{module}.lora_A.weight"]
+        out[f"{native}.lora_up.weight"] = state[f"{module}.lora_B.weight"]
+        out[f"{native}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def is_14b_architecture(model: nn.Module) -> bool:
+    from engine.models.s2v_transformer import AUDIO_INJECT_LAYERS_14B
+
+    cfg = model.config
+    return (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, tuple(cfg.audio_inject_layers)) == (
+        40, 40, 128, AUDIO_INJECT_LAYERS_14B)
+
+
+def native_reference_modules(model: nn.Module) -> frozenset[str]:
+    """The native module names a native LoRA of `model` may name: the 14B manifest, or the model's own."""
+    if is_14b_architecture(model):
+        return native_modules_14b()
+    names = set()
+    for name, _ in model.named_modules():
+        if ".lora_" in name or name.endswith(".base_layer"):
+            continue
+        try:
+            names.add(diffusers_to_native(name))
+        except KeyError:
+            continue
+    return frozenset(names)
+
+
+def check_native_keys(keys: Iterable[str], modules: frozenset[str]) -> None:
+    """Every native LoRA key must name a real module; raise naming the first ones that do not."""
+    bad = []
+    for key in keys:
+        if not key.startswith(NATIVE_PREFIX):
+            bad.append(key)
+            continue
+        module = re.sub(r"\.(lora_down\.weight|lora_up\.weight|alpha)$", "", key[len(NATIVE_PREFIX):])
+        if module not in modules:
+            bad.append(key)
+    if bad:
+        raise LoraFileError(
+            f"{len(bad)} native LoRA keys name no module of the checkpoint (e.g. {bad[:3]}); ComfyUI would "
+            "ignore them silently. This is a key-mapping bug in engine/models/keymap.py: please report it"
+        )
+
+
+def lora_metadata(base_model: str, rank: int, alpha: float, steps: int, config_hash: str, layout: str,
+                  targets: list[str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    meta = {
+        "format": "pt",
+        "base_model": base_model,
+        "rank": str(rank),
+        "alpha": repr(float(alpha)),
+        "steps": str(steps),
+        "config_hash": config_hash,
+        "layout": layout,
+        "lora_targets": json.dumps(list(targets)),
+        "software": "s2v-tui",
+    }
+    if layout == "peft":
+        # diffusers reads the adapter config from this key (prefixed per component) when loading the file.
+        meta["lora_adapter_metadata"] = json.dumps(
+            {"transformer.r": rank, "transformer.lora_alpha": float(alpha),
+             "transformer.target_modules": targets_regex(targets)}, sort_keys=True)
+    meta.update(extra or {})
+    return meta
+
+
+def save_lora(path: str | Path, state: Mapping[str, torch.Tensor], layout: str, metadata: Mapping[str, str],
+              alpha: float, native_modules: frozenset[str] | None = None) -> Path:
+    """Write `state` in `layout` atomically. A native file needs `native_modules` to check its keys against."""
+    if layout == "peft":
+        tensors = to_peft_layout(state)
+    elif layout == "native":
+        tensors = to_native_layout(state, alpha)
+        if native_modules is None:
+            raise ValueError("saving a native LoRA needs the module names to check the keys against")
+        check_native_keys(tensors, native_modules)
+    else:
+        raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {**metadata, "layout": layout}
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata=meta))
+
+
+def _detect(keys: list[str], path: str) -> str:
+    if keys and all(k.startswith(NATIVE_PREFIX) for k in keys):
+        return "native"
+    if keys and all(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "peft"
+    raise LoraFileError(
+        f"{path}: not a LoRA in a layout this tool reads (e.g. key {keys[:1]}); expected "
+        "'transformer.<module>.lora_A.weight' (peft) or 'diffusion_model.<module>.lora_down.weight' (native)"
+    )
+
+
+def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a LoRA file in either layout; returns (canonical state, header metadata).
+
+    A native file's per-module alpha is kept in the metadata as `alpha` when all modules agree; differing
+    alphas are refused (our adapter has one scale)."""
+    path = str(path)
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    layout = _detect(list(raw), path)
+    state: dict[str, torch.Tensor] = {}
+    if layout == "peft":
+        for key, value in raw.items():
+            state[key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key] = value
+    else:
+        alphas = set()
+        for key, value in raw.items():
+            body = key[len(NATIVE_PREFIX):]
+            for suffix, part in ((".lora_down.weight", "lora_A"), (".lora_up.weight", "lora_B")):
+                if body.endswith(suffix):
+                    module = native_to_diffusers(body[: -len(suffix)])
+                    state[f"{module}.{part}.weight"] = value
+                    break
+            else:
+                if body.endswith(".alpha"):
+                    alphas.add(float(value))
+                else:
+                    raise LoraFileError(f"{path}: unexpected key {key!r} in a native LoRA")
+        if len(alphas) > 1:
+            raise LoraFileError(f"{path}: modules have different alphas {sorted(alphas)}; one alpha is supported")
+        if alphas:
+            meta["alpha"] = repr(alphas.pop())
+    meta["layout"] = layout
+    return state, meta

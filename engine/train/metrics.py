@@ -1,0 +1,56 @@
+"""Step metrics that are not the loss itself: smoothing, speed, ETA and memory, cheap enough for every step."""
+from __future__ import annotations
+
+import collections
+import math
+
+import torch
+
+from engine.gpu import host_memory
+
+
+class LossSmoother:
+    """Bias-corrected exponential average (as TensorBoard smooths), so the first values are not pulled to 0.
+    Non-finite losses are left out of it."""
+
+    def __init__(self, beta: float = 0.9) -> None:
+        self.beta = beta
+        self.value = 0.0
+        self.count = 0
+
+    def update(self, loss: float) -> float:
+        if math.isfinite(loss):
+            self.value = self.beta * self.value + (1 - self.beta) * loss
+            self.count += 1
+        return self.value / (1 - self.beta**self.count) if self.count else float("nan")
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.count = float(state["value"]), int(state["count"])
+
+
+class StepTimer:
+    """Seconds per step over the last `window` steps (the first step, with its warm-up, drops out quickly)."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.durations: collections.deque[float] = collections.deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self.durations.append(seconds)
+
+    @property
+    def s_per_step(self) -> float:
+        return sum(self.durations) / len(self.durations) if self.durations else 0.0
+
+    def eta(self, steps_left: int) -> float | None:
+        return self.s_per_step * steps_left if self.durations else None
+
+
+def memory_stats(device: torch.device) -> tuple[int | None, int | None, int | None]:
+    """(peak allocated, peak reserved, host RSS) in bytes; GPU fields are None off CUDA."""
+    rss = host_memory().process_rss_bytes or None
+    if device.type != "cuda":
+        return None, None, rss
+    return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device), rss

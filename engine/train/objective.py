@@ -1,0 +1,72 @@
+"""The flow-matching objective, as small pure functions (spec/S2V_MODEL.md §7.2, DESIGN.md "Training semantics").
+
+    sigma  ~ logit-normal(mean, std) or uniform(0, 1), then shifted: s' = k s / (1 + (k - 1) s)
+    x_t    = (1 - s') x0 + s' eps
+    target = eps - x0                  (the velocity the model predicts)
+    loss   = MSE per sample over (C, T, h, w), then the mean over the batch
+    timestep given to the model = s' * 1000
+
+Every random draw takes an explicit `torch.Generator`, so a resumed run draws exactly what an uninterrupted
+one would.
+"""
+from __future__ import annotations
+
+import torch
+
+SIGMA_MODES = ("logit_normal", "uniform")
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """s' = k s / (1 + (k - 1) s). k > 1 moves training towards high noise, as the official inference does."""
+    if shift <= 0:
+        raise ValueError(f"flow shift must be > 0, got {shift}")
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sample_sigmas(
+    batch: int,
+    generator: torch.Generator,
+    mode: str = "logit_normal",
+    shift: float = 3.0,
+    mean: float = 0.0,
+    std: float = 1.0,
+) -> torch.Tensor:
+    """[batch] shifted sigmas in (0, 1), fp32 on the generator's device."""
+    device = generator.device
+    if mode == "logit_normal":
+        sigmas = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
+    elif mode == "uniform":
+        sigmas = torch.rand(batch, generator=generator, device=device)
+    else:
+        raise ValueError(f"sigma sampling {mode!r} is not one of {', '.join(SIGMA_MODES)}")
+    return shift_sigmas(sigmas, shift)
+
+
+def sigmas_to_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """The model's timestep input: sigma * 1000 (float)."""
+    return sigmas * 1000.0
+
+
+def _expand(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigmas.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def noisy_input(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - s) x0 + s eps, with one sigma per sample."""
+    s = _expand(sigmas, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B] mean squared error of each sample, computed in fp32."""
+    diff = prediction.float() - target.float()
+    return diff.pow(2).flatten(1).mean(dim=1)
+
+
+def flow_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar loss: per-sample MSE, then the mean over the batch (equal weight per sample)."""
+    return per_sample_mse(prediction, target).mean()
