@@ -29,7 +29,7 @@ from engine.data.cache_plan import (AUDIO_RATE, TEXT_LEN, AudioJob, CachePlan, C
                                     doctor_settings, fit_image_transform, plan_work)
 from engine.data.doctor import inspect_datasets
 from engine.data.problems import DataError
-from engine.data.windows import MODEL_FPS, audio_features_per_frame, latent_frames
+from engine.data.windows import MODEL_FPS, CropPlan, audio_features_per_frame, latent_frames
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _reference_pixels(source: ReferenceSource, transform: media.FrameTransform,
+def _reference_pixels(source: ReferenceSource, transform: CropPlan,
                       size: tuple[int, int]) -> np.ndarray:
     """uint8 [H, W, 3] of a reference; memoised because first windows reuse their reference as a prefix."""
     if source.image is not None:

@@ -37,7 +37,6 @@ from typing import Any
 from engine.data.cache import CacheStore, recipe_key
 from engine.data.discover import ClipSource, DatasetSpec
 from engine.data.doctor import ClipReport, DoctorSettings
-from engine.data.media import FrameTransform
 from engine.data.problems import Problem
 from engine.data.windows import (MODEL_FPS, Bucket, BucketSettings, CropPlan, Window, WindowSettings,
                                  choose_reference_frame, crop_for)
@@ -125,7 +124,7 @@ class ReferenceJob:
     key: str
     recipe: dict[str, Any] = field(compare=False)
     source: ReferenceSource
-    transform: FrameTransform  # for a clip frame; images are fitted to (width, height) with crop_for
+    transform: CropPlan  # for a clip frame; images are fitted to (width, height) with crop_for
     size: tuple[int, int]
 
 
@@ -135,7 +134,7 @@ class WindowJob:
     recipe: dict[str, Any] = field(compare=False)
     video: Path
     window: Window
-    transform: FrameTransform
+    transform: CropPlan
     prefix: ReferenceJob | None  # the reference frame encoded before a window without motion
 
 
@@ -222,8 +221,8 @@ def _dtype_recipe(settings: CacheSettings) -> dict[str, str]:
     return {"vae_dtype": settings.vae_dtype, "latent_store": settings.latent_store}
 
 
-def _transform(crop: CropPlan) -> FrameTransform:
-    return FrameTransform(crop.resize_w, crop.resize_h, crop.left, crop.top, crop.width, crop.height)
+def _crop_list(crop: CropPlan) -> list[int]:
+    return [crop.resize_w, crop.resize_h, crop.left, crop.top, crop.width, crop.height]
 
 
 def _clip_id(clip: ClipSource, specs: dict[str, DatasetSpec]) -> str:
@@ -269,7 +268,7 @@ def plan_work(reports: list[ClipReport], specs: list[DatasetSpec], settings: Doc
             skipped.append(SkippedClip(clip.video, tuple(p for p in report.problems if p.blocking)))
             continue
         clip_id = _clip_id(clip, by_label)
-        transform = _transform(plan.crop)
+        transform = plan.crop
         size = (plan.crop.width, plan.crop.height)
         video_sha = store.file_digest(clip.video)
         silent = _no_audio(clip)
@@ -285,7 +284,7 @@ def plan_work(reports: list[ClipReport], specs: list[DatasetSpec], settings: Doc
                 frame = choose_reference_frame(window, plan.frames, settings.reference, rng).frame
                 source = ReferenceSource(video=clip.video, frame=frame)
                 src_recipe = {"video_sha256": video_sha, "frame": frame, "fps": MODEL_FPS,
-                              "transform": list(vars(transform).values())}
+                              "transform": _crop_list(transform)}
             ref_recipe = {"kind": "reference", "vae": ident.vae, "size": list(size), **src_recipe,
                           **_dtype_recipe(cache)}
             ref_key = recipe_key(ref_recipe)
@@ -293,7 +292,7 @@ def plan_work(reports: list[ClipReport], specs: list[DatasetSpec], settings: Doc
             refs.setdefault(ref_key, ref_job)
 
             win_recipe = {"kind": "window", "vae": ident.vae, "video_sha256": video_sha, "fps": MODEL_FPS,
-                          "transform": list(vars(transform).values()), "start": window.start,
+                          "transform": _crop_list(transform), "start": window.start,
                           "frames": window.frames, "motion_frames": window.motion_frames,
                           "prefix": None if window.has_motion else ref_key, **_dtype_recipe(cache)}
             win_key = recipe_key(win_recipe)

@@ -1,0 +1,204 @@
+"""Filling the cache on the tiny model: frame semantics, audio alignment, invalidation, interrupted writes.
+
+Most tests use short windows (8 new frames after 5 motion frames: the same 4k+1 arithmetic as 80 after 73)
+so the tiny VAE stays fast on a CPU; one test runs the model's own 80/73 windows.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import Config, DatasetEntry
+from engine.data import cache as cache_mod
+from engine.data import media
+from engine.data.cache import CacheStore
+from engine.data.cache_fill import fill_cache, plan_cache
+from engine.data.dataset import CachedWindowDataset
+from engine.data.synth import make_talking_clip
+from engine.data.windows import MODEL_FPS, CropPlan, audio_features_per_frame
+
+SMALL = dict(frames=8, motion_frames=5, windows_per_clip=2)
+
+
+def make_config(dataset: Path, cache_dir: Path, model: Path, *, resolution=(64, 48), **data) -> Config:
+    config = Config()
+    config.model.source = str(model)
+    config.data.datasets = [DatasetEntry(path=str(dataset))]
+    config.data.resolution = resolution
+    config.data.cache_dir = str(cache_dir)
+    for key, value in data.items():
+        setattr(config.data, key, value)
+    return config
+
+
+def entries(cache_dir: Path) -> dict[Path, int]:
+    """Every entry file with its inode: a rewritten entry gets a new inode (temp file + rename)."""
+    return {p: p.stat().st_ino for p in (cache_dir / "entries").rglob("*.safetensors")}
+
+
+def rebuilt(before: dict[Path, int], after: dict[Path, int]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for p, ino in after.items():
+        if before.get(p) != ino:
+            out.setdefault(p.parent.parent.name, set()).add(p.stem)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory, tiny_model_dir):
+    """Three 2 s clips (25 fps sources), two windows each (one with motion frames), cache filled once."""
+    root = tmp_path_factory.mktemp("small")
+    for i in range(3):
+        make_talking_clip(root / "ds", f"clip_{i}", fps=25, size=(64, 48), duration_s=2.0, seed=i,
+                          use_espeak=False, caption=f"Speaker {i} talks calmly.")
+    config = make_config(root / "ds", root / "cache", tiny_model_dir, **SMALL)
+    plan = fill_cache(config, device="cpu")
+    return root, plan
+
+
+@pytest.fixture
+def copy_of(small_cache, tmp_path, tiny_model_dir):
+    """A private copy of the small dataset and its filled cache, and its config."""
+    root, _ = small_cache
+    shutil.copytree(root / "ds", tmp_path / "ds")
+    shutil.copytree(root / "cache", tmp_path / "cache")
+    return tmp_path, make_config(tmp_path / "ds", tmp_path / "cache", tiny_model_dir, **SMALL)
+
+
+def test_small_plan_has_first_and_continuation_windows(small_cache):
+    _, plan = small_cache
+    assert plan.complete and not plan.skipped
+    assert [(r.clip_id, r.window.start, r.window.motion_frames) for r in plan.records] == [
+        (f"ds/clip_{i}.mp4", s, m) for i in range(3) for s, m in ((0, 0), (24, 5))]
+    data = CachedWindowDataset(plan)
+    first, cont = data[0], data[1]
+    assert first["motion_latents"] is None and first["latents"].shape == (16, 2, 6, 8)
+    assert cont["motion_latents"].shape == (16, 2, 6, 8) and cont["audio"].shape == (3, 32, 8)
+
+
+def test_touch_rebuilds_nothing(copy_of):
+    root, config = copy_of
+    before = entries(root / "cache")
+    clip = root / "ds" / "clip_1.mp4"
+    st = clip.stat()
+    os.utime(clip, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    fill_cache(config, device="cpu")
+    assert rebuilt(before, entries(root / "cache")) == {}
+
+
+def test_modified_clip_rebuilds_only_its_entries(copy_of):
+    root, config = copy_of
+    before = entries(root / "cache")
+    make_talking_clip(root / "ds", "clip_1", fps=25, size=(64, 48), duration_s=2.0, seed=99, use_espeak=False,
+                      caption="Speaker 1 talks calmly.")
+    plan = fill_cache(config, device="cpu")
+    new = rebuilt(before, entries(root / "cache"))
+    mine = [r for r in plan.records if r.clip_id == "ds/clip_1.mp4"]
+    assert new == {"window": {r.window_key for r in mine}, "reference": {mine[0].reference_key},
+                   "audio": {r.audio_key for r in mine}}  # its caption is unchanged: no text entry
+
+
+def test_resolution_change_rebuilds_only_latents(copy_of):
+    root, config = copy_of
+    before = entries(root / "cache")
+    config.data.resolution = (32, 32)
+    plan = fill_cache(config, device="cpu")
+    new = rebuilt(before, entries(root / "cache"))
+    assert set(new) == {"window", "reference"}
+    assert new["window"] == {r.window_key for r in plan.records}
+    assert CachedWindowDataset(plan)[1]["latents"].shape == (16, 2, 4, 4)
+
+
+def test_caption_change_rebuilds_only_its_text(copy_of):
+    root, config = copy_of
+    before = entries(root / "cache")
+    (root / "ds" / "clip_2.txt").write_text("Someone else entirely.\n", encoding="utf-8")
+    plan = fill_cache(config, device="cpu")
+    assert rebuilt(before, entries(root / "cache")) == {"text": {plan.records[-1].text_key}}
+
+
+def test_another_vae_never_reuses_latents(copy_of, tiny_model_dir, tmp_path):
+    _, config = copy_of
+    work, _, _ = plan_cache(config)
+    assert not (work.windows or work.references or work.audio or work.texts)
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other)
+    weights = next((other / "vae").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of one weight: same config, same file size, another model
+    weights.write_bytes(bytes(data))
+    config.model.source = str(other)
+    work, _, _ = plan_cache(config)
+    assert len(work.windows) == 6 and len(work.references) == 3  # every latent entry is new
+    assert not work.audio and not work.texts  # the audio and text encoders did not change
+
+
+def test_interrupted_write_is_recomputed_not_read(copy_of, monkeypatch):
+    root, config = copy_of
+    config.data.resolution = (32, 32)  # new latent entries to write
+    real_commit, calls = cache_mod.commit_temp, []
+
+    def dies_on_third(temp, final):
+        calls.append(final)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed after writing the temp file")
+        real_commit(temp, final)
+
+    monkeypatch.setattr(cache_mod, "commit_temp", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        fill_cache(config, device="cpu")
+    monkeypatch.undo()
+    lost = calls[2]
+    assert not lost.exists()  # the entry was never put in place
+    store = CacheStore(root / "cache")
+    with pytest.raises(FileNotFoundError):
+        store.read(lost.parent.parent.name, lost.stem)
+    before = entries(root / "cache")
+    plan = fill_cache(config, device="cpu")
+    after = entries(root / "cache")
+    assert lost in after and set(before) < set(after)
+    assert all(after[p] == ino for p, ino in before.items())  # what was written before is not redone
+    data = CachedWindowDataset(plan)
+    assert all(data[i]["latents"].shape == (16, 2, 4, 4) for i in range(len(data)))
+
+
+def test_model_windows_targets_motion_split_and_audio_columns(tmp_path, tiny_model_dir):
+    """80 new frames after 73: targets = encode(73 + 80)[19:], features = the window's columns of its span."""
+    make_talking_clip(tmp_path / "ds", "talk", fps=25, size=(32, 32), duration_s=10.5, seed=3, use_espeak=False)
+    config = make_config(tmp_path / "ds", tmp_path / "cache", tiny_model_dir, resolution=(32, 32),
+                         windows_per_clip=0)
+    plan = fill_cache(config, device="cpu")
+    assert [(r.window.start, r.window.motion_frames) for r in plan.records] == [(0, 0), (80, 73)]
+    data = CachedWindowDataset(plan)
+    first, cont = data[0], data[1]
+    assert first["latents"].shape == (16, 20, 4, 4) and first["motion_latents"] is None
+    assert cont["latents"].shape == (16, 20, 4, 4) and cont["motion_latents"].shape == (16, 19, 4, 4)
+    assert cont["ref_latents"].shape == (16, 1, 4, 4) and cont["audio"].shape == (3, 32, 80)
+    assert cont["text"].shape == (512, 32) and cont["text_empty"].shape == (512, 32)
+    assert cont["text_empty"][1:].abs().sum() == 0 and cont["text_empty"][0].abs().sum() > 0  # EOS only
+
+    from engine.models.components import encode_video, load_audio_encoder, load_vae, wav2vec2_hidden_states
+
+    record, video = plan.records[1], tmp_path / "ds" / "talk.mp4"
+    assert record.reference.frame == 0  # data.reference = "first"
+    frames = media.decode_frames(video, record.window.frame_times_s(MODEL_FPS, with_motion=True),
+                                 CropPlan(32, 32, 0, 0, 32, 32))
+    assert frames.shape[0] == 153
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    z = encode_video(load_vae(tiny_model_dir), pixels)[0]
+    assert z.shape[1] == 39
+    torch.testing.assert_close(cont["motion_latents"], z[:, :19])
+    torch.testing.assert_close(cont["latents"], z[:, 19:])
+
+    start_s, end_s = record.window.audio_span_s()
+    wave = media.decode_audio(video, start_s, end_s - start_s).samples
+    hidden = wav2vec2_hidden_states(*load_audio_encoder(tiny_model_dir), wave)
+    expected = audio_features_per_frame(hidden, first_frame=73, num_frames=80)
+    torch.testing.assert_close(cont["audio"], expected.to(torch.bfloat16), atol=1e-2, rtol=1e-2)
+    # Column by column: frame 73 + k of the span is the window's frame k.
+    span = audio_features_per_frame(hidden, first_frame=0, num_frames=153)
+    torch.testing.assert_close(cont["audio"][..., 5].float(), span[..., 78], atol=1e-2, rtol=1e-2)
