@@ -16,8 +16,8 @@ import random
 import threading
 import time
 import zlib
-from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
