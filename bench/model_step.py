@@ -48,6 +48,10 @@ def add_lora(model, rank: int):
     from peft import LoraConfig
 
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True))
+    # The fp32 LoRA weights run under the bf16 autocast: no fp32 copy of each LoRA input is made or saved.
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
     params = [p for p in model.parameters() if p.requires_grad]
     return params
 
@@ -86,6 +90,8 @@ def main(argv=None) -> int:
                     help="dtype of the residual stream between blocks (fp32 = the official model)")
     ap.add_argument("--ffn-chunk", type=int, default=0, help="FFN sequence chunk in tokens (0: off)")
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile of blocks and injectors")
+    ap.add_argument("--offload-inputs", action="store_true", help="keep checkpointed block inputs in pinned host RAM")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="append the result as one JSON line to this file")
@@ -99,9 +105,11 @@ def main(argv=None) -> int:
     if args.ffn_chunk:
         model.set_ffn_chunk_size(args.ffn_chunk)
     if not args.no_checkpointing:
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(offload_inputs=args.offload_inputs)
     model.train()
     params = add_lora(model, args.rank)
+    if args.compile:
+        model.compile_blocks()
     opt = torch.optim.AdamW(params, lr=1e-5)
     batch, target = inputs(args.mode, device, args.frames, args.width, args.height)
     build_s = time.perf_counter() - t0
@@ -112,7 +120,8 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        pred = model(**batch)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = model(**batch)
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         loss.backward()
         opt.step()
@@ -135,14 +144,14 @@ def main(argv=None) -> int:
     result = {
         "mode": args.mode, "tokens": seq, "frames": args.frames, "size": f"{args.width}x{args.height}",
         "attention": args.attention, "residual": args.residual, "ffn_chunk": args.ffn_chunk,
-        "checkpointing": not args.no_checkpointing, "lora_params": sum(p.numel() for p in params),
+        "checkpointing": not args.no_checkpointing, "compile": args.compile, "offload_inputs": args.offload_inputs, "lora_params": sum(p.numel() for p in params),
         "s_per_step": round(med, 3), "s_all": [round(t, 3) for t in times],
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "model_tflops_per_s": round(fl["model"] / med / 1e12, 1),
         "mfu": round(fl["model"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "hfu": round(fl["hardware"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
-        "loss": float(loss), "build_s": round(build_s, 1),
+        "loss": float(loss.detach()), "build_s": round(build_s, 1),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
     print(json.dumps(result))

@@ -329,7 +329,9 @@ def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+    """An fp32 Linear whatever the weights' dtype, also inside a bf16 autocast region (as the official model)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
 
 
 def xavier_init_(module: nn.Module) -> None:
