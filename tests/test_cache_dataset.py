@@ -17,6 +17,15 @@ from engine.data.synth import make_talking_clip
 from engine.data.windows import Window
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny encoders run 10-50x faster on one thread when other jobs share this CPU (no spin-waiting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def fake_plan(spec: dict[str, tuple[int, int, float]], motion_every: int = 0) -> CachePlan:
     """Records only (no cache): {dataset: (windows, repeats, weight)}; every `motion_every`-th has motion."""
     records, n = [], 0

@@ -21,6 +21,15 @@ from engine.data.dataset import CachedWindowDataset
 from engine.data.synth import make_talking_clip
 from engine.data.windows import MODEL_FPS, CropPlan, audio_features_per_frame
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny encoders run 10-50x faster on one thread when other jobs share this CPU (no spin-waiting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SMALL = dict(frames=8, motion_frames=5, windows_per_clip=2)
 
 
@@ -102,15 +111,35 @@ def test_modified_clip_rebuilds_only_its_entries(copy_of):
                    "audio": {r.audio_key for r in mine}}  # its caption is unchanged: no text entry
 
 
-def test_resolution_change_rebuilds_only_latents(copy_of):
+def test_cache_command_on_a_resolution_change_rebuilds_only_latents_and_prunes(copy_of, capsys):
+    from s2v_tui.cache_cmd import main
+
     root, config = copy_of
     before = entries(root / "cache")
+    preset = root / "run.toml"
+    preset.write_text(f"""
+[model]
+source = "{config.model.source}"
+[data]
+resolution = [32, 32]
+frames = 8
+motion_frames = 5
+windows_per_clip = 2
+cache_dir = "{root / 'cache'}"
+[[data.datasets]]
+path = "{root / 'ds'}"
+""", encoding="utf-8")
+    assert main([str(preset), "--device", "cpu", "--prune"]) == 0
+    out = capsys.readouterr().out
+    assert "VAE latents: 9/9" in out and "6 windows from 3 clips (3 with motion frames)" in out
+    assert "pruned 9 entries" in out  # the 64x48 latents of the 6 windows and 3 references
+    after = entries(root / "cache")
+    new = rebuilt(before, after)
+    assert set(new) == {"window", "reference"} and len(new["window"]) == 6 and len(new["reference"]) == 3
+    assert set(before) - set(after) == {p for p in before if p.parent.parent.name in ("window", "reference")}
     config.data.resolution = (32, 32)
-    plan = fill_cache(config, device="cpu")
-    new = rebuilt(before, entries(root / "cache"))
-    assert set(new) == {"window", "reference"}
-    assert new["window"] == {r.window_key for r in plan.records}
-    assert CachedWindowDataset(plan)[1]["latents"].shape == (16, 2, 4, 4)
+    assert CachedWindowDataset(fill_cache(config, device="cpu"))[1]["latents"].shape == (16, 2, 4, 4)
+    assert main([str(root / "missing.toml")]) == 2
 
 
 def test_caption_change_rebuilds_only_its_text(copy_of):

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from engine.data.cache import CacheEntryError, CacheStore
-from engine.data.cache_fill import CacheProgress, fill_cache  # noqa: F401 - part of this module's API
+from engine.data.cache_fill import CacheProgress, fill_cache, plan_cache  # noqa: F401 - fill_cache is API here
 from engine.data.cache_plan import TEXT_LEN, CachePlan, WindowRecord
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CachedWindowDataset", "DataPosition", "SampleRef", "WindowBatchSampler", "collate_windows",
+__all__ = ["CachedDataset", "CachedWindowDataset", "DataPosition", "SampleRef", "WindowBatchSampler", "collate_windows",
            "fill_cache", "CacheProgress"]
 
 
@@ -114,6 +114,21 @@ class CachedWindowDataset(torch.utils.data.Dataset):
         if isinstance(item, SampleRef):
             sample["position"] = DataPosition(item.epoch, item.batch)
         return sample
+
+
+class CachedDataset(CachedWindowDataset):
+    """The dataset of a run config over its filled cache: pass the plan fill_cache returned, or let it re-plan
+    (the dataset check and header reads only: seconds) and refuse a cache with missing entries."""
+
+    def __init__(self, config, plan: CachePlan | None = None) -> None:
+        if plan is None:
+            work, _, _ = plan_cache(config)
+            missing = len(work.references) + len(work.windows) + len(work.audio) + len(work.texts)
+            if missing:
+                raise ValueError(f"the cache in {config.cache_path()} lacks {missing} entries for this config; "
+                                 f"run `s2v-tui cache PRESET.toml` first")
+            plan = work.plan
+        super().__init__(plan)
 
 
 def collate_windows(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
