@@ -84,6 +84,7 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     from engine.data.cache_plan import CacheSettings
+    from engine.data.problems import DataError
 
     settings = CacheSettings(verify_existing=args.verify)
     stop = threading.Event()
@@ -118,7 +119,7 @@ def main(argv: list[str]) -> int:
         print("cache filling interrupted: the entries written so far are whole and kept; run the same command "
               "to continue", file=sys.stderr)
         return EXIT_PROBLEMS
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, DataError) as exc:
         print(f"s2v-tui cache: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
     out = sys.stdout

@@ -231,3 +231,45 @@ def test_model_windows_targets_motion_split_and_audio_columns(tmp_path, tiny_mod
     # Column by column: frame 73 + k of the span is the window's frame k.
     span = audio_features_per_frame(hidden, first_frame=0, num_frames=153)
     torch.testing.assert_close(cont["audio"][..., 5].float(), span[..., 78], atol=1e-2, rtol=1e-2)
+
+
+def test_silent_clip_reference_image_and_stop(tmp_path, tiny_model_dir):
+    """Zero features for a clip allowed to train without audio; a metadata reference image is encoded
+    fitted to the bucket; a stop mid-way keeps what was written and the next fill finishes the rest."""
+    import json
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    from engine.models.components import encode_video, load_vae
+
+    ds = tmp_path / "ds"
+    make_talking_clip(ds, "mute", fps=16, size=(64, 48), duration_s=1.0, audio="none", use_espeak=False)
+    make_talking_clip(ds, "face", fps=16, size=(64, 48), duration_s=1.0, seed=4, use_espeak=False)
+    image = np.random.default_rng(0).integers(0, 255, (96, 160, 3), dtype=np.uint8)  # wider than the bucket
+    Image.fromarray(image).save(ds / "face_ref.png")
+    (ds / "metadata.jsonl").write_text(json.dumps({"file_name": "face.mp4", "caption": "A face.",
+                                                   "reference_image": "face_ref.png"}) + "\n")
+    config = make_config(ds, tmp_path / "cache", tiny_model_dir, allow_silent_audio=True, **SMALL)
+
+    stop, seen = threading.Event(), []
+
+    def progress(p):
+        seen.append(p.phase)
+        if p.phase == "vae":
+            stop.set()  # stop after the first written batch
+
+    plan = fill_cache(config, progress, device="cpu", stop=stop)
+    assert not plan.complete and "audio" not in seen
+    with pytest.raises(ValueError, match="s2v-tui cache"):
+        CachedWindowDataset(plan)
+    plan = fill_cache(config, device="cpu")
+    assert plan.complete and [r.clip_id for r in plan.records] == ["ds/face.mp4"] * 2 + ["ds/mute.mp4"] * 2
+    data = CachedWindowDataset(plan)
+    assert data[3]["audio"].shape == (3, 32, 8) and data[3]["audio"].abs().sum() == 0
+    assert data[0]["audio"].abs().sum() > 0
+    # 160x96 scaled to cover 64x48 is 80x48, centre-cropped to columns 8..72.
+    fitted = np.asarray(Image.fromarray(image).resize((80, 48), Image.Resampling.BICUBIC))[:, 8:72]
+    pixels = torch.from_numpy(fitted).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1.0
+    torch.testing.assert_close(data[0]["ref_latents"], encode_video(load_vae(tiny_model_dir), pixels)[0])
