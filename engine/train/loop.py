@@ -14,6 +14,7 @@ import math
 import random
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -211,7 +212,11 @@ class Trainer:
             self.in_a_row = 0
             if self.ema:
                 self.ema.update()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped update still advances the schedule (it is tied to the step count); torch warns about
+            # exactly that order, which is intended here.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         mean_loss = sum(losses) / len(losses)

@@ -1,0 +1,211 @@
+"""The engine end to end on the tiny model (CPU): run(), the loop, LoRA export, stop and resume in-process."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from engine.config import with_value
+from engine.events import EVENTS_FILENAME, read_events
+from engine.runner import run
+from engine.train.lora import (LoraFileError, add_lora, check_native_keys, get_lora_state, load_lora,
+                               native_reference_modules, to_native_layout)
+from s2v_tui.demo import DEMO_STEPS, demo_config, demo_dataset
+
+
+def _config(model_dir, tmp_path, **overrides):
+    config = demo_config(model_dir, tmp_path / "runs")
+    for key, value in overrides.items():
+        config = with_value(config, key.replace("__", "."), value)
+    return config
+
+
+def _kinds(run_dir, kind):
+    return [e for e in read_events(run_dir / EVENTS_FILENAME) if e.kind == kind]
+
+
+def _losses(run_dir) -> dict[int, float]:
+    # Last value per step: a resumed run repeats the steps after its checkpoint.
+    return {e.step: e.loss for e in _kinds(run_dir, "step_end")}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_model_dir, tmp_path_factory):
+    """The demo's run (settings and step budget), once for the tests that read its results."""
+    tmp = tmp_path_factory.mktemp("demo")
+    config = demo_config(tiny_model_dir, tmp / "runs")
+    events = []
+    end = run(config, [events.append], threading.Event(), dataset=demo_dataset(), device="cpu")
+    return config, config.run_path(), end, events
+
+
+def test_demo_run_completes_with_every_event(demo_run):
+    config, run_dir, end, events = demo_run
+    assert end.status == "completed", end.reason
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_ended"
+    assert [e.phase for e in events if e.kind == "phase_changed"] == ["check", "cache", "load", "train", "export",
+                                                                       "done"]
+    steps = [e for e in events if e.kind == "step_end"]
+    assert [e.step for e in steps] == list(range(1, DEMO_STEPS + 1))
+    last = steps[-1]
+    assert last.s_per_step > 0 and last.samples_per_s > 0 and last.eta_s == 0 and last.host_rss_bytes > 0
+    assert last.grad_norm is not None and last.lr == config.optim.lr
+    # The same events are in the run folder, with the frozen config and the log.
+    assert [e.kind for e in read_events(run_dir / EVENTS_FILENAME)] == kinds
+    assert (run_dir / "config.resolved.toml").exists()
+    assert "exported the LoRA" in (run_dir / "train.log").read_text()
+
+
+def test_loss_of_lora_overfitting_two_clips_halves(demo_run):
+    _, run_dir, _, _ = demo_run
+    losses = [loss for _, loss in sorted(_losses(run_dir).items())]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last <= 0.5 * first, f"loss {first:.3f} -> {last:.3f} in {len(losses)} steps"
+
+
+def test_both_export_layouts_reload_to_the_final_weights(demo_run, tiny_model_dir):
+    config, run_dir, end, _ = demo_run
+    from engine.train.checkpoint import find_resume_state
+
+    final, _, _ = find_resume_state(run_dir)
+    peft_state, peft_meta = load_lora(end.outputs["peft"])
+    native_state, native_meta = load_lora(end.outputs["native"])
+    assert peft_state.keys() == native_state.keys() == final["lora"].keys()
+    for key, value in final["lora"].items():
+        assert torch.equal(peft_state[key], value) and torch.equal(native_state[key], value)
+    for meta in (peft_meta, native_meta):
+        assert meta["base_model"] == str(tiny_model_dir) and meta["rank"] == "8" and float(meta["alpha"]) == 8.0
+        assert meta["steps"] == str(DEMO_STEPS) and meta["config_hash"] == config.config_hash()
+    assert peft_meta["layout"] == "peft" and native_meta["layout"] == "native"
+    assert all(k.startswith("transformer.") for k in _file_keys(end.outputs["peft"]))
+    keys = _file_keys(end.outputs["native"])
+    assert all(k.startswith("diffusion_model.") for k in keys)
+    assert any(k.endswith(".self_attn.q.lora_down.weight") for k in keys)
+    assert any(k.endswith(".alpha") for k in keys)
+
+
+def _file_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return list(f.keys())
+
+
+def _tiny_model(model_dir, config):
+    from engine.runner import _load_model
+
+    return _load_model(config, torch.device("cpu"))
+
+
+def test_only_lora_parameters_change(tiny_model_dir, tmp_path):
+    from engine.train.loop import Trainer
+
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=4, checkpoint__every_steps=0)
+    model = _tiny_model(tiny_model_dir, config)
+    base = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    lora = get_lora_state(model)
+    assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
+    trainer = Trainer(config, model, demo_dataset(), tmp_path / "run", lambda e: None, threading.Event(),
+                      torch.device("cpu"), config.config_hash())
+    assert trainer.run().status == "completed"
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    changed = get_lora_state(model)
+    assert any(not torch.equal(changed[k], v) for k, v in lora.items() if ".lora_B." in k)
+
+
+def test_native_keys_of_the_14b_model_map_onto_the_manifest():
+    from engine.config import DEFAULT_LORA_TARGETS
+    from engine.models.s2v_transformer import S2VTransformer3DModel
+
+    with torch.device("meta"):
+        model = S2VTransformer3DModel()
+    modules = add_lora(model, 16, 16.0, 0.0, list(DEFAULT_LORA_TARGETS), "default", 0)
+    assert len(modules) == 368
+    state = {n.replace(".default.", "."): p for n, p in model.named_parameters() if ".lora_" in n}
+    keys = to_native_layout(state, 16.0)
+    assert len(keys) == 3 * 368
+    check_native_keys(keys, native_reference_modules(model))  # the 14B manifest
+    with pytest.raises(LoraFileError, match="name no module"):
+        check_native_keys(["diffusion_model.blocks.0.attn1.to_q.lora_down.weight"], native_reference_modules(model))
+
+
+def test_stop_event_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=10, checkpoint__every_steps=4)
+    reference = run(config, [], threading.Event(), run_dir=tmp_path / "ref", dataset=demo_dataset(), device="cpu")
+    assert reference.status == "completed"
+
+    stop = threading.Event()
+
+    def stop_at_6(event):
+        if event.kind == "step_end" and event.step == 6:
+            stop.set()
+
+    stopped = run(config, [stop_at_6], stop, run_dir=tmp_path / "resumed", dataset=demo_dataset(), device="cpu")
+    assert stopped.status == "stopped" and "step 6" in stopped.reason
+    saved = _kinds(tmp_path / "resumed", "checkpoint_saved")
+    assert [(e.step, e.reason) for e in saved] == [(4, "interval"), (6, "stop")]
+
+    resumed = run(config, [], threading.Event(), run_dir=tmp_path / "resumed", dataset=demo_dataset(), device="cpu")
+    assert resumed.status == "completed"
+    starts = _kinds(tmp_path / "resumed", "run_started")
+    assert [e.resumed_from_step for e in starts] == [0, 6]
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "ref")
+    a, _ = load_lora(reference.outputs["peft"])
+    b, _ = load_lora(resumed.outputs["peft"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_newest_checkpoint_is_skipped_with_a_warning(tiny_model_dir, tmp_path):
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=6, checkpoint__every_steps=3)
+    run_dir = tmp_path / "run"
+    assert run(config, [], None, run_dir=run_dir, dataset=demo_dataset(), device="cpu").status == "completed"
+    newest = run_dir / "checkpoints" / "step-00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    end = run(config, [], None, run_dir=run_dir, dataset=demo_dataset(), device="cpu")
+    assert end.status == "completed"
+    warnings = [e for e in _kinds(run_dir, "warning") if e.code == "checkpoint_skipped"]
+    assert len(warnings) == 1 and "step-00000006.pt" in warnings[0].message
+    assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 3
+
+
+def test_full_disk_during_the_run_warns_and_keeps_training(tiny_model_dir, tmp_path, monkeypatch):
+    import errno
+
+    from engine.train import checkpoint as ckpt
+
+    real = ckpt.atomic_write_bytes
+
+    def fill_after_step_2(path, data):
+        if "step-00000002" not in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", fill_after_step_2)
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=5, checkpoint__every_steps=2)
+    run_dir = tmp_path / "run"
+    end = run(config, [], None, run_dir=run_dir, dataset=demo_dataset(), device="cpu")
+    assert end.status == "completed"  # the LoRA itself is still exported
+    failed = [e for e in _kinds(run_dir, "warning") if e.code == "checkpoint_failed"]
+    assert len(failed) == 2 and "(step 2) is intact" in failed[0].message  # step 4 and the final one
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000002.pt"]
+
+
+def test_unbuilt_memory_switch_fails_loudly(tiny_model_dir, tmp_path):
+    config = _config(tiny_model_dir, tmp_path, memory__block_offload=True)
+    end = run(config, [], None, run_dir=tmp_path / "run", dataset=demo_dataset(), device="cpu")
+    assert end.status == "failed" and "memory.block_offload" in end.reason
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    from engine.train import loop
+
+    real = loop.flow_loss
+    monkeypatch.setattr(loop, "flow_loss", lambda p, t: real(p, t) * float("nan"))
+    config = _config(tiny_model_dir, tmp_path, train__nonfinite_max_in_a_row=3)
+    end = run(config, [], None, run_dir=tmp_path / "run", dataset=demo_dataset(), device="cpu")
+    assert end.status == "failed" and "3 steps in a row" in end.reason
+    steps = _kinds(tmp_path / "run", "step_end")
+    assert [e.skipped_nonfinite for e in steps] == [1, 2, 3]
