@@ -1,14 +1,36 @@
 """Command line entry point: picks the face (TUI, headless run) or a scripted job.
 
-Heavy imports (torch, textual) happen inside the command that needs them, so `--help` stays instant.
+    s2v-tui [CONFIG.toml]                 the terminal app
+    s2v-tui --run PRESET.toml [--set K=V] the whole job headless (check, cache, train, export)
+    s2v-tui SUBCOMMAND ...                check, cache, attach, demo, tiny-model
+
+Each subcommand owns its arguments (`s2v-tui check --help`). Heavy imports (torch, textual) happen inside the
+command that needs them, so `--help` stays instant.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+SUBCOMMANDS = {
+    "check": ("s2v_tui.check_cmd", "inspect a dataset without a GPU: what each clip gives, every problem and its fix"),
+    "cache": ("s2v_tui.cache_cmd", "encode latents, text and audio features of a preset's datasets into the cache"),
+    "attach": ("s2v_tui.tui_main:main_attach", "follow a run started elsewhere (headless, another SSH session)"),
+    "demo": ("s2v_tui.demo", "the whole job on a tiny generated model and synthetic clips, on the CPU"),
+    "tiny-model": ("s2v_tui.cli:tiny_model_main", "write a tiny S2V model folder in the real layout"),
+}
 
-def _cmd_tiny_model(args: argparse.Namespace) -> int:
+
+def tiny_model_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="s2v-tui tiny-model",
+        description="Write a tiny S2V model folder (same classes and layout as the real one) for tests and demos.",
+    )
+    parser.add_argument("out_dir", help="folder to write (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic random weights")
+    parser.add_argument("--layout", choices=("diffusers", "native"), default="diffusers",
+                        help="key layout of the transformer weights (default: diffusers)")
+    args = parser.parse_args(argv)
     from engine.models.tiny import write_tiny_model
 
     out = write_tiny_model(args.out_dir, seed=args.seed, layout=args.layout)
@@ -16,36 +38,50 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _call(target: str, argv: list[str]) -> int:
+    import importlib
+
+    module_name, _, func = target.partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, func or "main")(argv) or 0)
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="s2v-tui",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train LoRA adapters for Wan 2.2 S2V 14B: terminal app, headless runs and dataset tools.",
+        epilog=f"subcommands (each has --help):\n{lines}",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    tiny = sub.add_parser(
-        "tiny-model",
-        help="write a tiny S2V model folder (same classes and layout as the real one) for tests and demos",
-    )
-    tiny.add_argument("out_dir", help="folder to write (created if missing)")
-    tiny.add_argument("--seed", type=int, default=0, help="seed of the deterministic random weights")
-    tiny.add_argument(
-        "--layout",
-        choices=("diffusers", "native"),
-        default="diffusers",
-        help="key layout of the transformer weights (default: diffusers)",
-    )
-    tiny.set_defaults(func=_cmd_tiny_model)
+    parser.add_argument("config", nargs="?", help="run config TOML to open in the terminal app")
+    parser.add_argument("--run", metavar="PRESET.toml", help="run the whole job headless, no terminal app")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --run: override one config key (repeatable), e.g. --set optim.lr=5e-5")
+    parser.add_argument("--run-dir", help="with --run: the run folder (default: from the config)")
+    parser.add_argument("--runs", help="folder of run folders for the terminal app (default ./runs)")
+    parser.add_argument("--fake", action="store_true", help="terminal app with a fake GPU and engine (a tour)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return _call(SUBCOMMANDS[argv[0]][0], argv[1:])
+    args = _top_parser().parse_args(argv)
+    if args.run:
+        if args.config:
+            print("error: give either a config to open in the app or --run PRESET.toml, not both", file=sys.stderr)
+            return 2
+        from s2v_tui.headless import run_headless
+
+        return run_headless(args.run, overrides=args.overrides, run_dir=args.run_dir)
+    if args.overrides or args.run_dir:
+        print("error: --set and --run-dir go with --run PRESET.toml", file=sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    tui_argv = ([args.config] if args.config else []) + (["--runs", args.runs] if args.runs else [])
+    tui_argv += ["--fake"] if args.fake else []
+    return _call("s2v_tui.tui_main:main_tui", tui_argv)
 
 
 if __name__ == "__main__":
