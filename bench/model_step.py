@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -92,6 +93,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of blocks and injectors")
     ap.add_argument("--offload-inputs", action="store_true", help="keep checkpointed block inputs in pinned host RAM")
+    ap.add_argument("--stream-blocks", type=int, default=-1, metavar="RESIDENT",
+                    help="stream block weights from pinned host RAM, keeping RESIDENT blocks on the GPU (-1: off)")
+    ap.add_argument("--vram-cap-gib", type=float, default=0,
+                    help="emulate a smaller card: cap this process's GPU memory (set_per_process_memory_fraction)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="append the result as one JSON line to this file")
@@ -108,6 +113,13 @@ def main(argv=None) -> int:
         model.enable_gradient_checkpointing(offload_inputs=args.offload_inputs)
     model.train()
     params = add_lora(model, args.rank)
+    host_weights = 0
+    if args.stream_blocks >= 0:
+        host_weights = model.enable_block_streaming(resident=args.stream_blocks)
+        torch.cuda.empty_cache()
+    if args.vram_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.vram_cap_gib * 2**30 / total, device)
     if args.compile:
         model.compile_blocks()
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -148,6 +160,9 @@ def main(argv=None) -> int:
         "s_per_step": round(med, 3), "s_all": [round(t, 3) for t in times],
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "stream_blocks": args.stream_blocks, "vram_cap_gib": args.vram_cap_gib,
+        "host_pinned_weights_gib": round(host_weights / 2**30, 2),
+        "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "model_tflops_per_s": round(fl["model"] / med / 1e12, 1),
         "mfu": round(fl["model"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "hfu": round(fl["hardware"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),

@@ -17,9 +17,13 @@ import torch
 
 
 class HostActivationStore:
-    """Pinned host copies of the saved block inputs of one step, with prefetch in backward order."""
+    """Pinned host copies of the saved block inputs of one step, with prefetch in backward order.
 
-    def __init__(self):
+    offload=False keeps the inputs where they are (used when block streaming needs this re-entrant recompute but
+    the inputs fit on the GPU)."""
+
+    def __init__(self, offload: bool = True):
+        self.offload = offload
         self._buffers: dict[tuple, list[torch.Tensor]] = {}
         self._saved: list = []  # per forward call: (host buffer, copy-done event or None)
         self._loaded: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
@@ -47,6 +51,9 @@ class HostActivationStore:
         return pool[used]
 
     def save(self, x: torch.Tensor) -> int:
+        if not self.offload:
+            self._saved.append((x, None, None))
+            return len(self._saved) - 1
         host = self._buffer(x)
         if x.is_cuda:
             stream = self._side_stream(x.device)
@@ -66,6 +73,9 @@ class HostActivationStore:
         if index < 0 or index in self._loaded or index >= len(self._saved):
             return
         host, saved_event, device = self._saved[index]
+        if device is None:  # kept in place
+            self._loaded[index] = (host, None)
+            return
         if device.type != "cuda":
             self._loaded[index] = (host.clone(), None)
             return
@@ -92,10 +102,10 @@ class HostActivationStore:
 
 class _HostCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, run, store, *args):
+    def forward(ctx, x, run, store, hooks, *args):
         if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             raise ValueError("host checkpoint: only the block input may require grad")
-        ctx.run, ctx.store, ctx.args = run, store, args
+        ctx.run, ctx.store, ctx.args, ctx.hooks = run, store, args, hooks
         ctx.index = store.save(x)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         ctx.device = x.device
@@ -106,6 +116,9 @@ class _HostCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        before, after = ctx.hooks
+        if before is not None:
+            before()
         x = ctx.store.load(ctx.index).detach().requires_grad_(True)
         enabled, dtype = ctx.autocast
         # Recompute with the forward's RNG state (LoRA dropout) and autocast state.
@@ -117,13 +130,19 @@ class _HostCheckpoint(torch.autograd.Function):
             with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
                 out = ctx.run(x, *ctx.args)
         torch.autograd.backward(out, grad_out)
-        return (x.grad, None, None) + (None,) * len(ctx.args)
+        if after is not None:
+            after()
+        return (x.grad, None, None, None) + (None,) * len(ctx.args)
 
 
-def host_checkpoint(run, x: torch.Tensor, store: HostActivationStore, *args) -> torch.Tensor:
-    """run(x, *args) with x kept in host memory until the backward pass recomputes the block."""
+def host_checkpoint(run, x: torch.Tensor, store: HostActivationStore, *args, before_backward=None,
+                    after_backward=None) -> torch.Tensor:
+    """run(x, *args) with x kept in host memory until the backward pass recomputes the block.
+
+    before_backward/after_backward run around the recompute + backward of this block (block streaming uses
+    them to bring the block's weights in and out)."""
     if not x.requires_grad:
         # The trainable weights are inside `run`, not inputs of the autograd Function: the output only joins the
         # graph when an input requires grad (the first block's input comes from frozen embeddings).
         x = x.detach().requires_grad_(True)
-    return _HostCheckpoint.apply(x, run, store, *args)
+    return _HostCheckpoint.apply(x, run, store, (before_backward, after_backward), *args)

@@ -151,6 +151,7 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # compute dtype after each block (the diffusers port's behaviour, half the activation memory).
         self.residual_fp32 = True
         self._host_store: HostActivationStore | None = None
+        self._streamer = None
         self._rope_cache: dict = {}
 
     @classmethod
@@ -173,10 +174,25 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError("checkpoint interval must be >= 1")
         self.gradient_checkpointing = True
         self.checkpoint_interval = interval
-        self._host_store = HostActivationStore() if offload_inputs else None
+        self._host_store = HostActivationStore(offload=True) if offload_inputs else None
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
+
+    def enable_block_streaming(self, resident: int = 0) -> int:
+        """Keep the frozen weights of blocks (and their audio injectors) in pinned host memory, streamed to the
+        GPU ahead of use; `resident` first blocks stay on the GPU. The model must already be on its CUDA device,
+        LoRA adapters added. Returns the bytes now held in host memory."""
+        from engine.models.block_stream import BlockStreamer
+
+        block_of_injector = {inj: blk for blk, inj in self.injector_of_block.items()}
+        units = [[b] for b in self.blocks]
+        for inj, blk in block_of_injector.items():
+            units[blk].append(self.audio_injector.injector[inj])
+            if self.audio_injector.injector_adain_layers is not None:
+                units[blk].append(self.audio_injector.injector_adain_layers[inj])
+        self._streamer = BlockStreamer(units, self.patch_embedding.weight.device, resident)
+        return self._streamer.host_bytes()
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """Regional torch.compile: each block and each audio-injector module, sharing one graph per kind.
@@ -301,18 +317,7 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         context = self.condition_embedder.text_embedder(context)
 
-        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
-        if recompute and self._host_store is not None:
-            self._host_store.begin_step()
-        for i in range(len(self.blocks)):
-            rest = (e0, n_video, rope, context, residual_dtype, audio_local, audio_global)
-            if recompute and i % self.checkpoint_interval == 0:
-                if self._host_store is not None:
-                    x = host_checkpoint(functools.partial(self._block_and_injector, i), x, self._host_store, *rest)
-                else:
-                    x = checkpoint(self._block_and_injector, i, x, *rest, use_reentrant=False)
-            else:
-                x = self._block_and_injector(i, x, *rest)
+        x = self._run_blocks(x, (e0, n_video, rope, context, residual_dtype, audio_local, audio_global))
 
         x = x[:, :n_video]
         shift, scale = (self.scale_shift_table.float() + e[:, None]).chunk(2, dim=1)
@@ -323,6 +328,41 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         out = out.view(b, gt, gh, gw, pt, ph, pw, cfg.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, cfg.out_channels, gt * pt, gh * ph, gw * pw)
+
+    def _run_blocks(self, x, rest):
+        streamer = self._streamer
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        if streamer is not None and torch.is_grad_enabled() and not (recompute and self.checkpoint_interval == 1):
+            raise RuntimeError("block streaming trains only with gradient checkpointing of every block "
+                               "(enable_gradient_checkpointing(interval=1)): a streamed block's weights leave the "
+                               "GPU after its forward, so its backward must recompute it")
+        store = self._host_store
+        if recompute and streamer is not None and store is None:
+            store = self._inplace_store = getattr(self, "_inplace_store", None) or HostActivationStore(offload=False)
+        if recompute and store is not None:
+            store.begin_step()
+        for i in range(len(self.blocks)):
+            if streamer is not None:
+                streamer.ensure(i)
+                streamer.fetch(i + 1)
+            if recompute and i % self.checkpoint_interval == 0:
+                if store is not None:
+                    hooks = {}
+                    if streamer is not None:
+                        hooks = dict(before_backward=functools.partial(self._stream_in_for_backward, i),
+                                     after_backward=functools.partial(streamer.release, i))
+                    x = host_checkpoint(functools.partial(self._block_and_injector, i), x, store, *rest, **hooks)
+                else:
+                    x = checkpoint(self._block_and_injector, i, x, *rest, use_reentrant=False)
+            else:
+                x = self._block_and_injector(i, x, *rest)
+            if streamer is not None:
+                streamer.release(i)
+        return x
+
+    def _stream_in_for_backward(self, i: int) -> None:
+        self._streamer.ensure(i)
+        self._streamer.fetch(i - 1)
 
     def _block_and_injector(self, i, x, e0, n_video, rope, context, residual_dtype, audio_local, audio_global):
         x = self.blocks[i](x, e0, n_video, rope, context, residual_dtype)

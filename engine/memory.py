@@ -1,0 +1,187 @@
+"""Memory model: what a run config needs in GPU memory and host RAM, calibrated on measured 14B steps.
+
+Peak GPU memory of a LoRA step = frozen weights on the GPU + LoRA state + saved block inputs kept on the GPU +
+the working set of one block's recompute and backward (+ allocator slack, for the reserved figure):
+
+- frozen weights: all of them, or with block streaming the non-block part plus the resident units plus two
+  units in flight (a unit = one block and the audio injector after it);
+- LoRA state: fp32 weight, gradient and two AdamW moments per LoRA parameter (+ one with EMA);
+- saved block inputs: one [S, D] tensor per checkpointed block (bf16 residual), two on the GPU when offloaded;
+- working set: `WORK_BYTES_PER_TOKEN_DIM` x S x D, measured (BENCHMARKS.md), S the longest sequence the config
+  trains (continuation mode with motion tokens when motion frames are on).
+
+Host RAM = pinned streamed weights + pinned saved inputs (when offloaded) + the process baseline.
+
+The constants are fitted to the rows of `CALIBRATION` (each a run in BENCHMARKS.md) and a test holds every
+prediction within 10% of its measured peak. No figure here is a guess: a config far outside the calibrated
+range (another resolution class, no checkpointing) is predicted by the same terms, and said to be extrapolated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+
+# The 14B architecture (spec section 11.1).
+DIM = 5120
+LAYERS = 40
+PARAMS_TOTAL = 16_295_755_609
+PARAMS_BLOCK = 351_394_304
+PARAMS_INJECTOR = 104_888_320 + 52_439_040  # cross-attention + AdaLN linear
+INJECTORS = 12
+LORA_PARAMS_PER_RANK = 60_293_120 // 16  # the 368 attention Linears, 5120 -> r -> 5120
+
+# Working set of one block's recompute + backward, bytes per (token x model dim); fitted on CALIBRATION.
+WORK_BYTES_PER_TOKEN_DIM = {"gpu_inputs": 52.2, "host_inputs": 62.0}
+# Reserved / allocated at the peak (allocator slack), measured with expandable segments.
+RESERVED_OVER_ALLOCATED = 1.18
+# Host memory of the process besides pinned buffers (Python, torch, CUDA context, data pipeline).
+HOST_BASELINE_BYTES = 6 * GIB
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One measured step (BENCHMARKS.md), the ground truth of the model."""
+    label: str
+    tokens: int
+    offload_inputs: bool
+    stream_resident: int | None  # None = no block streaming
+    peak_alloc_gib: float
+
+
+CALIBRATION = (
+    Calibration("compiled, first clip, inputs on GPU", 34_320, False, None, 52.97),
+    Calibration("compiled, continuation, inputs on GPU", 36_634, False, None, 54.24),
+    Calibration("compiled, first clip, inputs in host RAM", 34_320, True, None, 41.79),
+    Calibration("compiled, continuation, inputs in host RAM", 36_634, True, None, 42.25),
+)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    vram_bytes: int  # peak allocated
+    vram_reserved_bytes: int  # what the card must have free
+    host_bytes: int
+    tokens: int
+    parts: dict
+
+    def summary(self) -> str:
+        return (f"{self.vram_reserved_bytes / GIB:.1f} GiB GPU, {self.host_bytes / GIB:.1f} GiB host RAM "
+                f"({self.tokens:,} tokens)")
+
+
+def sequence_tokens(width: int, height: int, frames: int, motion: bool) -> int:
+    """Tokens of one training window: video latents + one reference latent (+ framepack motion tokens)."""
+    latents = frames // 4 if frames % 4 == 0 else 1 + (frames - 1) // 4
+    per_frame = (height // 16) * (width // 16)
+    tokens = latents * per_frame + per_frame
+    if motion:
+        tokens += per_frame + (height // 32) * (width // 32) + 4 * (height // 64) * (width // 64)
+    return tokens
+
+
+def _unit_params(i: int, inject_layers=(0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)) -> int:
+    return PARAMS_BLOCK + (PARAMS_INJECTOR if i in inject_layers else 0)
+
+
+def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 16, ema: bool = False,
+                   checkpoint_interval: int = 1, offload_inputs: bool = False,
+                   stream_resident: int | None = None, batch: int = 1) -> MemoryEstimate:
+    units = [_unit_params(i) for i in range(LAYERS)]
+    rest = PARAMS_TOTAL - sum(units)
+    if stream_resident is None:
+        gpu_weights = PARAMS_TOTAL * weight_bytes
+        host_weights = 0.0
+    else:
+        resident = min(stream_resident, LAYERS)
+        in_flight = sorted(units[resident:], reverse=True)[:2]
+        gpu_weights = (rest + sum(units[:resident]) + sum(in_flight)) * weight_bytes
+        host_weights = sum(units[resident:]) * weight_bytes
+    lora = LORA_PARAMS_PER_RANK * lora_rank * 4 * (4 + (1 if ema else 0))
+    saved = -(-LAYERS // checkpoint_interval)
+    one_input = batch * tokens * DIM * 2
+    if offload_inputs:
+        gpu_inputs, host_inputs = 2 * one_input, saved * one_input
+    else:
+        gpu_inputs, host_inputs = saved * one_input, 0
+    work_key = "host_inputs" if offload_inputs else "gpu_inputs"
+    work = WORK_BYTES_PER_TOKEN_DIM[work_key] * batch * tokens * DIM * checkpoint_interval
+    parts = {"weights": gpu_weights, "lora_state": lora, "saved_inputs": gpu_inputs, "working_set": work}
+    vram = sum(parts.values())
+    host = host_weights + host_inputs + HOST_BASELINE_BYTES
+    return MemoryEstimate(int(vram), int(vram * RESERVED_OVER_ALLOCATED), int(host), tokens,
+                          {k: int(v) for k, v in parts.items()})
+
+
+def estimate(config) -> MemoryEstimate:
+    """The estimate for a run config (engine.config.Config)."""
+    mem = config.memory
+    width, height = config.data.resolution
+    motion = config.data.motion_frames > 0
+    tokens = sequence_tokens(width, height, config.data.frames, motion)
+    weight_bytes = {"bf16": 2.0, "int8": 1.0, "fp8": 1.0}[mem.base_weights]
+    return estimate_parts(
+        tokens,
+        weight_bytes=weight_bytes,
+        lora_rank=config.lora.rank,
+        ema=config.optim.ema.enabled,
+        checkpoint_interval=mem.checkpoint_interval if mem.gradient_checkpointing else 1,
+        offload_inputs=mem.offload_checkpoint_inputs,
+        stream_resident=mem.blocks_resident if mem.block_offload else None,
+        batch=config.optim.batch_size,
+    )
+
+
+def predict(config) -> tuple[int, int]:
+    """(GPU bytes the card must have free, host RAM bytes) for the preset picker."""
+    est = estimate(config)
+    return est.vram_reserved_bytes, est.host_bytes
+
+
+class PreflightError(RuntimeError):
+    pass
+
+
+def preflight(config, free_vram_bytes: int | None, host_available_bytes: int | None,
+              presets: dict[str, object] | None = None) -> MemoryEstimate:
+    """Refuse, before any weight is loaded, a config predicted not to fit; name the preset to pick instead."""
+    est = estimate(config)
+    problems = []
+    if free_vram_bytes is not None and est.vram_reserved_bytes > free_vram_bytes:
+        problems.append(f"needs about {est.vram_reserved_bytes / GIB:.1f} GiB of GPU memory, "
+                        f"{free_vram_bytes / GIB:.1f} GiB are free")
+    if host_available_bytes is not None and est.host_bytes > host_available_bytes:
+        problems.append(f"needs about {est.host_bytes / GIB:.1f} GiB of host RAM, "
+                        f"{host_available_bytes / GIB:.1f} GiB are available")
+    if problems:
+        hint = ""
+        if presets:
+            fitting = recommend(presets, free_vram_bytes, host_available_bytes)
+            hint = (f" Pick the preset {fitting!r} instead (`extends` it in your config)." if fitting
+                    else " No shipped preset fits this machine.")
+        raise PreflightError(f"this config {' and '.join(problems)}.{hint}")
+    return est
+
+
+def recommend(presets: dict[str, object], free_vram_bytes: int | None,
+              host_available_bytes: int | None) -> str | None:
+    """The preset that fits with the most GPU memory to use (fastest first: more resident = fewer copies)."""
+    best, best_need = None, -1
+    for name, cfg in presets.items():
+        need_vram, need_host = predict(cfg)
+        if free_vram_bytes is not None and need_vram > free_vram_bytes:
+            continue
+        if host_available_bytes is not None and need_host > host_available_bytes:
+            continue
+        if need_vram > best_need:
+            best, best_need = name, need_vram
+    return best
+
+
+def calibration_errors() -> list[tuple[str, float, float]]:
+    """(label, predicted GiB, measured GiB) for each calibration row."""
+    rows = []
+    for c in CALIBRATION:
+        est = estimate_parts(c.tokens, offload_inputs=c.offload_inputs, stream_resident=c.stream_resident)
+        rows.append((c.label, est.vram_bytes / GIB, c.peak_alloc_gib))
+    return rows

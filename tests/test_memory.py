@@ -1,0 +1,52 @@
+"""The memory model against the measured 14B steps, and the pre-flight refusal."""
+import pytest
+
+from engine.config import Config
+from engine.memory import (CALIBRATION, GIB, PreflightError, calibration_errors, estimate, estimate_parts,
+                           preflight, recommend, sequence_tokens)
+
+
+def test_predictions_within_ten_percent_of_every_measured_peak():
+    rows = calibration_errors()
+    assert len(rows) == len(CALIBRATION) >= 4
+    for label, predicted, measured in rows:
+        assert abs(predicted - measured) / measured <= 0.10, label
+
+
+def test_token_arithmetic_matches_the_spec():
+    assert sequence_tokens(832, 480, 81, motion=False) == 34_320
+    assert sequence_tokens(832, 480, 80, motion=True) == 35_074
+    assert sequence_tokens(832, 480, 80, motion=False) == 32_760
+
+
+def test_each_switch_moves_memory_the_right_way():
+    base = estimate_parts(35_074)
+    offloaded = estimate_parts(35_074, offload_inputs=True)
+    streamed = estimate_parts(35_074, offload_inputs=True, stream_resident=0)
+    some_resident = estimate_parts(35_074, offload_inputs=True, stream_resident=10)
+    assert base.vram_bytes > offloaded.vram_bytes > some_resident.vram_bytes > streamed.vram_bytes
+    assert streamed.host_bytes > offloaded.host_bytes > base.host_bytes
+    # Streaming keeps the non-block weights plus two units in flight: under 3 GiB of the 30 GiB of weights.
+    assert streamed.parts["weights"] < 3 * GIB < 30 * GIB < base.parts["weights"]
+
+
+def test_preflight_refuses_with_the_preset_to_pick():
+    big = Config()
+    small = Config()
+    small.memory.offload_checkpoint_inputs = True
+    small.memory.block_offload = True
+    presets = {"80gb": big, "24gb": small}
+    free = 24 * GIB
+    assert recommend(presets, free, 64 * GIB) == "24gb"
+    with pytest.raises(PreflightError, match=r"GiB of GPU memory, 24\.0 GiB are free\. Pick the preset '24gb'"):
+        preflight(big, free, 64 * GIB, presets)
+    assert preflight(small, free, 64 * GIB, presets).vram_reserved_bytes < free
+
+
+def test_preflight_checks_host_ram_too():
+    cfg = Config()
+    cfg.memory.offload_checkpoint_inputs = True
+    cfg.memory.block_offload = True
+    with pytest.raises(PreflightError, match="host RAM"):
+        preflight(cfg, 80 * GIB, 8 * GIB)
+    assert estimate(cfg).host_bytes > 8 * GIB
