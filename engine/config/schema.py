@@ -26,6 +26,7 @@ SigmaSampling = Literal["logit_normal", "uniform"]
 Solver = Literal["unipc", "euler"]
 BaseWeights = Literal["bf16", "int8", "fp8"]
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
+ResidualDtype = Literal["fp32", "bf16"]
 ExportFormat = Literal["peft", "native"]
 
 # Full-match regexes over the transformer's module names (diffusers layout, see spec/S2V_MODEL.md §2.3):
@@ -160,6 +161,9 @@ class MemoryConfig:
     base_weights: BaseWeights = opt("bf16", "storage of the frozen base weights: bf16, int8 or fp8")
     chunked_ffn: int = opt(0, "split the feed-forward over this many sequence chunks; 0 = off")
     attention_backend: AttentionBackend = opt("auto", "auto, cudnn, flash, efficient or math")
+    compile_blocks: bool = opt(False, "torch.compile each block (CUDA): fuses the fp32 norm/modulation work")
+    residual_dtype: ResidualDtype = opt(
+        "fp32", "residual stream between blocks: fp32 (the official model) or bf16 (half the saved activations)")
     vram_budget_gb: float = opt(0.0, "GPU memory the run may use, in GB; 0 = what the card has free")
 
 
