@@ -270,6 +270,6 @@ def test_silent_clip_reference_image_and_stop(tmp_path, tiny_model_dir):
     assert data[3]["audio"].shape == (3, 32, 8) and data[3]["audio"].abs().sum() == 0
     assert data[0]["audio"].abs().sum() > 0
     # 160x96 scaled to cover 64x48 is 80x48, centre-cropped to columns 8..72.
-    fitted = np.asarray(Image.fromarray(image).resize((80, 48), Image.Resampling.BICUBIC))[:, 8:72]
+    fitted = np.array(Image.fromarray(image).resize((80, 48), Image.Resampling.BICUBIC))[:, 8:72]
     pixels = torch.from_numpy(fitted).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1.0
     torch.testing.assert_close(data[0]["ref_latents"], encode_video(load_vae(tiny_model_dir), pixels)[0])
