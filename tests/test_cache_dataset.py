@@ -8,22 +8,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from engine.config import Config, DatasetEntry
 from engine.data.cache import CacheStore
 from engine.data.cache_plan import CachePlan, ReferenceSource, WindowRecord
 from engine.data.dataset import (CachedWindowDataset, DataPosition, WindowBatchSampler, collate_windows,
                                  fill_cache)
 from engine.data.synth import make_talking_clip
 from engine.data.windows import Window
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny encoders run 10-50x faster on one thread when other jobs share this CPU (no spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_cache_fill import make_config, one_torch_thread  # noqa: F401 - the fixture applies here too
 
 
 def fake_plan(spec: dict[str, tuple[int, int, float]], motion_every: int = 0) -> CachePlan:
@@ -90,12 +81,8 @@ def cached(tmp_path_factory, tiny_model_dir):
     for i in range(2):
         make_talking_clip(root / "ds", f"clip_{i}", fps=16, size=(64, 48), duration_s=2.0, seed=10 + i,
                           use_espeak=False, caption="" if i else "A calm speaker.")
-    config = Config()
-    config.model.source = str(tiny_model_dir)
-    config.data.datasets = [DatasetEntry(path=str(root / "ds"), repeats=2)]
-    config.data.resolution = (64, 48)
-    config.data.cache_dir = str(root / "cache")
-    config.data.frames, config.data.motion_frames, config.data.windows_per_clip = 8, 5, 2
+    config = make_config(root / "ds", root / "cache", tiny_model_dir, frames=8, motion_frames=5, windows_per_clip=2)
+    config.data.datasets[0].repeats = 2
     seen = []
     plan = fill_cache(config, seen.append, device="cpu")
     assert {p.phase for p in seen} == {"check", "vae", "audio", "text"}

@@ -21,6 +21,7 @@ from engine.data.dataset import CachedWindowDataset
 from engine.data.synth import make_talking_clip
 from engine.data.windows import MODEL_FPS, CropPlan, audio_features_per_frame
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """The tiny encoders run 10-50x faster on one thread when other jobs share this CPU (no spin-waiting)."""

@@ -33,6 +33,8 @@ from typing import Any, Mapping
 
 import torch
 
+from engine.train.fsio import fsync_dir  # one folder-fsync for checkpoints and cache entries
+
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the meaning of an entry changes; it is part of every key
@@ -76,19 +78,6 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some platforms cannot open folders; the rename is still atomic there
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_temp(folder: Path, data: bytes) -> Path:
     """Write `data` to a new temporary file in `folder` and fsync it; the caller renames it into place."""
     fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=folder)
@@ -106,7 +95,7 @@ def write_temp(folder: Path, data: bytes) -> Path:
 def commit_temp(temp: Path, final: Path) -> None:
     """Atomically put a finished temporary file at its final name (same folder, so rename is atomic)."""
     os.replace(temp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def atomic_write_bytes(final: Path, data: bytes) -> None:

@@ -14,6 +14,9 @@ four entries (kinds of `CacheStore`), each named by the hash of its recipe (see 
                (then drops the first frames), so the generated latents live in the causal context of the
                reference frame; encoding the window after the reference gives targets in that same context.
                The reference frame is part of this entry's recipe.
+             * a window with motion whose motion the loop drops (data.motion_drop_prob) keeps the targets
+               encoded after its motion frames: the causal VAE's context reaches back only a few frames, and
+               a second encode per window (after the reference) would cost half the VAE time again.
 - reference: the reference image's latent [16, 1, h, w] (a frame of the clip picked by data.reference, or
              the clip's reference image from metadata), encoded alone as a 1-frame video, as inference does.
 - audio:     wav2vec2 features on the video time base [layers+1, dim, F]: the encoder runs over the audio of
