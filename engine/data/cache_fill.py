@@ -331,8 +331,8 @@ def fill_cache(config, progress_cb: ProgressCallback | None = None, device: str 
     emit = progress_cb or (lambda _p: None)
     try:
         work, store, root = plan_cache(config, emit, settings=settings, stop=stop)
-    except CacheStopped:
-        raise RuntimeError("cache filling was stopped during the dataset check; nothing was planned") from None
+    except CacheStopped:  # stopped during the dataset check: nothing planned, nothing written
+        return CachePlan(root=Path(config.cache_path()), records=(), empty_text_key="", complete=False)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     log.info("cache %s: %d windows; to compute: %d reference, %d window, %d audio, %d text entries", store.root,
              len(work.plan.records), len(work.references), len(work.windows), len(work.audio), len(work.texts))
