@@ -26,6 +26,10 @@ from engine.events import (EventBus, JsonlEventWriter, LogRecordsToEvents, Phase
                            RunWarning, Subscriber)
 
 log = logging.getLogger(__name__)
+# Loggers whose records go to train.log only: step metrics (the faces show StepEnd events) and tracebacks (a
+# face shows RunEnded's one-paragraph reason).
+FILE_ONLY_LOGGERS = ("engine.train.metrics", "engine.runner.trace")
+trace_log = logging.getLogger("engine.runner.trace")
 
 LOG_FILENAME = "train.log"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -102,27 +106,31 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _cached_dataset(config: Config, bus: EventBus, device: torch.device):
-    """Fill the feature cache (only missing entries are computed) and open the dataset over it."""
-    try:
-        from engine.data.dataset import CachedDataset, fill_cache  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise RunFailed(
-            f"the feature cache is not available in this build ({exc}); engine/data/dataset.py must provide "
-            "fill_cache and the cached dataset"
-        ) from None
+def _cached_dataset(config: Config, bus: EventBus, device: torch.device, stop_event: threading.Event):
+    """Fill the feature cache (only missing entries are computed) and open the dataset over it; None when the
+    stop event interrupted the filling (the entries written so far are kept)."""
+    import time
+
+    from engine.data.dataset import CachedWindowDataset, fill_cache
+
     last = [0.0]
 
-    def progress(done: int = 0, total: int = 0, *args: Any, **kwargs: Any) -> None:
-        import time
-
+    def progress(p) -> None:
         now = time.monotonic()
-        if now - last[0] >= 0.5 or (total and done >= total):  # at most 2 events/s: caching has many entries
+        if now - last[0] >= 0.5 or p.done >= p.total:  # at most 2 events/s: a cache has many entries
             last[0] = now
-            bus.emit(PhaseChanged(phase="cache", detail=f"{done}/{total}"))
+            bus.emit(PhaseChanged(phase="cache", detail=f"{p.phase} {p.done}/{p.total} {p.detail}".rstrip()))
 
-    fill_cache(config, progress, device)
-    return CachedDataset(config)
+    plan = fill_cache(config, progress, device, stop=stop_event)
+    for skipped in plan.skipped:
+        bus.emit(RunWarning(code="clip_skipped", message=f"{skipped.video} is left out: "
+                            + "; ".join(str(problem) for problem in skipped.problems)))
+    if not plan.complete:
+        return None
+    if not plan.records:
+        raise RunFailed("no usable training window in the datasets (see the skipped clips above); run "
+                        "`s2v-tui check PRESET.toml` for the details and fixes")
+    return CachedWindowDataset(plan)
 
 
 def _load_model(config: Config, device: torch.device):
@@ -163,10 +171,9 @@ def _export(config: Config, model, trainer, run_dir: Path, config_hash: str) -> 
 
 
 # ---- logging plumbing ------------------------------------------------------------------------------------------
-class _NotMetrics(logging.Filter):
-    # Step metric lines go to train.log only: the faces already show every StepEnd event.
+class _NotFileOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith("engine.train.metrics")
+        return not record.name.startswith(FILE_ONLY_LOGGERS)
 
 
 def _attach_logging(run_dir: Path, bus: EventBus) -> Callable[[], None]:
@@ -177,7 +184,7 @@ def _attach_logging(run_dir: Path, bus: EventBus) -> Callable[[], None]:
     file_handler = logging.FileHandler(run_dir / LOG_FILENAME, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_events = LogRecordsToEvents(bus)
-    to_events.addFilter(_NotMetrics())
+    to_events.addFilter(_NotFileOnly())
     engine_log.addHandler(file_handler)
     engine_log.addHandler(to_events)
 
@@ -222,7 +229,7 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
 
 
 def _failure(exc: BaseException, config: Config, device: torch.device) -> RunEnded:
-    log.error("run failed: %s\n%s", exc, "".join(traceback.format_exception(exc)))
+    trace_log.error("run failed: %s\n%s", exc, "".join(traceback.format_exception(exc)))
     if isinstance(exc, torch.OutOfMemoryError):
         reason = f"CUDA ran out of memory before training started: {smaller_preset_hint(config, device)}"
     elif isinstance(exc, (RunFailed, ConfigError)):
@@ -252,7 +259,10 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
 
     bus.emit(PhaseChanged(phase="cache", detail="" if dataset is None else "dataset given by the caller"))
     if dataset is None:
-        dataset = _cached_dataset(config, bus, device)
+        dataset = _cached_dataset(config, bus, device, stop_event)
+        if dataset is None:
+            return RunEnded(status="stopped", reason="stopped while filling the cache; the entries written so "
+                            "far are kept: run again to continue")
     if len(dataset) < config.optim.batch_size:
         raise RunFailed(f"the dataset has {len(dataset)} windows, fewer than optim.batch_size = "
                         f"{config.optim.batch_size}: lower the batch size or add clips")

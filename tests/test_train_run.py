@@ -11,11 +11,26 @@ from engine.events import EVENTS_FILENAME, read_events
 from engine.runner import run
 from engine.train.lora import (LoraFileError, add_lora, check_native_keys, get_lora_state, load_lora,
                                native_reference_modules, to_native_layout)
-from s2v_tui.demo import DEMO_STEPS, demo_config, demo_dataset
+from engine.train.synthetic import SyntheticLatentDataset
+from s2v_tui.demo import DEMO_STEPS, demo_config, prepare
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model runs several times faster on one thread when other jobs share this CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def demo_dataset():
+    """Two in-memory windows shaped for the tiny model (the tests that do not need the cache use these)."""
+    return SyntheticLatentDataset(2)
 
 
 def _config(model_dir, tmp_path, **overrides):
-    config = demo_config(model_dir, tmp_path / "runs")
+    config = with_value(demo_config(model_dir, tmp_path / "runs"), "optim.warmup_steps", 0)  # runs of a few steps
     for key, value in overrides.items():
         config = with_value(config, key.replace("__", "."), value)
     return config
@@ -32,11 +47,11 @@ def _losses(run_dir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def demo_run(tiny_model_dir, tmp_path_factory):
-    """The demo's run (settings and step budget), once for the tests that read its results."""
+    """The demo's job (its clips, cache, settings and step budget), once for the tests that read its results."""
     tmp = tmp_path_factory.mktemp("demo")
-    config = demo_config(tiny_model_dir, tmp / "runs")
+    config = prepare(tmp)
     events = []
-    end = run(config, [events.append], threading.Event(), dataset=demo_dataset(), device="cpu")
+    end = run(config, [events.append], threading.Event(), device="cpu")
     return config, config.run_path(), end, events
 
 
@@ -45,13 +60,14 @@ def test_demo_run_completes_with_every_event(demo_run):
     assert end.status == "completed", end.reason
     kinds = [e.kind for e in events]
     assert kinds[0] == "run_started" and kinds[-1] == "run_ended"
-    assert [e.phase for e in events if e.kind == "phase_changed"] == ["check", "cache", "load", "train", "export",
-                                                                       "done"]
+    phases = [e.phase for e in events if e.kind == "phase_changed"]
+    assert sorted(set(phases), key=phases.index) == ["check", "cache", "load", "train", "export", "done"]
     steps = [e for e in events if e.kind == "step_end"]
     assert [e.step for e in steps] == list(range(1, DEMO_STEPS + 1))
     last = steps[-1]
     assert last.s_per_step > 0 and last.samples_per_s > 0 and last.eta_s == 0 and last.host_rss_bytes > 0
-    assert last.grad_norm is not None and last.lr == config.optim.lr
+    assert last.grad_norm is not None and 0 <= last.lr < config.optim.lr  # cosine schedule, near its end
+    assert any(e.kind == "phase_changed" and e.phase == "cache" and "/" in e.detail for e in events)
     # The same events are in the run folder, with the frozen config and the log.
     assert [e.kind for e in read_events(run_dir / EVENTS_FILENAME)] == kinds
     assert (run_dir / "config.resolved.toml").exists()
@@ -76,7 +92,7 @@ def test_both_export_layouts_reload_to_the_final_weights(demo_run, tiny_model_di
     for key, value in final["lora"].items():
         assert torch.equal(peft_state[key], value) and torch.equal(native_state[key], value)
     for meta in (peft_meta, native_meta):
-        assert meta["base_model"] == str(tiny_model_dir) and meta["rank"] == "8" and float(meta["alpha"]) == 8.0
+        assert meta["base_model"] == config.model.source and meta["rank"] == "8" and float(meta["alpha"]) == 8.0
         assert meta["steps"] == str(DEMO_STEPS) and meta["config_hash"] == config.config_hash()
     assert peft_meta["layout"] == "peft" and native_meta["layout"] == "native"
     assert all(k.startswith("transformer.") for k in _file_keys(end.outputs["peft"]))

@@ -16,7 +16,8 @@ from engine.config import save_config, with_value
 from engine.events import EVENTS_FILENAME, read_events
 from engine.runner import run
 from engine.train.lora import load_lora
-from s2v_tui.demo import demo_config, demo_dataset
+from engine.train.synthetic import SyntheticLatentDataset
+from s2v_tui.demo import demo_config
 from s2v_tui.headless import EXIT_OK, EXIT_STOPPED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,8 @@ import sys, time
 from pathlib import Path
 from engine.config import with_value
 from engine.runner import run
-from s2v_tui.demo import demo_config, demo_dataset
+from engine.train.synthetic import SyntheticLatentDataset
+from s2v_tui.demo import demo_config
 
 model_dir, runs, run_dir, steps, every = sys.argv[1:6]
 config = demo_config(Path(model_dir), Path(runs))
@@ -39,15 +41,17 @@ def tell(event):
         print(f"STEP {event.step}", flush=True)
         time.sleep(0.05)
 
-end = run(config, [tell], None, run_dir=run_dir, dataset=demo_dataset(), device="cpu")
+end = run(config, [tell], None, run_dir=run_dir, dataset=SyntheticLatentDataset(2), device="cpu")
 sys.exit(0 if end.status == "completed" else 1)
 """
 
 HEADLESS_CHILD = r"""
 import sys
-from s2v_tui.demo import demo_dataset
+import torch
+torch.set_num_threads(1)
+from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.headless import run_headless
-sys.exit(run_headless(sys.argv[1], run_dir=sys.argv[2], dataset=demo_dataset(), device="cpu"))
+sys.exit(run_headless(sys.argv[1], run_dir=sys.argv[2], dataset=SyntheticLatentDataset(2), device="cpu"))
 """
 
 
@@ -79,7 +83,13 @@ def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(tiny_
     kill_at = random.Random().randint(2, steps - 2)
     config = demo_config(tiny_model_dir, tmp_path / "runs")
     config = with_value(with_value(config, "optim.max_steps", steps), "checkpoint.every_steps", every)
-    reference = run(config, [], threading.Event(), run_dir=tmp_path / "ref", dataset=demo_dataset(), device="cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child: the same thread count gives the same float sums
+    try:
+        reference = run(config, [], threading.Event(), run_dir=tmp_path / "ref", dataset=SyntheticLatentDataset(2),
+                        device="cpu")
+    finally:
+        torch.set_num_threads(before)
     assert reference.status == "completed"
 
     run_dir = tmp_path / "killed"

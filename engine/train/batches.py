@@ -1,8 +1,9 @@
 """The order in which training windows are drawn, and how sample dicts become a batch.
 
-The order is a pure function of (seed, epoch): a fresh permutation of the dataset per epoch. The only state is a
-cursor (windows consumed since the start), so a checkpoint stores one integer and a resumed run draws exactly
-the windows an uninterrupted run would. Any map-style dataset (`len(ds)`, `ds[i] -> sample dict`) works.
+The order is a pure function of (seed, epoch), and its state is a position, so a checkpoint stores a few integers
+and a resumed run draws exactly the windows an uninterrupted run would. A cached dataset (engine.data.dataset)
+brings its own batch sampler, which keeps each batch within one bucket; any other map-style dataset
+(`len(ds)`, `ds[i] -> sample dict`) is drawn as a fresh permutation per epoch.
 
 Sample dict contract (engine/data/dataset.py):
     latents [16, T, h, w], motion_latents [16, 19, h, w] or None, ref_latents [16, 1, h, w],
@@ -10,11 +11,14 @@ Sample dict contract (engine/data/dataset.py):
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 SAMPLE_KEYS = ("latents", "motion_latents", "ref_latents", "text", "text_empty", "audio")
 
@@ -91,32 +95,96 @@ def collate(samples: Sequence[dict[str, Any]], caption_drop: Sequence[bool], mot
     )
 
 
-class BatchSource:
-    """Draws batches in the seeded order; caption and motion dropout come from its own generator so they replay
-    exactly on resume. `cursor` (windows consumed) is the data position a checkpoint stores."""
+class CursorOrder:
+    """Batches of a plain map-style dataset in EpochOrder; the state is the cursor (windows consumed)."""
 
-    def __init__(self, dataset, batch_size: int, seed: int, caption_dropout: float, motion_drop_prob: float,
-                 generator: torch.Generator) -> None:
-        self.dataset = dataset
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.order = EpochOrder(size, seed)
         self.batch_size = batch_size
-        self.order = EpochOrder(len(dataset), seed)
-        self.caption_dropout = caption_dropout
-        self.motion_drop_prob = motion_drop_prob
-        self.generator = generator
         self.cursor = 0
 
     @property
     def epoch(self) -> int:
         return self.cursor // self.order.size
 
+    def next_indices(self) -> list[int]:
+        out = []
+        for _ in range(self.batch_size):
+            out.append(self.order.index(self.cursor)[1])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self.cursor, "dataset_size": self.order.size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("dataset_size") != self.order.size:
+            log.warning("the dataset had %s windows when the checkpoint was written and has %d now: training "
+                        "continues, but not in the original order", state.get("dataset_size"), self.order.size)
+        self.cursor = int(state["cursor"])
+
+
+class SamplerOrder:
+    """Batches of the cache's WindowBatchSampler (windows of one bucket and motion mode per batch, datasets
+    mixed by weight); the state is the position after the last consumed batch."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+        self.position = sampler.position
+        self._iter = None
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
+    def next_indices(self) -> list[int]:
+        if self._iter is None:
+            self._iter = iter(self.sampler)
+        refs = next(self._iter)
+        self.position = type(self.position)(refs[0].epoch, refs[0].batch + 1)
+        return [r.index for r in refs]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict(self.position)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)  # it warns itself when the data changed
+        self.position = self.sampler.position
+        self._iter = None
+
+
+def order_for(dataset, batch_size: int, seed: int):
+    """The cache's own batch sampler for a cached dataset, the plain epoch order for any other."""
+    plan = getattr(dataset, "plan", None)
+    if plan is not None:
+        from engine.data.dataset import WindowBatchSampler
+
+        return SamplerOrder(WindowBatchSampler(plan, batch_size, seed))
+    return CursorOrder(len(dataset), batch_size, seed)
+
+
+class BatchSource:
+    """Draws batches in the seeded order; caption and motion dropout come from its own generator so they replay
+    exactly on resume. `order.state_dict()` is the data position a checkpoint stores."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, caption_dropout: float, motion_drop_prob: float,
+                 generator: torch.Generator) -> None:
+        self.dataset = dataset
+        self.order = order_for(dataset, batch_size, seed)
+        self.caption_dropout = caption_dropout
+        self.motion_drop_prob = motion_drop_prob
+        self.generator = generator
+
+    @property
+    def epoch(self) -> int:
+        return self.order.epoch
+
     def next_batch(self) -> Batch:
         samples = []
-        for _ in range(self.batch_size):
-            _, index = self.order.index(self.cursor)
+        for index in self.order.next_indices():
             sample = self.dataset[index]
             _check(sample, index)
             samples.append(sample)
-            self.cursor += 1
         # Always draw both, whatever the probabilities, so the generator advances the same way every step.
         draws = torch.rand(len(samples) + 1, generator=self.generator).tolist()
         caption_drop = [d < self.caption_dropout for d in draws[:-1]]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import threading
 import time
 import warnings
@@ -111,7 +112,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else {},
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": ckpt.capture_rng(self._generators()),
-            "data": {"cursor": self.batches.cursor, "dataset_size": self.batches.order.size},
+            "data": self.batches.order.state_dict(),
             "counters": {"skipped": self.skipped, "in_a_row": self.in_a_row},
             "metrics": self.smoother.state_dict(),
         }
@@ -124,12 +125,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        data = state["data"]
-        if data.get("dataset_size") != self.batches.order.size:
-            self.emit(RunWarning(code="dataset_changed", message=(
-                f"the dataset had {data.get('dataset_size')} windows when the checkpoint was written and has "
-                f"{self.batches.order.size} now: training continues, but not in the original order")))
-        self.batches.cursor = int(data["cursor"])
+        self.batches.order.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.skipped = int(state["counters"]["skipped"])
         self.in_a_row = int(state["counters"]["in_a_row"])
@@ -215,7 +211,7 @@ class Trainer:
         with warnings.catch_warnings():
             # A skipped update still advances the schedule (it is tied to the step count); torch warns about
             # exactly that order, which is intended here.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
