@@ -225,3 +225,38 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_model_dir, tmp_path,
     assert end.status == "failed" and "3 steps in a row" in end.reason
     steps = _kinds(tmp_path / "run", "step_end")
     assert [e.skipped_nonfinite for e in steps] == [1, 2, 3]
+
+
+def test_cached_dataset_run_resumes_exactly_after_a_stop(demo_run, tmp_path):
+    config, run_dir, end, events = demo_run
+    stop = threading.Event()
+
+    def stop_at_50(event):
+        if event.kind == "step_end" and event.step == 50:
+            stop.set()
+
+    other = tmp_path / "resumed"
+    assert run(config, [stop_at_50], stop, run_dir=other, device="cpu").status == "stopped"
+    assert run(config, [], None, run_dir=other, device="cpu").status == "completed"
+    assert _losses(other) == _losses(run_dir)
+    from engine.train.checkpoint import find_resume_state
+
+    state, _, _ = find_resume_state(other)
+    assert state["data"]["fingerprint"] and state["data"]["batch"] >= 0  # the cache sampler's position
+
+
+def test_headless_plain_lines_and_exit_codes():
+    import io
+
+    from engine.events import RunEnded, StepEnd
+    from s2v_tui.headless import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, PlainReporter, exit_code
+
+    out = io.StringIO()
+    report = PlainReporter(out, every=5)
+    for step in range(1, 13):
+        report(StepEnd(step=step, total_steps=12, epoch=0, loss=1.0, loss_smooth=1.0, lr=1e-4))
+    assert [line.split("  ")[0] for line in out.getvalue().splitlines()] == ["step 1/12", "step 5/12", "step 10/12",
+                                                                            "step 12/12"]
+    assert exit_code(RunEnded(status="completed")) == EXIT_OK == 0
+    assert exit_code(RunEnded(status="stopped")) == EXIT_STOPPED
+    assert exit_code(RunEnded(status="failed")) == EXIT_FAILED
