@@ -84,3 +84,37 @@ def fixed_doctor(blocking: bool = True):
                 progress(i, len(report.clips), clip.clip.video)
         return report
     return inspect
+
+
+# -- the real engine on the tiny model (end-to-end tests and bench/tui_overhead.py) ----------------------------
+
+# Long enough that a test always stops the run itself; no interval checkpoint, so the one on disk is the stop's.
+TINY_RUN_STEPS = 100_000
+
+
+def tiny_run_config(folder: Path, steps: int = TINY_RUN_STEPS, name: str = "tui-tiny"):
+    """The demo's tiny model, synthetic clips and settings under `folder` (what exists is reused).
+
+    Same recipe as `s2v-tui demo`, so what these tests drive is what users try first; only the length, the
+    checkpoint interval and the run name differ. The feature cache fills in the run's cache phase (~4 s on a CPU).
+    """
+    from engine.config import with_value
+    from engine.models.tiny import write_tiny_model
+
+    from s2v_tui.demo import demo_config, make_demo_clips
+
+    model_dir = folder / "model"
+    if not (model_dir / "model_index.json").exists():
+        write_tiny_model(model_dir, seed=0)
+    clips = make_demo_clips(folder / "clips")
+    config = demo_config(model_dir, folder / "runs", clips, folder / "cache")
+    for key, value in {"optim.max_steps": steps, "checkpoint.every_steps": 0, "output.name": name}.items():
+        config = with_value(config, key, value, file="<tiny run>")
+    return config
+
+
+def write_tiny_run_preset(folder: Path, steps: int = TINY_RUN_STEPS, name: str = "tui-tiny") -> Path:
+    """`tiny_run_config` saved as a complete TOML file, for `s2v-tui CONFIG` and `s2v-tui --run CONFIG`."""
+    from engine.config import save_config
+
+    return save_config(tiny_run_config(folder, steps, name), folder / f"{name}.toml", full=True)
