@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     if args.vram_cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.vram_cap_gib * 2**30 / total, device)
+        torch.cuda.set_per_process_memory_fraction(args.vram_cap_gib * 2**30 / total, torch.cuda.current_device())
     if args.compile:
         model.compile_blocks()
     opt = torch.optim.AdamW(params, lr=1e-5)

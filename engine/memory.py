@@ -33,10 +33,32 @@ LORA_PARAMS_PER_RANK = 60_293_120 // 16  # the 368 attention Linears, 5120 -> r 
 
 # Working set of one block's recompute + backward, bytes per (token x model dim); fitted on CALIBRATION.
 WORK_BYTES_PER_TOKEN_DIM = {"gpu_inputs": 52.2, "host_inputs": 62.0}
-# Reserved / allocated at the peak (allocator slack), measured with expandable segments.
-RESERVED_OVER_ALLOCATED = 1.18
-# Host memory of the process besides pinned buffers (Python, torch, CUDA context, data pipeline).
-HOST_BASELINE_BYTES = 6 * GIB
+# Reserved / allocated at the peak (allocator slack), measured uncapped with expandable segments: 1.18-1.20.
+RESERVED_OVER_ALLOCATED = 1.19
+# Host memory of the process besides pinned buffers (Python, torch, CUDA context, compiled kernels).
+HOST_BASELINE_BYTES = int(1.8 * GIB)
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """What torch's pinned host allocator takes for a buffer: the size rounded up to a power of two."""
+    return 1 << max(0, int(nbytes - 1).bit_length())
+
+
+def _unit_pinned_bytes(i: int, weight_bytes: float) -> int:
+    """Pinned host bytes of one streamed unit: each frozen tensor is its own pinned buffer."""
+    from engine.models.keymap import manifest_14b
+
+    total = 0
+    inj = _INJECT_LAYERS.index(i) if i in _INJECT_LAYERS else None
+    prefixes = [f"blocks.{i}."] + ([f"audio_injector.injector.{inj}.", f"audio_injector.injector_adain_layers.{inj}."]
+                                   if inj is not None else [])
+    for _, name, shape in manifest_14b():
+        if name.startswith(tuple(prefixes)):
+            numel = 1
+            for d in shape:
+                numel *= d
+            total += pinned_bytes(int(numel * weight_bytes))
+    return total
 
 
 @dataclass(frozen=True)
@@ -54,7 +76,11 @@ CALIBRATION = (
     Calibration("compiled, continuation, inputs on GPU", 36_634, False, None, 54.24),
     Calibration("compiled, first clip, inputs in host RAM", 34_320, True, None, 41.79),
     Calibration("compiled, continuation, inputs in host RAM", 36_634, True, None, 42.25),
+    Calibration("compiled, first clip, blocks streamed, 24 GiB cap", 34_320, True, 0, 13.70),
+    Calibration("compiled, continuation, blocks streamed, 24 GiB cap", 36_634, True, 0, 14.16),
 )
+# Host RSS measured with blocks streamed and inputs offloaded (first clip, 34,320 tokens).
+HOST_CALIBRATION_GIB = 66.45
 
 
 @dataclass(frozen=True)
@@ -80,8 +106,11 @@ def sequence_tokens(width: int, height: int, frames: int, motion: bool) -> int:
     return tokens
 
 
-def _unit_params(i: int, inject_layers=(0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)) -> int:
-    return PARAMS_BLOCK + (PARAMS_INJECTOR if i in inject_layers else 0)
+_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+
+
+def _unit_params(i: int) -> int:
+    return PARAMS_BLOCK + (PARAMS_INJECTOR if i in _INJECT_LAYERS else 0)
 
 
 def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 16, ema: bool = False,
@@ -96,12 +125,12 @@ def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 1
         resident = min(stream_resident, LAYERS)
         in_flight = sorted(units[resident:], reverse=True)[:2]
         gpu_weights = (rest + sum(units[:resident]) + sum(in_flight)) * weight_bytes
-        host_weights = sum(units[resident:]) * weight_bytes
+        host_weights = sum(_unit_pinned_bytes(i, weight_bytes) for i in range(resident, LAYERS))
     lora = LORA_PARAMS_PER_RANK * lora_rank * 4 * (4 + (1 if ema else 0))
     saved = -(-LAYERS // checkpoint_interval)
     one_input = batch * tokens * DIM * 2
     if offload_inputs:
-        gpu_inputs, host_inputs = 2 * one_input, saved * one_input
+        gpu_inputs, host_inputs = 2 * one_input, saved * pinned_bytes(one_input)
     else:
         gpu_inputs, host_inputs = saved * one_input, 0
     work_key = "host_inputs" if offload_inputs else "gpu_inputs"
@@ -176,6 +205,28 @@ def recommend(presets: dict[str, object], free_vram_bytes: int | None,
         if need_vram > best_need:
             best, best_need = name, need_vram
     return best
+
+
+def host_calibration_error() -> tuple[float, float]:
+    """(predicted, measured) host GiB of the streamed 24 GiB run."""
+    est = estimate_parts(34_320, offload_inputs=True, stream_resident=0)
+    return est.host_bytes / GIB, HOST_CALIBRATION_GIB
+
+
+def shipped_presets() -> dict:
+    """The VRAM presets next to the engine (presets/*gb.toml), loaded; a broken one is left out."""
+    from pathlib import Path
+
+    from engine.config import ConfigError, load_config
+
+    folder = Path(__file__).resolve().parents[1] / "presets"
+    presets = {}
+    for path in sorted(folder.glob("*gb.toml")):
+        try:
+            presets[path.stem] = load_config(path)
+        except ConfigError:
+            continue
+    return presets
 
 
 def calibration_errors() -> list[tuple[str, float, float]]:

@@ -83,13 +83,13 @@ def _resolve_config(config: Config, run_dir: Path, bus: EventBus) -> Config:
     return frozen
 
 
-def _check(config: Config, bus: EventBus, have_dataset: bool) -> None:
+def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.device) -> None:
     from engine.train.switches import unsupported_switches
 
     validate_config(config, "<run config>", require_data=not have_dataset)
-    problems = unsupported_switches(config)
+    problems = unsupported_switches(config, device)
     if problems:
-        raise RunFailed("this preset asks for memory switches the engine does not have yet: " + "; ".join(problems))
+        raise RunFailed("this preset asks for memory switches that cannot run here: " + "; ".join(problems))
     if config.logging.tensorboard and not _installed("tensorboard"):
         bus.emit(RunWarning(code="tensorboard_missing", message=(
             "logging.tensorboard is on but the 'tensorboard' package is not installed: metrics are only in "
@@ -133,14 +133,50 @@ def _cached_dataset(config: Config, bus: EventBus, device: torch.device, stop_ev
     return CachedWindowDataset(plan)
 
 
+def _preflight(config: Config, device: torch.device) -> None:
+    """Refuse a config predicted not to fit this GPU and host before any weight is loaded (14B models only:
+    the memory model is calibrated on the 14B architecture)."""
+    import json
+
+    from engine.gpu import default_probe, host_memory
+    from engine.memory import PreflightError, preflight, shipped_presets
+    from engine.models.loading import config_from_json, resolve_transformer_dir
+
+    if device.type != "cuda":
+        return
+    try:
+        folder = resolve_transformer_dir(config.model.source, config.model.transformer_subfolder or "transformer")
+        arch = config_from_json(json.loads((folder / "config.json").read_text()), str(folder))
+    except (OSError, ValueError):
+        return  # the load phase reports an unreadable model with its own message
+    if (arch.get("num_layers"), arch.get("num_attention_heads")) != (40, 40):
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    snapshot = default_probe().snapshot(index)
+    free = snapshot.free_bytes if snapshot is not None else None
+    if config.memory.vram_budget_gb > 0:
+        budget = int(config.memory.vram_budget_gb * 1e9)
+        free = budget if free is None else min(free, budget)
+    host = host_memory()
+    try:
+        est = preflight(config, free, host.available_bytes if host else None, shipped_presets())
+    except PreflightError as exc:
+        raise RunFailed(f"memory pre-flight: {exc}") from None
+    log.info("memory pre-flight: predicted %s", est.summary())
+
+
 def _load_model(config: Config, device: torch.device):
     from engine.models.s2v_transformer import S2VTransformer3DModel
     from engine.train.lora import add_lora
     from engine.train.switches import apply_memory_switches
 
+    # With block streaming the weights go from disk to host memory and only the non-block part reaches the GPU,
+    # so a 24 GB card never holds the whole 32 GB model.
+    _preflight(config, device)
+    load_device = torch.device("cpu") if config.memory.block_offload else device
     model = S2VTransformer3DModel.from_pretrained(
         config.model.source, subfolder=config.model.transformer_subfolder or "transformer",
-        torch_dtype=_DTYPES[config.model.dtype], device=device,
+        torch_dtype=_DTYPES[config.model.dtype], device=load_device,
     )
     lo = config.lora
     add_lora(model, lo.rank, lo.alpha, lo.dropout, list(lo.targets), lo.init, config.train.seed)
@@ -255,7 +291,7 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
         log.info("resuming from %s (step %d)", resume_path, resume_state["step"])
 
     bus.emit(PhaseChanged(phase="check"))
-    _check(config, bus, dataset is not None)
+    _check(config, bus, dataset is not None, device)
 
     bus.emit(PhaseChanged(phase="cache", detail="" if dataset is None else "dataset given by the caller"))
     if dataset is None:

@@ -2,7 +2,7 @@
 
     s2v-tui [CONFIG.toml]                 the terminal app
     s2v-tui --run PRESET.toml [--set K=V] the whole job headless (check, cache, train, export)
-    s2v-tui SUBCOMMAND ...                check, cache, attach, demo, tiny-model
+    s2v-tui SUBCOMMAND ...                check, cache, presets, attach, demo, tiny-model
 
 Each subcommand owns its arguments (`s2v-tui check --help`). Heavy imports (torch, textual) happen inside the
 command that needs them, so `--help` stays instant.
@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS = {
     "check": ("s2v_tui.check_cmd", "inspect a dataset without a GPU: what each clip gives, every problem and its fix"),
     "cache": ("s2v_tui.cache_cmd", "encode latents, text and audio features of a preset's datasets into the cache"),
+    "presets": ("s2v_tui.presets_cmd", "the VRAM presets: memory each needs against this machine's GPUs and RAM"),
     "attach": ("s2v_tui.tui_main:main_attach", "follow a run started elsewhere (headless, another SSH session)"),
     "demo": ("s2v_tui.demo", "the whole job on a tiny generated model and synthetic clips, on the CPU"),
     "tiny-model": ("s2v_tui.cli:tiny_model_main", "write a tiny S2V model folder in the real layout"),

@@ -209,10 +209,22 @@ def test_full_disk_during_the_run_warns_and_keeps_training(tiny_model_dir, tmp_p
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000002.pt"]
 
 
-def test_unbuilt_memory_switch_fails_loudly(tiny_model_dir, tmp_path):
+def test_memory_switch_that_cannot_run_here_fails_loudly(tiny_model_dir, tmp_path):
     config = _config(tiny_model_dir, tmp_path, memory__block_offload=True)
     end = run(config, [], None, run_dir=tmp_path / "run", dataset=demo_dataset(), device="cpu")
-    assert end.status == "failed" and "memory.block_offload" in end.reason
+    assert end.status == "failed" and "memory.block_offload" in end.reason and "CUDA" in end.reason
+    config = _config(tiny_model_dir, tmp_path, memory__base_weights="int8")
+    end = run(config, [], None, run_dir=tmp_path / "run2", dataset=demo_dataset(), device="cpu")
+    assert end.status == "failed" and "memory.base_weights" in end.reason
+
+
+def test_host_offloaded_inputs_and_bf16_residual_train_on_cpu(tiny_model_dir, tmp_path):
+    """The 48gb preset's switches run end to end (on the CPU the 'host' copies are plain copies)."""
+    config = _config(tiny_model_dir, tmp_path, memory__offload_checkpoint_inputs=True,
+                     memory__residual_dtype="bf16", memory__gradient_checkpointing=True,
+                     optim__max_steps=3)
+    end = run(config, [], None, run_dir=tmp_path / "run", dataset=demo_dataset(), device="cpu")
+    assert end.status == "completed", end.reason
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):

@@ -29,6 +29,8 @@ class _Unit:
 
 class BlockStreamer:
     def __init__(self, units: list[list[nn.Module]], device: torch.device, resident: int = 0):
+        if device.index is None and device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
         if device.type != "cuda":
             raise ValueError("block streaming moves weights between host and GPU memory: it needs a CUDA device")
         self.device = device

@@ -179,19 +179,29 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
 
-    def enable_block_streaming(self, resident: int = 0) -> int:
+    def enable_block_streaming(self, resident: int = 0, device=None) -> int:
         """Keep the frozen weights of blocks (and their audio injectors) in pinned host memory, streamed to the
-        GPU ahead of use; `resident` first blocks stay on the GPU. The model must already be on its CUDA device,
-        LoRA adapters added. Returns the bytes now held in host memory."""
+        GPU ahead of use; the first `resident` blocks stay on the GPU, and so does everything else (embeddings,
+        head, LoRA weights). Call after adding the LoRA adapters; the model may be on the CPU (so a 24 GB card
+        never holds the whole model) or already on `device`. Returns the bytes now held in host memory."""
         from engine.models.block_stream import BlockStreamer
 
+        device = torch.device(device) if device is not None else self.patch_embedding.weight.device
         block_of_injector = {inj: blk for blk, inj in self.injector_of_block.items()}
         units = [[b] for b in self.blocks]
         for inj, blk in block_of_injector.items():
             units[blk].append(self.audio_injector.injector[inj])
             if self.audio_injector.injector_adain_layers is not None:
                 units[blk].append(self.audio_injector.injector_adain_layers[inj])
-        self._streamer = BlockStreamer(units, self.patch_embedding.weight.device, resident)
+        self._streamer = BlockStreamer(units, device, resident)
+        streamed = {id(p) for unit in self._streamer.units for p, _ in unit.tensors}
+        for p in self.parameters():
+            if id(p) not in streamed:
+                p.data = p.data.to(device)
+        for module in self.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(device)
         return self._streamer.host_bytes()
 
     def compile_blocks(self, **compile_kwargs) -> None:

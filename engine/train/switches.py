@@ -20,18 +20,22 @@ class UnsupportedSwitch(RuntimeError):
     pass
 
 
-def unsupported_switches(config: Config) -> list[str]:
+def unsupported_switches(config: Config, device: torch.device | None = None) -> list[str]:
     """One message per [memory] setting this build cannot honour (empty: all can be applied)."""
     m = config.memory
     problems = []
-    if m.block_offload:
-        problems.append("memory.block_offload = true: block offload is not built into the S2V transformer yet; "
-                        "set block_offload = false (and use a preset for a larger card) until it lands")
-    if m.offload_checkpoint_inputs:
-        problems.append("memory.offload_checkpoint_inputs = true: not built yet; set it to false")
     if m.base_weights != "bf16":
         problems.append(f"memory.base_weights = \"{m.base_weights}\": low-bit base weights are not built yet; "
-                        "set base_weights = \"bf16\"")
+                        "set base_weights = \"bf16\" (the 24gb preset fits a 24 GB card without them)")
+    if m.block_offload:
+        if not (m.gradient_checkpointing and m.checkpoint_interval == 1):
+            problems.append("memory.block_offload = true needs gradient_checkpointing = true and "
+                            "checkpoint_interval = 1: a streamed block is recomputed in the backward pass")
+        if device is not None and device.type != "cuda":
+            problems.append(f"memory.block_offload = true streams weights to a CUDA GPU; this run is on "
+                            f"{device.type}: set block_offload = false")
+    if m.block_offload and config.train.mixed_precision == "no" and config.model.dtype != "fp32":
+        problems.append("memory.block_offload with train.mixed_precision = \"no\" is not supported; use bf16")
     return problems
 
 
@@ -48,28 +52,49 @@ def ffn_chunk_tokens(config: Config, patch_size=(1, 2, 2)) -> int | None:
 
 
 def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.device) -> list[str]:
-    """Set every [memory] switch on `model`; returns what was done, one line each, for the log."""
-    problems = unsupported_switches(config)
+    """Set every [memory] switch on `model` (LoRA already added); returns what was done, one line each."""
+    problems = unsupported_switches(config, device)
     if problems:
         raise UnsupportedSwitch("; ".join(problems))
     m = config.memory
     done = []
     if m.gradient_checkpointing:
-        model.enable_gradient_checkpointing(m.checkpoint_interval)
-        done.append(f"gradient checkpointing every {m.checkpoint_interval} block(s)")
+        model.enable_gradient_checkpointing(m.checkpoint_interval, offload_inputs=m.offload_checkpoint_inputs)
+        where = "pinned host memory" if m.offload_checkpoint_inputs else "GPU memory"
+        done.append(f"gradient checkpointing every {m.checkpoint_interval} block(s), saved inputs in {where}")
     else:
         model.disable_gradient_checkpointing()
+    model.residual_fp32 = m.residual_dtype == "fp32"
+    done.append(f"residual stream in {m.residual_dtype}")
+    if config.train.mixed_precision != "no":
+        # Under autocast the fp32 LoRA weights are cast per op; peft's own cast would add (and save for the
+        # backward) an fp32 copy of every LoRA input, 4 GB a block at 832x480x81.
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
     chunk = ffn_chunk_tokens(config, tuple(model.config.patch_size))
     model.set_ffn_chunk_size(chunk)
     if chunk:
         done.append(f"feed-forward in chunks of {chunk} tokens ({m.chunked_ffn} chunks per window)")
     set_attention_backend(m.attention_backend)
     done.append(f"attention backend {m.attention_backend}")
+    if m.block_offload:
+        host = model.enable_block_streaming(resident=m.blocks_resident, device=device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        done.append(f"block streaming: {m.blocks_resident} block(s) resident, {host / 2**30:.1f} GiB of frozen "
+                    "weights in pinned host memory")
+    else:
+        model.to(device)
+    if m.compile_blocks:
+        model.compile_blocks()
+        done.append("blocks compiled (torch.compile, regional)")
     if m.vram_budget_gb > 0:
         if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(index).total_memory
             fraction = min(1.0, m.vram_budget_gb * 1e9 / total)
-            torch.cuda.set_per_process_memory_fraction(fraction, device)
+            torch.cuda.set_per_process_memory_fraction(fraction, index)
             done.append(f"GPU memory capped at {m.vram_budget_gb:g} GB ({fraction:.0%} of the card)")
         else:
             done.append(f"memory.vram_budget_gb = {m.vram_budget_gb:g} has no effect on {device.type}")
