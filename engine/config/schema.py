@@ -73,7 +73,7 @@ class DataConfig:
     motion_frames: int = opt(73, "frames before the window given as motion context (73 = 19 latents; 0 = none)")
     motion_drop_prob: float = opt(0.25, "probability of dropping the motion frames so first-clip mode is learnt")
     reference: ReferenceChoice = opt("first", "reference image: first frame, a random frame, or one outside the window")
-    windows_per_clip: int = opt(1, "training windows taken from each clip; 0 = every window that fits")
+    windows_per_clip: int = opt(0, "training windows taken from each clip, spread over it; 0 = every window that fits")
     allow_silent_audio: bool = opt(False, "accept clips whose audio is silent (otherwise the check flags them)")
     cache_dir: str = opt("", "cache of latents, text and audio features; '' = <output.run_dir>/cache")
     caption_dropout: float = opt(0.1, "probability of training a step with an empty caption")
