@@ -263,3 +263,33 @@ def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             meta["alpha"] = repr(alphas.pop())
     meta["layout"] = layout
     return state, meta
+
+
+def lora_rank_alpha(state: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str) -> tuple[int, float]:
+    """(rank, alpha) of a loaded LoRA: the rank from the tensors, alpha from the header (default: the rank,
+    the scale-1 convention of files written without one)."""
+    ranks = {int(v.shape[0]) for k, v in state.items() if k.endswith(".lora_A.weight")}
+    if len(ranks) != 1:
+        raise LoraFileError(f"{source}: modules have ranks {sorted(ranks)}; one rank per file is supported")
+    rank = ranks.pop()
+    alpha = meta.get("alpha")
+    if alpha is None and "lora_adapter_metadata" in meta:  # a diffusers-written file
+        alpha = json.loads(meta["lora_adapter_metadata"]).get("transformer.lora_alpha")
+    return rank, float(alpha) if alpha is not None else float(rank)
+
+
+def apply_lora_file(model: nn.Module, path: str | Path) -> dict[str, str]:
+    """Add the LoRA of a file (either layout) to a base model as its adapter; returns the header metadata.
+
+    The adapter targets exactly the modules the file names, so any targets the file was trained with work."""
+    state, meta = load_lora(path)
+    rank, alpha = lora_rank_alpha(state, meta, str(path))
+    modules = lora_module_names(state)
+    known = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = [m for m in modules if m not in known]
+    if unknown:
+        raise LoraFileError(f"{path}: the LoRA names modules this model lacks (e.g. {unknown[:3]}); it was made "
+                            "for another model")
+    add_lora(model, rank, alpha, 0.0, [re.escape(m) for m in modules], "default", seed=0)
+    set_lora_state(model, state, source=str(path))
+    return meta

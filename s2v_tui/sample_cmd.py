@@ -1,0 +1,87 @@
+"""`s2v-tui sample`: render one speech-to-video sample with the official recipe, optionally with a LoRA.
+
+    s2v-tui sample --model Wan-AI/Wan2.2-S2V-14B --lora run/s2v-lora_native.safetensors \
+        --image face.png --audio speech.wav --prompt "a woman talks to the camera" --out talk.mp4
+
+The video is 16 fps, 80 frames per chunk (77 for the first), as many chunks as the audio needs (or
+--max-chunks), with the driving audio muxed in.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="s2v-tui sample", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p.add_argument("--model", required=True, help="S2V model folder or Hugging Face hub id")
+    p.add_argument("--lora", help="LoRA file to apply (peft/diffusers or native/ComfyUI layout)")
+    p.add_argument("--image", required=True, help="reference image (or a video: its first frame)")
+    p.add_argument("--audio", required=True, help="driving speech (audio file, or a video's audio track)")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default=None, help="default: the official S2V negative prompt")
+    p.add_argument("--out", required=True, help="output .mp4")
+    p.add_argument("--steps", type=int, default=40, help="sampling steps (default 40)")
+    p.add_argument("--cfg", type=float, default=4.5, help="guidance scale (default 4.5; <= 1 turns CFG off)")
+    p.add_argument("--solver", choices=("unipc", "euler"), default="unipc", help="default unipc (official)")
+    p.add_argument("--shift", type=float, default=3.0, help="flow shift of the sigmas (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--size", default="832x480", help="WxH whose area bounds the video (default 832x480)")
+    p.add_argument("--max-chunks", type=int, default=None, help="render at most this many 80-frame chunks")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="transformer dtype (default bf16 on cuda, fp32 on cpu)")
+    return p
+
+
+def _progress(done: int, total: int) -> None:
+    if done == total or done % 5 == 0:
+        print(f"  step {done}/{total}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.out.lower().endswith(".mp4"):
+        print(f"error: --out {args.out}: give a file name ending in .mp4", file=sys.stderr)
+        return 2
+    for flag, path in (("--image", args.image), ("--audio", args.audio), ("--lora", args.lora)):
+        if path and not Path(path).exists():
+            print(f"error: {flag} {path} does not exist", file=sys.stderr)
+            return 2
+    import torch
+
+    from engine.infer import NEGATIVE_PROMPT, S2VPipeline, SampleOptions, parse_size, write_sample_mp4
+    from engine.runner import pick_device
+
+    try:
+        max_area = parse_size(args.size)
+    except ValueError as exc:
+        print(f"error: --size: {exc}", file=sys.stderr)
+        return 2
+    device = pick_device(args.device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    started = time.perf_counter()
+    print(f"loading {args.model} on {device} ({dtype})" + (f" with {args.lora}" if args.lora else ""),
+          file=sys.stderr)
+    try:
+        pipe = S2VPipeline.load(args.model, device, dtype, lora=args.lora)
+        cond = pipe.prepare(args.image, args.audio, args.prompt, max_area=max_area, max_chunks=args.max_chunks,
+                            negative_prompt=NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt)
+        print(f"rendering {cond.frame_count()} frames at {cond.width}x{cond.height} ({cond.chunks} chunk(s), "
+              f"{args.steps} {args.solver} steps, cfg {args.cfg}, seed {args.seed})", file=sys.stderr)
+        options = SampleOptions(steps=args.steps, cfg_scale=args.cfg, solver=args.solver, shift=args.shift,
+                                seed=args.seed)
+        with torch.inference_mode():
+            frames = pipe.render(cond, options, progress=_progress)
+        out = write_sample_mp4(args.out, frames.numpy(), cond.audio.waveform)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({frames.shape[0]} frames, {time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
