@@ -28,6 +28,7 @@ BaseWeights = Literal["bf16", "int8", "fp8"]
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
 ResidualDtype = Literal["fp32", "bf16"]
 ExportFormat = Literal["peft", "native"]
+DistributedStrategy = Literal["ddp", "fsdp"]
 
 # Full-match regexes over the transformer's module names (diffusers layout, see spec/S2V_MODEL.md §2.3):
 # q, k, v, o of self-attention (attn1), text cross-attention (attn2) and the 12 audio injectors.
@@ -168,6 +169,12 @@ class MemoryConfig:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: DistributedStrategy = opt(
+        "ddp", "several GPUs: ddp = each holds the whole model, LoRA gradients averaged; fsdp = base sharded per block")
+
+
+@dataclass
 class OutputConfig:
     run_dir: str = opt("runs", "folder that holds the run folders")
     name: str = opt("s2v-lora", "this run's folder name under run_dir, also the LoRA file name")
@@ -191,6 +198,7 @@ class Config:
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints")
     validation: ValidationConfig = opt(ValidationConfig(), "validation samples and loss")
     memory: MemoryConfig = opt(MemoryConfig(), "memory switches (set by the VRAM presets)")
+    distributed: DistributedConfig = opt(DistributedConfig(), "several GPUs under accelerate launch; one process ignores it")
     output: OutputConfig = opt(OutputConfig(), "where results go")
     logging: LoggingConfig = opt(LoggingConfig(), "metrics")
 
