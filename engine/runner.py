@@ -33,6 +33,7 @@ trace_log = logging.getLogger("engine.runner.trace")
 
 LOG_FILENAME = "train.log"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.mixed_precision -> autocast dtype
 MEMORY_CLASSES_GB = (24, 32, 48, 80)
 
 
@@ -185,6 +186,27 @@ def _load_model(config: Config, device: torch.device):
     return model
 
 
+def _validation_set(config: Config, device: torch.device):
+    """Validation cases encoded before the transformer loads (the encoders never share the GPU with it)."""
+    if config.validation.every_steps <= 0:
+        return None
+    from engine.train.validation import prepare_validation
+
+    try:
+        return prepare_validation(config, device)
+    except (OSError, ValueError) as exc:
+        raise RunFailed(f"{exc}; fix the case in [[validation.cases]] or remove it") from exc
+
+
+def _validator(config: Config, model, dataset, vset, run_dir: Path, device: torch.device, stop_event):
+    if vset is None:
+        return None
+    from engine.train.validation import Validator
+
+    return Validator(config, model, dataset, vset, run_dir, device, _AUTOCAST.get(config.train.mixed_precision),
+                     stop_event)
+
+
 def _export(config: Config, model, trainer, run_dir: Path, config_hash: str) -> dict[str, str]:
     from engine.train.lora import get_lora_state, lora_metadata, native_reference_modules, save_lora
 
@@ -304,10 +326,13 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
                         f"{config.optim.batch_size}: lower the batch size or add clips")
 
     bus.emit(PhaseChanged(phase="load", detail=config.model.source))
+    vset = _validation_set(config, device)
     model = _load_model(config, device)
+    validator = _validator(config, model, dataset, vset, run_dir, device, stop_event)
 
     bus.emit(PhaseChanged(phase="train", detail=f"{config.optim.max_steps} steps"))
-    trainer = Trainer(config, model, dataset, run_dir, bus.emit, stop_event, device, chash, resume_state)
+    trainer = Trainer(config, model, dataset, run_dir, bus.emit, stop_event, device, chash, resume_state,
+                      validator=validator)
     del resume_state  # the trainer holds what it needs; the rest can be freed
     outcome = trainer.run()
     if outcome.status == "failed":

@@ -74,6 +74,23 @@ def engine_runner() -> Runner | None:
     return getattr(module, "run", None)
 
 
+def leave_a_core_for_the_ui() -> None:
+    """On a CPU-only box, train on one core fewer than there are, from the training thread.
+
+    torch's default (every core) makes its OpenMP workers spin against the event loop: on 2 cores the tiny
+    model ran 4x slower in the app than headless and keys took a second to paint. With a GPU the CPU threads
+    barely matter, so nothing changes there; a lower count set by the user (OMP_NUM_THREADS) is kept.
+    """
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+
+
 def find_repo_presets() -> Path:
     """presets/ next to the engine package (a source checkout or an editable install)."""
     import engine

@@ -95,5 +95,5 @@ def load_reference_image(path: str | Path) -> np.ndarray:
 def reference_pixels(image: np.ndarray, height: int, width: int) -> torch.Tensor:
     """The fitted reference as the VAE input [1, 3, 1, height, width] in [-1, 1]."""
     fitted = fit_reference(image, height, width)
-    x = torch.from_numpy(fitted).float().div(255.0).permute(2, 0, 1)
+    x = torch.tensor(fitted, dtype=torch.float32).div(255.0).permute(2, 0, 1)  # a copy: PIL arrays are read-only
     return (x * 2 - 1)[None, :, None]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from engine.config import Config
-from engine.events import CheckpointSaved, Event, RunWarning, StepEnd
+from engine.events import CheckpointSaved, Event, PhaseChanged, RunWarning, StepEnd
 from engine.train import checkpoint as ckpt
 from engine.train.batches import Batch, BatchSource
 from engine.train.ema import LoraEma
@@ -58,7 +58,7 @@ class NonFiniteStop(RuntimeError):
 class Trainer:
     def __init__(self, config: Config, model: torch.nn.Module, dataset, run_dir: str | Path,
                  emit: Callable[[Event], None], stop_event: threading.Event, device: torch.device,
-                 config_hash: str, resume_state: dict | None = None) -> None:
+                 config_hash: str, resume_state: dict | None = None, validator=None) -> None:
         self.cfg = config
         self.model = model
         self.run_dir = Path(run_dir)
@@ -66,6 +66,7 @@ class Trainer:
         self.stop_event = stop_event
         self.device = device
         self.config_hash = config_hash
+        self.validator = validator  # engine.train.validation.Validator, or None
         o, t = config.optim, config.train
 
         # Fresh-run seeding; a resume overwrites every one of these from the checkpoint below.
@@ -258,14 +259,25 @@ class Trainer:
                         "the LoRA was not updated by them. Lower optim.lr, use train.mixed_precision = \"bf16\" "
                         "rather than fp16, or check the cache for broken entries (delete it to rebuild)"
                     )
+                if self.validator is not None and self.validator.due(self.step):
+                    self.validate()
                 if c.every_steps and self.step % c.every_steps == 0 and self.step < o.max_steps:
                     self.save_checkpoint("interval")
+            if self.validator is not None and self.validator.due(self.step, final=True):
+                self.validate()
         except NonFiniteStop as exc:
             return TrainOutcome("failed", self.step, str(exc), self.last_checkpoint)
         except torch.OutOfMemoryError:
             return self._out_of_memory()
         path = self.save_checkpoint("final")
         return TrainOutcome("completed", self.step, f"trained {self.step} steps", path)
+
+    def validate(self) -> None:
+        self.emit(PhaseChanged(phase="validate", detail=f"step {self.step}"))
+        done = self.validator.run(self.step, self.ema)
+        if done is not None:
+            self.emit(done)
+        self.emit(PhaseChanged(phase="train", detail=f"{self.cfg.optim.max_steps} steps"))
 
     def _out_of_memory(self) -> TrainOutcome:
         # Free what the failed step held before writing anything; the LoRA is as of the last completed step.

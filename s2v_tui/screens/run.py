@@ -22,6 +22,7 @@ from s2v_tui.bridge import EventBridge, EventsPending
 from s2v_tui.run_model import RunModel
 from s2v_tui.screens.dialogs import STOP, ConfirmStop
 from s2v_tui.screens.base import AppScreen
+from s2v_tui.services import engine_runner, leave_a_core_for_the_ui
 from s2v_tui.widgets.nav import NavBar
 from s2v_tui.widgets.run_panels import RunPanels
 
@@ -110,8 +111,10 @@ class RunScreen(AppScreen):
     @work(thread=True, exclusive=True, exit_on_error=False, group=WORKER_GROUP, name="training")
     def train(self, config, run_dir: Path, stop: threading.Event) -> RunEnded:
         get_current_worker()  # a thread worker by contract; the engine's stop is `stop` (see module doc)
-        runner = self.app.services.runner  # type: ignore[attr-defined]
-        return runner(config, [self.bridge], stop, run_dir=run_dir)
+        services = self.app.services  # type: ignore[attr-defined]
+        if services.runner is engine_runner():
+            leave_a_core_for_the_ui()  # the real engine only: a fake one has no torch threads to spare
+        return services.runner(config, [self.bridge], stop, run_dir=run_dir)
 
     # -- stop ----------------------------------------------------------------------------------------------
 

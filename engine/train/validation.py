@@ -1,0 +1,162 @@
+"""Validation during training: samples rendered with the official recipe, and the evaluation loss.
+
+Each configured case (a reference image + speech + prompt, or a dataset clip given as reference = audio = the
+video file, whose first frame and audio track are used) is encoded once, before the transformer is loaded, so
+UMT5 and wav2vec2 never share the GPU with it; only the VAE is kept (in host memory between validations). Then,
+every `validation.every_steps` steps and at the end:
+
+    run_dir/samples/base/case-NN.mp4         the base model (LoRA disabled), once per run
+    run_dir/samples/step-XXXXX/case-NN.mp4   the LoRA being trained
+    run_dir/samples/step-XXXXX/case-NN-ema.mp4   its EMA weights, when optim.ema is on
+
+with validation.steps / cfg_scale / solver, flow shift train.flow_shift, the case's seed (so samples of
+different steps differ only by the weights), at the area of data.resolution. A validation sample is the first
+80-frame chunk (77 frames, 4.8 s) of its audio, with that much audio muxed in: longer renders cost a multiple
+of the time at every validation, and `s2v-tui sample` renders the whole audio with the exported LoRA.
+Validation draws no number from the training generators (it forks the global RNG), so a run with validation
+trains exactly as one without.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import Config
+from engine.events import ValidationDone
+from engine.infer.audio import SAMPLE_RATE
+from engine.infer.pipeline import FrozenParts, S2VPipeline
+from engine.infer.sampler import Conditioning, SampleOptions, SamplingStopped
+from engine.infer.video_io import write_sample_mp4
+from engine.train.eval_loss import evaluation_loss, make_triples
+
+log = logging.getLogger(__name__)
+metrics_log = logging.getLogger("engine.train.metrics")
+
+SAMPLES_DIR = "samples"
+VALIDATION_CHUNKS = 1
+
+
+def samples_dir(run_dir: Path, step: int | None) -> Path:
+    return Path(run_dir) / SAMPLES_DIR / ("base" if step is None else f"step-{step:05d}")
+
+
+@dataclass
+class ValidationSet:
+    """The encoded cases (CPU tensors) and the VAE that decodes their samples."""
+
+    cases: list[Conditioning]
+    seeds: list[int]
+    parts: FrozenParts | None
+
+
+def prepare_validation(config: Config, device: torch.device) -> ValidationSet:
+    """Encode every case with the model's own encoders on `device`, then free the encoders."""
+    v = config.validation
+    if not v.cases:
+        return ValidationSet([], [], None)
+    parts = FrozenParts.load(config.model.source, device)
+    pipe = S2VPipeline(None, parts, device)
+    width, height = config.data.resolution
+    cases = []
+    for i, case in enumerate(v.cases):
+        try:
+            cases.append(pipe.prepare(case.reference, case.audio, case.prompt, max_area=width * height,
+                                      max_chunks=VALIDATION_CHUNKS))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"validation.cases[{i}]: {exc}") from exc
+        log.info("validation case %d: %dx%d, %s, seed %d", i, cases[-1].width, cases[-1].height,
+                 Path(case.reference).name, case.seed)
+    parts.drop_encoders()
+    parts.vae.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ValidationSet(cases, [c.seed for c in v.cases], parts)
+
+
+class Validator:
+    def __init__(self, config: Config, model, dataset, vset: ValidationSet, run_dir: Path, device: torch.device,
+                 autocast_dtype: torch.dtype | None, stop_event: threading.Event | None = None) -> None:
+        v = config.validation
+        self.every = v.every_steps
+        self.options = [SampleOptions(steps=v.steps, cfg_scale=v.cfg_scale, solver=v.solver,
+                                      shift=config.train.flow_shift, seed=seed) for seed in vset.seeds]
+        self.vset = vset
+        self.model = model
+        self.dataset = dataset
+        self.run_dir = Path(run_dir)
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.stop_event = stop_event
+        t = config.train
+        self.triples = (make_triples(len(dataset), v.eval_loss.num_triples, t.seed, t.sigma_sampling, t.flow_shift,
+                                     t.logit_mean, t.logit_std) if v.eval_loss.enabled else [])
+        self.last_step = -1
+
+    def due(self, step: int, final: bool = False) -> bool:
+        if self.every <= 0 or step == self.last_step:
+            return False
+        return final or step % self.every == 0
+
+    def eval_loss(self) -> float | None:
+        if not self.triples:
+            return None
+        return evaluation_loss(self.model, self.dataset, self.triples, self.device, self.autocast_dtype)
+
+    def run(self, step: int, ema=None) -> ValidationDone | None:
+        """Validate at `step`; None when the stop event interrupted the samples (the eval loss is still logged)."""
+        self.last_step = step
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            loss = self.eval_loss()
+            if loss is not None:
+                metrics_log.info("step %d eval loss %.6f over %d fixed triples", step, loss, len(self.triples))
+            try:
+                paths = self._samples(step, ema)
+            except SamplingStopped:
+                log.info("validation of step %d stopped before its samples were done", step)
+                return None
+        return ValidationDone(step=step, sample_paths=tuple(str(p) for p in paths), eval_loss=loss)
+
+    # ---- samples -------------------------------------------------------------------------------------------------
+    def _samples(self, step: int, ema) -> list[Path]:
+        if not self.vset.cases:
+            return []
+        vae = self.vset.parts.vae.to(self.device)
+        try:
+            paths = self._base_samples()
+            paths += self._render_all(samples_dir(self.run_dir, step), "")
+            if ema is not None:
+                ema.swap()
+                try:
+                    paths += self._render_all(samples_dir(self.run_dir, step), "-ema")
+                finally:
+                    ema.swap()
+        finally:
+            vae.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return paths
+
+    def _base_samples(self) -> list[Path]:
+        folder = samples_dir(self.run_dir, None)
+        if all((folder / f"case-{i:02d}.mp4").exists() for i in range(len(self.vset.cases))):
+            return []  # rendered by an earlier validation (also before a resume)
+        self.model.disable_adapters()
+        try:
+            return self._render_all(folder, "")
+        finally:
+            self.model.enable_adapters()
+
+    def _render_all(self, folder: Path, suffix: str) -> list[Path]:
+        pipe = S2VPipeline(self.model, self.vset.parts, self.device, self.autocast_dtype)
+        out = []
+        for i, (cond, options) in enumerate(zip(self.vset.cases, self.options, strict=True)):
+            frames = pipe.render(cond, options, stop=self.stop_event)
+            seconds = frames.shape[0] / 16
+            audio = cond.audio.waveform[: round(seconds * SAMPLE_RATE)]
+            out.append(write_sample_mp4(folder / f"case-{i:02d}{suffix}.mp4", frames.numpy(), audio))
+        return out
