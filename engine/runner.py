@@ -221,7 +221,7 @@ def _export(config: Config, model, trainer, run_dir: Path, config_hash: str) -> 
         meta = lora_metadata(config.model.source, lo.rank, lo.alpha, trainer.step, config_hash, layout,
                              list(lo.targets), {"ema": str(bool(trainer.ema))})
         path = run_dir / f"{config.output.name}_{layout}.safetensors"
-        modules = native_reference_modules(model) if layout == "native" else None
+        modules = native_reference_modules(model)  # both layouts are checked against the module names
         save_lora(path, state, layout, meta, lo.alpha, modules)
         outputs[layout] = str(path)
         log.info("exported the LoRA (%s layout) to %s", layout, path)

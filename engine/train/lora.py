@@ -132,7 +132,11 @@ def to_peft_layout(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def to_native_layout(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for module in lora_module_names(state):
-        native = NATIVE_PREFIX + diffusers_to_native(module)
+        try:
+            native = NATIVE_PREFIX + diffusers_to_native(module)
+        except KeyError:
+            raise LoraFileError(f"LoRA module {module!r} has no native name: it is not a module of the S2V "
+                                "transformer; check lora.targets") from None
         out[f"{native}.lora_down.weight"] = state[f"{module}.lora_A.weight"]
         out[f"{native}.lora_up.weight"] = state[f"{module}.lora_B.weight"]
         out[f"{native}.alpha"] = torch.tensor(float(alpha))
@@ -203,9 +207,12 @@ def lora_metadata(base_model: str, rank: int, alpha: float, steps: int, config_h
 
 def save_lora(path: str | Path, state: Mapping[str, torch.Tensor], layout: str, metadata: Mapping[str, str],
               alpha: float, native_modules: frozenset[str] | None = None) -> Path:
-    """Write `state` in `layout` atomically. A native file needs `native_modules` to check its keys against."""
+    """Write `state` in `layout` atomically. A native file needs `native_modules` to check its keys against; a
+    peft file is checked against them too when they are given."""
     if layout == "peft":
         tensors = to_peft_layout(state)
+        if native_modules is not None:  # the same manifest check: a key ComfyUI would map must hit a module
+            check_native_keys(to_native_layout(state, alpha), native_modules)
     elif layout == "native":
         tensors = to_native_layout(state, alpha)
         if native_modules is None:
