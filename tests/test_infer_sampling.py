@@ -9,7 +9,7 @@ import torch
 from engine.infer.audio import CHUNK_FRAMES, chunk_count
 from engine.infer.reference import fit_reference, generation_size
 from engine.infer.sampler import Conditioning, Denoiser, SampleOptions, sample_frames
-from engine.infer.schedule import (EulerFlowSolver, UniPCFlowSolver, flow_sigmas, flow_timesteps, guided,
+from engine.infer.schedule import (UniPCFlowSolver, flow_sigmas, flow_timesteps, guided,
                                    make_solver)
 
 
