@@ -2,7 +2,7 @@
 
     s2v-tui [CONFIG.toml]                 the terminal app
     s2v-tui --run PRESET.toml [--set K=V] the whole job headless (check, cache, train, export)
-    s2v-tui SUBCOMMAND ...                check, cache, presets, attach, demo, tiny-model
+    s2v-tui SUBCOMMAND ...                check, cache, presets, attach, sample, demo, tiny-model
 
 Each subcommand owns its arguments (`s2v-tui check --help`). Heavy imports (torch, textual) happen inside the
 command that needs them, so `--help` stays instant.
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "cache": ("s2v_tui.cache_cmd", "encode latents, text and audio features of a preset's datasets into the cache"),
     "presets": ("s2v_tui.presets_cmd", "the VRAM presets: memory each needs against this machine's GPUs and RAM"),
     "attach": ("s2v_tui.tui_main:main_attach", "follow a run started elsewhere (headless, another SSH session)"),
+    "sample": ("s2v_tui.sample_cmd", "render a speech-to-video sample with the official recipe, optionally with a LoRA"),
     "demo": ("s2v_tui.demo", "the whole job on a tiny generated model and synthetic clips, on the CPU"),
     "tiny-model": ("s2v_tui.cli:tiny_model_main", "write a tiny S2V model folder in the real layout"),
 }

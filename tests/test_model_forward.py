@@ -90,6 +90,18 @@ def test_checkpointing_gives_identical_loss_and_lora_grads(model, offload):
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
 
 
+def test_selective_checkpointing_is_exact(model):
+    """Keeping the self-attention outputs instead of recomputing them changes nothing numerically."""
+    params = _with_lora(model, dropout=0.1)
+    batch = _inputs(model)
+    ref = _loss_and_grads(model, batch, params)
+    model.enable_gradient_checkpointing(policy="save_attention")
+    got = _loss_and_grads(model, batch, params)
+    assert got[0] == ref[0] and all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))
+    with pytest.raises(ValueError, match="does not combine"):
+        model.enable_gradient_checkpointing(policy="save_attention", offload_inputs=True)
+
+
 def test_checkpoint_interval_two_is_exact(model):
     params = _with_lora(model)
     batch = _inputs(model)

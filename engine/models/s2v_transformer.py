@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from engine.models.offload_checkpoint import HostActivationStore, host_checkpoint
 
@@ -49,6 +49,26 @@ from engine.models.s2v_layers import (
 )
 
 AUDIO_INJECT_LAYERS_14B = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+
+_SDPA_OPS = {
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _save_self_attention(ctx, op, *args, **kwargs):
+    """Selective checkpointing: keep the self-attention kernel's outputs (output + softmax statistics), which
+    are the costliest part of a block to recompute (S^2) and cost one [S, D] tensor to store; recompute the rest.
+    Cross-attention (512 text keys, 5 audio keys) is cheap to recompute and is not kept."""
+    if op in _SDPA_OPS and args[0].shape[-2] == args[1].shape[-2]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_save_self_attention)
 
 
 class TimeEmbedder(nn.Module):
@@ -147,6 +167,7 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.injector_of_block = {block: i for i, block in enumerate(audio_inject_layers)}
         self.gradient_checkpointing = False
         self.checkpoint_interval = 1
+        self.checkpoint_policy = "full"
         # Keep the residual stream in fp32 between blocks, as the official model does. Off = cast back to the
         # compute dtype after each block (the diffusers port's behaviour, half the activation memory).
         self.residual_fp32 = True
@@ -165,13 +186,22 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return load_transformer(cls, pretrained_model_name_or_path, subfolder, torch_dtype, device)
 
     # ---- switches -------------------------------------------------------------------------------------
-    def enable_gradient_checkpointing(self, interval: int = 1, offload_inputs: bool = False) -> None:
+    def enable_gradient_checkpointing(self, interval: int = 1, offload_inputs: bool = False,
+                                      policy: str = "full") -> None:
         """Recompute every `interval`-th block (with its audio injector) in the backward pass.
 
         offload_inputs: keep the saved block inputs in pinned host memory (see offload_checkpoint.py).
+        policy: "full" recomputes the whole block; "save_attention" keeps the self-attention outputs and
+        recomputes the rest (selective checkpointing; one more [S, D] tensor per block, no S^2 recompute).
         """
         if interval < 1:
             raise ValueError("checkpoint interval must be >= 1")
+        if policy not in ("full", "save_attention"):
+            raise ValueError(f"checkpoint policy {policy!r}: choose 'full' or 'save_attention'")
+        if policy != "full" and offload_inputs:
+            raise ValueError("selective checkpointing keeps tensors on the GPU; it does not combine with "
+                             "offloaded block inputs (choose one)")
+        self.checkpoint_policy = policy
         self.gradient_checkpointing = True
         self.checkpoint_interval = interval
         self._host_store = HostActivationStore(offload=True) if offload_inputs else None
@@ -362,6 +392,9 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                         hooks = dict(before_backward=functools.partial(self._stream_in_for_backward, i),
                                      after_backward=functools.partial(streamer.release, i))
                     x = host_checkpoint(functools.partial(self._block_and_injector, i), x, store, *rest, **hooks)
+                elif self.checkpoint_policy == "save_attention":
+                    x = checkpoint(self._block_and_injector, i, x, *rest, use_reentrant=False,
+                                   context_fn=_selective_context)
                 else:
                     x = checkpoint(self._block_and_injector, i, x, *rest, use_reentrant=False)
             else:
