@@ -100,6 +100,11 @@ class StepEnd(Event):
     peak_reserved_bytes: int | None = None
     host_rss_bytes: int | None = None
     skipped_nonfinite: int = 0  # total steps skipped for a NaN/inf loss or gradient so far
+    # Several processes (one per GPU): each rank's memory, in rank order (the fields above are rank 0's); empty
+    # in a single-process run. None where not measurable, as above.
+    rank_peak_alloc_bytes: tuple[int | None, ...] = ()
+    rank_peak_reserved_bytes: tuple[int | None, ...] = ()
+    rank_host_rss_bytes: tuple[int | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,12 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
+_TUPLE_FIELDS: dict[type[Event], tuple[str, ...]] = {
+    ValidationDone: ("sample_paths",),
+    StepEnd: ("rank_peak_alloc_bytes", "rank_peak_reserved_bytes", "rank_host_rss_bytes"),
+}
+
+
 def event_from_dict(data: Mapping[str, Any]) -> Event:
     """Rebuild an event from its dict form. Unknown fields are ignored so a newer writer does not break an
     older reader; an unknown kind or a missing required field raises ValueError."""
@@ -170,8 +181,9 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
         raise ValueError(f"unknown event kind {kind!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in data.items() if k in names}
-    if cls is ValidationDone and "sample_paths" in kwargs:
-        kwargs["sample_paths"] = tuple(kwargs["sample_paths"])
+    for name in _TUPLE_FIELDS.get(cls, ()):  # JSON has lists; the frozen events hold tuples
+        if name in kwargs:
+            kwargs[name] = tuple(kwargs[name])
     try:
         return cls(**kwargs)
     except TypeError as exc:  # missing required field

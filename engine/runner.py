@@ -70,9 +70,10 @@ def smaller_preset_hint(config: Config, device: torch.device) -> str:
 
 
 # ---- the phases ------------------------------------------------------------------------------------------------
-def _resolve_config(config: Config, run_dir: Path, bus: EventBus) -> Config:
+def _resolve_config(config: Config, run_dir: Path, bus: EventBus, write: bool = True) -> Config:
     if not (run_dir / FROZEN_FILENAME).exists():
-        write_frozen_config(config, run_dir)
+        if write:
+            write_frozen_config(config, run_dir)
         return config
     frozen = read_frozen_config(run_dir)
     changes = config_diff(frozen, config)
@@ -84,13 +85,17 @@ def _resolve_config(config: Config, run_dir: Path, bus: EventBus) -> Config:
     return frozen
 
 
-def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.device) -> None:
+def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.device, world_size: int = 1) -> None:
+    from engine.train.distributed import combination_problems
     from engine.train.switches import unsupported_switches
 
     validate_config(config, "<run config>", require_data=not have_dataset)
     problems = unsupported_switches(config, device)
     if problems:
         raise RunFailed("this preset asks for memory switches that cannot run here: " + "; ".join(problems))
+    problems = combination_problems(config, world_size)
+    if problems:
+        raise RunFailed(f"these settings do not work with {world_size} processes: " + "; ".join(problems))
     if config.logging.tensorboard and not _installed("tensorboard"):
         bus.emit(RunWarning(code="tensorboard_missing", message=(
             "logging.tensorboard is on but the 'tensorboard' package is not installed: metrics are only in "
@@ -208,13 +213,15 @@ def _validator(config: Config, model, dataset, vset, run_dir: Path, device: torc
 
 
 def _export(config: Config, model, trainer, run_dir: Path, config_hash: str) -> dict[str, str]:
-    from engine.train.lora import get_lora_state, lora_metadata, native_reference_modules, save_lora
+    from engine.train.lora import lora_metadata, native_reference_modules, save_lora
 
     if trainer.ema:
         trainer.ema.swap()  # export the averaged weights
     if hasattr(trainer.optimizer, "eval"):
         trainer.optimizer.eval()  # schedule-free: the evaluation weights are the ones to keep
-    state = get_lora_state(model)
+    state = trainer.dist.lora_state(model)  # every rank: gathering a sharded LoRA is collective
+    if not trainer.dist.is_main:
+        return {}  # rank 0 writes the files
     lo = config.lora
     outputs = {}
     for layout in config.output.formats:
@@ -263,27 +270,40 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
     `dataset` (tests, the demo): a map-style dataset of sample dicts used instead of the feature cache;
     `device`: e.g. "cpu" or "cuda:1" (default: the current CUDA device, else the CPU).
     """
+    from engine.train.distributed import setup as setup_distributed
+
     stop_event = stop_event if stop_event is not None else threading.Event()
     run_dir = Path(run_dir) if run_dir is not None else config.run_path()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Under `accelerate launch` (one process per GPU) only rank 0 writes the run folder and talks to the
+    # subscribers; the other ranks train silently (their warnings go to their stderr) and report their memory
+    # through rank 0's StepEnd events.
+    dist = setup_distributed(config, device)
     bus = EventBus()
-    writer = JsonlEventWriter(run_dir)
-    bus.subscribe(writer)
-    for fn in subscribers:
-        bus.subscribe(fn)
-    detach_logging = _attach_logging(run_dir, bus)
-    dev = pick_device(device)
+    writer = detach_logging = None
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        writer = JsonlEventWriter(run_dir)
+        bus.subscribe(writer)
+        for fn in subscribers:
+            bus.subscribe(fn)
+        detach_logging = _attach_logging(run_dir, bus)
+    dev = dist.device or pick_device(device)
     try:
         try:
-            config = _resolve_config(config, run_dir, bus)
-            end = _run_phases(config, bus, stop_event, run_dir, dataset, dev)
+            if not dist.is_main:
+                dist.barrier()  # rank 0 first: it writes the frozen config and clears torn checkpoint files
+            config = _resolve_config(config, run_dir, bus, write=dist.is_main)
+            end = _run_phases(config, bus, stop_event, run_dir, dataset, dev, dist)
         except Exception as exc:
             end = _failure(exc, config, dev)
         bus.emit(end)
         return end
     finally:
-        detach_logging()
-        writer.close()
+        if detach_logging:
+            detach_logging()
+        if writer:
+            writer.close()
+        dist.close()
 
 
 def _failure(exc: BaseException, config: Config, device: torch.device) -> RunEnded:
@@ -298,24 +318,39 @@ def _failure(exc: BaseException, config: Config, device: torch.device) -> RunEnd
 
 
 def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_dir: Path, dataset,
-                device: torch.device) -> RunEnded:
+                device: torch.device, dist=None) -> RunEnded:
     from engine.train import checkpoint as ckpt
+    from engine.train.distributed import SINGLE
     from engine.train.loop import Trainer
 
+    dist = dist or SINGLE
     chash = config.config_hash()
     resume_state, resume_path, skipped = ckpt.find_resume_state(run_dir, chash)
+    if dist.is_main:
+        dist.barrier()  # the others may now read the frozen config and the checkpoints
+    label = device_label(device) + (f" x {dist.describe()}" if dist.active else "")
     bus.emit(RunStarted(run_dir=str(run_dir), config_hash=chash, total_steps=config.optim.max_steps,
                         resumed_from_step=int(resume_state["step"]) if resume_state else 0,
-                        name=config.output.name, device=device_label(device)))
+                        name=config.output.name, device=label))
     for s in skipped:
         bus.emit(RunWarning(code="checkpoint_skipped", message=f"skipped a checkpoint that cannot be used: {s.reason}"))
     if resume_path:
         log.info("resuming from %s (step %d)", resume_path, resume_state["step"])
 
     bus.emit(PhaseChanged(phase="check"))
-    _check(config, bus, dataset is not None, device)
+    _check(config, bus, dataset is not None, device, dist.world_size)
 
     bus.emit(PhaseChanged(phase="cache", detail="" if dataset is None else "dataset given by the caller"))
+    if dataset is None and dist.active:
+        # Filling a cache takes hours on a large dataset, longer than a process group waits at a barrier:
+        # `s2v-tui --gpus N` fills it in one process first; here every rank only opens the finished cache.
+        from engine.data.dataset import CachedDataset
+
+        try:
+            dataset = CachedDataset(config)
+        except ValueError as exc:
+            raise RunFailed(f"{exc} (a multi-process run does not fill the cache: run `s2v-tui cache "
+                            "PRESET.toml` once, or start with `s2v-tui --gpus N`, which does)") from None
     if dataset is None:
         dataset = _cached_dataset(config, bus, device, stop_event)
         if dataset is None:
@@ -327,11 +362,12 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
 
     bus.emit(PhaseChanged(phase="load", detail=config.model.source))
     vset = _validation_set(config, device)
-    model = _load_model(config, device)
+    # FSDP: each rank loads the whole model to host memory and keeps only its shards on the GPU.
+    model = dist.prepare_model(_load_model(config, torch.device("cpu") if dist.sharded else device))
     validator = _validator(config, model, dataset, vset, run_dir, device, stop_event)
 
     bus.emit(PhaseChanged(phase="train", detail=f"{config.optim.max_steps} steps"))
-    trainer = Trainer(config, model, dataset, run_dir, bus.emit, stop_event, device, chash, resume_state,
+    trainer = Trainer(config, model, dataset, run_dir, bus.emit, stop_event, device, chash, resume_state, dist=dist,
                       validator=validator)
     del resume_state  # the trainer holds what it needs; the rest can be freed
     outcome = trainer.run()

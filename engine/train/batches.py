@@ -54,13 +54,25 @@ class Batch:
     audio: torch.Tensor
     drop_motion: bool
     clip_ids: list[str]
+    # Several processes: this rank's slice [offset, offset + B) of a global batch of `global_size` windows, and
+    # its share of the global loss (0 for a rank that got no window and trains a stand-in at zero weight).
+    offset: int = 0
+    global_size: int = 0  # 0: this batch is the whole global batch
+    share: float = 1.0
 
     def to(self, device: torch.device) -> Batch:
         def move(t):
             return None if t is None else t.to(device, torch.float32, non_blocking=True)
 
         return Batch(move(self.latents), move(self.motion_latents), move(self.ref_latents), move(self.text),
-                     move(self.audio), self.drop_motion, self.clip_ids)
+                     move(self.audio), self.drop_motion, self.clip_ids, self.offset, self.global_size, self.share)
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank's part of n windows: contiguous, sizes differing by at most one, in rank order."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 def _check(sample: dict[str, Any], index: int) -> None:
@@ -179,13 +191,23 @@ class BatchSource:
     def epoch(self) -> int:
         return self.order.epoch
 
-    def next_batch(self) -> Batch:
+    def next_batch(self, rank: int = 0, world_size: int = 1) -> Batch:
+        """The next global batch, or with several processes rank's slice of it (only that slice is read)."""
+        indices = self.order.next_indices()
+        # Always draw both, whatever the probabilities, so the generator advances the same way every step (and on
+        # every rank: the draws are for the whole global batch).
+        draws = torch.rand(len(indices) + 1, generator=self.generator).tolist()
+        start, stop = shard_bounds(len(indices), rank, world_size)
+        share = (stop - start) / len(indices)
+        if stop == start:  # a short last batch of an epoch: more ranks than windows
+            start, stop = 0, 1
         samples = []
-        for index in self.order.next_indices():
+        for index in indices[start:stop]:
             sample = self.dataset[index]
             _check(sample, index)
             samples.append(sample)
-        # Always draw both, whatever the probabilities, so the generator advances the same way every step.
-        draws = torch.rand(len(samples) + 1, generator=self.generator).tolist()
-        caption_drop = [d < self.caption_dropout for d in draws[:-1]]
-        return collate(samples, caption_drop, draws[-1] < self.motion_drop_prob)
+        caption_drop = [d < self.caption_dropout for d in draws[start:stop]]
+        batch = collate(samples, caption_drop, draws[-1] < self.motion_drop_prob)
+        if world_size > 1:
+            batch.offset, batch.global_size, batch.share = start, len(indices), share
+        return batch

@@ -28,8 +28,9 @@ from engine.config import Config
 from engine.events import CheckpointSaved, Event, PhaseChanged, RunWarning, StepEnd
 from engine.train import checkpoint as ckpt
 from engine.train.batches import Batch, BatchSource
+from engine.train.distributed import SINGLE, Distributed
 from engine.train.ema import LoraEma
-from engine.train.lora import get_lora_state, lora_parameters, set_lora_state
+from engine.train.lora import get_lora_state, lora_parameters
 from engine.train.metrics import LossSmoother, StepTimer, memory_stats
 from engine.train.objective import (flow_loss, noisy_input, sample_sigmas, sigmas_to_timesteps,
                                     velocity_target)
@@ -58,8 +59,9 @@ class NonFiniteStop(RuntimeError):
 class Trainer:
     def __init__(self, config: Config, model: torch.nn.Module, dataset, run_dir: str | Path,
                  emit: Callable[[Event], None], stop_event: threading.Event, device: torch.device,
-                 config_hash: str, resume_state: dict | None = None, validator=None) -> None:
+                 config_hash: str, resume_state: dict | None = None, dist: Distributed = SINGLE, validator=None) -> None:
         self.cfg = config
+        self.dist = dist
         self.model = model
         self.run_dir = Path(run_dir)
         self.emit = emit
@@ -84,7 +86,9 @@ class Trainer:
         self.autocast_dtype = _AUTOCAST.get(mp)
         self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" and device.type == "cuda" else None
         motion_drop = config.data.motion_drop_prob if config.data.motion_frames > 0 else 1.0
-        self.batches = BatchSource(dataset, o.batch_size, t.seed, config.data.caption_dropout, motion_drop,
+        # The order is of global batches (every rank draws the same one and keeps its slice), so the data position
+        # is global and a checkpoint resumes on any number of processes.
+        self.batches = BatchSource(dataset, o.batch_size * dist.world_size, t.seed, config.data.caption_dropout, motion_drop,
                                    self.data_gen)
         self.smoother = LossSmoother()
         self.timer = StepTimer()
@@ -107,23 +111,34 @@ class Trainer:
             "step": self.step,
             "epoch": self.batches.epoch,
             "config_hash": self.config_hash,
-            "lora": get_lora_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            "lora": self.dist.lora_state(self.model),
+            "optimizer": self.dist.full(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else {},
+            "ema": self.dist.full(self.ema.state_dict()) if self.ema else {},
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": ckpt.capture_rng(self._generators()),
             "data": self.batches.order.state_dict(),
             "counters": {"skipped": self.skipped, "in_a_row": self.in_a_row},
             "metrics": self.smoother.state_dict(),
+            "world_size": self.dist.world_size,  # informative: the data position is global whatever it was
         }
 
     def _restore(self, state: dict) -> None:
-        set_lora_state(self.model, state["lora"], source=f"checkpoint of step {state['step']}")
+        self.dist.set_lora_state(self.model, state["lora"], source=f"checkpoint of step {state['step']}")
         self.optimizer.load_state_dict(state["optimizer"])
+        self.dist.shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
+            self.ema.shadow = [self.dist.like(s, p) for s, p in zip(self.ema.shadow, self.params, strict=True)]
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            b = self.cfg.optim.batch_size
+            self.emit(RunWarning(code="world_size_changed", message=(
+                f"the checkpoint of step {state['step']} was written by {saved_world} process(es), this run has "
+                f"{self.dist.world_size}: the data continues where it stopped, but the global batch is now "
+                f"{b * self.dist.world_size} windows (was {b * saved_world}); launch {saved_world} process(es) "
+                "to keep it")))
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.batches.order.load_state_dict(state["data"])
@@ -138,8 +153,12 @@ class Trainer:
         """Write the full state; on failure (disk full, ...) warn and return None: the previous one is intact."""
         if self.last_checkpoint_step == self.step and self.last_checkpoint is not None:
             return self.last_checkpoint
+        state = self.state()  # on every rank: gathering sharded states is collective
+        if not self.dist.is_main:  # rank 0 alone writes; the others only keep its name
+            self.last_checkpoint, self.last_checkpoint_step = ckpt.checkpoint_path(self.run_dir, self.step), self.step
+            return self.last_checkpoint
         try:
-            path = ckpt.save_checkpoint(self.run_dir, self.state(), self.cfg.checkpoint.keep_last)
+            path = ckpt.save_checkpoint(self.run_dir, state, self.cfg.checkpoint.keep_last)
         except OSError as exc:
             previous = f"step {self.last_checkpoint_step}" if self.last_checkpoint_step >= 0 else "none yet"
             self.emit(RunWarning(code="checkpoint_failed", message=(
@@ -156,10 +175,13 @@ class Trainer:
     def _forward_loss(self, batch: Batch) -> torch.Tensor:
         t = self.cfg.train
         x0 = batch.latents
-        # Sigmas and noise come from the CPU generator whatever the device, so runs replay on any machine.
-        sigmas = sample_sigmas(x0.shape[0], self.noise_gen, t.sigma_sampling, t.flow_shift, t.logit_mean,
-                               t.logit_std).to(self.device)
-        noise = torch.randn(x0.shape, generator=self.noise_gen).to(self.device)
+        # Sigmas and noise come from the CPU generator whatever the device, so runs replay on any machine. With
+        # several processes each draws them for the whole global batch and keeps its slice: N ranks of batch b
+        # then train on exactly the noise one process of batch N*b would.
+        n, part = batch.global_size or x0.shape[0], slice(batch.offset, batch.offset + x0.shape[0])
+        sigmas = sample_sigmas(n, self.noise_gen, t.sigma_sampling, t.flow_shift, t.logit_mean,
+                               t.logit_std)[part].to(self.device)
+        noise = torch.randn((n, *x0.shape[1:]), generator=self.noise_gen)[part].to(self.device)
         x_t = noisy_input(x0, noise, sigmas)
         amp = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                else nullcontext())
@@ -173,23 +195,33 @@ class Trainer:
     def _grad_norm(self) -> float:
         max_norm = self.cfg.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
-        return float(norm)
+        return float(self.dist.full(norm))  # FSDP: the norm of the sharded gradients is itself a DTensor
 
     def train_step(self) -> StepEnd:
         o = self.cfg.optim
         started = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         losses, bad = [], False
+        dist = self.dist
         for _ in range(o.grad_accum):
-            batch = self.batches.next_batch().to(self.device)
+            batch = self.batches.next_batch(dist.rank, dist.world_size).to(self.device)
             loss = self._forward_loss(batch)
             value = float(loss.detach())
-            losses.append(value)
+            losses.append(value * batch.share)  # the global loss is the sum of the ranks' shares
             if not math.isfinite(value):
                 bad = True
-            if not bad:  # after one non-finite micro-batch the step is lost; the data is still consumed
-                scaled = loss / o.grad_accum
+            # After one non-finite micro-batch the step is lost; the data is still consumed. Several processes
+            # still run backward (FSDP's gradient reduction inside it must see every rank); the step is skipped
+            # below, by all ranks together.
+            if not bad or dist.active:
+                weight = batch.share * dist.world_size  # the gradient reduction averages over the ranks
+                scaled = (loss * weight if weight != 1.0 else loss) / o.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        if dist.active:
+            *losses, flag = dist.sum_floats([*losses, float(bad)])
+            bad = flag > 0 or not all(math.isfinite(v) for v in losses)
+            if not bad:
+                dist.reduce_gradients(self.params)
         grad_norm = None
         if not bad:
             if self.scaler:
@@ -220,13 +252,17 @@ class Trainer:
         elapsed = time.perf_counter() - started
         self.timer.add(elapsed)
         peak_alloc, peak_reserved, rss = memory_stats(self.device)
+        ranks = dist.gather_ints([peak_alloc, peak_reserved, rss]) if dist.active else []
         return StepEnd(
             step=self.step, total_steps=o.max_steps, epoch=self.batches.epoch, loss=mean_loss,
             loss_smooth=self.smoother.update(mean_loss), lr=lr, grad_norm=grad_norm,
-            samples_per_s=(o.batch_size * o.grad_accum / self.timer.s_per_step) if self.timer.s_per_step else 0.0,
+            samples_per_s=(o.batch_size * o.grad_accum * dist.world_size / self.timer.s_per_step)
+            if self.timer.s_per_step else 0.0,
             s_per_step=self.timer.s_per_step, eta_s=self.timer.eta(o.max_steps - self.step),
             peak_alloc_bytes=peak_alloc, peak_reserved_bytes=peak_reserved, host_rss_bytes=rss,
             skipped_nonfinite=self.skipped,
+            rank_peak_alloc_bytes=tuple(r[0] for r in ranks), rank_peak_reserved_bytes=tuple(r[1] for r in ranks),
+            rank_host_rss_bytes=tuple(r[2] for r in ranks),
         )
 
     # ---- the run -------------------------------------------------------------------------------------------------
@@ -238,7 +274,7 @@ class Trainer:
             self.optimizer.train()
         try:
             while self.step < o.max_steps:
-                if self.stop_event.is_set():
+                if self.dist.any(self.stop_event.is_set()):  # all ranks stop at the same step
                     path = self.save_checkpoint("stop")
                     reason = (f"stopped at step {self.step}; " + (f"checkpoint {path}" if path else
                               "the checkpoint could not be written (see the warning)")) + "; run again to resume"
