@@ -59,7 +59,8 @@ class NonFiniteStop(RuntimeError):
 class Trainer:
     def __init__(self, config: Config, model: torch.nn.Module, dataset, run_dir: str | Path,
                  emit: Callable[[Event], None], stop_event: threading.Event, device: torch.device,
-                 config_hash: str, resume_state: dict | None = None, dist: Distributed = SINGLE, validator=None) -> None:
+                 config_hash: str, resume_state: dict | None = None, dist: Distributed = SINGLE,
+                 validator=None) -> None:
         self.cfg = config
         self.dist = dist
         self.model = model
