@@ -61,6 +61,8 @@ def _top_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="with --run: override one config key (repeatable), e.g. --set optim.lr=5e-5")
     parser.add_argument("--run-dir", help="with --run: the run folder (default: from the config)")
+    parser.add_argument("--gpus", type=int, metavar="N",
+                        help="with --run: train on N GPUs of this machine (accelerate launch, one process each)")
     parser.add_argument("--runs", help="folder of run folders for the terminal app (default ./runs)")
     parser.add_argument("--fake", action="store_true", help="terminal app with a fake GPU and engine (a tour)")
     return parser
@@ -68,6 +70,8 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--gpus" or a.startswith("--gpus=") for a in argv):
+        return _call("s2v_tui.launch", argv)
     if argv and argv[0] in SUBCOMMANDS:
         return _call(SUBCOMMANDS[argv[0]][0], argv[1:])
     args = _top_parser().parse_args(argv)
