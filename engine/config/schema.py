@@ -27,6 +27,7 @@ Solver = Literal["unipc", "euler"]
 BaseWeights = Literal["bf16", "int8", "fp8"]
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
 ResidualDtype = Literal["fp32", "bf16"]
+CheckpointPolicy = Literal["full", "save_attention"]
 ExportFormat = Literal["peft", "native"]
 DistributedStrategy = Literal["ddp", "fsdp"]
 
@@ -156,6 +157,8 @@ class ValidationConfig:
 class MemoryConfig:
     gradient_checkpointing: bool = opt(True, "recompute block activations in the backward pass")
     checkpoint_interval: int = opt(1, "checkpoint every Nth block (1 = every block)")
+    checkpoint_policy: CheckpointPolicy = opt(
+        "full", "full = recompute whole blocks; save_attention = keep self-attention outputs (faster, more memory)")
     offload_checkpoint_inputs: bool = opt(False, "keep the saved block inputs in host memory")
     block_offload: bool = opt(False, "stream transformer blocks from pinned host memory to the GPU")
     blocks_resident: int = opt(0, "with block_offload: blocks that stay on the GPU")

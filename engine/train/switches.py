@@ -34,6 +34,9 @@ def unsupported_switches(config: Config, device: torch.device | None = None) -> 
         if device is not None and device.type != "cuda":
             problems.append(f"memory.block_offload = true streams weights to a CUDA GPU; this run is on "
                             f"{device.type}: set block_offload = false")
+    if m.checkpoint_policy != "full" and (m.offload_checkpoint_inputs or m.block_offload):
+        problems.append("memory.checkpoint_policy = \"save_attention\" keeps tensors on the GPU; it does not "
+                        "combine with offload_checkpoint_inputs or block_offload: set checkpoint_policy = \"full\"")
     if m.block_offload and config.train.mixed_precision == "no" and config.model.dtype != "fp32":
         problems.append("memory.block_offload with train.mixed_precision = \"no\" is not supported; use bf16")
     return problems
@@ -59,9 +62,11 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
     m = config.memory
     done = []
     if m.gradient_checkpointing:
-        model.enable_gradient_checkpointing(m.checkpoint_interval, offload_inputs=m.offload_checkpoint_inputs)
+        model.enable_gradient_checkpointing(m.checkpoint_interval, offload_inputs=m.offload_checkpoint_inputs,
+                                            policy=m.checkpoint_policy)
         where = "pinned host memory" if m.offload_checkpoint_inputs else "GPU memory"
-        done.append(f"gradient checkpointing every {m.checkpoint_interval} block(s), saved inputs in {where}")
+        done.append(f"gradient checkpointing every {m.checkpoint_interval} block(s) ({m.checkpoint_policy}), "
+                    f"saved inputs in {where}")
     else:
         model.disable_gradient_checkpointing()
     model.residual_fp32 = m.residual_dtype == "fp32"
