@@ -14,7 +14,7 @@ from engine.data.dataset import (CachedWindowDataset, DataPosition, WindowBatchS
                                  fill_cache)
 from engine.data.synth import make_talking_clip
 from engine.data.windows import Window
-from test_cache_fill import make_config, one_torch_thread  # noqa: F401 - the fixture applies here too
+from test_cache_fill import make_config
 
 
 def fake_plan(spec: dict[str, tuple[int, int, float]], motion_every: int = 0) -> CachePlan:

@@ -22,13 +22,6 @@ from engine.data.synth import make_talking_clip
 from engine.data.windows import MODEL_FPS, CropPlan, audio_features_per_frame
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny encoders run 10-50x faster on one thread when other jobs share this CPU (no spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 SMALL = dict(frames=8, motion_frames=5, windows_per_clip=2)

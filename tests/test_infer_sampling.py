@@ -13,12 +13,6 @@ from engine.infer.schedule import (UniPCFlowSolver, flow_sigmas, flow_timesteps,
                                    make_solver)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,6 @@ from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.demo import demo_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _lora_model(model_dir, seed=0):

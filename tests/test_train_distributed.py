@@ -65,12 +65,6 @@ sys.exit(code)
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _config(model_dir, runs, **overrides):

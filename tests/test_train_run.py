@@ -15,13 +15,6 @@ from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.demo import DEMO_STEPS, demo_config, prepare
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model runs several times faster on one thread when other jobs share this CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def demo_dataset():
