@@ -43,6 +43,22 @@ def _detach_from_terminal() -> None:
             pass
 
 
+def _stop_run_on_signals(app) -> None:
+    """After a hangup a run started here trains on with no UI. From then on SIGTERM and SIGINT stop it at the
+    next step boundary with a checkpoint, as they stop a `--run`: the default action would kill the process
+    and lose every step since the last interval checkpoint."""
+    worker = app.training_worker()
+    stop = getattr(worker.node, "stop_event", None) if worker is not None else None
+    if stop is None:
+        return
+
+    def handler(signum, frame) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
 def _services(args: argparse.Namespace):
     from s2v_tui.services import Services, default_services
 
@@ -79,6 +95,7 @@ def _run(argv: list[str], prog: str, attach: bool) -> int:
 
     def on_hangup(signum, frame) -> None:  # main thread, between two bytecodes of the event loop
         _detach_from_terminal()
+        _stop_run_on_signals(app)
         app.call_later(app.hangup)
 
     previous = signal.signal(signal.SIGHUP, on_hangup)

@@ -57,7 +57,7 @@ async def test_real_engine_from_run_screen_stops_with_checkpoint(tmp_path, one_t
         first = screen.model.snapshot()
         assert first.status == "running" and first.total_steps == config.optim.max_steps
         assert first.losses and all(loss > 0 for loss in first.losses)
-        await pilot.pause(0.3)  # one paint (4 Hz) later the panel shows the step
+        await pilot.pause(0.6)  # one paint (2 Hz) later the panel shows the step
         assert f"/{config.optim.max_steps}" in str(screen.query_one("#speed").render())
         await pilot.press("x")
         assert isinstance(app.screen, ConfirmStop)

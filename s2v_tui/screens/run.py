@@ -26,7 +26,7 @@ from s2v_tui.services import engine_runner, leave_a_core_for_the_ui
 from s2v_tui.widgets.nav import NavBar
 from s2v_tui.widgets.run_panels import RunPanels
 
-PAINT_HZ = 4
+PAINT_HZ = 2  # the slow end of 2-4 Hz: each paint holds the GIL the training thread needs (bench/tui_overhead.py)
 
 
 class RunScreen(AppScreen):
