@@ -87,4 +87,5 @@ __all__ = [
     "schema_fields",
     "validate_config",
     "with_value",
+    "write_frozen_config",
 ]

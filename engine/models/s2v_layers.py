@@ -9,8 +9,6 @@ fp64, which differs from fp32 by far less than the 1e-5 fidelity budget).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -332,15 +330,3 @@ def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """An fp32 Linear whatever the weights' dtype, also inside a bf16 autocast region (as the official model)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
-
-
-def xavier_init_(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
-def fan_in_std(dim: int) -> float:
-    return 1.0 / math.sqrt(dim)
