@@ -111,6 +111,18 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _tensorboard(config: Config, run_dir: Path, bus: EventBus):
+    """Rank 0's TensorBoard subscriber; None when logging.tensorboard is off or the package is missing (the
+    check phase then warns)."""
+    if not (config.logging.tensorboard and _installed("tensorboard")):
+        return None
+    from engine.train.tensorboard import TensorBoardWriter
+
+    board = TensorBoardWriter(run_dir)
+    bus.subscribe(board)
+    return board
+
+
 def _cached_dataset(config: Config, bus: EventBus, device: torch.device, stop_event: threading.Event):
     """Fill the feature cache (only missing entries are computed) and open the dataset over it; None when the
     stop event interrupted the filling (the entries written so far are kept)."""
@@ -278,7 +290,7 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
     # through rank 0's StepEnd events.
     dist = setup_distributed(config, device)
     bus = EventBus()
-    writer = detach_logging = None
+    writer = detach_logging = board = None
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         writer = JsonlEventWriter(run_dir)
@@ -292,6 +304,8 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
             if not dist.is_main:
                 dist.barrier()  # rank 0 first: it writes the frozen config and clears torn checkpoint files
             config = _resolve_config(config, run_dir, bus, write=dist.is_main)
+            if dist.is_main:  # after the resolve: a resumed run follows its frozen logging settings
+                board = _tensorboard(config, run_dir, bus)
             end = _run_phases(config, bus, stop_event, run_dir, dataset, dev, dist)
         except Exception as exc:
             end = _failure(exc, config, dev)
@@ -300,6 +314,8 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
     finally:
         if detach_logging:
             detach_logging()
+        if board:
+            board.close()
         if writer:
             writer.close()
         dist.close()

@@ -265,3 +265,52 @@ def test_headless_plain_lines_and_exit_codes():
     assert exit_code(RunEnded(status="completed")) == EXIT_OK == 0
     assert exit_code(RunEnded(status="stopped")) == EXIT_STOPPED
     assert exit_code(RunEnded(status="failed")) == EXIT_FAILED
+
+
+def _board_scalars(run_dir) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    # A list per tag, not a dict by step: a step written twice must show up as two points.
+    return {tag: [(s.step, s.value) for s in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_hold_the_losses_of_events_jsonl(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=4, checkpoint__every_steps=0,
+                     logging__tensorboard=True)
+    end = run(config, [], threading.Event(), run_dir=tmp_path / "run", dataset=demo_dataset(), device="cpu")
+    assert end.status == "completed", end.reason
+    scalars = _board_scalars(tmp_path / "run")
+    steps = _kinds(tmp_path / "run", "step_end")
+    for tag, field in (("train/loss", "loss"), ("train/loss_smooth", "loss_smooth"), ("train/lr", "lr")):
+        assert [s for s, _ in scalars[tag]] == [e.step for e in steps]
+        # TensorBoard stores float32: equal to the JSON floats to float32 precision.
+        assert [v for _, v in scalars[tag]] == pytest.approx([getattr(e, field) for e in steps], rel=1e-6)
+    assert [s for s, _ in scalars["train/grad_norm"]] == [s for s, _ in scalars["speed/s_per_step"]] == [1, 2, 3, 4]
+    assert "memory/peak_alloc_gb" not in scalars  # not measurable on the CPU: left out, not plotted as 0
+
+
+def test_tensorboard_eval_loss_and_a_resume_drop_the_steps_trained_again(tmp_path):
+    pytest.importorskip("tensorboard")
+    from engine.events import RunStarted, StepEnd, ValidationDone
+    from engine.train.tensorboard import TensorBoardWriter
+
+    def steps(first, last, loss):
+        for step in range(first, last + 1):
+            board(StepEnd(step=step, total_steps=4, epoch=0, loss=loss, loss_smooth=loss, lr=1e-4,
+                          peak_alloc_bytes=2 * 10**9))
+
+    board = TensorBoardWriter(tmp_path)
+    board(RunStarted(run_dir=str(tmp_path), config_hash="h", total_steps=4))
+    steps(1, 3, loss=1.0)
+    board(ValidationDone(step=2, eval_loss=0.5))
+    board.close()  # the process died after step 3; its last checkpoint was step 2
+    board(RunStarted(run_dir=str(tmp_path), config_hash="h", total_steps=4, resumed_from_step=2))
+    steps(3, 4, loss=2.0)
+    board(ValidationDone(step=4, eval_loss=0.25))
+    board.close()
+    scalars = _board_scalars(tmp_path)
+    assert scalars["train/loss"] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
+    assert scalars["eval/loss"] == [(2, 0.5), (4, 0.25)]
+    assert scalars["memory/peak_alloc_gb"][-1] == (4, pytest.approx(2.0))
