@@ -1,12 +1,17 @@
-"""`s2v-tui check DATASET_DIR... [--json]`: the dataset doctor on the command line.
+"""`s2v-tui check DATASET_DIR... | PRESET.toml [--json]`: the dataset doctor on the command line.
+
+Given a run config (preset) instead of folders, it checks every `[[data.datasets]]` entry with the settings
+that training would use (the same `doctor_settings` / `dataset_specs` as the cache and the run), so a preset
+that passes here trains on exactly the windows reported.
 
 A rich progress bar and tables on a terminal, plain lines when piped, one JSON document with --json.
 Exit status: 0 when nothing blocks training, 1 when a blocking problem exists (or any warning with
---strict), 2 for bad arguments.
+--strict), 2 for bad arguments or a config error (named by file and key).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,6 +23,13 @@ from engine.data.windows import CROP_MODES, REFERENCE_MODES, BucketSettings, Win
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 CLIP_TABLE_LIMIT = 30  # above this many clips the per-clip table needs --verbose
+PRESET_SUFFIX = ".toml"
+# Options that describe the data; with a preset its own keys decide them, so giving both is refused rather
+# than one silently winning. Option dest -> the config key to set instead.
+DATA_OPTIONS = {"audio_dir": "data.datasets[].audio_dir", "allow_silent_audio": "data.allow_silent_audio",
+                "min_side": "data.resolution", "max_area": "data.resolution", "bucket": "data.bucket",
+                "crop": "data.crop", "reference": "data.reference", "stride": "data.frames",
+                "max_windows": "data.windows_per_clip"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="s2v-tui check",
         description="Inspect every clip of one or more datasets without a GPU: what each clip will give "
                     "(windows, bucket, fps conversion, reference, audio) and every problem, with its fix.")
-    p.add_argument("datasets", nargs="+", type=Path, metavar="DATASET_DIR", help="dataset folder(s)")
+    p.add_argument("datasets", nargs="+", type=Path, metavar="DATASET_DIR_OR_PRESET",
+                   help="dataset folder(s), or one run config .toml whose [[data.datasets]] are checked with its "
+                        "settings")
     p.add_argument("--json", action="store_true", help="print one JSON document (machine-readable)")
     p.add_argument("--audio-dir", type=Path, help="folder of <stem>.wav|flac|mp3|ogg|m4a files "
                    "(default: the audio track inside each video)")
@@ -50,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _token_counter(args: argparse.Namespace):
+    if args.tokenizer is None:
+        return None  # the doctor estimates the token count
+    from engine.data.caption_tokens import TokenizerCounter
+
+    return TokenizerCounter(args.tokenizer)
+
+
 def _settings(args: argparse.Namespace) -> DoctorSettings:
     bucket = BucketSettings(max_area=args.max_area, fixed=args.bucket)
     frames = WindowSettings.frames
@@ -58,14 +80,36 @@ def _settings(args: argparse.Namespace) -> DoctorSettings:
 
         frames = parse_fixed_bucket(bucket.fixed).frames or frames
     windows = WindowSettings(frames=frames, stride=args.stride, max_windows=args.max_windows)
-    counter = None
-    if args.tokenizer is not None:
-        from engine.data.caption_tokens import TokenizerCounter
-
-        counter = TokenizerCounter(args.tokenizer)
     return DoctorSettings(windows=windows, buckets=bucket, crop=args.crop, reference=args.reference,
                           allow_silent_audio=args.allow_silent_audio, min_side=args.min_side, workers=args.workers,
-                          count_tokens=counter)
+                          count_tokens=_token_counter(args))
+
+
+def _preset_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path | None:
+    """The run config named instead of folders, or None; ValueError for a mix or a data option beside it."""
+    presets = [d for d in args.datasets if d.suffix.lower() == PRESET_SUFFIX and not d.is_dir()]
+    if not presets:
+        return None
+    if len(args.datasets) > 1:
+        raise ValueError("give either one PRESET.toml or dataset folders, not both (a preset lists its "
+                         "folders in [[data.datasets]])")
+    given = [f"--{dest.replace('_', '-')}" for dest in DATA_OPTIONS if getattr(args, dest) != parser.get_default(dest)]
+    if given:
+        keys = sorted({DATA_OPTIONS[o[2:].replace('-', '_')] for o in given})
+        raise ValueError(f"{', '.join(given)} cannot be combined with a preset, which sets the data itself; "
+                         f"change {', '.join(keys)} in {presets[0]} instead")
+    return presets[0]
+
+
+def _preset_inputs(path: Path, args: argparse.Namespace) -> tuple[list[DatasetSpec], DoctorSettings]:
+    """The datasets and doctor settings of a run config. Raises ConfigError (file, key, fix) or OSError."""
+    from engine.config import load_config
+    from engine.data.cache_plan import dataset_specs, doctor_settings
+
+    config = load_config(path, require_data=True)
+    # Relative dataset folders resolve against the working directory, as in `s2v-tui cache` and `--run`.
+    settings = dataclasses.replace(doctor_settings(config), workers=args.workers, count_tokens=_token_counter(args))
+    return dataset_specs(config), settings
 
 
 def _exit_code(report: DoctorReport, strict: bool) -> int:
@@ -131,15 +175,26 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # argparse exits on --help (0) and on bad arguments (2)
         return int(exc.code or 0)
     try:
-        settings = _settings(args)
-    except ValueError as exc:
+        preset = _preset_path(args, parser)
+        if preset is not None:
+            specs, settings = _preset_inputs(preset, args)
+        else:
+            settings = _settings(args)
+            specs = [DatasetSpec(path=d, audio_dir=args.audio_dir) for d in args.datasets]
+    except OSError as exc:
+        print(f"s2v-tui check: cannot read {exc.filename or args.datasets[0]}: {exc.strerror}; pass the path of a "
+              "preset file or a dataset folder", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # ConfigError included: it names the file, the key and the fix
         print(f"s2v-tui check: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    specs = [DatasetSpec(path=d, audio_dir=args.audio_dir) for d in args.datasets]
 
     if args.json:
         report = inspect_datasets(specs, settings)
-        json.dump(report.to_dict(), sys.stdout, indent=2)
+        doc = report.to_dict()
+        if preset is not None:
+            doc["preset"] = str(preset)
+        json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return _exit_code(report, args.strict)
 
