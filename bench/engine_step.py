@@ -1,0 +1,249 @@
+"""Time LoRA training steps of the full 14B S2V model through the engine (`engine.runner.run`), not the bare model.
+
+Next session, on the H100 (one call each, from the repository root, `carry: [".whl"]`, timeout_s 600). The
+ignored .whl folder must hold diffusers 0.42.1, importlib_metadata, zipp (as for bench/model_step.py in
+BENCHMARKS.md) and tomlkit 0.15.2 (engine.config reads the presets with it; the GPU image lacks it), plus av 18.1.0
+for bench/cache_speed.py; all five were fetched into /work/main/.whl on 2026-11-25 (41 MB; the device README's
+`pip download` line refetches any that is missing):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1; python3 bench/engine_step.py --preset 80gb --mode first --steps 6 --json $OUT/engine_step.jsonl
+
+    (same preamble) python3 bench/engine_step.py --preset 24gb --mode first --steps 6 --vram-budget-gb 25.77 --json $OUT/engine_step.jsonl
+
+25.77 GB is the 24 GiB cap that bench/model_step.py --vram-cap-gib 24 used. `--mode continuation` times the run
+with motion latents (motion_drop_prob 0.0). `--bare` also times bench/model_step.py with the preset's switches at
+the same 20 latents in a subprocess (about 3 more minutes: leave it out of a call that is near the 10-minute limit).
+
+What it does: builds the 14B transformer with random bf16 weights on the GPU (meta + to_empty, as model_step.py),
+writes it with save_pretrained (32.6 GB, 5 GB shards) to a scratch folder on local disk (`--scratch`, default a
+hidden folder in the repository root, which is on the machine's disk: /tmp may be memory-backed), frees the GPU,
+then runs the engine's whole job (check, load with from_pretrained, LoRA, memory switches, train N steps, export)
+on an in-memory dataset of 14B-shaped 832x480 windows: latents [16,20,60,104], motion [16,19,60,104], ref
+[16,1,60,104], text [512,4096], audio [25,1024,80]. s/step is the median of the steps after the first 2 (the
+compile warm-up); peak GPU memory is the last StepEnd's (the peak of the whole run, loading included); host RSS
+is the process peak. Prints one JSON line and appends it to --json. The scratch folder is removed at the end.
+
+`--tiny` runs the same path with engine.models.tiny and tiny samples on the CPU (a test of this script).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from engine.config import with_value  # noqa: E402
+from engine.config.toml_io import load_config  # noqa: E402
+from engine.train.synthetic import SyntheticLatentDataset  # noqa: E402
+
+WARMUP_STEPS = 2  # step 1 compiles the no-grad forward, step 2 can still hit the recompute's compile
+MAX_STEPS = 20  # the trainer's StepTimer window: per-step times are exact up to this many steps
+
+# 832x480 at 16 fps, 80-frame windows: 20 latents of 60x104, 19 motion latents; UMT5-XXL and wav2vec2-large.
+FULL_SAMPLE = dict(latent_frames=20, height=60, width=104, text_dim=4096, audio_layers=25, audio_dim=1024,
+                   text_tokens=40)
+# Settings no preset can run on the CPU (pinned memory, CUDA streams, cuDNN, a C++ compiler for inductor):
+# the tiny proof keeps the engine path and drops only these.
+TINY_OVERRIDES = {
+    "model.dtype": "fp32", "train.mixed_precision": "no", "memory.block_offload": False,
+    "memory.offload_checkpoint_inputs": False, "memory.compile_blocks": False,
+    "memory.attention_backend": "auto",
+}
+
+
+def write_model(folder: Path, tiny: bool) -> float:
+    """The transformer folder model.source points at; returns the seconds it took."""
+    t0 = time.perf_counter()
+    if tiny:
+        from engine.models.tiny import write_tiny_model
+
+        write_tiny_model(folder, seed=0)
+    else:
+        from bench.model_step import random_14b
+
+        # Built on the GPU in bf16: a 14B fp32 model on the host would need 65 GB of RAM.
+        model = random_14b(torch.device("cuda"))
+        model.save_pretrained(folder / "transformer", max_shard_size="5GB")
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        # The engine's peak should be its own, not the build's.
+        torch.cuda.reset_peak_memory_stats()
+    return time.perf_counter() - t0
+
+
+def make_dataset(tiny: bool, mode: str) -> SyntheticLatentDataset:
+    # Motion latents are kept in first mode too: the batcher drops them (motion_drop_prob 1.0), as with real data.
+    ds = SyntheticLatentDataset(2, **({} if tiny else FULL_SAMPLE), with_motion=True, seed=0)
+    if not tiny:
+        # The cache stores text and audio features in bf16 (cache_plan.CacheSettings.feature_store); the batcher
+        # moves samples as they come, so this keeps the host-to-device copies the real run has.
+        for s in ds.samples:
+            for key in ("text", "text_empty", "audio"):
+                s[key] = s[key].to(torch.bfloat16)
+    return ds
+
+
+def build_config(args, model_dir: Path, runs_dir: Path):
+    config = load_config(REPO / "presets" / f"{args.preset}.toml")
+    settings = {
+        "model.source": str(model_dir),
+        "output.run_dir": str(runs_dir),
+        "output.name": f"engine-step-{args.preset}-{args.mode}",
+        "optim.max_steps": args.steps,
+        "data.motion_drop_prob": 1.0 if args.mode == "first" else 0.0,
+        "checkpoint.every_steps": 0,  # only the final checkpoint: no save between the timed steps
+        "logging.every_steps": 1,
+        "logging.tensorboard": False,
+        "validation.every_steps": 0,
+    }
+    if args.vram_budget_gb:
+        settings["memory.vram_budget_gb"] = args.vram_budget_gb
+    if args.tiny:
+        settings.update(TINY_OVERRIDES)
+    for key, value in settings.items():
+        config = with_value(config, key, value, file="<engine_step>")
+    return config
+
+
+def step_durations(events) -> list[float]:
+    """Each step's own duration, recovered from StepEnd.s_per_step (a running mean over the trainer's window)."""
+    out, prev = [], 0.0
+    for k, e in enumerate(events, start=1):
+        total = k * e.s_per_step
+        out.append(total - prev)
+        prev = total
+    return out
+
+
+def bare_command(config, mode: str, steps: int) -> list[str]:
+    """bench/model_step.py with the preset's switches at the engine's window size (77 frames = 20 latents)."""
+    m = config.memory
+    cmd = [sys.executable, str(REPO / "bench" / "model_step.py"), "--mode", mode, "--frames", "77",
+           "--rank", str(config.lora.rank), "--residual", m.residual_dtype, "--steps", str(steps), "--warmup", "1"]
+    if m.attention_backend != "auto":
+        cmd += ["--attention", m.attention_backend]
+    if m.compile_blocks:
+        cmd.append("--compile")
+    if m.offload_checkpoint_inputs:
+        cmd.append("--offload-inputs")
+    if m.block_offload:
+        cmd += ["--stream-blocks", str(m.blocks_resident)]
+    if m.vram_budget_gb:
+        cmd += ["--vram-cap-gib", f"{m.vram_budget_gb * 1e9 / 2**30:.2f}"]
+    if not m.gradient_checkpointing:
+        cmd.append("--no-checkpointing")
+    return cmd
+
+
+def run_bare(config, mode: str, steps: int) -> dict:
+    cmd = bare_command(config, mode, steps)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-800:]}", "command": " ".join(cmd[1:])}
+    bare = json.loads(lines[-1])
+    return {k: bare[k] for k in ("s_per_step", "s_all", "peak_alloc_gib", "peak_reserved_gib", "peak_host_rss_gib",
+                                 "tokens", "mfu")} | {"command": " ".join(cmd[1:])}
+
+
+def gib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**30, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="80gb", help="presets/<name>.toml to extend (default: %(default)s)")
+    ap.add_argument("--mode", choices=("first", "continuation"), default="first",
+                    help="first: motion_drop_prob 1.0; continuation: 0.0 (every step with 19 motion latents)")
+    ap.add_argument("--steps", type=int, default=6, help=f"training steps, {WARMUP_STEPS + 1}..{MAX_STEPS}")
+    ap.add_argument("--vram-budget-gb", type=float, default=0.0, help="memory.vram_budget_gb (emulate a smaller card)")
+    ap.add_argument("--bare", action="store_true", help="also time bench/model_step.py with the same switches")
+    ap.add_argument("--scratch", help="folder for the model and the run (removed at the end)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--json", help="append the result as one JSON line to this file")
+    ap.add_argument("--tiny", action="store_true", help="tiny model and samples on the CPU (tests this script)")
+    args = ap.parse_args(argv)
+    if not WARMUP_STEPS < args.steps <= MAX_STEPS:
+        ap.error(f"--steps must be in {WARMUP_STEPS + 1}..{MAX_STEPS}")
+    if not args.tiny and not torch.cuda.is_available():
+        ap.error("the 14B run needs a CUDA GPU; use --tiny on a CPU machine")
+
+    from engine.runner import run
+
+    device = "cpu" if args.tiny else "cuda"
+    parent = args.scratch or (None if args.tiny else str(REPO))
+    scratch = Path(tempfile.mkdtemp(prefix=".engine-step-", dir=parent))
+    t0 = time.perf_counter()
+    try:
+        write_s = write_model(scratch / "model", args.tiny)
+        config = build_config(args, scratch / "model", scratch / "runs")
+        dataset = make_dataset(args.tiny, args.mode)
+        events = []
+        phase_at: dict[str, float] = {}
+
+        def collect(event) -> None:
+            if event.kind == "phase_changed":
+                phase_at.setdefault(event.phase, time.perf_counter())
+            events.append(event)
+
+        run_start = time.perf_counter()
+        end = run(config, [collect], threading.Event(), scratch / "runs" / "run", dataset=dataset, device=device)
+        run_s = time.perf_counter() - run_start
+        steps = [e for e in events if e.kind == "step_end"]
+        durations = step_durations(steps)
+        timed = durations[WARMUP_STEPS:]
+        walls = [b.ts - a.ts for a, b in zip(steps, steps[1:])][WARMUP_STEPS - 1:]
+        last = steps[-1] if steps else None
+        result = {
+            "bench": "engine_step", "preset": args.preset, "mode": args.mode, "tiny": args.tiny,
+            "status": end.status, "reason": end.reason, "steps": len(steps),
+            "s_per_step": round(statistics.median(timed), 3) if timed else None,
+            "s_all": [round(d, 3) for d in durations],
+            # Between StepEnd events: the step plus whatever the loop does between steps (logging, events).
+            "s_per_step_wall": round(statistics.median(walls), 3) if walls else None,
+            "peak_alloc_gib": gib(max((e.peak_alloc_bytes or 0 for e in steps), default=0) or None),
+            "peak_reserved_gib": gib(max((e.peak_reserved_bytes or 0 for e in steps), default=0) or None),
+            "step_host_rss_gib": gib(max((e.host_rss_bytes or 0 for e in steps), default=0) or None),
+            "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "loss": round(last.loss, 4) if last else None,
+            "write_model_s": round(write_s, 1), "run_s": round(run_s, 1),
+            "load_s": round(phase_at["train"] - phase_at["load"], 1) if {"load", "train"} <= phase_at.keys() else None,
+            "switches": {k: getattr(config.memory, k) for k in (
+                "gradient_checkpointing", "offload_checkpoint_inputs", "block_offload", "blocks_resident",
+                "compile_blocks", "residual_dtype", "attention_backend", "vram_budget_gb")},
+            "lora_rank": config.lora.rank, "resolution": list(config.data.resolution),
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+        }
+        if args.bare and not args.tiny:
+            del dataset, events, steps
+            gc.collect()
+            torch.cuda.empty_cache()
+            # The bare step's own process: its peak memory and compile caches are not mixed with the run's.
+            result["bare"] = run_bare(config, args.mode, max(2, len(timed)))
+        result["total_s"] = round(time.perf_counter() - t0, 1)
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(result), flush=True)
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+    return 0 if result["status"] == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""CPU proofs of the GPU benchmark scripts: each runs its `--tiny` mode in-process (same code path as the 14B
+run, tiny model and samples) and must print and append one well-formed JSON line. Bench-script tests: they guard
+the scripts the GPU sessions run in one call each, where a crash costs device time."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import cache_speed, engine_step
+
+
+def _one_line(path, capsys) -> dict:
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    return result
+
+
+@pytest.mark.timeout(120)
+def test_bench_engine_step_tiny_trains_through_the_runner(tmp_path, capsys):
+    out = tmp_path / "engine_step.jsonl"
+    code = engine_step.main(["--tiny", "--preset", "24gb", "--mode", "continuation", "--steps", "4",
+                             "--json", str(out), "--scratch", str(tmp_path)])
+    r = _one_line(out, capsys)
+    assert code == 0 and r["status"] == "completed", r["reason"]
+    assert r["steps"] == 4 and len(r["s_all"]) == 4 and all(t > 0 for t in r["s_all"])
+    assert r["s_per_step"] > 0 and r["peak_host_rss_gib"] > 0
+    assert r["switches"]["residual_dtype"] == "bf16" and not r["switches"]["block_offload"]  # CPU overrides
+    assert list(tmp_path.iterdir()) == [out]  # the scratch model and run folder are gone
+
+
+@pytest.mark.timeout(120)
+def test_bench_cache_speed_tiny_fills_a_cache_with_timed_passes(tmp_path, capsys):
+    out = tmp_path / "cache_speed.jsonl"
+    code = cache_speed.main(["--tiny", "--json", str(out), "--scratch", str(tmp_path)])
+    r = _one_line(out, capsys)
+    assert code == 0 and r["complete"] and r["skipped"] == 0
+    assert r["clips"] == 2 and r["windows"] == 4 and r["windows_with_motion"] == 2
+    assert list(r["phases"]) == ["plan", "vae", "audio", "text"]
+    assert r["phases"]["vae"]["items"] == 6  # 2 references + 4 windows
+    assert r["windows_per_min"] > 0 and r["clips_per_min"] > 0
+    from engine.data import cache_fill
+
+    assert cache_fill._release.__name__ == "_release"  # the timing wrappers were taken off again
+    assert list(tmp_path.iterdir()) == [out]
