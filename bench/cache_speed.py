@@ -25,7 +25,6 @@ it to --json. Everything is written to a hidden scratch folder in the repository
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import sys
@@ -38,6 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import emit_result  # noqa: E402
 from engine.config import Config, with_value  # noqa: E402
 from engine.data import cache_fill  # noqa: E402
 
@@ -60,8 +60,7 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
 
 # ---- the model folder ----------------------------------------------------------------------------------------
 def _write_audio(out: Path, tiny: bool) -> None:
-    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
-                              Wav2Vec2Processor)
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     from engine.models import tiny as tiny_mod
 
@@ -73,13 +72,7 @@ def _write_audio(out: Path, tiny: bool) -> None:
     # 315 M parameters: small enough to initialise on the host in fp32, the dtype it is stored and run in.
     cfg = Wav2Vec2Config(vocab_size=len(vocab), pad_token_id=0, **WAV2VEC2_LARGE)
     Wav2Vec2ForCTC(cfg).save_pretrained(out / "audio_encoder")
-    vocab_file = out / "audio_processor" / "vocab.json"
-    vocab_file.parent.mkdir(parents=True, exist_ok=True)
-    vocab_file.write_text(json.dumps({c: i for i, c in enumerate(vocab)}))
-    tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), pad_token="<pad>", unk_token="<unk>", word_delimiter_token="|")
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                                         return_attention_mask=True)
-    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out / "audio_processor")
+    tiny_mod.write_audio_processor(out)
 
 
 def _write_text_encoder(out: Path, tiny: bool, device: torch.device) -> int:
@@ -272,10 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             restore()
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    print(json.dumps(result), flush=True)
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit_result(result, args.json)
     return 0 if plan.complete and windows and not plan.skipped else 1
 
 

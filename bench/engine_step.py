@@ -45,6 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import emit_result  # noqa: E402
 from engine.config import with_value  # noqa: E402
 from engine.config.toml_io import load_config  # noqa: E402
 from engine.train.synthetic import SyntheticLatentDataset  # noqa: E402
@@ -238,10 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    print(json.dumps(result), flush=True)
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit_result(result, args.json)
     return 0 if result["status"] == "completed" else 1
 
 

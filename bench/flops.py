@@ -15,3 +15,4 @@ def step_flops(dim: int, ffn: int, layers: int, injectors: int, seq: int, video:
     model = layers * (2 * lin + 3 * attn) + injectors * 2 * inj
     hardware = model + (fwd if recompute else 0)
     return {"forward": fwd, "model": model, "hardware": hardware}
+

@@ -10,7 +10,6 @@ peak allocated/reserved memory, tokens, and FLOPs utilisation against the H100's
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -22,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.flops import H100_BF16_DENSE_TFLOPS, step_flops  # noqa: E402
+from bench.report import emit_result  # noqa: E402
 from engine.models.attention import set_attention_backend  # noqa: E402
 from engine.models.s2v_transformer import S2VTransformer3DModel  # noqa: E402
 
@@ -171,10 +171,7 @@ def main(argv=None) -> int:
         "loss": float(loss.detach()), "build_s": round(build_s, 1),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit_result(result, args.json)
     return 0
 
 

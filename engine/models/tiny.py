@@ -71,8 +71,7 @@ def _write_text_encoder(out: Path, seed: int, vocab_size: int) -> None:
 
 
 def _write_audio(out: Path, seed: int) -> None:
-    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
-                              Wav2Vec2Processor)
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     torch.manual_seed(seed + 2)
     cfg = Wav2Vec2Config(
@@ -83,6 +82,13 @@ def _write_audio(out: Path, seed: int) -> None:
         layerdrop=0.0, mask_time_prob=0.0, pad_token_id=0,
     )
     Wav2Vec2ForCTC(cfg).save_pretrained(out / "audio_encoder")
+    write_audio_processor(out)
+
+
+def write_audio_processor(out: Path) -> None:
+    """`audio_processor/`: the wav2vec2 feature extractor (16 kHz, normalised) and a CTC tokenizer."""
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+
     vocab_file = out / "audio_processor" / "vocab.json"
     vocab_file.parent.mkdir(parents=True, exist_ok=True)
     vocab_file.write_text(json.dumps({c: i for i, c in enumerate(_CTC_VOCAB)}))
