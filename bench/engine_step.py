@@ -23,6 +23,17 @@ on an in-memory dataset of 14B-shaped 832x480 windows: latents [16,20,60,104], m
 compile warm-up); peak GPU memory is the last StepEnd's (the peak of the whole run, loading included); host RSS
 is the process peak. Prints one JSON line and appends it to --json. The scratch folder is removed at the end.
 
+Several GPUs (the distributed issue): write the folder once, then launch the same script on N processes:
+
+    python3 bench/engine_step.py --write-model .bench-model
+    python3 -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no bench/engine_step.py --model-dir .bench-model --scratch .bench-runs --strategy ddp \
+        --preset 80gb --steps 6 --json $OUT/dist.jsonl
+
+Each rank trains batch optim.batch_size on its own slice of the global batch; rank 0 reports the step time, the
+samples per second of the whole job and every rank's peak memory (StepEnd.rank_*). `--model-dir` reuses a
+folder (never removed); `--scratch` is then required so that every rank writes into the same run folder.
+
 `--tiny` runs the same path with engine.models.tiny and tiny samples on the CPU (a test of this script).
 """
 from __future__ import annotations
@@ -30,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -113,6 +125,12 @@ def build_config(args, model_dir: Path, runs_dir: Path):
     }
     if args.vram_budget_gb:
         settings["memory.vram_budget_gb"] = args.vram_budget_gb
+    if args.strategy:
+        settings["distributed.strategy"] = args.strategy
+        if args.strategy == "fsdp":
+            # FSDP2 re-gathers a block's weights for the recompute; our re-entrant offloaded checkpoint cannot
+            # (engine.train.distributed.combination_problems), so the sharded run keeps block inputs on the GPU.
+            settings["memory.offload_checkpoint_inputs"] = False
     if args.tiny:
         settings.update(TINY_OVERRIDES)
     for key, value in settings.items():
@@ -177,7 +195,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     ap.add_argument("--tiny", action="store_true", help="tiny model and samples on the CPU (tests this script)")
+    ap.add_argument("--write-model", metavar="DIR", help="only write the model folder to DIR and exit")
+    ap.add_argument("--encoders", action="store_true",
+                    help="with --write-model: write only the full-size VAE, UMT5 and wav2vec2 (bench/cache_speed.py) "
+                         "into DIR, beside a transformer/ written by another --write-model (bench/sample_speed.py)")
+    ap.add_argument("--model-dir", help="use this model folder (written by --write-model) instead of a new one")
+    ap.add_argument("--strategy", choices=("ddp", "fsdp"), help="distributed.strategy (under accelerate launch)")
     args = ap.parse_args(argv)
+    if args.write_model:
+        if not args.tiny and not torch.cuda.is_available():
+            ap.error("the 14B model is built on a CUDA GPU; use --tiny on a CPU machine")
+        if args.encoders:
+            from bench.cache_speed import write_encoders
+
+            t0 = time.perf_counter()
+            write_encoders(Path(args.write_model), args.tiny, torch.device("cpu" if args.tiny else "cuda"))
+            seconds = time.perf_counter() - t0
+        else:
+            seconds = write_model(Path(args.write_model), args.tiny)
+        print(json.dumps({"bench": "engine_step", "wrote": args.write_model, "write_model_s": round(seconds, 1)}))
+        return 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not args.scratch:
+        ap.error("under accelerate launch, --scratch must name one folder that every rank shares")
     if not WARMUP_STEPS < args.steps <= MAX_STEPS:
         ap.error(f"--steps must be in {WARMUP_STEPS + 1}..{MAX_STEPS}")
     if not args.tiny and not torch.cuda.is_available():
@@ -186,12 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     from engine.runner import run
 
     device = "cpu" if args.tiny else "cuda"
-    parent = args.scratch or (None if args.tiny else str(REPO))
-    scratch = Path(tempfile.mkdtemp(prefix=".engine-step-", dir=parent))
+    if world > 1:
+        # One run folder for all ranks (rank 0 writes it); the caller owns and removes the scratch folder.
+        scratch = Path(args.scratch) / f"{args.strategy or 'ddp'}-{world}-{args.preset}-{args.mode}"
+        args.keep = True
+    else:
+        parent = args.scratch or (None if args.tiny else str(REPO))
+        scratch = Path(tempfile.mkdtemp(prefix=".engine-step-", dir=parent))
     t0 = time.perf_counter()
     try:
-        write_s = write_model(scratch / "model", args.tiny)
-        config = build_config(args, scratch / "model", scratch / "runs")
+        model_dir = Path(args.model_dir) if args.model_dir else scratch / "model"
+        write_s = 0.0 if args.model_dir else write_model(model_dir, args.tiny)
+        config = build_config(args, model_dir, scratch / "runs")
         dataset = make_dataset(args.tiny, args.mode)
         events = []
         phase_at: dict[str, float] = {}
@@ -227,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
                 "gradient_checkpointing", "offload_checkpoint_inputs", "block_offload", "blocks_resident",
                 "compile_blocks", "residual_dtype", "attention_backend", "vram_budget_gb")},
             "lora_rank": config.lora.rank, "resolution": list(config.data.resolution),
+            "world_size": world, "strategy": args.strategy if world > 1 else "single",
+            "batch_per_rank": config.optim.batch_size,
+            # Every rank's peak (rank order), from rank 0's StepEnd events; empty in one process.
+            "rank_peak_alloc_gib": [gib(max((e.rank_peak_alloc_bytes[r] or 0 for e in steps), default=0) or None)
+                                    for r in range(world)] if world > 1 and steps and steps[-1].rank_peak_alloc_bytes else [],
+            "rank_peak_reserved_gib": [gib(max((e.rank_peak_reserved_bytes[r] or 0 for e in steps), default=0) or None)
+                                       for r in range(world)] if world > 1 and steps and steps[-1].rank_peak_reserved_bytes else [],
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
         }
         if args.bare and not args.tiny:
@@ -235,11 +289,14 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
             # The bare step's own process: its peak memory and compile caches are not mixed with the run's.
             result["bare"] = run_bare(config, args.mode, max(2, len(timed)))
+        if result["s_per_step"]:
+            result["samples_per_s"] = round(world * config.optim.batch_size / result["s_per_step"], 4)
         result["total_s"] = round(time.perf_counter() - t0, 1)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    emit_result(result, args.json)
+    if rank == 0:
+        emit_result(result, args.json)
     return 0 if result["status"] == "completed" else 1
 
 

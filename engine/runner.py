@@ -376,6 +376,9 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
                         f"{config.optim.batch_size}: lower the batch size or add clips")
 
     bus.emit(PhaseChanged(phase="load", detail=config.model.source))
+    from engine.train.switches import cap_gpu_memory
+
+    cap_gpu_memory(config, device)  # before the validation encoders: the cap emulates the whole card
     vset = _validation_set(config, device)
     # FSDP: each rank loads the whole model to host memory and keeps only its shards on the GPU.
     model = dist.prepare_model(_load_model(config, torch.device("cpu") if dist.sharded else device))

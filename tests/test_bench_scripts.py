@@ -45,3 +45,33 @@ def test_bench_cache_speed_tiny_fills_a_cache_with_timed_passes(tmp_path, capsys
 
     assert cache_fill._release.__name__ == "_release"  # the timing wrappers were taken off again
     assert list(tmp_path.iterdir()) == [out]
+
+
+@pytest.mark.timeout(120)
+def test_bench_sample_speed_tiny_renders_one_validation_sample(tmp_path, capsys):
+    from bench import sample_speed
+
+    out = tmp_path / "sample_speed.jsonl"
+    code = sample_speed.main(["--tiny", "--steps", "3", "--json", str(out), "--scratch", str(tmp_path)])
+    r = _one_line(out, capsys)
+    assert code == 0 and r["steps"] == 3 and r["solver"] == "unipc"
+    # One 80-frame chunk minus the 3 frames the first chunk drops, at 16 fps, with that much driving audio.
+    assert r["mp4"]["frames"] == 77 and r["mp4"]["fps"] == 16.0
+    assert abs(r["mp4"]["audio_s"] - 77 / 16) < 0.1
+    assert r["denoise_s"] > 0 and r["step_s_median"] > 0 and r["sample_s"] >= r["denoise_s"]
+    assert list(tmp_path.iterdir()) == [out]
+
+
+@pytest.mark.timeout(120)
+def test_bench_engine_step_reuses_a_written_model_folder(tmp_path, capsys):
+    model = tmp_path / "model"
+    assert engine_step.main(["--tiny", "--write-model", str(model)]) == 0
+    assert (model / "transformer" / "config.json").is_file()
+    capsys.readouterr()
+    out = tmp_path / "engine_step.jsonl"
+    code = engine_step.main(["--tiny", "--model-dir", str(model), "--steps", "3", "--json", str(out),
+                             "--scratch", str(tmp_path)])
+    r = _one_line(out, capsys)
+    assert code == 0 and r["status"] == "completed" and r["write_model_s"] == 0.0
+    assert r["world_size"] == 1 and r["strategy"] == "single" and r["samples_per_s"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine_step.jsonl", "model"]  # the given model stays

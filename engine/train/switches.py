@@ -94,13 +94,22 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
     if m.compile_blocks:
         model.compile_blocks()
         done.append("blocks compiled (torch.compile, regional)")
-    if m.vram_budget_gb > 0:
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            total = torch.cuda.get_device_properties(index).total_memory
-            fraction = min(1.0, m.vram_budget_gb * 1e9 / total)
-            torch.cuda.set_per_process_memory_fraction(fraction, index)
-            done.append(f"GPU memory capped at {m.vram_budget_gb:g} GB ({fraction:.0%} of the card)")
-        else:
-            done.append(f"memory.vram_budget_gb = {m.vram_budget_gb:g} has no effect on {device.type}")
+    cap = cap_gpu_memory(config, device)
+    if cap:
+        done.append(cap)
     return done
+
+
+def cap_gpu_memory(config, device: torch.device) -> str | None:
+    """memory.vram_budget_gb: cap this process's GPU memory (emulates a smaller card). The runner calls it before
+    anything reaches the GPU (validation encoders included); calling it again sets the same cap."""
+    m = config.memory
+    if m.vram_budget_gb <= 0:
+        return None
+    if device.type != "cuda":
+        return f"memory.vram_budget_gb = {m.vram_budget_gb:g} has no effect on {device.type}"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    fraction = min(1.0, m.vram_budget_gb * 1e9 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return f"GPU memory capped at {m.vram_budget_gb:g} GB ({fraction:.0%} of the card)"

@@ -58,7 +58,10 @@ def prepare_validation(config: Config, device: torch.device) -> ValidationSet:
     v = config.validation
     if not v.cases:
         return ValidationSet([], [], None)
-    parts = FrozenParts.load(config.model.source, device)
+    # UMT5-XXL in bf16 on a GPU, as the cache encodes the training captions (CacheSettings.text_dtype): in fp32
+    # it alone is 22.7 GB and would not fit the 24 GB preset's card; fp32 on the CPU (no fast bf16 there).
+    text_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    parts = FrozenParts.load(config.model.source, device, text_dtype)
     pipe = S2VPipeline(None, parts, device)
     width, height = config.data.resolution
     cases = []
