@@ -79,6 +79,88 @@ def inputs(mode: str, device, frames: int, width: int, height: int, seed: int = 
     return batch, rnd(1, 16, t, h, w)
 
 
+def train_step(model, batch, target, opt) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        pred = model(**batch)
+    loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+# GPU kernels by family, first match wins (kernel names of cuDNN/FlashAttention, cuBLAS/CUTLASS, inductor).
+KERNEL_FAMILIES = (
+    ("attention", ("fmha", "flash", "attention", "sdpa", "cudnn")),
+    ("gemm_fp8", ("e4m3", "f8", "fp8")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90")),
+    ("fused_elementwise", ("triton",)),
+    ("copy", ("memcpy", "memset", "copy")),
+)
+
+
+def profile_step(step) -> dict:
+    """GPU time per kernel family over one step (torch.profiler), in seconds and as shares of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    top: list[tuple[float, str]] = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
+        if us <= 0 or evt.key.startswith("ProfilerStep"):
+            continue
+        name = evt.key.lower()
+        family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
+        totals[family] = totals.get(family, 0.0) + us
+        top.append((us, evt.key[:90]))
+    # Operator rows (aten::...) also carry device time; keep kernels only to avoid counting twice.
+    total = sum(totals.values())
+    return {"gpu_s": round(total / 1e6, 3),
+            "families_s": {k: round(v / 1e6, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+            "shares": {k: round(v / total, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [[round(us / 1e6, 3), name] for us, name in sorted(top, reverse=True)[:12]]}
+
+
+COMPARED_BLOCKS = (0, 9, 19, 29, 39)  # block outputs kept for the fp8 comparison (350 MB each at 34k tokens)
+
+
+def _forward_with_block_outputs(model, batch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    outs: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i in COMPARED_BLOCKS:
+        if i < len(model.blocks):
+            def keep(_m, _a, out, i=i):
+                outs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+            hooks.append(model.blocks[i].register_forward_hook(keep))
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = model(**batch).float()
+    finally:
+        for h in hooks:
+            h.remove()
+    return pred, outs
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(float((a.float() - b.float()).norm() / a.float().norm()), 5)
+
+
+def quantize_and_compare(model, batch, device) -> dict:
+    """Quantise the frozen base to fp8 and return the relative L2 error of the model output and of some block
+    outputs against the bf16 model, on the bench's inputs (one no-grad forward each)."""
+    from engine.models.fp8_linear import quantize_base_linears
+
+    ref_pred, ref_blocks = _forward_with_block_outputs(model, batch)
+    count = quantize_base_linears(model, device=device)
+    torch.cuda.empty_cache()
+    pred, blocks = _forward_with_block_outputs(model, batch)
+    return {"linears": count, "output": _rel(ref_pred, pred),
+            "blocks": {str(i): _rel(ref_blocks[i], blocks[i]) for i in ref_blocks}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("first", "continuation"), default="first")
@@ -99,6 +181,11 @@ def main(argv=None) -> int:
                     help="stream block weights from pinned host RAM, keeping RESIDENT blocks on the GPU (-1: off)")
     ap.add_argument("--vram-cap-gib", type=float, default=0,
                     help="emulate a smaller card: cap this process's GPU memory (set_per_process_memory_fraction)")
+    ap.add_argument("--base-weights", choices=("bf16", "fp8"), default="bf16",
+                    help="fp8: the frozen self-attention, cross-attention and FFN Linears in e4m3 "
+                         "(engine.models.fp8_linear); also reports the relative error of block outputs against bf16")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, profile one more step and report GPU time per kernel family")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="append the result as one JSON line to this file")
@@ -115,6 +202,10 @@ def main(argv=None) -> int:
         model.enable_gradient_checkpointing(offload_inputs=args.offload_inputs, policy=args.policy)
     model.train()
     params = add_lora(model, args.rank)
+    batch, target = inputs(args.mode, device, args.frames, args.width, args.height)
+    fp8_error = None
+    if args.base_weights == "fp8":
+        fp8_error = quantize_and_compare(model, batch, device)
     host_weights = 0
     if args.stream_blocks >= 0:
         host_weights = model.enable_block_streaming(resident=args.stream_blocks)
@@ -125,7 +216,6 @@ def main(argv=None) -> int:
     if args.compile:
         model.compile_blocks()
     opt = torch.optim.AdamW(params, lr=1e-5)
-    batch, target = inputs(args.mode, device, args.frames, args.width, args.height)
     build_s = time.perf_counter() - t0
 
     times = []
@@ -134,15 +224,17 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            pred = model(**batch)
-        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, batch, target, opt)
         torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
+
+    profile = None
+    if args.profile:
+        try:
+            profile = profile_step(lambda: train_step(model, batch, target, opt))
+        except Exception as exc:  # the timings above stand without it
+            profile = {"error": repr(exc)[:300]}
 
     cfg = model.config
     t_lat = 1 + (args.frames - 1) // 4
@@ -169,6 +261,7 @@ def main(argv=None) -> int:
         "mfu": round(fl["model"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "hfu": round(fl["hardware"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "loss": float(loss.detach()), "build_s": round(build_s, 1),
+        "base_weights": args.base_weights, "fp8_rel_error": fp8_error, "profile": profile,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
     emit_result(result, args.json)

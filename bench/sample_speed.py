@@ -87,17 +87,17 @@ def build_config(args, model_dir: Path, clip: Path):
 def mp4_facts(path: Path) -> dict:
     import av
 
+    # Every stream property is read while the container is open: after close PyAV's stream objects point at
+    # freed memory (an early version of this script read the rate after the `with` and got garbage).
     with av.open(str(path)) as box:
         video = box.streams.video[0]
-        frames = sum(1 for _ in box.decode(video))
+        facts = {"fps": float(video.average_rate), "width": video.width, "height": video.height}
+        facts["frames"] = sum(1 for _ in box.decode(video))
     with av.open(str(path)) as box:
         audio = box.streams.audio[0] if box.streams.audio else None
-        audio_s = None
-        if audio is not None:
-            samples = sum(f.samples for f in box.decode(audio))
-            audio_s = round(samples / audio.rate, 3)
-    return {"frames": frames, "fps": float(video.average_rate), "audio_s": audio_s,
-            "width": video.width, "height": video.height}
+        facts["audio_s"] = (round(sum(f.samples for f in box.decode(audio)) / audio.rate, 3)
+                            if audio is not None else None)
+    return facts
 
 
 def gib(n: int) -> float:

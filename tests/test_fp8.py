@@ -1,0 +1,128 @@
+"""fp8 (e4m3) frozen base Linears on the CPU: the emulated kernel, the storage, the model-level effect, the run.
+
+Tolerances (measured on the tiny model, bf16 weights, 2026-11-25): the loss of one forward moves by about 0.1%,
+the LoRA gradients by a few percent (relative L2); a 24-step run's per-step loss by under 1% of bf16's. The
+bounds below leave 3-5x of margin and fail for a missing scale (errors of order 1) or a transposed weight.
+"""
+import threading
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from engine.config import check_config, with_value
+from engine.models.fp8_linear import E4M3, Fp8Linear, quantize_base_linears, quantize_rows
+from engine.models.s2v_transformer import S2VTransformer3DModel
+from engine.runner import run
+from engine.train.switches import unsupported_switches
+from engine.train.synthetic import SyntheticLatentDataset
+from s2v_tui.demo import demo_config
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def test_row_quantisation_keeps_e4m3_relative_precision():
+    w = torch.randn(64, 96) * torch.logspace(-3, 2, 64).unsqueeze(1)  # rows of very different size
+    q, scale = quantize_rows(w)
+    assert q.dtype == E4M3 and scale.shape == (64, 1)
+    back = q.float() * scale
+    # 3 mantissa bits: half an ulp is 1/16 of the value; values far below a row's max lose more (subnormals).
+    big = w.abs() > w.abs().amax(dim=1, keepdim=True) / 64
+    assert ((back - w).abs()[big] <= w.abs()[big] / 16 + 1e-12).all()
+    assert torch.equal(quantize_rows(torch.zeros(3, 16))[0].float(), torch.zeros(3, 16))
+
+
+def test_fp8_linear_forward_and_input_gradient_are_the_dequantised_products():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 48).requires_grad_(False)
+    f8 = Fp8Linear.from_linear(lin)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    y = f8(x)
+    xq, xs = quantize_rows(x.detach().reshape(-1, 32))
+    expected = (xq.float() * xs) @ f8.dequantized().t() + lin.bias.to(torch.bfloat16).float()
+    assert y.shape == (2, 5, 48)
+    torch.testing.assert_close(y.detach().reshape(-1, 48), expected, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ f8.dequantized(), rtol=1e-6, atol=1e-6)
+    # And close to the bf16/fp32 Linear it replaces (e4m3 on both operands: a few percent).
+    ref = lin(x.detach())
+    assert float((y.detach() - ref).norm() / ref.norm()) < 0.06
+
+
+def test_dtype_casts_keep_the_fp8_storage():
+    f8 = Fp8Linear.from_linear(torch.nn.Linear(16, 16))
+    f8.to(torch.bfloat16)
+    assert f8.weight_fp8.dtype == torch.uint8 and f8.weight_fp8.view(E4M3).dtype == E4M3
+
+
+def test_only_frozen_linears_of_known_families_are_replaced(tiny_model_dir):
+    model = S2VTransformer3DModel.from_pretrained(tiny_model_dir)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="unknown fp8 module families"):
+        quantize_base_linears(model, ("attention",))
+    model.blocks[0].ffn.net[2].requires_grad_(True)
+    with pytest.raises(ValueError, match="trainable"):
+        quantize_base_linears(model, ("ffn",))
+
+
+def _loss_and_lora_grads(model, batch):
+    params = [p for n, p in model.named_parameters() if ".lora_" in n]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).float().square().mean()
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in params])
+
+
+def test_tiny_model_loss_and_lora_gradients_stay_close_to_bf16(tiny_model_dir):
+    model = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
+    for n, p in model.named_parameters():
+        if ".lora_B" in n:  # a non-zero B, so that the LoRA gradients depend on the whole block
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(n)))
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    batch = dict(hidden_states=torch.randn(1, 16, 5, 8, 12, generator=g), timestep=torch.tensor([640.0]),
+                 encoder_hidden_states=torch.randn(1, 9, cfg.text_dim, generator=g),
+                 ref_latents=torch.randn(1, 16, 1, 8, 12, generator=g),
+                 audio_features=torch.randn(1, cfg.num_weighted_avg_layers, cfg.audio_dim, 20, generator=g),
+                 motion_latents=torch.randn(1, 16, 19, 8, 12, generator=g))
+    loss_ref, grads_ref = _loss_and_lora_grads(model, batch)
+    model.zero_grad(set_to_none=True)
+    assert quantize_base_linears(model) == 10 * len(model.blocks)  # q k v o twice and two FFN Linears a block
+    loss, grads = _loss_and_lora_grads(model, batch)
+    assert loss != loss_ref  # the weights did change
+    assert abs(loss - loss_ref) / loss_ref < 0.01
+    assert float((grads - grads_ref).norm() / grads_ref.norm()) < 0.25
+
+
+def test_fp8_run_trains_like_bf16_on_synthetic_windows(tiny_model_dir, tmp_path):
+    losses = {}
+    for weights in ("bf16", "fp8"):
+        config = demo_config(tiny_model_dir, tmp_path / weights)
+        for key, value in {"optim.max_steps": 24, "model.dtype": "bf16", "train.mixed_precision": "bf16",
+                           "memory.base_weights": weights, "checkpoint.every_steps": 0,
+                           "validation.every_steps": 0}.items():
+            config = with_value(config, key, value)
+        events = []
+        end = run(config, [events.append], threading.Event(), tmp_path / weights / "run",
+                  dataset=SyntheticLatentDataset(4, seed=0), device="cpu")
+        assert end.status == "completed", end.reason
+        losses[weights] = [e.loss for e in events if e.kind == "step_end"]
+    a, b = losses["bf16"], losses["fp8"]
+    assert len(a) == len(b) == 24 and a != b
+    assert max(abs(x - y) / x for x, y in zip(a, b)) < 0.03
+    assert sum(b[-6:]) < 0.8 * sum(b[:6])  # and it learns
+
+
+def test_switch_combinations_and_config_checks():
+    config = with_value(with_value(demo_config("m", "r"), "model.dtype", "bf16"), "memory.base_weights", "fp8")
+    assert unsupported_switches(config) == []
+    streamed = with_value(config, "memory.block_offload", True)
+    assert any("block_offload" in p for p in unsupported_switches(streamed))
+    assert any("int8" in p for p in unsupported_switches(with_value(config, "memory.base_weights", "int8")))
+    assert check_config(config) == []
+    for bad in (["attention"], []):
+        errors = check_config(with_value(config, "memory.fp8_families", bad))
+        assert [e.key for e in errors] == ["memory.fp8_families"], errors
