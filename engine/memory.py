@@ -7,8 +7,16 @@ the working set of one block's recompute and backward (+ allocator slack, for th
   units in flight (a unit = one block and the audio injector after it);
 - LoRA state: fp32 weight, gradient and two AdamW moments per LoRA parameter (+ one with EMA);
 - saved block inputs: one [S, D] tensor per checkpointed block (bf16 residual), two on the GPU when offloaded;
+- checkpoint_policy = save_attention: one more [S, D] bf16 tensor per checkpointed block (its self-attention
+  output; measured +12.96 GiB at 34,320 tokens against 40 x 0.327 GiB counted);
+- fp8 base weights: the Linears of memory.fp8_families at 1 byte a weight (measured -13.08 GiB for
+  self_attn + cross_attn + ffn: 14.04 B weights);
 - working set: `WORK_BYTES_PER_TOKEN_DIM` x S x D, measured (BENCHMARKS.md), S the longest sequence the config
   trains (continuation mode with motion tokens when motion frames are on).
+
+What the card must have free is the allocated peak plus 5% (`NEED_OVER_ALLOCATED`): under a memory cap the caching
+allocator hands cached blocks back before it fails (the capped runs reserved the whole cap, 24.0 of 24 GiB and
+32.0 of 32 GiB, and trained without an out-of-memory error); the uncapped reserved figure (x1.19) is shown too.
 
 Host RAM = pinned streamed weights + pinned saved inputs (when offloaded) + the process baseline.
 
@@ -35,6 +43,8 @@ LORA_PARAMS_PER_RANK = 60_293_120 // 16  # the 368 attention Linears, 5120 -> r 
 WORK_BYTES_PER_TOKEN_DIM = {"gpu_inputs": 52.2, "host_inputs": 62.0}
 # Reserved / allocated at the peak (allocator slack), measured uncapped with expandable segments: 1.18-1.20.
 RESERVED_OVER_ALLOCATED = 1.19
+# What a card must have free over the allocated peak: the 5% spare the presets keep.
+NEED_OVER_ALLOCATED = 1.05
 # Host memory of the process besides pinned buffers (Python, torch, CUDA context, compiled kernels).
 HOST_BASELINE_BYTES = int(1.8 * GIB)
 
@@ -69,6 +79,8 @@ class Calibration:
     offload_inputs: bool
     stream_resident: int | None  # None = no block streaming
     peak_alloc_gib: float
+    fp8: bool = False  # self_attn + cross_attn + ffn in fp8
+    save_attention: bool = False
 
 
 CALIBRATION = (
@@ -78,6 +90,16 @@ CALIBRATION = (
     Calibration("compiled, continuation, inputs in host RAM", 36_634, True, None, 42.25),
     Calibration("compiled, first clip, blocks streamed, 24 GiB cap", 34_320, True, 0, 13.70),
     Calibration("compiled, continuation, blocks streamed, 24 GiB cap", 36_634, True, 0, 14.16),
+    Calibration("compiled, save_attention, first clip", 34_320, False, None, 65.84, save_attention=True),
+    Calibration("compiled, fp8, first clip", 34_320, False, None, 39.80, fp8=True),
+    Calibration("compiled, fp8, save_attention, first clip", 34_320, False, None, 52.77, fp8=True,
+                save_attention=True),
+    Calibration("compiled, fp8, save_attention, continuation", 36_634, False, None, 54.92, fp8=True,
+                save_attention=True),
+    Calibration("compiled, fp8, inputs in host RAM, 32 GiB cap, first clip", 34_320, True, None, 29.39, fp8=True),
+    Calibration("compiled, fp8, inputs in host RAM, 32 GiB cap, continuation", 36_634, True, None, 29.89, fp8=True),
+    Calibration("engine, 80gb preset, 80-frame windows", 32_760, False, None, 52.20),
+    Calibration("engine, 24gb preset, 80-frame windows, 24 GiB cap", 32_760, True, 0, 13.63),
 )
 # Host RSS measured with blocks streamed and inputs offloaded (first clip, 34,320 tokens).
 HOST_CALIBRATION_GIB = 66.45
@@ -86,13 +108,14 @@ HOST_CALIBRATION_GIB = 66.45
 @dataclass(frozen=True)
 class MemoryEstimate:
     vram_bytes: int  # peak allocated
-    vram_reserved_bytes: int  # what the card must have free
+    vram_reserved_bytes: int  # what the caching allocator reserves when nothing caps it
+    vram_need_bytes: int  # what the card must have free
     host_bytes: int
     tokens: int
     parts: dict
 
     def summary(self) -> str:
-        return (f"{self.vram_reserved_bytes / GIB:.1f} GiB GPU, {self.host_bytes / GIB:.1f} GiB host RAM "
+        return (f"{self.vram_need_bytes / GIB:.1f} GiB GPU, {self.host_bytes / GIB:.1f} GiB host RAM "
                 f"({self.tokens:,} tokens)")
 
 
@@ -113,9 +136,23 @@ def _unit_params(i: int) -> int:
     return PARAMS_BLOCK + (PARAMS_INJECTOR if i in _INJECT_LAYERS else 0)
 
 
+def fp8_params(families) -> int:
+    """Weights of the 14B model's Linears in these fp8 families (engine.models.fp8_linear.FAMILIES)."""
+    from engine.models.fp8_linear import FAMILIES
+    from engine.models.keymap import manifest_14b
+
+    total = 0
+    for _, name, shape in manifest_14b():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and len(shape) == 2 and any(FAMILIES[f].match(module) for f in families):
+            total += shape[0] * shape[1]
+    return total
+
+
 def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 16, ema: bool = False,
                    checkpoint_interval: int = 1, offload_inputs: bool = False,
-                   stream_resident: int | None = None, batch: int = 1) -> MemoryEstimate:
+                   stream_resident: int | None = None, batch: int = 1, fp8_weights: int = 0,
+                   save_attention: bool = False) -> MemoryEstimate:
     units = [_unit_params(i) for i in range(LAYERS)]
     rest = PARAMS_TOTAL - sum(units)
     if stream_resident is None:
@@ -126,6 +163,7 @@ def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 1
         in_flight = sorted(units[resident:], reverse=True)[:2]
         gpu_weights = (rest + sum(units[:resident]) + sum(in_flight)) * weight_bytes
         host_weights = sum(_unit_pinned_bytes(i, weight_bytes) for i in range(resident, LAYERS))
+    gpu_weights -= fp8_weights * (weight_bytes - 1.0)  # fp8 is not combined with streaming (switches.py)
     lora = LORA_PARAMS_PER_RANK * lora_rank * 4 * (4 + (1 if ema else 0))
     saved = -(-LAYERS // checkpoint_interval)
     one_input = batch * tokens * DIM * 2
@@ -135,11 +173,13 @@ def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 1
         gpu_inputs, host_inputs = saved * one_input, 0
     work_key = "host_inputs" if offload_inputs else "gpu_inputs"
     work = WORK_BYTES_PER_TOKEN_DIM[work_key] * batch * tokens * DIM * checkpoint_interval
-    parts = {"weights": gpu_weights, "lora_state": lora, "saved_inputs": gpu_inputs, "working_set": work}
+    attention = saved * one_input if save_attention else 0
+    parts = {"weights": gpu_weights, "lora_state": lora, "saved_inputs": gpu_inputs, "saved_attention": attention,
+             "working_set": work}
     vram = sum(parts.values())
     host = host_weights + host_inputs + HOST_BASELINE_BYTES
-    return MemoryEstimate(int(vram), int(vram * RESERVED_OVER_ALLOCATED), int(host), tokens,
-                          {k: int(v) for k, v in parts.items()})
+    return MemoryEstimate(int(vram), int(vram * RESERVED_OVER_ALLOCATED), int(vram * NEED_OVER_ALLOCATED), int(host),
+                          tokens, {k: int(v) for k, v in parts.items()})
 
 
 def estimate(config) -> MemoryEstimate:
@@ -148,10 +188,10 @@ def estimate(config) -> MemoryEstimate:
     width, height = config.data.resolution
     motion = config.data.motion_frames > 0
     tokens = sequence_tokens(width, height, config.data.frames, motion)
-    weight_bytes = {"bf16": 2.0, "int8": 1.0, "fp8": 1.0}[mem.base_weights]
     return estimate_parts(
         tokens,
-        weight_bytes=weight_bytes,
+        fp8_weights=fp8_params(mem.fp8_families) if mem.base_weights == "fp8" else 0,
+        save_attention=mem.gradient_checkpointing and mem.checkpoint_policy == "save_attention",
         lora_rank=config.lora.rank,
         ema=config.optim.ema.enabled,
         checkpoint_interval=mem.checkpoint_interval if mem.gradient_checkpointing else 1,
@@ -164,7 +204,7 @@ def estimate(config) -> MemoryEstimate:
 def predict(config) -> tuple[int, int]:
     """(GPU bytes the card must have free, host RAM bytes) for the preset picker."""
     est = estimate(config)
-    return est.vram_reserved_bytes, est.host_bytes
+    return est.vram_need_bytes, est.host_bytes
 
 
 class PreflightError(RuntimeError):
@@ -176,8 +216,8 @@ def preflight(config, free_vram_bytes: int | None, host_available_bytes: int | N
     """Refuse, before any weight is loaded, a config predicted not to fit; name the preset to pick instead."""
     est = estimate(config)
     problems = []
-    if free_vram_bytes is not None and est.vram_reserved_bytes > free_vram_bytes:
-        problems.append(f"needs about {est.vram_reserved_bytes / GIB:.1f} GiB of GPU memory, "
+    if free_vram_bytes is not None and est.vram_need_bytes > free_vram_bytes:
+        problems.append(f"needs about {est.vram_need_bytes / GIB:.1f} GiB of GPU memory, "
                         f"{free_vram_bytes / GIB:.1f} GiB are free")
     if host_available_bytes is not None and est.host_bytes > host_available_bytes:
         problems.append(f"needs about {est.host_bytes / GIB:.1f} GiB of host RAM, "
@@ -233,6 +273,8 @@ def calibration_errors() -> list[tuple[str, float, float]]:
     """(label, predicted GiB, measured GiB) for each calibration row."""
     rows = []
     for c in CALIBRATION:
-        est = estimate_parts(c.tokens, offload_inputs=c.offload_inputs, stream_resident=c.stream_resident)
+        est = estimate_parts(c.tokens, offload_inputs=c.offload_inputs, stream_resident=c.stream_resident,
+                             fp8_weights=fp8_params(("self_attn", "cross_attn", "ffn")) if c.fp8 else 0,
+                             save_attention=c.save_attention)
         rows.append((c.label, est.vram_bytes / GIB, c.peak_alloc_gib))
     return rows

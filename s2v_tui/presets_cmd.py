@@ -35,10 +35,11 @@ def main(argv: list[str]) -> int:
     for name, cfg in presets.items():
         est = estimate(cfg)
         rows.append({
-            "preset": name, "gpu_gib": round(est.vram_reserved_bytes / GIB, 1),
+            # What the card must have free (allocated peak + 5%); the allocator's uncapped reserve is larger.
+            "preset": name, "gpu_gib": round(est.vram_need_bytes / GIB, 1),
             "gpu_peak_allocated_gib": round(est.vram_bytes / GIB, 1), "host_gib": round(est.host_bytes / GIB, 1),
             "tokens": est.tokens,
-            "fits": None if free is None else (est.vram_reserved_bytes <= free and est.host_bytes <= host),
+            "fits": None if free is None else (est.vram_need_bytes <= free and est.host_bytes <= host),
             "recommended": name == best,
         })
     if args.json:

@@ -126,3 +126,27 @@ def test_switch_combinations_and_config_checks():
     for bad in (["attention"], []):
         errors = check_config(with_value(config, "memory.fp8_families", bad))
         assert [e.key for e in errors] == ["memory.fp8_families"], errors
+
+
+def test_a_block_with_fp8_base_and_lora_traces_as_one_graph(tiny_model_dir):
+    """torch.compile compiles each block (compile_blocks): fp8 must not split it into several graphs."""
+    model = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS))
+    quantize_base_linears(model)
+    block = model.blocks[0]
+    seen = {}
+    hook = block.register_forward_pre_hook(lambda _m, args, kwargs: seen.update(args=args, kwargs=kwargs),
+                                           with_kwargs=True)
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(hidden_states=torch.randn(1, 16, 5, 8, 12, generator=g), timestep=torch.tensor([640.0]),
+              encoder_hidden_states=torch.randn(1, 9, cfg.text_dim, generator=g),
+              ref_latents=torch.randn(1, 16, 1, 8, 12, generator=g),
+              audio_features=torch.randn(1, cfg.num_weighted_avg_layers, cfg.audio_dim, 20, generator=g),
+              drop_motion_frames=True)
+    hook.remove()
+    explained = torch._dynamo.explain(block)(*seen["args"], **seen["kwargs"])
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
