@@ -4,11 +4,12 @@
         --image face.png --audio speech.wav --prompt "a woman talks to the camera" --out talk.mp4
 
 The video is 16 fps, 80 frames per chunk (77 for the first), as many chunks as the audio needs (or
---max-chunks), with the driving audio muxed in.
+--max-chunks), cut where the audio ends, with the driving audio muxed in.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,9 @@ def main(argv: list[str]) -> int:
             return 2
     import torch
 
+    from engine.data.windows import MODEL_FPS
     from engine.infer import NEGATIVE_PROMPT, S2VPipeline, SampleOptions, parse_size, write_sample_mp4
+    from engine.infer.audio import SAMPLE_RATE
     from engine.runner import pick_device
 
     try:
@@ -75,6 +78,11 @@ def main(argv: list[str]) -> int:
                                 seed=args.seed)
         with torch.inference_mode():
             frames = pipe.render(cond, options, progress=_progress)
+        # Chunks are whole (80 frames); the video ends with the speech, as the user's audio asks.
+        spoken = max(1, math.ceil(len(cond.audio.waveform) / SAMPLE_RATE * MODEL_FPS))
+        if frames.shape[0] > spoken:
+            print(f"trimming the last chunk to the audio: {spoken} of {frames.shape[0]} frames", file=sys.stderr)
+            frames = frames[:spoken]
         out = write_sample_mp4(args.out, frames.numpy(), cond.audio.waveform)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -198,8 +198,10 @@ def test_sample_command_renders_an_mp4_with_frames_fps_and_audio(tiny_model_dir,
                "--size", "128x128", "--device", "cpu", "--seed", "7"])
     assert rc == 0, capsys.readouterr().err
     frames, fps, audio_s = _video_stats(out)
-    assert frames == CHUNK_FRAMES - 3 and fps == 16.0
+    # One chunk is rendered (77 frames); the file ends with the 2.0 s of speech: 32 frames at 16 fps.
+    assert frames == 32 < CHUNK_FRAMES - 3 and fps == 16.0
     assert audio_s == pytest.approx(2.0, abs=0.07)  # one aac frame of tolerance
+    assert "trimming the last chunk to the audio: 32 of 77 frames" in capsys.readouterr().err
 
 
 def test_chained_two_chunk_sample(pipe, speech):
