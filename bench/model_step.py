@@ -148,13 +148,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return round(float((a.float() - b.float()).norm() / a.float().norm()), 5)
 
 
-def quantize_and_compare(model, batch, device) -> dict:
-    """Quantise the frozen base to fp8 and return the relative L2 error of the model output and of some block
+def quantize_and_compare(model, batch, device, kind: str) -> dict:
+    """Quantise the frozen base to `kind` (fp8 / int8) and return the relative L2 error of the model output and of some block
     outputs against the bf16 model, on the bench's inputs (one no-grad forward each)."""
-    from engine.models.fp8_linear import quantize_base_linears
+    from engine.models.low_bit_linear import quantize_base_linears
 
     ref_pred, ref_blocks = _forward_with_block_outputs(model, batch)
-    count = quantize_base_linears(model, device=device)
+    count = quantize_base_linears(model, device=device, kind=kind)
     torch.cuda.empty_cache()
     pred, blocks = _forward_with_block_outputs(model, batch)
     return {"linears": count, "output": _rel(ref_pred, pred),
@@ -181,9 +181,9 @@ def main(argv=None) -> int:
                     help="stream block weights from pinned host RAM, keeping RESIDENT blocks on the GPU (-1: off)")
     ap.add_argument("--vram-cap-gib", type=float, default=0,
                     help="emulate a smaller card: cap this process's GPU memory (set_per_process_memory_fraction)")
-    ap.add_argument("--base-weights", choices=("bf16", "fp8"), default="bf16",
-                    help="fp8: the frozen self-attention, cross-attention and FFN Linears in e4m3 "
-                         "(engine.models.fp8_linear); also reports the relative error of block outputs against bf16")
+    ap.add_argument("--base-weights", choices=("bf16", "fp8", "int8"), default="bf16",
+                    help="fp8 / int8: the frozen self-attention, cross-attention and FFN Linears in e4m3 / int8 "
+                         "(engine.models.low_bit_linear); also reports the relative error of block outputs against bf16")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile one more step and report GPU time per kernel family")
     ap.add_argument("--steps", type=int, default=5)
@@ -203,9 +203,9 @@ def main(argv=None) -> int:
     model.train()
     params = add_lora(model, args.rank)
     batch, target = inputs(args.mode, device, args.frames, args.width, args.height)
-    fp8_error = None
-    if args.base_weights == "fp8":
-        fp8_error = quantize_and_compare(model, batch, device)
+    low_bit_error = None
+    if args.base_weights != "bf16":
+        low_bit_error = quantize_and_compare(model, batch, device, args.base_weights)
     host_weights = 0
     if args.stream_blocks >= 0:
         host_weights = model.enable_block_streaming(resident=args.stream_blocks)
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         "mfu": round(fl["model"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "hfu": round(fl["hardware"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "loss": float(loss.detach()), "build_s": round(build_s, 1),
-        "base_weights": args.base_weights, "fp8_rel_error": fp8_error, "profile": profile,
+        "base_weights": args.base_weights, "low_bit_rel_error": low_bit_error, "profile": profile,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
     emit_result(result, args.json)

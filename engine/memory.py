@@ -9,7 +9,7 @@ the working set of one block's recompute and backward (+ allocator slack, for th
 - saved block inputs: one [S, D] tensor per checkpointed block (bf16 residual), two on the GPU when offloaded;
 - checkpoint_policy = save_attention: one more [S, D] bf16 tensor per checkpointed block (its self-attention
   output; measured +12.96 GiB at 34,320 tokens against 40 x 0.327 GiB counted);
-- fp8 base weights: the Linears of memory.fp8_families at 1 byte a weight (measured -13.08 GiB for
+- fp8 / int8 base weights: the Linears of memory.low_bit_families at 1 byte a weight (measured -13.08 GiB for
   self_attn + cross_attn + ffn: 14.04 B weights);
 - working set: `WORK_BYTES_PER_TOKEN_DIM` x S x D, measured (BENCHMARKS.md), S the longest sequence the config
   trains (continuation mode with motion tokens when motion frames are on).
@@ -136,9 +136,9 @@ def _unit_params(i: int) -> int:
     return PARAMS_BLOCK + (PARAMS_INJECTOR if i in _INJECT_LAYERS else 0)
 
 
-def fp8_params(families) -> int:
-    """Weights of the 14B model's Linears in these fp8 families (engine.models.fp8_linear.FAMILIES)."""
-    from engine.models.fp8_linear import FAMILIES
+def low_bit_params(families) -> int:
+    """Weights of the 14B model's Linears in these low-bit families (engine.models.low_bit_linear.FAMILIES)."""
+    from engine.models.low_bit_linear import FAMILIES
     from engine.models.keymap import manifest_14b
 
     total = 0
@@ -151,7 +151,7 @@ def fp8_params(families) -> int:
 
 def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 16, ema: bool = False,
                    checkpoint_interval: int = 1, offload_inputs: bool = False,
-                   stream_resident: int | None = None, batch: int = 1, fp8_weights: int = 0,
+                   stream_resident: int | None = None, batch: int = 1, low_bit_weights: int = 0,
                    save_attention: bool = False) -> MemoryEstimate:
     units = [_unit_params(i) for i in range(LAYERS)]
     rest = PARAMS_TOTAL - sum(units)
@@ -163,7 +163,7 @@ def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 1
         in_flight = sorted(units[resident:], reverse=True)[:2]
         gpu_weights = (rest + sum(units[:resident]) + sum(in_flight)) * weight_bytes
         host_weights = sum(_unit_pinned_bytes(i, weight_bytes) for i in range(resident, LAYERS))
-    gpu_weights -= fp8_weights * (weight_bytes - 1.0)  # fp8 is not combined with streaming (switches.py)
+    gpu_weights -= low_bit_weights * (weight_bytes - 1.0)  # low-bit is not combined with streaming (switches.py)
     lora = LORA_PARAMS_PER_RANK * lora_rank * 4 * (4 + (1 if ema else 0))
     saved = -(-LAYERS // checkpoint_interval)
     one_input = batch * tokens * DIM * 2
@@ -190,7 +190,7 @@ def estimate(config) -> MemoryEstimate:
     tokens = sequence_tokens(width, height, config.data.frames, motion)
     return estimate_parts(
         tokens,
-        fp8_weights=fp8_params(mem.fp8_families) if mem.base_weights == "fp8" else 0,
+        low_bit_weights=low_bit_params(mem.low_bit_families) if mem.base_weights != "bf16" else 0,
         save_attention=mem.gradient_checkpointing and mem.checkpoint_policy == "save_attention",
         lora_rank=config.lora.rank,
         ema=config.optim.ema.enabled,
@@ -274,7 +274,7 @@ def calibration_errors() -> list[tuple[str, float, float]]:
     rows = []
     for c in CALIBRATION:
         est = estimate_parts(c.tokens, offload_inputs=c.offload_inputs, stream_resident=c.stream_resident,
-                             fp8_weights=fp8_params(("self_attn", "cross_attn", "ffn")) if c.fp8 else 0,
+                             low_bit_weights=low_bit_params(("self_attn", "cross_attn", "ffn")) if c.fp8 else 0,
                              save_attention=c.save_attention)
         rows.append((c.label, est.vram_bytes / GIB, c.peak_alloc_gib))
     return rows

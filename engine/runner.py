@@ -190,8 +190,8 @@ def _load_model(config: Config, device: torch.device):
     # With block streaming the weights go from disk to host memory and only the non-block part reaches the GPU,
     # so a 24 GB card never holds the whole 32 GB model.
     _preflight(config, device)
-    # fp8 base weights are quantised from host memory layer by layer, for the same reason.
-    load_device = torch.device("cpu") if config.memory.block_offload or config.memory.base_weights == "fp8" else device
+    # Low-bit base weights are quantised from host memory layer by layer, for the same reason.
+    load_device = torch.device("cpu") if config.memory.block_offload or config.memory.base_weights != "bf16" else device
     model = S2VTransformer3DModel.from_pretrained(
         config.model.source, subfolder=config.model.transformer_subfolder or "transformer",
         torch_dtype=_DTYPES[config.model.dtype], device=load_device,

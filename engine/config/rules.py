@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 
 from engine.config.errors import BadValueError, ConfigError, ConflictError
-from engine.config.schema import FP8_FAMILIES, Config
+from engine.config.schema import LOW_BIT_FAMILIES, Config
 
 MAX_MOTION_FRAMES = 73  # the frame packer takes at most 19 motion latents: (73 + 3) // 4
 
@@ -171,11 +171,11 @@ def _check_memory(c: _Checker, cfg: Config) -> None:
             f"{m.base_weights} base weights compute in bf16, but model.dtype is {cfg.model.dtype}",
             'set model.dtype = "bf16" or base_weights = "bf16"',
         )
-    unknown = [f for f in m.fp8_families if f not in FP8_FAMILIES]
+    unknown = [f for f in m.low_bit_families if f not in LOW_BIT_FAMILIES]
     if unknown:
-        c.bad("memory.fp8_families", f"unknown families {unknown}", f"choose from {', '.join(FP8_FAMILIES)}")
-    if m.base_weights == "fp8" and not m.fp8_families:
-        c.bad("memory.fp8_families", "is empty, so base_weights = \"fp8\" would change nothing",
+        c.bad("memory.low_bit_families", f"unknown families {unknown}", f"choose from {', '.join(LOW_BIT_FAMILIES)}")
+    if m.base_weights != "bf16" and not m.low_bit_families:
+        c.bad("memory.low_bit_families", f"is empty, so base_weights = \"{m.base_weights}\" would change nothing",
               'list at least one family, e.g. ["self_attn", "cross_attn", "ffn"], or set base_weights = "bf16"')
 
 

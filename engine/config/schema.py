@@ -33,9 +33,10 @@ DistributedStrategy = Literal["ddp", "fsdp"]
 
 # Full-match regexes over the transformer's module names (diffusers layout, see spec/S2V_MODEL.md §2.3):
 # q, k, v, o of self-attention (attn1), text cross-attention (attn2) and the 12 audio injectors.
-# Module families that base_weights = "fp8" can quantise (engine.models.fp8_linear.FAMILIES names them the same).
-FP8_FAMILIES = ("self_attn", "cross_attn", "ffn", "audio_attn")
-FP8_DEFAULT_FAMILIES = ("self_attn", "cross_attn", "ffn")
+# Module families that base_weights = "fp8" or "int8" can quantise (engine.models.low_bit_linear.FAMILIES names
+# them the same).
+LOW_BIT_FAMILIES = ("self_attn", "cross_attn", "ffn", "audio_attn")
+LOW_BIT_DEFAULT_FAMILIES = ("self_attn", "cross_attn", "ffn")
 DEFAULT_LORA_TARGETS = (
     r"blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)",
     r"blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)",
@@ -166,9 +167,9 @@ class MemoryConfig:
     block_offload: bool = opt(False, "stream transformer blocks from pinned host memory to the GPU")
     blocks_resident: int = opt(0, "with block_offload: blocks that stay on the GPU")
     base_weights: BaseWeights = opt(
-        "bf16", "frozen base weights: bf16, or fp8 (e4m3 storage and fp8 forward matmuls; int8 is not built)")
-    fp8_families: list[str] = opt(
-        list(FP8_DEFAULT_FAMILIES), f"with base_weights = fp8, the module families held in fp8: {', '.join(FP8_FAMILIES)}")
+        "bf16", "frozen base weights: bf16; fp8 (e4m3, fp8 forward matmuls: fastest); int8 (weight-only: closest to bf16)")
+    low_bit_families: list[str] = opt(
+        list(LOW_BIT_DEFAULT_FAMILIES), f"with base_weights = fp8 or int8, the module families held in low bit: {', '.join(LOW_BIT_FAMILIES)}")
     chunked_ffn: int = opt(0, "split the feed-forward over this many sequence chunks; 0 = off")
     attention_backend: AttentionBackend = opt("auto", "auto, cudnn, flash, efficient or math")
     compile_blocks: bool = opt(False, "torch.compile each block (CUDA): fuses the fp32 norm/modulation work")

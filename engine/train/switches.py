@@ -24,12 +24,9 @@ def unsupported_switches(config: Config, device: torch.device | None = None) -> 
     """One message per [memory] setting this build cannot honour (empty: all can be applied)."""
     m = config.memory
     problems = []
-    if m.base_weights == "int8":
-        problems.append("memory.base_weights = \"int8\": int8 base weights are not built; set base_weights = "
-                        "\"fp8\" (e4m3, the same 1 byte a weight) or \"bf16\"")
-    if m.base_weights == "fp8" and m.block_offload:
-        problems.append("memory.base_weights = \"fp8\" does not combine with block_offload = true (the block "
-                        "streamer moves bf16 parameters only): set one of them off")
+    if m.base_weights != "bf16" and m.block_offload:
+        problems.append(f"memory.base_weights = \"{m.base_weights}\" does not combine with block_offload = true "
+                        "(the block streamer moves bf16 parameters only): set one of them off")
     if m.block_offload:
         if not (m.gradient_checkpointing and m.checkpoint_interval == 1):
             problems.append("memory.block_offload = true needs gradient_checkpointing = true and "
@@ -93,12 +90,12 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
         done.append(f"block streaming: {m.blocks_resident} block(s) resident, {host / 2**30:.1f} GiB of frozen "
                     "weights in pinned host memory")
     else:
-        if m.base_weights == "fp8":
+        if m.base_weights != "bf16":
             # Layer by layer onto the device: the GPU never holds the bf16 model (the loader left it in host RAM).
-            from engine.models.fp8_linear import quantize_base_linears
+            from engine.models.low_bit_linear import quantize_base_linears
 
-            count = quantize_base_linears(model, tuple(m.fp8_families), device)
-            done.append(f"{count} frozen base Linears in fp8 e4m3 ({', '.join(m.fp8_families)})")
+            count = quantize_base_linears(model, tuple(m.low_bit_families), device, kind=m.base_weights)
+            done.append(f"{count} frozen base Linears in {m.base_weights} ({', '.join(m.low_bit_families)})")
         model.to(device)
     if m.compile_blocks:
         model.compile_blocks()

@@ -1,4 +1,5 @@
-"""fp8 (e4m3) frozen base Linears on the CPU: the emulated kernel, the storage, the model-level effect, the run.
+"""Low-bit frozen base Linears (fp8 e4m3, int8 weight-only) on the CPU: the kernels (fp8 emulated), the storage,
+the model-level effect, the run.
 
 Tolerances (measured on the tiny model, bf16 weights, 2026-11-25): the loss of one forward moves by about 0.1%,
 the LoRA gradients by a few percent (relative L2); a 24-step run's per-step loss by under 1% of bf16's. The
@@ -11,7 +12,8 @@ import torch
 from peft import LoraConfig
 
 from engine.config import check_config, with_value
-from engine.models.fp8_linear import E4M3, Fp8Linear, quantize_base_linears, quantize_rows
+from engine.models.low_bit_linear import (E4M3, Fp8Linear, Int8Linear, quantize_base_linears, quantize_rows,
+                                          quantize_rows_int8)
 from engine.models.s2v_transformer import S2VTransformer3DModel
 from engine.runner import run
 from engine.train.switches import unsupported_switches
@@ -32,7 +34,7 @@ def test_row_quantisation_keeps_e4m3_relative_precision():
     assert torch.equal(quantize_rows(torch.zeros(3, 16))[0].float(), torch.zeros(3, 16))
 
 
-def test_fp8_linear_forward_and_input_gradient_are_the_dequantised_products():
+def test_low_bit_linear_forward_and_input_gradient_are_the_dequantised_products():
     torch.manual_seed(0)
     lin = torch.nn.Linear(32, 48).requires_grad_(False)
     f8 = Fp8Linear.from_linear(lin)
@@ -50,20 +52,46 @@ def test_fp8_linear_forward_and_input_gradient_are_the_dequantised_products():
     assert float((y.detach() - ref).norm() / ref.norm()) < 0.06
 
 
-def test_dtype_casts_keep_the_fp8_storage():
+def test_int8_linear_is_weight_only_and_closer_to_bf16_than_fp8():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).requires_grad_(False)
+    i8, f8 = Int8Linear.from_linear(lin), Fp8Linear.from_linear(lin)
+    q, scale = quantize_rows_int8(lin.weight)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    assert ((q.float() * scale - lin.weight).abs() <= scale / 2 + 1e-7).all()  # half a step, per row
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    y = i8(x)
+    # The activations are not quantised: exactly x @ dequantised weight + bias.
+    expected = x.detach() @ i8.dequantized().t() + lin.bias.to(torch.bfloat16).float()
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ i8.dequantized(), rtol=1e-6, atol=1e-6)
+    ref = lin(x.detach())
+    err_i8 = float((y.detach() - ref).norm() / ref.norm())
+    err_f8 = float((f8(x.detach()) - ref).norm() / ref.norm())
+    assert err_i8 < err_f8 / 2 and err_i8 < 0.02
+
+
+def test_dtype_casts_keep_the_low_bit_storage():
     f8 = Fp8Linear.from_linear(torch.nn.Linear(16, 16))
+    i8 = Int8Linear.from_linear(torch.nn.Linear(16, 16))
     f8.to(torch.bfloat16)
+    i8.to(torch.bfloat16)
     assert f8.weight_fp8.dtype == torch.uint8 and f8.weight_fp8.view(E4M3).dtype == E4M3
+    assert i8.weight_int8.dtype == torch.int8 and i8.weight_scale.dtype == torch.bfloat16  # scales may follow
 
 
 def test_only_frozen_linears_of_known_families_are_replaced(tiny_model_dir):
     model = S2VTransformer3DModel.from_pretrained(tiny_model_dir)
     model.requires_grad_(False)
-    with pytest.raises(ValueError, match="unknown fp8 module families"):
+    with pytest.raises(ValueError, match="unknown low-bit module families"):
         quantize_base_linears(model, ("attention",))
     model.blocks[0].ffn.net[2].requires_grad_(True)
     with pytest.raises(ValueError, match="trainable"):
         quantize_base_linears(model, ("ffn",))
+    with pytest.raises(ValueError, match="low-bit kind"):
+        quantize_base_linears(model, ("self_attn",), kind="int4")
 
 
 def _loss_and_lora_grads(model, batch):
@@ -74,7 +102,8 @@ def _loss_and_lora_grads(model, batch):
     return loss.item(), torch.cat([p.grad.flatten() for p in params])
 
 
-def test_tiny_model_loss_and_lora_gradients_stay_close_to_bf16(tiny_model_dir):
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_tiny_model_loss_and_lora_gradients_stay_close_to_bf16(tiny_model_dir, kind):
     model = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
@@ -90,16 +119,17 @@ def test_tiny_model_loss_and_lora_gradients_stay_close_to_bf16(tiny_model_dir):
                  motion_latents=torch.randn(1, 16, 19, 8, 12, generator=g))
     loss_ref, grads_ref = _loss_and_lora_grads(model, batch)
     model.zero_grad(set_to_none=True)
-    assert quantize_base_linears(model) == 10 * len(model.blocks)  # q k v o twice and two FFN Linears a block
+    # q k v o twice and two FFN Linears a block
+    assert quantize_base_linears(model, kind=kind) == 10 * len(model.blocks)
     loss, grads = _loss_and_lora_grads(model, batch)
     assert loss != loss_ref  # the weights did change
     assert abs(loss - loss_ref) / loss_ref < 0.01
     assert float((grads - grads_ref).norm() / grads_ref.norm()) < 0.25
 
 
-def test_fp8_run_trains_like_bf16_on_synthetic_windows(tiny_model_dir, tmp_path):
+def test_low_bit_runs_train_like_bf16_on_synthetic_windows(tiny_model_dir, tmp_path):
     losses = {}
-    for weights in ("bf16", "fp8"):
+    for weights in ("bf16", "fp8", "int8"):
         config = demo_config(tiny_model_dir, tmp_path / weights)
         for key, value in {"optim.max_steps": 24, "model.dtype": "bf16", "train.mixed_precision": "bf16",
                            "memory.base_weights": weights, "checkpoint.every_steps": 0,
@@ -110,10 +140,12 @@ def test_fp8_run_trains_like_bf16_on_synthetic_windows(tiny_model_dir, tmp_path)
                   dataset=SyntheticLatentDataset(4, seed=0), device="cpu")
         assert end.status == "completed", end.reason
         losses[weights] = [e.loss for e in events if e.kind == "step_end"]
-    a, b = losses["bf16"], losses["fp8"]
-    assert len(a) == len(b) == 24 and a != b
-    assert max(abs(x - y) / x for x, y in zip(a, b)) < 0.03
-    assert sum(b[-6:]) < 0.8 * sum(b[:6])  # and it learns
+    a = losses["bf16"]
+    for weights in ("fp8", "int8"):
+        b = losses[weights]
+        assert len(a) == len(b) == 24 and a != b, weights
+        assert max(abs(x - y) / x for x, y in zip(a, b)) < 0.03, weights
+        assert sum(b[-6:]) < 0.8 * sum(b[:6]), weights  # and it learns
 
 
 def test_switch_combinations_and_config_checks():
@@ -121,19 +153,21 @@ def test_switch_combinations_and_config_checks():
     assert unsupported_switches(config) == []
     streamed = with_value(config, "memory.block_offload", True)
     assert any("block_offload" in p for p in unsupported_switches(streamed))
-    assert any("int8" in p for p in unsupported_switches(with_value(config, "memory.base_weights", "int8")))
+    assert unsupported_switches(with_value(config, "memory.base_weights", "int8")) == []
+    assert any("int8" in p for p in unsupported_switches(with_value(streamed, "memory.base_weights", "int8")))
     assert check_config(config) == []
     for bad in (["attention"], []):
-        errors = check_config(with_value(config, "memory.fp8_families", bad))
-        assert [e.key for e in errors] == ["memory.fp8_families"], errors
+        errors = check_config(with_value(config, "memory.low_bit_families", bad))
+        assert [e.key for e in errors] == ["memory.low_bit_families"], errors
 
 
-def test_a_block_with_fp8_base_and_lora_traces_as_one_graph(tiny_model_dir):
-    """torch.compile compiles each block (compile_blocks): fp8 must not split it into several graphs."""
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_a_block_with_low_bit_base_and_lora_traces_as_one_graph(tiny_model_dir, kind):
+    """torch.compile compiles each block (compile_blocks): low-bit Linears must not split it into several graphs."""
     model = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS))
-    quantize_base_linears(model)
+    quantize_base_linears(model, kind=kind)
     block = model.blocks[0]
     seen = {}
     hook = block.register_forward_pre_hook(lambda _m, args, kwargs: seen.update(args=args, kwargs=kwargs),

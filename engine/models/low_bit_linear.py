@@ -1,0 +1,218 @@
+"""Low-bit frozen base Linears: fp8 (e4m3) or int8 weights, half the memory of bf16.
+
+    replaced = quantize_base_linears(model, families=("self_attn", "cross_attn", "ffn"), device=cuda, kind="fp8")
+
+Each chosen nn.Linear of the frozen base (also the base_layer inside a peft LoRA layer; the LoRA itself stays in
+its own dtype and keeps its own bf16 path) is replaced, one at a time, by
+
+- `Fp8Linear` (memory.base_weights = "fp8"): e4m3 weights with one fp32 scale per output row (amax / 448). The
+  forward quantises the input per token (amax / 448) and multiplies with `torch._scaled_mm` (row-wise scales,
+  fp32 accumulation, bf16 output): the H100's fp8 tensor cores for the no-grad forward and the recompute of
+  every checkpointed block, two of the three large matmuls of a training step. Both operands are rounded to 3
+  mantissa bits: the fastest, and the larger numerical change.
+- `Int8Linear` (memory.base_weights = "int8"): weight-only int8 with one scale per output row (amax / 127);
+  the forward dequantises the weight to the input's dtype and runs the ordinary bf16 matmul, so activations are
+  untouched and the weight error is about a quarter of e4m3's. The same memory as fp8, about bf16's speed.
+
+For both, the input gradient is `grad @ W` with W dequantised to bf16 inside the backward (nothing of the
+dequantised weight is kept between forward and backward; the base weights need no gradient). On the CPU (tests)
+`torch._scaled_mm` has no row-wise scales: the same fp8 quantisation is applied and the product computed in fp32
+from the dequantised operands, which is what the fp8 kernel computes up to summation order.
+
+The fp8 weight is stored as uint8 and viewed as e4m3 at use: `Module.to(dtype)` casts every floating-point
+buffer, and an e4m3 buffer would silently be widened to bf16 by a later `.to(torch.bfloat16)` (int8 buffers are
+left alone by it).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from engine.config.schema import LOW_BIT_DEFAULT_FAMILIES, LOW_BIT_FAMILIES
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+INT8_MAX = 127.0
+_TINY = 1e-12  # an all-zero row gets a tiny scale instead of a division by zero
+KINDS = ("fp8", "int8")
+
+# Module families of the transformer that may hold low-bit weights, by module name. The audio injectors, the
+# embeddings, modulation and the output head stay bf16: they are small, and the audio path is what S2V is for.
+FAMILIES = {
+    "self_attn": re.compile(r"^blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)$"),
+    "cross_attn": re.compile(r"^blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)$"),
+    "ffn": re.compile(r"^blocks\.\d+\.ffn\.net\.(0\.proj|2)$"),
+    "audio_attn": re.compile(r"^audio_injector\.injector\.\d+\.(to_q|to_k|to_v|to_out\.0)$"),
+}
+DEFAULT_FAMILIES = LOW_BIT_DEFAULT_FAMILIES
+assert set(FAMILIES) == set(LOW_BIT_FAMILIES), "the config's family names and these patterns must agree"
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 tensor, fp32 scales [rows, 1]) with x ~= q.float() * scale, one scale per row."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY) / E4M3_MAX
+    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 tensor, fp32 scales [rows, 1]) with w ~= q.float() * scale, symmetric, one scale per row."""
+    wf = w.float()
+    scale = wf.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY) / INT8_MAX
+    return (wf / scale).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def _rowwise_kernel_ok(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype == torch.bfloat16
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, w_q, w_scale, bias):
+        xq, x_scale = quantize_rows(x2d)
+        if _rowwise_kernel_ok(x2d):
+            out = torch._scaled_mm(xq, w_q.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
+            if bias is not None:  # added here rather than in the kernel: inductor fuses it into the next op
+                out = out + bias
+        else:
+            out = (xq.float() * x_scale) @ (w_q.float() * w_scale).t()
+            if bias is not None:
+                out = out + bias.float()
+            out = out.to(x2d.dtype)
+        ctx.save_for_backward(w_q, w_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        w_q, w_scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        w = (w_q.float() * w_scale).to(grad.dtype)
+        return grad @ w, None, None, None
+
+
+class Fp8Linear(nn.Module):
+    """A frozen Linear with e4m3 weights and row scales (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_fp8", torch.empty(out_features, in_features, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device)
+                             if has_bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> Fp8Linear:
+        device = device or linear.weight.device
+        weight = linear.weight.detach().to(device)
+        q, scale = quantize_rows(weight)
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=device)
+        out.weight_fp8.copy_(q.view(torch.uint8))
+        out.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias.detach().to(device, torch.bfloat16))
+        return out
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight_fp8.view(E4M3).float() * self.weight_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        # The fp8 kernel wants a contiguous row-major input; reshape keeps a copy only where one is needed.
+        x2d = x.reshape(-1, self.in_features)
+        bias = self.bias if self.bias is None or x.dtype == torch.bfloat16 else self.bias.to(x.dtype)
+        out = _Fp8Matmul.apply(x2d.contiguous(), self.weight_fp8.view(E4M3), self.weight_scale, bias)
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 row-scaled"
+
+
+class _Int8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, w_q, w_scale, bias):
+        w = (w_q.to(x2d.dtype) * w_scale.to(x2d.dtype))
+        out = x2d @ w.t()
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        ctx.save_for_backward(w_q, w_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        w_q, w_scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        return grad @ (w_q.to(grad.dtype) * w_scale.to(grad.dtype)), None, None, None
+
+
+class Int8Linear(nn.Module):
+    """A frozen Linear with weight-only int8 and row scales (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device)
+                             if has_bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> Int8Linear:
+        device = device or linear.weight.device
+        q, scale = quantize_rows_int8(linear.weight.detach().to(device))
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=device)
+        out.weight_int8.copy_(q)
+        out.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias.detach().to(device, torch.bfloat16))
+        return out
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.weight_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        out = _Int8Matmul.apply(x.reshape(-1, self.in_features), self.weight_int8, self.weight_scale, self.bias)
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 row-scaled weight-only"
+
+
+_MODULES = {"fp8": Fp8Linear, "int8": Int8Linear}
+
+
+def family_of(name: str, families) -> str | None:
+    for family in families:
+        if FAMILIES[family].match(name):
+            return family
+    return None
+
+
+def quantize_base_linears(model: nn.Module, families=DEFAULT_FAMILIES, device: torch.device | None = None,
+                          kind: str = "fp8") -> int:
+    """Replace the frozen Linears of `families` (peft LoRA base layers included) by Fp8Linear or Int8Linear
+    (`kind`), one at a time on `device` (so the GPU never holds the bf16 and low-bit copies of more than one
+    layer). Returns how many."""
+    if kind not in _MODULES:
+        raise ValueError(f"low-bit kind {kind!r}: choose one of {', '.join(KINDS)}")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown low-bit module families {unknown}: choose from {', '.join(FAMILIES)}")
+    count = 0
+    for name, module in list(model.named_modules()):
+        # peft wraps a Linear as <name>.base_layer inside a LoRA layer named <name>: match the LoRA layer's name.
+        target_name = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+        if not isinstance(module, nn.Linear) or family_of(target_name, families) is None:
+            continue
+        if any(p.requires_grad for p in module.parameters()):
+            raise ValueError(f"{name} is trainable; low-bit storage is for the frozen base only")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, _MODULES[kind].from_linear(module, device))
+        count += 1
+    return count
