@@ -18,7 +18,8 @@ What the card must have free is the allocated peak plus 5% (`NEED_OVER_ALLOCATED
 allocator hands cached blocks back before it fails (the capped runs reserved the whole cap, 24.0 of 24 GiB and
 32.0 of 32 GiB, and trained without an out-of-memory error); the uncapped reserved figure (x1.19) is shown too.
 
-Host RAM = pinned streamed weights + pinned saved inputs (when offloaded) + the process baseline.
+Host RAM = pinned streamed weights + pinned saved inputs (when offloaded) + the process baseline; with low-bit
+base weights at least the bf16 model the loader holds in host memory before it is quantised.
 
 The constants are fitted to the rows of `CALIBRATION` (each a run in BENCHMARKS.md) and a test holds every
 prediction within 10% of its measured peak. No figure here is a guess: a config far outside the calibrated
@@ -26,7 +27,7 @@ range (another resolution class, no checkpointing) is predicted by the same term
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GIB = 2**30
 
@@ -188,7 +189,7 @@ def estimate(config) -> MemoryEstimate:
     width, height = config.data.resolution
     motion = config.data.motion_frames > 0
     tokens = sequence_tokens(width, height, config.data.frames, motion)
-    return estimate_parts(
+    est = estimate_parts(
         tokens,
         low_bit_weights=low_bit_params(mem.low_bit_families) if mem.base_weights != "bf16" else 0,
         save_attention=mem.gradient_checkpointing and mem.checkpoint_policy == "save_attention",
@@ -199,6 +200,14 @@ def estimate(config) -> MemoryEstimate:
         stream_resident=mem.blocks_resident if mem.block_offload else None,
         batch=config.optim.batch_size,
     )
+    if mem.base_weights != "bf16" and not mem.block_offload:
+        # The loader leaves the bf16 model in host memory and the low-bit Linears are made from it one by one
+        # (engine.runner._load_model): the host holds the whole bf16 model once, before training pins anything.
+        # Arithmetic (the engine's low-bit load was not measured): 2 bytes a parameter + the process.
+        load_host = int(PARAMS_TOTAL * 2 + HOST_BASELINE_BYTES)
+        if load_host > est.host_bytes:
+            est = replace(est, host_bytes=load_host, parts={**est.parts, "host_load": load_host})
+    return est
 
 
 def predict(config) -> tuple[int, int]:
