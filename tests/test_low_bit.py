@@ -78,8 +78,8 @@ def test_dtype_casts_keep_the_low_bit_storage():
     i8 = Int8Linear.from_linear(torch.nn.Linear(16, 16))
     f8.to(torch.bfloat16)
     i8.to(torch.bfloat16)
-    assert f8.weight_fp8.dtype == torch.uint8 and f8.weight_fp8.view(E4M3).dtype == E4M3
-    assert i8.weight_int8.dtype == torch.int8 and i8.weight_scale.dtype == torch.bfloat16  # scales may follow
+    assert f8.weight_q.dtype == torch.uint8 and f8.stored_weight().dtype == E4M3
+    assert i8.weight_q.dtype == torch.int8 and i8.weight_scale.dtype == torch.bfloat16  # scales may follow
 
 
 def test_only_frozen_linears_of_known_families_are_replaced(tiny_model_dir):

@@ -68,7 +68,23 @@ def _rowwise_kernel_ok(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16
 
 
-class _Fp8Matmul(torch.autograd.Function):
+def _dequantize(w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    return w_q.float() * w_scale
+
+
+class _LowBitMatmul(torch.autograd.Function):
+    """x2d @ W.t() + bias for a stored (w_q, w_scale); the backward returns the input gradient only, with W
+    dequantised there again (nothing but the stored weight is kept for it)."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        w_q, w_scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        return grad @ _dequantize(w_q, w_scale).to(grad.dtype), None, None, None
+
+
+class _Fp8Matmul(_LowBitMatmul):
     @staticmethod
     def forward(ctx, x2d, w_q, w_scale, bias):
         xq, x_scale = quantize_rows(x2d)
@@ -77,110 +93,95 @@ class _Fp8Matmul(torch.autograd.Function):
             if bias is not None:  # added here rather than in the kernel: inductor fuses it into the next op
                 out = out + bias
         else:
-            out = (xq.float() * x_scale) @ (w_q.float() * w_scale).t()
+            out = (xq.float() * x_scale) @ _dequantize(w_q, w_scale).t()
             if bias is not None:
                 out = out + bias.float()
             out = out.to(x2d.dtype)
         ctx.save_for_backward(w_q, w_scale)
         return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        w_q, w_scale = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        w = (w_q.float() * w_scale).to(grad.dtype)
-        return grad @ w, None, None, None
 
-
-class Fp8Linear(nn.Module):
-    """A frozen Linear with e4m3 weights and row scales (see the module docstring)."""
-
-    def __init__(self, in_features: int, out_features: int, has_bias: bool, device=None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_fp8", torch.empty(out_features, in_features, dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device)
-                             if has_bias else None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> Fp8Linear:
-        device = device or linear.weight.device
-        weight = linear.weight.detach().to(device)
-        q, scale = quantize_rows(weight)
-        out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=device)
-        out.weight_fp8.copy_(q.view(torch.uint8))
-        out.weight_scale.copy_(scale)
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias.detach().to(device, torch.bfloat16))
-        return out
-
-    def dequantized(self) -> torch.Tensor:
-        return self.weight_fp8.view(E4M3).float() * self.weight_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        # The fp8 kernel wants a contiguous row-major input; reshape keeps a copy only where one is needed.
-        x2d = x.reshape(-1, self.in_features)
-        bias = self.bias if self.bias is None or x.dtype == torch.bfloat16 else self.bias.to(x.dtype)
-        out = _Fp8Matmul.apply(x2d.contiguous(), self.weight_fp8.view(E4M3), self.weight_scale, bias)
-        return out.reshape(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 row-scaled"
-
-
-class _Int8Matmul(torch.autograd.Function):
+class _Int8Matmul(_LowBitMatmul):
     @staticmethod
     def forward(ctx, x2d, w_q, w_scale, bias):
-        w = (w_q.to(x2d.dtype) * w_scale.to(x2d.dtype))
-        out = x2d @ w.t()
+        out = x2d @ _dequantize(w_q, w_scale).to(x2d.dtype).t()
         if bias is not None:
             out = out + bias.to(out.dtype)
         ctx.save_for_backward(w_q, w_scale)
         return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        w_q, w_scale = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        return grad @ (w_q.to(grad.dtype) * w_scale.to(grad.dtype)), None, None, None
 
+class LowBitLinear(nn.Module):
+    """A frozen Linear whose weight is stored in one byte with one fp32 scale per output row; the subclasses say
+    how it is stored (`STORAGE`, `quantize`, `stored_weight`) and multiplied (`MATMUL`)."""
 
-class Int8Linear(nn.Module):
-    """A frozen Linear with weight-only int8 and row scales (see the module docstring)."""
+    STORAGE: torch.dtype
+    MATMUL: type[_LowBitMatmul]
+    LABEL: str
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, device=None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=self.STORAGE, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device)
                              if has_bias else None)
 
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def stored_weight(self) -> torch.Tensor:
+        return self.weight_q
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> LowBitLinear:
         device = device or linear.weight.device
-        q, scale = quantize_rows_int8(linear.weight.detach().to(device))
+        q, scale = cls.quantize(linear.weight.detach().to(device))
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=device)
-        out.weight_int8.copy_(q)
+        out.weight_q.copy_(q)
         out.weight_scale.copy_(scale)
         if linear.bias is not None:
             out.bias.copy_(linear.bias.detach().to(device, torch.bfloat16))
         return out
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.weight_scale
+        return _dequantize(self.stored_weight(), self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        out = _Int8Matmul.apply(x.reshape(-1, self.in_features), self.weight_int8, self.weight_scale, self.bias)
+        # The fp8 kernel wants a contiguous row-major input; reshape keeps a copy only where one is needed.
+        x2d = x.reshape(-1, self.in_features).contiguous()
+        bias = self.bias if self.bias is None or x.dtype == torch.bfloat16 else self.bias.to(x.dtype)
+        out = self.MATMUL.apply(x2d, self.stored_weight(), self.weight_scale, bias)
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 row-scaled weight-only"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.LABEL}"
+
+
+class Fp8Linear(LowBitLinear):
+    """e4m3 weights with row scales, fp8 matmuls in the forward (see the module docstring)."""
+
+    STORAGE, MATMUL, LABEL = torch.uint8, _Fp8Matmul, "e4m3 row-scaled"
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = quantize_rows(weight)
+        return q.view(torch.uint8), scale
+
+    def stored_weight(self) -> torch.Tensor:
+        return self.weight_q.view(E4M3)
+
+
+class Int8Linear(LowBitLinear):
+    """Weight-only int8 with row scales, bf16 matmuls (see the module docstring)."""
+
+    STORAGE, MATMUL, LABEL = torch.int8, _Int8Matmul, "int8 row-scaled weight-only"
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_rows_int8(weight)
 
 
 _MODULES = {"fp8": Fp8Linear, "int8": Int8Linear}
