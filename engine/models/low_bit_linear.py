@@ -12,7 +12,8 @@ its own dtype and keeps its own bf16 path) is replaced, one at a time, by
   mantissa bits: the fastest, and the larger numerical change.
 - `Int8Linear` (memory.base_weights = "int8"): weight-only int8 with one scale per output row (amax / 127);
   the forward dequantises the weight to the input's dtype and runs the ordinary bf16 matmul, so activations are
-  untouched and the weight error is about a quarter of e4m3's. The same memory as fp8, about bf16's speed.
+  untouched and the weight error is a third of e4m3's (relative L2 0.9% against 2.6% on a 5120x5120 Gaussian
+  weight). The same memory as fp8; its speed on a GPU is not measured yet (a bf16 matmul plus a dequantisation).
 
 For both, the input gradient is `grad @ W` with W dequantised to bf16 inside the backward (nothing of the
 dequantised weight is kept between forward and backward; the base weights need no gradient). On the CPU (tests)
