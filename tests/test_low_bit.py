@@ -184,3 +184,13 @@ def test_a_block_with_low_bit_base_and_lora_traces_as_one_graph(tiny_model_dir, 
     explained = torch._dynamo.explain(block)(*seen["args"], **seen["kwargs"])
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+def test_int8_weight_error_is_about_a_third_of_fp8s_on_gaussian_weights():
+    """The figure in low_bit_linear's docstring (0.9% against 2.6% at 5120x5120), at a test-sized matrix."""
+    w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)) * 1024**-0.5
+    q8, s8 = quantize_rows(w)
+    qi, si = quantize_rows_int8(w)
+    e8 = float((q8.float() * s8 - w).norm() / w.norm())
+    ei = float((qi.float() * si - w).norm() / w.norm())
+    assert 0.02 < e8 < 0.03 and 0.006 < ei < 0.011 and ei < 0.4 * e8
