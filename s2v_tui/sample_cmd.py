@@ -4,7 +4,7 @@
         --image face.png --audio speech.wav --prompt "a woman talks to the camera" --out talk.mp4
 
 The video is 16 fps, 80 frames per chunk (77 for the first), as many chunks as the audio needs (or
---max-chunks), cut where the audio ends, with the driving audio muxed in.
+--max-chunks), cut where the audio ends, with the driving audio muxed in (cut where the video ends).
 """
 from __future__ import annotations
 
@@ -83,7 +83,9 @@ def main(argv: list[str]) -> int:
         if frames.shape[0] > spoken:
             print(f"trimming the last chunk to the audio: {spoken} of {frames.shape[0]} frames", file=sys.stderr)
             frames = frames[:spoken]
-        out = write_sample_mp4(args.out, frames.numpy(), cond.audio.waveform)
+        # And the audio ends with the video when --max-chunks rendered less than the speech.
+        audio = cond.audio.waveform[: round(frames.shape[0] / MODEL_FPS * SAMPLE_RATE)]
+        out = write_sample_mp4(args.out, frames.numpy(), audio)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

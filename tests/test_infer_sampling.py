@@ -204,6 +204,19 @@ def test_sample_command_renders_an_mp4_with_frames_fps_and_audio(tiny_model_dir,
     assert "trimming the last chunk to the audio: 32 of 77 frames" in capsys.readouterr().err
 
 
+def test_sample_command_cuts_the_audio_to_the_chunks_it_rendered(tiny_model_dir, speech, tmp_path, capsys):
+    from s2v_tui.sample_cmd import main
+
+    out = tmp_path / "first-chunk.mp4"
+    rc = main(["--model", str(tiny_model_dir), "--image", str(speech / "face.png"), "--audio",
+               str(speech / "long.wav"), "--prompt", "a man talks", "--out", str(out), "--steps", "2",
+               "--size", "64x64", "--device", "cpu", "--max-chunks", "1"])
+    assert rc == 0, capsys.readouterr().err
+    frames, fps, audio_s = _video_stats(out)
+    assert frames == CHUNK_FRAMES - 3 and fps == 16.0  # one chunk of the 5.2 s of speech
+    assert audio_s == pytest.approx((CHUNK_FRAMES - 3) / 16, abs=0.07)
+
+
 def test_chained_two_chunk_sample(pipe, speech):
     cond = pipe.prepare(speech / "face.png", speech / "long.wav", "a man talks", max_area=64 * 64)
     assert cond.chunks == 2 == chunk_count(254)
