@@ -189,13 +189,16 @@ def _video_stats(path):
     return n, float(rate), len(samples) / 16000
 
 
-def test_sample_command_renders_an_mp4_with_frames_fps_and_audio(tiny_model_dir, speech, tmp_path, capsys):
+def _sample_command(model_dir, speech, out, audio: str, *extra: str) -> int:
     from s2v_tui.sample_cmd import main
 
+    return main(["--model", str(model_dir), "--image", str(speech / "face.png"), "--audio", str(speech / audio),
+                 "--prompt", "a man talks", "--out", str(out), "--device", "cpu", *extra])
+
+
+def test_sample_command_renders_an_mp4_with_frames_fps_and_audio(tiny_model_dir, speech, tmp_path, capsys):
     out = tmp_path / "talk.mp4"
-    rc = main(["--model", str(tiny_model_dir), "--image", str(speech / "face.png"), "--audio",
-               str(speech / "short.wav"), "--prompt", "a man talks", "--out", str(out), "--steps", "3",
-               "--size", "128x128", "--device", "cpu", "--seed", "7"])
+    rc = _sample_command(tiny_model_dir, speech, out, "short.wav", "--steps", "3", "--size", "128x128", "--seed", "7")
     assert rc == 0, capsys.readouterr().err
     frames, fps, audio_s = _video_stats(out)
     # One chunk is rendered (77 frames); the file ends with the 2.0 s of speech: 32 frames at 16 fps.
@@ -205,12 +208,9 @@ def test_sample_command_renders_an_mp4_with_frames_fps_and_audio(tiny_model_dir,
 
 
 def test_sample_command_cuts_the_audio_to_the_chunks_it_rendered(tiny_model_dir, speech, tmp_path, capsys):
-    from s2v_tui.sample_cmd import main
-
     out = tmp_path / "first-chunk.mp4"
-    rc = main(["--model", str(tiny_model_dir), "--image", str(speech / "face.png"), "--audio",
-               str(speech / "long.wav"), "--prompt", "a man talks", "--out", str(out), "--steps", "2",
-               "--size", "64x64", "--device", "cpu", "--max-chunks", "1"])
+    rc = _sample_command(tiny_model_dir, speech, out, "long.wav", "--steps", "2", "--size", "64x64",
+                         "--max-chunks", "1")
     assert rc == 0, capsys.readouterr().err
     frames, fps, audio_s = _video_stats(out)
     assert frames == CHUNK_FRAMES - 3 and fps == 16.0  # one chunk of the 5.2 s of speech
