@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import torch
@@ -131,6 +132,11 @@ def build_config(args, model_dir: Path, runs_dir: Path):
             # FSDP2 re-gathers a block's weights for the recompute; our re-entrant offloaded checkpoint cannot
             # (engine.train.distributed.combination_problems), so the sharded run keeps block inputs on the GPU.
             settings["memory.offload_checkpoint_inputs"] = False
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: write KEY=VALUE with a TOML value, e.g. memory.base_weights='\"fp8\"'")
+        settings[key.strip()] = tomllib.loads(f"v = {value}")["v"]
     if args.tiny:
         settings.update(TINY_OVERRIDES)
     for key, value in settings.items():
@@ -165,6 +171,12 @@ def bare_command(config, mode: str, steps: int) -> list[str]:
         cmd += ["--vram-cap-gib", f"{m.vram_budget_gb * 1e9 / 2**30:.2f}"]
     if not m.gradient_checkpointing:
         cmd.append("--no-checkpointing")
+    if m.checkpoint_policy != "full":
+        cmd += ["--policy", m.checkpoint_policy]
+    if m.base_weights != "bf16":
+        cmd += ["--base-weights", m.base_weights]
+    if m.fp8_input_grad:
+        cmd.append("--fp8-backward")
     return cmd
 
 
@@ -190,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="first: motion_drop_prob 1.0; continuation: 0.0 (every step with 19 motion latents)")
     ap.add_argument("--steps", type=int, default=6, help=f"training steps, {WARMUP_STEPS + 1}..{MAX_STEPS}")
     ap.add_argument("--vram-budget-gb", type=float, default=0.0, help="memory.vram_budget_gb (emulate a smaller card)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key with a TOML value, e.g. --set memory.checkpoint_policy='\"save_attention\"'")
     ap.add_argument("--bare", action="store_true", help="also time bench/model_step.py with the same switches")
     ap.add_argument("--scratch", help="folder for the model and the run (removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
@@ -272,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             "load_s": round(phase_at["train"] - phase_at["load"], 1) if {"load", "train"} <= phase_at.keys() else None,
             "switches": {k: getattr(config.memory, k) for k in (
                 "gradient_checkpointing", "offload_checkpoint_inputs", "block_offload", "blocks_resident",
-                "compile_blocks", "residual_dtype", "attention_backend", "vram_budget_gb")},
+                "compile_blocks", "residual_dtype", "attention_backend", "vram_budget_gb", "checkpoint_policy",
+                "base_weights", "fp8_input_grad")},
+            "overrides": args.set,
             "lora_rank": config.lora.rank, "resolution": list(config.data.resolution),
             "world_size": world, "strategy": args.strategy if world > 1 else "single",
             "batch_per_rank": config.optim.batch_size,

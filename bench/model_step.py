@@ -148,17 +148,34 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return round(float((a.float() - b.float()).norm() / a.float().norm()), 5)
 
 
-def quantize_and_compare(model, batch, device, kind: str) -> dict:
-    """Quantise the frozen base to `kind` (fp8 / int8) and return the relative L2 error of the model output and of some block
-    outputs against the bf16 model, on the bench's inputs (one no-grad forward each)."""
+def _lora_grads(model, batch, target, params) -> tuple[float, torch.Tensor]:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        pred = model(**batch)
+    loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+    loss.backward()
+    grads = torch.cat([p.grad.float().flatten() for p in params])
+    model.zero_grad(set_to_none=True)
+    return float(loss), grads
+
+
+def quantize_and_compare(model, batch, device, kind: str, target=None, params=None, **options) -> dict:
+    """Quantise the frozen base to `kind` (fp8 / int8) and return the relative L2 error of the model output and of
+    some block outputs against the bf16 model, on the bench's inputs (one no-grad forward each); with `target` and
+    `params`, also of the loss and of the LoRA gradients of one training step (uncompiled)."""
     from engine.models.low_bit_linear import quantize_base_linears
 
     ref_pred, ref_blocks = _forward_with_block_outputs(model, batch)
-    count = quantize_base_linears(model, device=device, kind=kind)
+    ref_grad = _lora_grads(model, batch, target, params) if params else None
+    count = quantize_base_linears(model, device=device, kind=kind, **options)
     torch.cuda.empty_cache()
     pred, blocks = _forward_with_block_outputs(model, batch)
-    return {"linears": count, "output": _rel(ref_pred, pred),
-            "blocks": {str(i): _rel(ref_blocks[i], blocks[i]) for i in ref_blocks}}
+    out = {"linears": count, "output": _rel(ref_pred, pred),
+           "blocks": {str(i): _rel(ref_blocks[i], blocks[i]) for i in ref_blocks}}
+    if ref_grad:
+        loss, grads = _lora_grads(model, batch, target, params)
+        out.update(loss_bf16=ref_grad[0], loss_low_bit=loss, lora_grads=_rel(ref_grad[1], grads),
+                   lora_grads_cosine=round(float(torch.nn.functional.cosine_similarity(ref_grad[1], grads, dim=0)), 5))
+    return out
 
 
 def main(argv=None) -> int:
@@ -184,6 +201,11 @@ def main(argv=None) -> int:
     ap.add_argument("--base-weights", choices=("bf16", "fp8", "int8"), default="bf16",
                     help="fp8 / int8: the frozen self-attention, cross-attention and FFN Linears in e4m3 / int8 "
                          "(engine.models.low_bit_linear); also reports the relative error of block outputs against bf16")
+    ap.add_argument("--fp8-backward", action="store_true",
+                    help="with --base-weights fp8: the input-gradient matmuls in fp8 too (memory.fp8_input_grad)")
+    ap.add_argument("--fast-accum", action="store_true", help="with --base-weights fp8: fp8 fast-accumulate mode")
+    ap.add_argument("--grad-error", action="store_true",
+                    help="with --base-weights: also compare the loss and LoRA gradients of one step against bf16")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile one more step and report GPU time per kernel family")
     ap.add_argument("--steps", type=int, default=5)
@@ -205,7 +227,10 @@ def main(argv=None) -> int:
     batch, target = inputs(args.mode, device, args.frames, args.width, args.height)
     low_bit_error = None
     if args.base_weights != "bf16":
-        low_bit_error = quantize_and_compare(model, batch, device, args.base_weights)
+        options = dict(fp8_backward=args.fp8_backward, fast_accum=args.fast_accum) if args.base_weights == "fp8" else {}
+        low_bit_error = quantize_and_compare(model, batch, device, args.base_weights,
+                                             target if args.grad_error else None,
+                                             params if args.grad_error else None, **options)
     host_weights = 0
     if args.stream_blocks >= 0:
         host_weights = model.enable_block_streaming(resident=args.stream_blocks)
@@ -218,7 +243,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=1e-5)
     build_s = time.perf_counter() - t0
 
-    times = []
+    times, losses = [], []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             torch.cuda.reset_peak_memory_stats()
@@ -226,6 +251,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         loss = train_step(model, batch, target, opt)
         torch.cuda.synchronize()
+        losses.append(round(float(loss.detach()), 6))
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
 
@@ -260,8 +286,8 @@ def main(argv=None) -> int:
         "model_tflops_per_s": round(fl["model"] / med / 1e12, 1),
         "mfu": round(fl["model"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "hfu": round(fl["hardware"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
-        "loss": float(loss.detach()), "build_s": round(build_s, 1),
-        "base_weights": args.base_weights, "low_bit_rel_error": low_bit_error, "profile": profile,
+        "losses": losses, "build_s": round(build_s, 1),
+        "base_weights": args.base_weights, "fp8_backward": args.fp8_backward, "fast_accum": args.fast_accum, "low_bit_rel_error": low_bit_error, "profile": profile,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
     emit_result(result, args.json)

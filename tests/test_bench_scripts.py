@@ -3,7 +3,9 @@ run, tiny model and samples) and must print and append one well-formed JSON line
 the scripts the GPU sessions run in one call each, where a crash costs device time."""
 from __future__ import annotations
 
+import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +65,16 @@ def test_bench_sample_speed_tiny_renders_one_validation_sample(tmp_path, capsys)
 
 
 @pytest.mark.timeout(120)
+def test_bench_engine_step_bare_command_carries_the_speed_switches():
+    config = engine_step.build_config(argparse.Namespace(
+        preset="32gb", mode="first", steps=3, vram_budget_gb=0, strategy=None, tiny=False,
+        set=['memory.checkpoint_policy="save_attention"', "memory.fp8_input_grad=true"]), Path("m"), Path("r"))
+    cmd = engine_step.bare_command(config, "first", 3)
+    assert cmd[cmd.index("--policy") + 1] == "save_attention"
+    assert cmd[cmd.index("--base-weights") + 1] == "fp8" and "--fp8-backward" in cmd
+
+
+@pytest.mark.timeout(120)
 def test_bench_engine_step_reuses_a_written_model_folder(tmp_path, capsys):
     model = tmp_path / "model"
     assert engine_step.main(["--tiny", "--write-model", str(model)]) == 0
@@ -70,8 +82,9 @@ def test_bench_engine_step_reuses_a_written_model_folder(tmp_path, capsys):
     capsys.readouterr()
     out = tmp_path / "engine_step.jsonl"
     code = engine_step.main(["--tiny", "--model-dir", str(model), "--steps", "3", "--json", str(out),
-                             "--scratch", str(tmp_path)])
+                             "--scratch", str(tmp_path), "--set", 'memory.checkpoint_policy="save_attention"'])
     r = _one_line(out, capsys)
     assert code == 0 and r["status"] == "completed" and r["write_model_s"] == 0.0
+    assert r["switches"]["checkpoint_policy"] == "save_attention"
     assert r["world_size"] == 1 and r["strategy"] == "single" and r["samples_per_s"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine_step.jsonl", "model"]  # the given model stays

@@ -12,8 +12,8 @@ import torch
 from peft import LoraConfig
 
 from engine.config import check_config, with_value
-from engine.models.low_bit_linear import (E4M3, Fp8Linear, Int8Linear, quantize_base_linears, quantize_rows,
-                                          quantize_rows_int8)
+from engine.models.low_bit_linear import (E4M3, Fp8Linear, Int8Linear, fp8_input_grad, quantize_base_linears,
+                                          quantize_rows, quantize_rows_int8)
 from engine.models.s2v_transformer import S2VTransformer3DModel
 from engine.runner import run
 from engine.train.switches import unsupported_switches
@@ -50,6 +50,40 @@ def test_low_bit_linear_forward_and_input_gradient_are_the_dequantised_products(
     # And close to the bf16/fp32 Linear it replaces (e4m3 on both operands: a few percent).
     ref = lin(x.detach())
     assert float((y.detach() - ref).norm() / ref.norm()) < 0.06
+
+
+def test_fp8_input_gradient_quantises_the_scaled_gradient_per_token():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 48).requires_grad_(False)
+    f8 = Fp8Linear.from_linear(lin)
+    f8.fp8_backward = True
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    y = f8(x)
+    g = torch.randn_like(y) * torch.logspace(-2, 2, 5).view(1, 5, 1)  # tokens of very different size
+    y.backward(g)
+    # The weight's row scales go into the gradient's columns before the per-token e4m3 rounding.
+    gq, gs = quantize_rows(g.reshape(-1, 48) * f8.weight_scale.t())
+    expected = (gq.float() * gs) @ f8.stored_weight().float()
+    torch.testing.assert_close(x.grad.reshape(-1, 32), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fp8_input_grad(g.reshape(-1, 48), f8.stored_weight(), f8.weight_scale, False),
+                               expected)
+    # Every token keeps its relative precision, small ones included (a single tensor-wide scale would not).
+    exact = g @ f8.dequantized()
+    rel = (x.grad - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert float(rel.max()) < 0.06 and float(rel.min()) > 0  # rounded, not skipped
+
+
+def test_fp8_backward_options_are_for_fp8_only(tiny_model_dir):
+    model = S2VTransformer3DModel.from_pretrained(tiny_model_dir)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="fp8 base weights only"):
+        quantize_base_linears(model, kind="int8", fp8_backward=True)
+    quantize_base_linears(model, ("ffn",), kind="fp8", fp8_backward=True)
+    assert model.blocks[0].ffn.net[2].fp8_backward and not model.blocks[0].ffn.net[2].fast_accum
+    config = with_value(demo_config("m", "r"), "model.dtype", "bf16")
+    errors = check_config(with_value(config, "memory.fp8_input_grad", True))
+    assert [e.key for e in errors] == ["memory.fp8_input_grad"] and "base_weights" in errors[0].message
+    assert check_config(with_value(with_value(config, "memory.fp8_input_grad", True), "memory.base_weights", "fp8")) == []
 
 
 def test_int8_linear_is_weight_only_and_closer_to_bf16_than_fp8():
@@ -102,8 +136,8 @@ def _loss_and_lora_grads(model, batch):
     return loss.item(), torch.cat([p.grad.flatten() for p in params])
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int8"])
-def test_tiny_model_loss_and_lora_gradients_stay_close_to_bf16(tiny_model_dir, kind):
+@pytest.mark.parametrize("kind,fp8_backward", [("fp8", False), ("fp8", True), ("int8", False)])
+def test_tiny_model_loss_and_lora_gradients_stay_close_to_bf16(tiny_model_dir, kind, fp8_backward):
     model = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
@@ -120,7 +154,7 @@ def test_tiny_model_loss_and_lora_gradients_stay_close_to_bf16(tiny_model_dir, k
     loss_ref, grads_ref = _loss_and_lora_grads(model, batch)
     model.zero_grad(set_to_none=True)
     # q k v o twice and two FFN Linears a block
-    assert quantize_base_linears(model, kind=kind) == 10 * len(model.blocks)
+    assert quantize_base_linears(model, kind=kind, fp8_backward=fp8_backward) == 10 * len(model.blocks)
     loss, grads = _loss_and_lora_grads(model, batch)
     assert loss != loss_ref  # the weights did change
     assert abs(loss - loss_ref) / loss_ref < 0.01
@@ -161,13 +195,13 @@ def test_switch_combinations_and_config_checks():
         assert [e.key for e in errors] == ["memory.low_bit_families"], errors
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int8"])
-def test_a_block_with_low_bit_base_and_lora_traces_as_one_graph(tiny_model_dir, kind):
+@pytest.mark.parametrize("kind,fp8_backward", [("fp8", False), ("fp8", True), ("int8", False)])
+def test_a_block_with_low_bit_base_and_lora_traces_as_one_graph(tiny_model_dir, kind, fp8_backward):
     """torch.compile compiles each block (compile_blocks): low-bit Linears must not split it into several graphs."""
     model = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS))
-    quantize_base_linears(model, kind=kind)
+    quantize_base_linears(model, kind=kind, fp8_backward=fp8_backward)
     block = model.blocks[0]
     seen = {}
     hook = block.register_forward_pre_hook(lambda _m, args, kwargs: seen.update(args=args, kwargs=kwargs),

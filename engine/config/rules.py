@@ -171,6 +171,9 @@ def _check_memory(c: _Checker, cfg: Config) -> None:
             f"{m.base_weights} base weights compute in bf16, but model.dtype is {cfg.model.dtype}",
             'set model.dtype = "bf16" or base_weights = "bf16"',
         )
+    if m.fp8_input_grad and m.base_weights != "fp8":
+        c.conflict("memory.fp8_input_grad", f"needs fp8 base weights, but base_weights = \"{m.base_weights}\"",
+                   'set base_weights = "fp8" or fp8_input_grad = false')
     unknown = [f for f in m.low_bit_families if f not in LOW_BIT_FAMILIES]
     if unknown:
         c.bad("memory.low_bit_families", f"unknown families {unknown}", f"choose from {', '.join(LOW_BIT_FAMILIES)}")

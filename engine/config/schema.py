@@ -170,6 +170,8 @@ class MemoryConfig:
         "bf16", "frozen base weights: bf16; fp8 (e4m3, fp8 forward matmuls: fastest); int8 (weight-only: closest to bf16)")
     low_bit_families: list[str] = opt(
         list(LOW_BIT_DEFAULT_FAMILIES), f"with base_weights = fp8 or int8, the module families held in low bit: {', '.join(LOW_BIT_FAMILIES)}")
+    fp8_input_grad: bool = opt(
+        False, "with base_weights = fp8: the input-gradient matmuls in fp8 too (faster; rounds the gradients)")
     chunked_ffn: int = opt(0, "split the feed-forward over this many sequence chunks; 0 = off")
     attention_backend: AttentionBackend = opt("auto", "auto, cudnn, flash, efficient or math")
     compile_blocks: bool = opt(False, "torch.compile each block (CUDA): fuses the fp32 norm/modulation work")

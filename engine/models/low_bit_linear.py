@@ -16,7 +16,12 @@ its own dtype and keeps its own bf16 path) is replaced, one at a time, by
   weight). The same memory as fp8; its speed on a GPU is not measured yet (a bf16 matmul plus a dequantisation).
 
 For both, the input gradient is `grad @ W` with W dequantised to bf16 inside the backward (nothing of the
-dequantised weight is kept between forward and backward; the base weights need no gradient). On the CPU (tests)
+dequantised weight is kept between forward and backward; the base weights need no gradient). With
+`fp8_backward` (memory.fp8_input_grad) the fp8 Linear computes it on the fp8 tensor cores as well: the weight's row
+scales are folded into the gradient's columns, the gradient is quantised per token to e4m3 and multiplied with
+the stored weight (transposed into a transient column-major copy, as the kernel wants); this rounds the
+gradient that reaches every earlier LoRA weight to 3 mantissa bits. `fast_accum` lets the fp8 kernels accumulate
+without the periodic fp32 promotion (faster, less exact over K = 5120 / 13824). On the CPU (tests)
 `torch._scaled_mm` has no row-wise scales: the same fp8 quantisation is applied and the product computed in fp32
 from the dequantised operands, which is what the fp8 kernel computes up to summation order.
 
@@ -75,22 +80,44 @@ def _dequantize(w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
 
 class _LowBitMatmul(torch.autograd.Function):
     """x2d @ W.t() + bias for a stored (w_q, w_scale); the backward returns the input gradient only, with W
-    dequantised there again (nothing but the stored weight is kept for it)."""
+    dequantised there again (nothing but the stored weight is kept for it). `opts` = (fast_accum, fp8_backward),
+    used by the fp8 subclass."""
 
     @staticmethod
     def backward(ctx, grad):
         w_q, w_scale = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        return grad @ _dequantize(w_q, w_scale).to(grad.dtype), None, None, None
+            return None, None, None, None, None
+        return _input_grad(ctx, grad, w_q, w_scale), None, None, None, None
+
+
+def _input_grad(ctx, grad, w_q, w_scale):
+    # A plain function rather than a call into another Function's backward: dynamo traces this one inline.
+    if getattr(ctx, "fp8_backward", False):
+        return fp8_input_grad(grad, w_q, w_scale, ctx.fast_accum)
+    return grad @ _dequantize(w_q, w_scale).to(grad.dtype)
+
+
+def fp8_input_grad(grad: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, fast_accum: bool) -> torch.Tensor:
+    """grad @ (w_q * w_scale) with both operands in e4m3: (grad * w_scale.T) quantised per token, times w_q."""
+    gq, g_scale = quantize_rows(grad.float() * w_scale.t())
+    if _rowwise_kernel_ok(grad):
+        w_cols = w_q.t().contiguous().t()  # [out, in] column-major: the layout _scaled_mm takes for its 2nd operand
+        ones = torch.ones(1, w_q.shape[1], dtype=torch.float32, device=grad.device)
+        return torch._scaled_mm(gq, w_cols, scale_a=g_scale, scale_b=ones, out_dtype=torch.bfloat16,
+                                use_fast_accum=fast_accum)
+    return ((gq.float() * g_scale) @ w_q.float()).to(grad.dtype)
 
 
 class _Fp8Matmul(_LowBitMatmul):
     @staticmethod
-    def forward(ctx, x2d, w_q, w_scale, bias):
+    def forward(ctx, x2d, w_q, w_scale, bias, opts):
+        fast_accum, ctx.fp8_backward = opts
+        ctx.fast_accum = fast_accum
         xq, x_scale = quantize_rows(x2d)
         if _rowwise_kernel_ok(x2d):
-            out = torch._scaled_mm(xq, w_q.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
+            out = torch._scaled_mm(xq, w_q.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16,
+                                   use_fast_accum=fast_accum)
             if bias is not None:  # added here rather than in the kernel: inductor fuses it into the next op
                 out = out + bias
         else:
@@ -104,7 +131,7 @@ class _Fp8Matmul(_LowBitMatmul):
 
 class _Int8Matmul(_LowBitMatmul):
     @staticmethod
-    def forward(ctx, x2d, w_q, w_scale, bias):
+    def forward(ctx, x2d, w_q, w_scale, bias, opts):
         out = x2d @ _dequantize(w_q, w_scale).to(x2d.dtype).t()
         if bias is not None:
             out = out + bias.to(out.dtype)
@@ -123,6 +150,8 @@ class LowBitLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, has_bias: bool, device=None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.fast_accum = False  # fp8 only: see the module docstring
+        self.fp8_backward = False
         self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=self.STORAGE, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device)
@@ -154,7 +183,8 @@ class LowBitLinear(nn.Module):
         # The fp8 kernel wants a contiguous row-major input; reshape keeps a copy only where one is needed.
         x2d = x.reshape(-1, self.in_features).contiguous()
         bias = self.bias if self.bias is None or x.dtype == torch.bfloat16 else self.bias.to(x.dtype)
-        out = self.MATMUL.apply(x2d, self.stored_weight(), self.weight_scale, bias)
+        out = self.MATMUL.apply(x2d, self.stored_weight(), self.weight_scale, bias,
+                                (self.fast_accum, self.fp8_backward))
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -196,12 +226,14 @@ def family_of(name: str, families) -> str | None:
 
 
 def quantize_base_linears(model: nn.Module, families=DEFAULT_FAMILIES, device: torch.device | None = None,
-                          kind: str = "fp8") -> int:
+                          kind: str = "fp8", fp8_backward: bool = False, fast_accum: bool = False) -> int:
     """Replace the frozen Linears of `families` (peft LoRA base layers included) by Fp8Linear or Int8Linear
     (`kind`), one at a time on `device` (so the GPU never holds the bf16 and low-bit copies of more than one
-    layer). Returns how many."""
+    layer). `fp8_backward` / `fast_accum`: fp8 only (module docstring). Returns how many."""
     if kind not in _MODULES:
         raise ValueError(f"low-bit kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if kind != "fp8" and (fp8_backward or fast_accum):
+        raise ValueError("fp8_backward and fast_accum apply to fp8 base weights only")
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown low-bit module families {unknown}: choose from {', '.join(FAMILIES)}")
@@ -215,6 +247,8 @@ def quantize_base_linears(model: nn.Module, families=DEFAULT_FAMILIES, device: t
             raise ValueError(f"{name} is trainable; low-bit storage is for the frozen base only")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, _MODULES[kind].from_linear(module, device))
+        low_bit = _MODULES[kind].from_linear(module, device)
+        low_bit.fp8_backward, low_bit.fast_accum = fp8_backward, fast_accum
+        setattr(parent, attr, low_bit)
         count += 1
     return count

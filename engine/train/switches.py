@@ -94,8 +94,10 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
             # Layer by layer onto the device: the GPU never holds the bf16 model (the loader left it in host RAM).
             from engine.models.low_bit_linear import quantize_base_linears
 
-            count = quantize_base_linears(model, tuple(m.low_bit_families), device, kind=m.base_weights)
-            done.append(f"{count} frozen base Linears in {m.base_weights} ({', '.join(m.low_bit_families)})")
+            count = quantize_base_linears(model, tuple(m.low_bit_families), device, kind=m.base_weights,
+                                          fp8_backward=m.fp8_input_grad)
+            grad = ", input gradients in fp8" if m.fp8_input_grad else ""
+            done.append(f"{count} frozen base Linears in {m.base_weights} ({', '.join(m.low_bit_families)}){grad}")
         model.to(device)
     if m.compile_blocks:
         model.compile_blocks()
