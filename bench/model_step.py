@@ -203,7 +203,8 @@ def main(argv=None) -> int:
                          "(engine.models.low_bit_linear); also reports the relative error of block outputs against bf16")
     ap.add_argument("--fp8-backward", action="store_true",
                     help="with --base-weights fp8: the input-gradient matmuls in fp8 too (memory.fp8_input_grad)")
-    ap.add_argument("--fast-accum", action="store_true", help="with --base-weights fp8: fp8 fast-accumulate mode")
+    ap.add_argument("--exact-accum", action="store_true",
+                    help="with --base-weights fp8: no fast-accumulate mode (the engine uses it)")
     ap.add_argument("--grad-error", action="store_true",
                     help="with --base-weights: also compare the loss and LoRA gradients of one step against bf16")
     ap.add_argument("--profile", action="store_true",
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
     batch, target = inputs(args.mode, device, args.frames, args.width, args.height)
     low_bit_error = None
     if args.base_weights != "bf16":
-        options = dict(fp8_backward=args.fp8_backward, fast_accum=args.fast_accum) if args.base_weights == "fp8" else {}
+        options = dict(fp8_backward=args.fp8_backward, fast_accum=not args.exact_accum) if args.base_weights == "fp8" else {}
         low_bit_error = quantize_and_compare(model, batch, device, args.base_weights,
                                              target if args.grad_error else None,
                                              params if args.grad_error else None, **options)
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
         "mfu": round(fl["model"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "hfu": round(fl["hardware"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "losses": losses, "build_s": round(build_s, 1),
-        "base_weights": args.base_weights, "fp8_backward": args.fp8_backward, "fast_accum": args.fast_accum, "low_bit_rel_error": low_bit_error, "profile": profile,
+        "base_weights": args.base_weights, "fp8_backward": args.fp8_backward, "fast_accum": args.base_weights == "fp8" and not args.exact_accum, "low_bit_rel_error": low_bit_error, "profile": profile,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
     emit_result(result, args.json)

@@ -79,7 +79,7 @@ def test_fp8_backward_options_are_for_fp8_only(tiny_model_dir):
     with pytest.raises(ValueError, match="fp8 base weights only"):
         quantize_base_linears(model, kind="int8", fp8_backward=True)
     quantize_base_linears(model, ("ffn",), kind="fp8", fp8_backward=True)
-    assert model.blocks[0].ffn.net[2].fp8_backward and not model.blocks[0].ffn.net[2].fast_accum
+    assert model.blocks[0].ffn.net[2].fp8_backward and model.blocks[0].ffn.net[2].fast_accum
     config = with_value(demo_config("m", "r"), "model.dtype", "bf16")
     errors = check_config(with_value(config, "memory.fp8_input_grad", True))
     assert [e.key for e in errors] == ["memory.fp8_input_grad"] and "base_weights" in errors[0].message
