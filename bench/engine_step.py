@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         args.keep = True
     else:
         parent = args.scratch or (None if args.tiny else str(REPO))
+        if parent:
+            Path(parent).mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=".engine-step-", dir=parent))
     t0 = time.perf_counter()
     try:

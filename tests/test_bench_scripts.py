@@ -82,9 +82,10 @@ def test_bench_engine_step_reuses_a_written_model_folder(tmp_path, capsys):
     capsys.readouterr()
     out = tmp_path / "engine_step.jsonl"
     code = engine_step.main(["--tiny", "--model-dir", str(model), "--steps", "3", "--json", str(out),
-                             "--scratch", str(tmp_path), "--set", 'memory.checkpoint_policy="save_attention"'])
+                             "--scratch", str(tmp_path / "new"), "--set", 'memory.checkpoint_policy="save_attention"'])
     r = _one_line(out, capsys)
     assert code == 0 and r["status"] == "completed" and r["write_model_s"] == 0.0
     assert r["switches"]["checkpoint_policy"] == "save_attention"
     assert r["world_size"] == 1 and r["strategy"] == "single" and r["samples_per_s"] > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine_step.jsonl", "model"]  # the given model stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine_step.jsonl", "model", "new"]  # the model stays
+    assert list((tmp_path / "new").iterdir()) == []  # a missing scratch folder is made; the run in it is removed
