@@ -80,7 +80,7 @@ class Calibration:
     offload_inputs: bool
     stream_resident: int | None  # None = no block streaming
     peak_alloc_gib: float
-    fp8: bool = False  # self_attn + cross_attn + ffn in fp8
+    low_bit: bool = False  # self_attn + cross_attn + ffn in fp8 or int8 (the same bytes)
     save_attention: bool = False
 
 
@@ -92,14 +92,22 @@ CALIBRATION = (
     Calibration("compiled, first clip, blocks streamed, 24 GiB cap", 34_320, True, 0, 13.70),
     Calibration("compiled, continuation, blocks streamed, 24 GiB cap", 36_634, True, 0, 14.16),
     Calibration("compiled, save_attention, first clip", 34_320, False, None, 65.84, save_attention=True),
-    Calibration("compiled, fp8, first clip", 34_320, False, None, 39.80, fp8=True),
-    Calibration("compiled, fp8, save_attention, first clip", 34_320, False, None, 52.77, fp8=True,
+    Calibration("compiled, fp8, first clip", 34_320, False, None, 39.80, low_bit=True),
+    Calibration("compiled, fp8, save_attention, first clip", 34_320, False, None, 52.77, low_bit=True,
                 save_attention=True),
-    Calibration("compiled, fp8, save_attention, continuation", 36_634, False, None, 54.92, fp8=True,
+    Calibration("compiled, fp8, save_attention, continuation", 36_634, False, None, 54.92, low_bit=True,
                 save_attention=True),
-    Calibration("compiled, fp8, inputs in host RAM, 32 GiB cap, first clip", 34_320, True, None, 29.39, fp8=True),
-    Calibration("compiled, fp8, inputs in host RAM, 32 GiB cap, continuation", 36_634, True, None, 29.89, fp8=True),
-    Calibration("engine, 80gb preset, 80-frame windows", 32_760, False, None, 52.20),
+    Calibration("compiled, fp8, inputs in host RAM, 32 GiB cap, first clip", 34_320, True, None, 29.39, low_bit=True),
+    Calibration("compiled, fp8, inputs in host RAM, 32 GiB cap, continuation", 36_634, True, None, 29.89, low_bit=True),
+    Calibration("compiled, inputs in host RAM, 48 GiB cap, first clip", 34_320, True, None, 42.46),
+    Calibration("compiled, inputs in host RAM, 45 GiB cap, continuation", 36_634, True, None, 42.97),
+    Calibration("compiled, int8, first clip", 34_320, False, None, 40.36, low_bit=True),
+    Calibration("compiled, save_attention, continuation", 36_634, False, None, 68.00, save_attention=True),
+    Calibration("engine, full policy, 80-frame windows", 32_760, False, None, 52.20),
+    Calibration("engine, 80gb preset (save_attention), 80-frame windows", 32_760, False, None, 64.58,
+                save_attention=True),
+    Calibration("engine, 80gb preset (save_attention), 80-frame windows, continuation", 35_074, False, None, 66.73,
+                save_attention=True),
     Calibration("engine, 24gb preset, 80-frame windows, 24 GiB cap", 32_760, True, 0, 13.63),
 )
 # Host RSS measured with blocks streamed and inputs offloaded (first clip, 34,320 tokens).
@@ -283,7 +291,7 @@ def calibration_errors() -> list[tuple[str, float, float]]:
     rows = []
     for c in CALIBRATION:
         est = estimate_parts(c.tokens, offload_inputs=c.offload_inputs, stream_resident=c.stream_resident,
-                             low_bit_weights=low_bit_params(("self_attn", "cross_attn", "ffn")) if c.fp8 else 0,
+                             low_bit_weights=low_bit_params(("self_attn", "cross_attn", "ffn")) if c.low_bit else 0,
                              save_attention=c.save_attention)
         rows.append((c.label, est.vram_bytes / GIB, c.peak_alloc_gib))
     return rows
