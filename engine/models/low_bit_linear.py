@@ -7,13 +7,14 @@ its own dtype and keeps its own bf16 path) is replaced, one at a time, by
 
 - `Fp8Linear` (memory.base_weights = "fp8"): e4m3 weights with one fp32 scale per output row (amax / 448). The
   forward quantises the input per token (amax / 448) and multiplies with `torch._scaled_mm` (row-wise scales,
-  fp32 accumulation, bf16 output): the H100's fp8 tensor cores for the no-grad forward and the recompute of
-  every checkpointed block, two of the three large matmuls of a training step. Both operands are rounded to 3
-  mantissa bits: the fastest, and the larger numerical change.
+  bf16 output): the H100's fp8 tensor cores for the no-grad forward and the recompute of every checkpointed
+  block, two of the three large matmuls of a training step (the third, the input gradient, with
+  `fp8_backward`). Both operands are rounded to 3 mantissa bits: the fastest, and the larger numerical change.
 - `Int8Linear` (memory.base_weights = "int8"): weight-only int8 with one scale per output row (amax / 127);
   the forward dequantises the weight to the input's dtype and runs the ordinary bf16 matmul, so activations are
   untouched and the weight error is a third of e4m3's (relative L2 0.9% against 2.6% on a 5120x5120 Gaussian
-  weight). The same memory as fp8; its speed on a GPU is not measured yet (a bf16 matmul plus a dequantisation).
+  weight). The same memory as fp8; on the 14B model its step was 12.80 s against bf16's 13.14 s (compiled, not
+  the same call) and fp8's 12.17 s, with a third of fp8's output error (BENCHMARKS.md).
 
 For both, the input gradient is `grad @ W` with W dequantised to bf16 inside the backward (nothing of the
 dequantised weight is kept between forward and backward; the base weights need no gradient). With
@@ -21,9 +22,9 @@ dequantised weight is kept between forward and backward; the base weights need n
 scales are folded into the gradient's columns, the gradient is quantised per token to e4m3 and multiplied with
 the stored weight (transposed into a transient column-major copy, as the kernel wants); this rounds the
 gradient that reaches every earlier LoRA weight to 3 mantissa bits. The fp8 kernels run in fast-accumulate mode
-(`fast_accum`, on by default): on the 14B model it moved the output error from 4.43% to 4.44% and made the step
-3% faster (BENCHMARKS.md); `fast_accum=False` keeps the periodic fp32 promotion of the accumulators. On the CPU (tests)
-`torch._scaled_mm` has no row-wise scales: the same fp8 quantisation is applied and the product computed in fp32
+(`fast_accum`, on by default): on the 14B model it moved the output error from 4.43% to 4.44% and made the
+step 1.8% faster (BENCHMARKS.md); `fast_accum=False` keeps the periodic fp32 promotion of the accumulators.
+On the CPU (tests) `torch._scaled_mm` has no row-wise scales: the same fp8 quantisation is applied and the product computed in fp32
 from the dequantised operands, which is what the fp8 kernel computes up to summation order.
 
 The fp8 weight is stored as uint8 and viewed as e4m3 at use: `Module.to(dtype)` casts every floating-point
