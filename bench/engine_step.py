@@ -58,7 +58,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import emit_result  # noqa: E402
+from bench.report import check_host_budget, emit_result  # noqa: E402
 from engine.config import with_value  # noqa: E402
 from engine.config.toml_io import load_config  # noqa: E402
 from engine.train.synthetic import SyntheticLatentDataset  # noqa: E402
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="first: motion_drop_prob 1.0; continuation: 0.0 (every step with 19 motion latents)")
     ap.add_argument("--steps", type=int, default=6, help=f"training steps, {WARMUP_STEPS + 1}..{MAX_STEPS}")
     ap.add_argument("--vram-budget-gb", type=float, default=0.0, help="memory.vram_budget_gb (emulate a smaller card)")
+    ap.add_argument("--host-budget-gib", type=float, default=0.0,
+                    help="emulate the host too: fail (exit 2) when the peak host RSS exceeds this")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key with a TOML value, e.g. --set memory.checkpoint_policy='\"save_attention\"'")
     ap.add_argument("--bare", action="store_true", help="also time bench/model_step.py with the same switches")
@@ -313,9 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
+    within = True
     if rank == 0:
+        within = check_host_budget(result, args.host_budget_gib)
         emit_result(result, args.json)
-    return 0 if result["status"] == "completed" else 1
+    if result["status"] != "completed":
+        return 1
+    return 0 if within else 2
 
 
 if __name__ == "__main__":

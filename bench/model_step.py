@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.flops import H100_BF16_DENSE_TFLOPS, step_flops  # noqa: E402
-from bench.report import emit_result  # noqa: E402
+from bench.report import check_host_budget, emit_result  # noqa: E402
 from engine.models.attention import set_attention_backend  # noqa: E402
 from engine.models.s2v_transformer import S2VTransformer3DModel  # noqa: E402
 
@@ -198,6 +198,8 @@ def main(argv=None) -> int:
                     help="stream block weights from pinned host RAM, keeping RESIDENT blocks on the GPU (-1: off)")
     ap.add_argument("--vram-cap-gib", type=float, default=0,
                     help="emulate a smaller card: cap this process's GPU memory (set_per_process_memory_fraction)")
+    ap.add_argument("--host-budget-gib", type=float, default=0,
+                    help="emulate the host too: fail (exit 2) when the peak host RSS exceeds this")
     ap.add_argument("--base-weights", choices=("bf16", "fp8", "int8"), default="bf16",
                     help="fp8 / int8: the frozen self-attention, cross-attention and FFN Linears in e4m3 / int8 "
                          "(engine.models.low_bit_linear); also reports the relative error of block outputs against bf16")
@@ -291,8 +293,9 @@ def main(argv=None) -> int:
         "base_weights": args.base_weights, "fp8_backward": args.fp8_backward, "fast_accum": args.base_weights == "fp8" and not args.exact_accum, "low_bit_rel_error": low_bit_error, "profile": profile,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
+    within = check_host_budget(result, args.host_budget_gib)
     emit_result(result, args.json)
-    return 0
+    return 0 if within else 2
 
 
 if __name__ == "__main__":

@@ -11,3 +11,14 @@ def emit_result(result: dict, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "a") as fh:
             fh.write(line + "\n")
+
+
+def check_host_budget(result: dict, budget_gib: float) -> bool:
+    """The host-RAM budget check of a capped run: record the budget and whether the peak RSS stayed within it.
+    True when it did (or no budget was given)."""
+    if not budget_gib:
+        return True
+    within = result["peak_host_rss_gib"] <= budget_gib
+    result["host_budget_gib"] = budget_gib
+    result["host_within_budget"] = within
+    return within

@@ -24,9 +24,11 @@ def _one_line(path, capsys) -> dict:
 def test_bench_engine_step_tiny_trains_through_the_runner(tmp_path, capsys):
     out = tmp_path / "engine_step.jsonl"
     code = engine_step.main(["--tiny", "--preset", "24gb", "--mode", "continuation", "--steps", "4",
-                             "--json", str(out), "--scratch", str(tmp_path)])
+                             "--json", str(out), "--scratch", str(tmp_path), "--host-budget-gib", "0.01"])
     r = _one_line(out, capsys)
-    assert code == 0 and r["status"] == "completed", r["reason"]
+    # It trained, but the process took more than the 10 MiB host budget: the check says so and the exit code fails.
+    assert code == 2 and r["status"] == "completed", r["reason"]
+    assert r["host_budget_gib"] == 0.01 and r["host_within_budget"] is False
     assert r["steps"] == 4 and len(r["s_all"]) == 4 and all(t > 0 for t in r["s_all"])
     assert r["s_per_step"] > 0 and r["peak_host_rss_gib"] > 0
     assert r["switches"]["residual_dtype"] == "bf16" and not r["switches"]["block_offload"]  # CPU overrides
@@ -65,6 +67,16 @@ def test_bench_sample_speed_tiny_renders_one_validation_sample(tmp_path, capsys)
 
 
 @pytest.mark.timeout(120)
+def test_host_budget_check_records_the_budget_and_the_verdict():
+    from bench.report import check_host_budget
+
+    r = {"peak_host_rss_gib": 22.05}
+    assert check_host_budget(r, 0) and "host_budget_gib" not in r
+    assert check_host_budget(r, 24) and r["host_within_budget"] is True
+    assert not check_host_budget(r, 16) and r == {"peak_host_rss_gib": 22.05, "host_budget_gib": 16,
+                                                  "host_within_budget": False}
+
+
 def test_bench_engine_step_bare_command_carries_the_speed_switches():
     config = engine_step.build_config(argparse.Namespace(
         preset="32gb", mode="first", steps=3, vram_budget_gb=0, strategy=None, tiny=False,

@@ -163,10 +163,11 @@ def test_tiny_model_loss_and_lora_gradients_stay_close_to_bf16(tiny_model_dir, k
 
 def test_low_bit_runs_train_like_bf16_on_synthetic_windows(tiny_model_dir, tmp_path):
     losses = {}
-    for weights in ("bf16", "fp8", "int8"):
+    for weights in ("bf16", "fp8", "int8", "fp8-grad"):
         config = demo_config(tiny_model_dir, tmp_path / weights)
         for key, value in {"optim.max_steps": 24, "model.dtype": "bf16", "train.mixed_precision": "bf16",
-                           "memory.base_weights": weights, "checkpoint.every_steps": 0,
+                           "memory.base_weights": weights.removesuffix("-grad"), "checkpoint.every_steps": 0,
+                           "memory.fp8_input_grad": weights.endswith("-grad"),
                            "validation.every_steps": 0}.items():
             config = with_value(config, key, value)
         events = []
@@ -175,7 +176,8 @@ def test_low_bit_runs_train_like_bf16_on_synthetic_windows(tiny_model_dir, tmp_p
         assert end.status == "completed", end.reason
         losses[weights] = [e.loss for e in events if e.kind == "step_end"]
     a = losses["bf16"]
-    for weights in ("fp8", "int8"):
+    assert losses["fp8-grad"] != losses["fp8"]  # the input gradients were rounded too
+    for weights in ("fp8", "int8", "fp8-grad"):
         b = losses[weights]
         assert len(a) == len(b) == 24 and a != b, weights
         assert max(abs(x - y) / x for x, y in zip(a, b)) < 0.03, weights
