@@ -18,8 +18,10 @@ What the card must have free is the allocated peak plus 5% (`NEED_OVER_ALLOCATED
 allocator hands cached blocks back before it fails (the capped runs reserved the whole cap, 24.0 of 24 GiB and
 32.0 of 32 GiB, and trained without an out-of-memory error); the uncapped reserved figure (x1.19) is shown too.
 
-Host RAM = pinned streamed weights + pinned saved inputs (when offloaded) + the process baseline; with low-bit
-base weights at least the bf16 model the loader holds in host memory before it is quantised.
+Host RAM = pinned streamed weights + pinned saved inputs (when offloaded) + the process baseline (a bare bench
+process; an engine run holds 2 GiB more while it trains); an engine run also peaks while it loads the model
+(5.6 GiB measured straight to the GPU; with low-bit base weights at least the bf16 model the loader holds in host
+memory before it is quantised, arithmetic). `HOST_CALIBRATION` holds the measured host peaks.
 
 The constants are fitted to the rows of `CALIBRATION` (each a run in BENCHMARKS.md) and a test holds every
 prediction within 10% of its measured peak. No figure here is a guess: a config far outside the calibrated
@@ -48,6 +50,11 @@ RESERVED_OVER_ALLOCATED = 1.19
 NEED_OVER_ALLOCATED = 1.05
 # Host memory of the process besides pinned buffers (Python, torch, CUDA context, compiled kernels).
 HOST_BASELINE_BYTES = int(1.8 * GIB)
+# What an engine run holds besides that while it trains (runner, dataset, loader state): its 24 GiB-cap run
+# peaked 2.04 GiB above the bare bench with the same pinned buffers (68.49 against 66.45 GiB).
+ENGINE_HOST_EXTRA_BYTES = int(2.04 * GIB)
+# Host peak of an engine run that loads the model folder straight to the GPU (the 80gb runs: 5.61 GiB).
+ENGINE_LOAD_HOST_BYTES = int(5.61 * GIB)
 
 
 def pinned_bytes(nbytes: int) -> int:
@@ -110,8 +117,28 @@ CALIBRATION = (
                 save_attention=True),
     Calibration("engine, 24gb preset, 80-frame windows, 24 GiB cap", 32_760, True, 0, 13.63),
 )
-# Host RSS measured with blocks streamed and inputs offloaded (first clip, 34,320 tokens).
-HOST_CALIBRATION_GIB = 66.45
+
+
+@dataclass(frozen=True)
+class HostCalibration:
+    """One measured host RSS peak (BENCHMARKS.md): a bare bench process or a whole engine run."""
+    label: str
+    tokens: int
+    offload_inputs: bool
+    stream_resident: int | None
+    engine: bool
+    peak_rss_gib: float
+
+
+HOST_CALIBRATION = (
+    HostCalibration("bench, blocks streamed, inputs in host RAM, first clip", 34_320, True, 0, False, 66.45),
+    HostCalibration("bench, blocks streamed, inputs in host RAM, continuation", 36_634, True, 0, False, 66.38),
+    HostCalibration("bench, inputs in host RAM, 48 GiB cap, first clip", 34_320, True, None, False, 22.86),
+    HostCalibration("bench, inputs in host RAM, 45 GiB cap, continuation", 36_634, True, None, False, 22.87),
+    HostCalibration("bench, fp8, inputs in host RAM, 32 GiB cap, first clip", 34_320, True, None, False, 22.05),
+    HostCalibration("engine, 80gb preset", 32_760, False, None, True, 5.61),
+    HostCalibration("engine, 24gb preset, 24 GiB cap", 32_760, True, 0, True, 68.49),
+)
 
 
 @dataclass(frozen=True)
@@ -161,7 +188,9 @@ def low_bit_params(families) -> int:
 def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 16, ema: bool = False,
                    checkpoint_interval: int = 1, offload_inputs: bool = False,
                    stream_resident: int | None = None, batch: int = 1, low_bit_weights: int = 0,
-                   save_attention: bool = False) -> MemoryEstimate:
+                   save_attention: bool = False, engine: bool = False) -> MemoryEstimate:
+    """The terms of the module docstring; `engine`: host RAM of a whole engine run (load peak and the runner's
+    own memory) rather than of a bare bench process."""
     units = [_unit_params(i) for i in range(LAYERS)]
     rest = PARAMS_TOTAL - sum(units)
     if stream_resident is None:
@@ -187,6 +216,8 @@ def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 1
              "working_set": work}
     vram = sum(parts.values())
     host = host_weights + host_inputs + HOST_BASELINE_BYTES
+    if engine:
+        host = max(host + ENGINE_HOST_EXTRA_BYTES, ENGINE_LOAD_HOST_BYTES)
     return MemoryEstimate(int(vram), int(vram * RESERVED_OVER_ALLOCATED), int(vram * NEED_OVER_ALLOCATED), int(host),
                           tokens, {k: int(v) for k, v in parts.items()})
 
@@ -207,12 +238,13 @@ def estimate(config) -> MemoryEstimate:
         offload_inputs=mem.offload_checkpoint_inputs,
         stream_resident=mem.blocks_resident if mem.block_offload else None,
         batch=config.optim.batch_size,
+        engine=True,
     )
     if mem.base_weights != "bf16" and not mem.block_offload:
         # The loader leaves the bf16 model in host memory and the low-bit Linears are made from it one by one
         # (engine.runner._load_model): the host holds the whole bf16 model once, before training pins anything.
-        # Arithmetic (the engine's low-bit load was not measured): 2 bytes a parameter + the process.
-        load_host = int(PARAMS_TOTAL * 2 + HOST_BASELINE_BYTES)
+        # Arithmetic (the engine's low-bit load was not measured): 2 bytes a parameter + the engine process.
+        load_host = int(PARAMS_TOTAL * 2 + HOST_BASELINE_BYTES + ENGINE_HOST_EXTRA_BYTES)
         if load_host > est.host_bytes:
             est = replace(est, host_bytes=load_host, parts={**est.parts, "host_load": load_host})
     return est
@@ -264,10 +296,14 @@ def recommend(presets: dict[str, object], free_vram_bytes: int | None,
     return best
 
 
-def host_calibration_error() -> tuple[float, float]:
-    """(predicted, measured) host GiB of the streamed 24 GiB run."""
-    est = estimate_parts(34_320, offload_inputs=True, stream_resident=0)
-    return est.host_bytes / GIB, HOST_CALIBRATION_GIB
+def host_calibration_errors() -> list[tuple[str, float, float]]:
+    """(label, predicted GiB, measured GiB) for each host calibration row."""
+    rows = []
+    for c in HOST_CALIBRATION:
+        est = estimate_parts(c.tokens, offload_inputs=c.offload_inputs, stream_resident=c.stream_resident,
+                             engine=c.engine)
+        rows.append((c.label, est.host_bytes / GIB, c.peak_rss_gib))
+    return rows
 
 
 def shipped_presets() -> dict:
