@@ -230,3 +230,35 @@ def test_int8_weight_error_is_about_a_third_of_fp8s_on_gaussian_weights():
     e8 = float((q8.float() * s8 - w).norm() / w.norm())
     ei = float((qi.float() * si - w).norm() / w.norm())
     assert 0.02 < e8 < 0.03 and 0.006 < ei < 0.011 and ei < 0.4 * e8
+
+
+def test_a_gpu_without_row_wise_fp8_kernels_is_refused_before_loading(monkeypatch):
+    """A card whose torch has no row-wise fp8 kernel (Ampere, and Ada or Blackwell in some releases) gets a
+    message naming the card and the setting to use, from the check phase, instead of failing mid-step."""
+    import engine.models.low_bit_linear as lbl
+
+    def no_kernel(device):
+        raise RuntimeError("torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0\nmore")
+
+    monkeypatch.setattr(lbl, "_FP8_PROBED", {})
+    monkeypatch.setattr(lbl, "_probe_fp8_kernels", no_kernel)
+    monkeypatch.setattr(lbl, "_gpu_label", lambda d: "NVIDIA GeForce RTX 3090, compute capability 8.6")
+    config = with_value(with_value(demo_config("m", "r"), "model.dtype", "bf16"), "memory.base_weights", "fp8")
+    problems = unsupported_switches(config, torch.device("cuda", 0))
+    assert len(problems) == 1
+    assert "RTX 3090, compute capability 8.6" in problems[0] and 'base_weights = "int8"' in problems[0]
+    assert "compute capability >= 9.0" in problems[0] and "more" not in problems[0]
+    assert unsupported_switches(with_value(config, "memory.base_weights", "int8"), torch.device("cuda", 0)) == []
+    assert lbl.fp8_kernel_problem("cpu") is None  # the CPU emulates fp8
+
+
+def test_the_fp8_probe_runs_forward_and_fp8_backward_and_catches_a_wrong_product(monkeypatch):
+    """On the CPU the probe takes the emulation path: its own code runs, and a broken product is reported."""
+    import engine.models.low_bit_linear as lbl
+
+    lbl._probe_fp8_kernels(torch.device("cpu"))
+    # The product and its reference part ways (as a kernel computing the wrong thing would make them).
+    monkeypatch.setattr(lbl.Fp8Linear, "dequantized", lambda self: 2 * lbl._dequantize(self.stored_weight(),
+                                                                                        self.weight_scale))
+    with pytest.raises(RuntimeError, match="disagrees"):
+        lbl._probe_fp8_kernels(torch.device("cpu"))

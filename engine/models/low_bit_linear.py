@@ -141,6 +141,55 @@ class _Int8Matmul(_LowBitMatmul):
         return out
 
 
+_FP8_PROBED: dict[str, str | None] = {}  # device -> problem (None: the kernels run), probed once per process
+
+
+def _gpu_label(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+
+
+def _probe_fp8_kernels(device: torch.device) -> None:
+    """One small fp8 Linear through forward and backward (fp8 input gradient) on `device`, the same path a training
+    step takes; raise if a kernel fails or the forward disagrees with the emulation. (On the CPU it is the
+    emulation, so the probe's own code is testable there.)"""
+    g = torch.Generator(device=device).manual_seed(0)
+    linear = nn.Linear(64, 48, bias=False, device=device).requires_grad_(False)
+    linear.weight.normal_(generator=g)
+    f8 = Fp8Linear.from_linear(linear, device)
+    f8.fp8_backward = True
+    x = torch.randn(32, 64, device=device, dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    y = f8(x)
+    y.backward(torch.ones_like(y))
+    x_q, x_scale = quantize_rows(x.detach())
+    expected = (x_q.float() * x_scale) @ f8.dequantized().t()
+    tol = 0.02 * float(expected.abs().max())
+    if x.grad is None or x.grad.shape != x.shape or not torch.allclose(y.detach().float(), expected, rtol=0.02,
+                                                                       atol=tol):
+        raise RuntimeError("the fp8 product disagrees with its emulation")
+
+
+def fp8_kernel_problem(device) -> str | None:
+    """None when this device runs the fp8 Linear (the CPU emulates it); else what is wrong and what to set.
+
+    Tried on a small product rather than judged from the compute capability: which GPUs torch's row-wise scaled
+    fp8 kernel covers has changed between releases (Hopper first; Ada and Blackwell later or not at all)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    key = str(device)
+    if key not in _FP8_PROBED:
+        try:
+            _probe_fp8_kernels(device)
+            _FP8_PROBED[key] = None
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            _FP8_PROBED[key] = (f'memory.base_weights = "fp8" needs row-wise scaled fp8 matmuls (torch._scaled_mm), '
+                                f"which this GPU ({_gpu_label(device)}) does not run with torch {torch.__version__} "
+                                f'({reason}): set base_weights = "int8" (the same memory, bf16 matmuls) or "bf16"')
+    return _FP8_PROBED[key]
+
+
 class LowBitLinear(nn.Module):
     """A frozen Linear whose weight is stored in one byte with one fp32 scale per output row; the subclasses say
     how it is stored (`STORAGE`, `quantize`, `stored_weight`) and multiplied (`MATMUL`)."""

@@ -37,6 +37,12 @@ def unsupported_switches(config: Config, device: torch.device | None = None) -> 
     if m.checkpoint_policy != "full" and (m.offload_checkpoint_inputs or m.block_offload):
         problems.append("memory.checkpoint_policy = \"save_attention\" keeps tensors on the GPU; it does not "
                         "combine with offload_checkpoint_inputs or block_offload: set checkpoint_policy = \"full\"")
+    if m.base_weights == "fp8" and device is not None and device.type == "cuda":
+        from engine.models.low_bit_linear import fp8_kernel_problem
+
+        problem = fp8_kernel_problem(device)
+        if problem:
+            problems.append(problem)
     if m.block_offload and config.train.mixed_precision == "no" and config.model.dtype != "fp32":
         problems.append("memory.block_offload with train.mixed_precision = \"no\" is not supported; use bf16")
     return problems
