@@ -20,8 +20,8 @@ allocator hands cached blocks back before it fails (the capped runs reserved the
 
 Host RAM = pinned streamed weights + pinned saved inputs (when offloaded) + the process baseline (a bare bench
 process; an engine run holds 2 GiB more while it trains); an engine run also peaks while it loads the model
-(5.6 GiB measured straight to the GPU; with low-bit base weights at least the bf16 model the loader holds in host
-memory before it is quantised, arithmetic). `HOST_CALIBRATION` holds the measured host peaks.
+(5.6 GiB measured straight to the GPU; with low-bit base weights the bf16 model the loader holds in host memory
+before it is quantised, checked at reduced depth on the CPU by bench/load_host.py). `HOST_CALIBRATION` holds the measured host peaks.
 
 The constants are fitted to the rows of `CALIBRATION` (each a run in BENCHMARKS.md) and a test holds every
 prediction within 10% of its measured peak. No figure here is a guess: a config far outside the calibrated

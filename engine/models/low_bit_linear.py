@@ -114,12 +114,11 @@ def fp8_input_grad(grad: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
 class _Fp8Matmul(_LowBitMatmul):
     @staticmethod
     def forward(ctx, x2d, w_q, w_scale, bias, opts):
-        fast_accum, ctx.fp8_backward = opts
-        ctx.fast_accum = fast_accum
+        ctx.fast_accum, ctx.fp8_backward = opts
         xq, x_scale = quantize_rows(x2d)
         if _rowwise_kernel_ok(x2d):
             out = torch._scaled_mm(xq, w_q.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16,
-                                   use_fast_accum=fast_accum)
+                                   use_fast_accum=ctx.fast_accum)
             if bias is not None:  # added here rather than in the kernel: inductor fuses it into the next op
                 out = out + bias
         else:
