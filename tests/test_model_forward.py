@@ -160,13 +160,18 @@ def test_token_counts_of_the_14b_sequence_at_832x480():
 
 
 @pytest.mark.timeout(300)
-def test_compiled_blocks_match_eager_with_checkpointing(model):
-    """compile_blocks (inductor, as the presets run it; here on the CPU) with per-block checkpointing: the same loss
-    and LoRA gradients as eager up to fp32 summation order (inductor fuses and reorders the element-wise work)."""
+@pytest.mark.parametrize("offload", [False, True], ids=["save_attention", "full+host-offload"])
+def test_compiled_blocks_match_eager_with_checkpointing(model, offload):
+    """compile_blocks (inductor, as the presets run it; here on the CPU) with per-block checkpointing (the 80gb
+    preset's selective policy, or the 32/48gb presets' host-offloaded re-entrant recompute): the same loss and LoRA
+    gradients as eager up to fp32 summation order (inductor fuses and reorders the element-wise work)."""
     torch._dynamo.reset()
     params = _with_lora(model)
     batch = _inputs(model)
-    model.enable_gradient_checkpointing(policy="save_attention")
+    if offload:
+        model.enable_gradient_checkpointing(offload_inputs=True)
+    else:
+        model.enable_gradient_checkpointing(policy="save_attention")
     ref_loss, ref_grads = _loss_and_grads(model, batch, params)
     model.compile_blocks()
     torch._dynamo.utils.counters.clear()
