@@ -57,8 +57,22 @@ def main(argv: list[str]) -> int:
         mark = "  <- recommended" if r["recommended"] else ""
         print(f"{r['preset']:<8} {r['gpu_gib']:>8.1f} {r['host_gib']:>9.1f}  { {True: 'yes', False: 'no', None: '?'}[r['fits']] }{mark}")
     if best is None and free is not None:
-        print("no preset fits: free GPU memory or host RAM, or pick a smaller resolution / frames")
+        print(why_nothing_fits(rows, free, host))
     return 0
+
+
+def why_nothing_fits(rows: list[dict], free: int, host: int) -> str:
+    """What is short when no preset fits: host RAM for the presets the card could hold, else GPU memory."""
+    gpu_ok = [r for r in rows if r["gpu_gib"] * GIB <= free]
+    if gpu_ok:
+        r = min(gpu_ok, key=lambda r: r["host_gib"])
+        return (f"no preset fits: {r['preset']} fits this card ({r['gpu_gib']:.1f} GiB of GPU memory) but needs "
+                f"{r['host_gib']:.1f} GiB of host RAM, {host / GIB:.1f} GiB are available: free host RAM (close other "
+                "programs) or use a host with more")
+    r = min(rows, key=lambda r: r["gpu_gib"])
+    return (f"no preset fits: the smallest, {r['preset']}, needs {r['gpu_gib']:.1f} GiB of GPU memory, "
+            f"{free / GIB:.1f} GiB are free: free GPU memory (other processes) or train fewer frames / a smaller "
+            "resolution")
 
 
 if __name__ == "__main__":
