@@ -36,10 +36,17 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def write(folder: Path, layers: int) -> int:
+def write(folder: Path, layers: int, tiny: bool = False) -> int:
     import torch
 
     from engine.models.s2v_transformer import S2VTransformer3DModel
+
+    if tiny:  # the tests' model: checks this script, measures nothing
+        from engine.models.tiny import write_tiny_model
+
+        write_tiny_model(folder, seed=0)
+        model = S2VTransformer3DModel.from_pretrained(str(folder), subfolder="transformer")
+        return sum(p.numel() for p in model.parameters())
 
     inject = tuple(i for i in range(0, layers, 4))
     torch.manual_seed(0)
@@ -81,6 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--kind", choices=("fp8", "int8"), default="fp8")
     ap.add_argument("--scratch", default="/tmp/load-host")
+    ap.add_argument("--tiny", action="store_true", help="the tiny test model (checks the script)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # the child process: measure this folder
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -90,13 +98,14 @@ def main(argv=None) -> int:
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        params = write(scratch / "m", args.layers)
+        params = write(scratch / "m", args.layers, args.tiny)
         # A fresh process: the writer's own memory is not in the figures.
         out = subprocess.run([sys.executable, __file__, "--measure", str(scratch / "m"), "--kind", args.kind],
                              capture_output=True, text=True, check=True).stdout.splitlines()[-1]
     finally:
         shutil.rmtree(scratch / "m", ignore_errors=True)
-    result = {"bench": "load_host", "layers": args.layers, "params": params, "kind": args.kind} | json.loads(out)
+    result = {"bench": "load_host", "tiny": args.tiny, "layers": None if args.tiny else args.layers, "params": params,
+              "kind": args.kind} | json.loads(out)
     from bench.report import emit_result
 
     emit_result(result, args.json)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cache_speed, engine_step
+from bench import cache_speed, engine_step, load_host
 
 
 def _one_line(path, capsys) -> dict:
@@ -101,3 +101,13 @@ def test_bench_engine_step_reuses_a_written_model_folder(tmp_path, capsys):
     assert r["world_size"] == 1 and r["strategy"] == "single" and r["samples_per_s"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine_step.jsonl", "model", "new"]  # the model stays
     assert list((tmp_path / "new").iterdir()) == []  # a missing scratch folder is made; the run in it is removed
+
+
+@pytest.mark.timeout(120)
+def test_bench_load_host_tiny_measures_the_low_bit_load_in_a_fresh_process(tmp_path, capsys):
+    out = tmp_path / "load_host.jsonl"
+    assert load_host.main(["--tiny", "--scratch", str(tmp_path / "s"), "--json", str(out)]) == 0
+    r = _one_line(out, capsys)
+    assert r["tiny"] and r["kind"] == "fp8" and r["linears"] > 0 and r["params"] > 0
+    assert 0 < r["baseline_rss_gib"] <= r["peak_rss_total_gib"] and r["bf16_model_gib"] > 0
+    assert list((tmp_path / "s").iterdir()) == []  # the written model is removed
