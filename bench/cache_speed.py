@@ -25,7 +25,6 @@ it to --json. Everything is written to a hidden scratch folder in the repository
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import emit_result  # noqa: E402
+from bench.report import emit_result, peak_host_rss_gib  # noqa: E402
 from engine.config import Config, with_value  # noqa: E402
 from engine.data import cache_fill  # noqa: E402
 
@@ -257,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "clips_per_min_all": per_min(clips, fill_s), "windows_per_min_all": per_min(windows, fill_s),
             "cache_gb": round(sum(p.stat().st_size for p in (scratch / "cache").rglob("*") if p.is_file()) / 1e9, 3),
             "write_clips_s": round(clips_s, 1), **built,
-            "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "peak_host_rss_gib": peak_host_rss_gib(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
         }
     finally:

@@ -42,7 +42,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -58,7 +57,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import check_host_budget, emit_result  # noqa: E402
+from bench.report import check_host_budget, emit_result, peak_host_rss_gib  # noqa: E402
 from engine.config import with_value  # noqa: E402
 from engine.config.toml_io import load_config  # noqa: E402
 from engine.train.synthetic import SyntheticLatentDataset  # noqa: E402
@@ -284,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_alloc_gib": gib(max((e.peak_alloc_bytes or 0 for e in steps), default=0) or None),
             "peak_reserved_gib": gib(max((e.peak_reserved_bytes or 0 for e in steps), default=0) or None),
             "step_host_rss_gib": gib(max((e.host_rss_bytes or 0 for e in steps), default=0) or None),
-            "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "peak_host_rss_gib": peak_host_rss_gib(),
             "loss": round(last.loss, 4) if last else None,
             "write_model_s": round(write_s, 1), "run_s": round(run_s, 1),
             "load_s": round(phase_at["train"] - phase_at["load"], 1) if {"load", "train"} <= phase_at.keys() else None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -23,17 +22,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import emit_result, peak_host_rss_gib  # noqa: E402
+from engine.gpu import host_memory  # noqa: E402
+
 
 def rss_gib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    return 0.0
+    return host_memory().process_rss_bytes / 2**30
 
 
 def peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_host_rss_gib(ndigits=None)
 
 
 def write(folder: Path, layers: int, tiny: bool = False) -> int:
@@ -106,8 +104,6 @@ def main(argv=None) -> int:
         shutil.rmtree(scratch / "m", ignore_errors=True)
     result = {"bench": "load_host", "tiny": args.tiny, "layers": None if args.tiny else args.layers, "params": params,
               "kind": args.kind} | json.loads(out)
-    from bench.report import emit_result
-
     emit_result(result, args.json)
     return 0
 

@@ -10,7 +10,6 @@ peak allocated/reserved memory, tokens, and FLOPs utilisation against the H100's
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.flops import H100_BF16_DENSE_TFLOPS, step_flops  # noqa: E402
-from bench.report import check_host_budget, emit_result  # noqa: E402
+from bench.report import check_host_budget, emit_result, peak_host_rss_gib  # noqa: E402
 from engine.models.attention import set_attention_backend  # noqa: E402
 from engine.models.s2v_transformer import S2VTransformer3DModel  # noqa: E402
 
@@ -285,7 +284,7 @@ def main(argv=None) -> int:
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "stream_blocks": args.stream_blocks, "vram_cap_gib": args.vram_cap_gib,
         "host_pinned_weights_gib": round(host_weights / 2**30, 2),
-        "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_host_rss_gib": peak_host_rss_gib(),
         "model_tflops_per_s": round(fl["model"] / med / 1e12, 1),
         "mfu": round(fl["model"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "hfu": round(fl["hardware"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),

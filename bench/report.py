@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import resource
 
 
 def emit_result(result: dict, json_path: str | None) -> None:
@@ -11,6 +12,12 @@ def emit_result(result: dict, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "a") as fh:
             fh.write(line + "\n")
+
+
+def peak_host_rss_gib(ndigits: int | None = 2) -> float:
+    """This process's peak resident host memory so far, GiB (Linux reports ru_maxrss in KiB)."""
+    gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return gib if ndigits is None else round(gib, ndigits)
 
 
 def check_host_budget(result: dict, budget_gib: float) -> bool:

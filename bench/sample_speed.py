@@ -26,7 +26,6 @@ process's peak host RSS, and the mp4's frame count and duration. Prints one JSON
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import statistics
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.engine_step import TINY_OVERRIDES as TINY_STEP_OVERRIDES  # noqa: E402
 from bench.engine_step import gib  # noqa: E402
-from bench.report import emit_result  # noqa: E402
+from bench.report import emit_result, peak_host_rss_gib  # noqa: E402
 from engine.config import with_value  # noqa: E402
 from engine.config.toml_io import load_config  # noqa: E402
 
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             "sample_peak_reserved_gib": gib(torch.cuda.max_memory_reserved()) if device.type == "cuda" else None,
             "encode_peak_alloc_gib": gib(encode_peak) if device.type == "cuda" else None,
             "load_peak_alloc_gib": gib(load_peak) if device.type == "cuda" else None,
-            "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "peak_host_rss_gib": peak_host_rss_gib(),
             "mp4": facts,
             "switches": {k: getattr(config.memory, k) for k in (
                 "block_offload", "blocks_resident", "compile_blocks", "attention_backend", "vram_budget_gb")},
