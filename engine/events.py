@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 PHASES = ("check", "cache", "load", "train", "validate", "export", "done")
 CHECKPOINT_REASONS = ("interval", "stop", "signal", "oom", "final")
-RUN_STATUSES = ("completed", "stopped", "failed")
+# "refused": the job never started (a changed config on an existing run, a run folder in use); nothing was touched.
+RUN_STATUSES = ("completed", "stopped", "failed", "refused")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 EVENTS_FILENAME = "events.jsonl"

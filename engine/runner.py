@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from engine.config import FROZEN_FILENAME, Config, ConfigError, read_frozen_config, validate_config
-from engine.config import diff as config_diff
-from engine.config import write_frozen_config
+from engine.config import Config, ConfigError, read_frozen_config, validate_config
 from engine.events import (EventBus, JsonlEventWriter, LogRecordsToEvents, PhaseChanged, RunEnded, RunStarted,
                            RunWarning, Subscriber)
+from engine.run_folder import ConfigRefused
 
 log = logging.getLogger(__name__)
 # Loggers whose records go to train.log only: step metrics (the faces show StepEnd events) and tracebacks (a
@@ -70,18 +69,15 @@ def smaller_preset_hint(config: Config, device: torch.device) -> str:
 
 # ---- the phases ------------------------------------------------------------------------------------------------
 def _resolve_config(config: Config, run_dir: Path, bus: EventBus, write: bool = True) -> Config:
-    if not (run_dir / FROZEN_FILENAME).exists():
-        if write:
-            write_frozen_config(config, run_dir)
-        return config
-    frozen = read_frozen_config(run_dir)
-    changes = config_diff(frozen, config)
-    if changes:
-        keys = ", ".join(c.key for c in changes[:6]) + (" ..." if len(changes) > 6 else "")
-        bus.emit(RunWarning(code="config_differs", message=(
-            f"{run_dir} already holds a run; it resumes with its frozen {FROZEN_FILENAME}, not the config given "
-            f"now (they differ in {keys}). To train with the new settings, set another output.name")))
-    return frozen
+    """The config this run uses in its folder (engine.run_folder); raises ConfigRefused before touching it."""
+    from engine.run_folder import at_location, resolve
+
+    if not write:  # ranks other than 0 read what rank 0 resolved and froze
+        return at_location(read_frozen_config(run_dir), config)
+    resolution = resolve(config, run_dir)
+    for note in resolution.notes:
+        log.info("%s", note)
+    return resolution.config
 
 
 def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.device, world_size: int = 1) -> None:
@@ -236,15 +232,38 @@ def _export(config: Config, model, trainer, run_dir: Path, config_hash: str) -> 
         return {}  # rank 0 writes the files
     lo = config.lora
     outputs = {}
+    identity = config.identity_hash()
     for layout in config.output.formats:
         meta = lora_metadata(config.model.source, lo.rank, lo.alpha, trainer.step, config_hash, layout,
-                             list(lo.targets), {"ema": str(bool(trainer.ema))})
+                             list(lo.targets), {"ema": str(bool(trainer.ema)), "identity": identity})
         path = run_dir / f"{config.output.name}_{layout}.safetensors"
+        _keep_previous_export(path, trainer.step, identity)
         modules = native_reference_modules(model)  # both layouts are checked against the module names
         save_lora(path, state, layout, meta, lo.alpha, modules)
         outputs[layout] = str(path)
         log.info("exported the LoRA (%s layout) to %s", layout, path)
     return outputs
+
+
+def _keep_previous_export(path: Path, step: int, identity: str) -> None:
+    """An export already at `path` from another step or configuration (a continued run's earlier end) is moved
+    to NAME.stepN[.HASH].safetensors beside it: an export never overwrites trained state it did not make."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception:  # unreadable header: keep the file aside rather than judge it
+        meta = {}
+    if meta.get("identity") == identity and meta.get("steps") == str(step):
+        return  # the same LoRA written again (an export retried after a failure)
+    aside = path.with_name(f"{path.stem}.step{meta.get('steps', 'unknown')}{path.suffix}")
+    if aside.exists():
+        aside = aside.with_name(f"{aside.stem}.{meta.get('identity') or meta.get('config_hash', 'other')}{path.suffix}")
+    path.replace(aside)
+    log.info("kept the earlier export %s as %s", path.name, aside.name)
 
 
 # ---- logging plumbing ------------------------------------------------------------------------------------------
@@ -291,23 +310,36 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
     # through rank 0's StepEnd events.
     dist = setup_distributed(config, device)
     bus = EventBus()
-    writer = detach_logging = board = None
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        writer = JsonlEventWriter(run_dir)
-        bus.subscribe(writer)
-        for fn in subscribers:
-            bus.subscribe(fn)
-        detach_logging = _attach_logging(run_dir, bus)
-    dev = dist.device or pick_device(device)
+    for fn in subscribers if dist.is_main else ():
+        bus.subscribe(fn)
+    writer = detach_logging = board = lock = None
     try:
+        if dist.is_main:
+            try:
+                lock, writer = _open_run_folder(run_dir)
+            except RunFailed as exc:  # no event log of ours: tell the subscribers only
+                end = RunEnded(status="refused", reason=str(exc))
+                bus.emit(end)
+                return end
+            bus.subscribe(writer)
+            detach_logging = _attach_logging(run_dir, bus)
+        dev = dist.device or pick_device(device)
         try:
             if not dist.is_main:
                 dist.barrier()  # rank 0 first: it writes the frozen config and clears torn checkpoint files
-            config = _resolve_config(config, run_dir, bus, write=dist.is_main)
-            if dist.is_main:  # after the resolve: a resumed run follows its frozen logging settings
-                board = _tensorboard(config, run_dir, bus)
-            end = _run_phases(config, bus, stop_event, run_dir, dataset, dev, dist)
+            try:
+                config = _resolve_config(config, run_dir, bus, write=dist.is_main)
+            except ConfigRefused as exc:
+                if dist.is_main:
+                    dist.barrier()  # release the others, which then fail to read a config that was never frozen
+                end = RunEnded(status="refused", reason=str(exc))
+            else:
+                if dist.is_main:  # after the resolve: a resumed run follows its frozen logging settings
+                    board = _tensorboard(config, run_dir, bus)
+                end = _run_phases(config, bus, stop_event, run_dir, dataset, dev, dist)
+        except KeyboardInterrupt:  # a second Ctrl-C outside the training loop (which handles its own)
+            end = RunEnded(status="stopped", reason=f"aborted by Ctrl-C before training; {_newest_note(run_dir)}; "
+                           "run the same command again to resume")
         except Exception as exc:
             end = _failure(exc, config, dev)
         bus.emit(end)
@@ -319,7 +351,39 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
             board.close()
         if writer:
             writer.close()
+        if lock:
+            lock.release()
         dist.close()
+
+
+def _open_run_folder(run_dir: Path):
+    """Create the run folder, take its lock and open its event log; RunFailed says why it cannot be used."""
+    from engine.train.fsio import FIXES, write_error_cause
+    from engine.train.run_lock import RunFolderBusy, RunLockUnsupported, acquire_run_lock
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = acquire_run_lock(run_dir, "s2v-tui training run")
+    except (RunFolderBusy, RunLockUnsupported) as exc:
+        raise RunFailed(str(exc)) from None
+    except OSError as exc:
+        cause, text = write_error_cause(exc)
+        raise RunFailed(f"cannot use the run folder {run_dir}: {text} ({exc.filename or run_dir}); "
+                        f"{FIXES[cause]}, or choose another output.run_dir (or --run-dir)") from None
+    try:
+        return lock, JsonlEventWriter(run_dir)
+    except OSError as exc:
+        lock.release()
+        cause, text = write_error_cause(exc)
+        raise RunFailed(f"cannot write the event log in {run_dir}: {text}; {FIXES[cause]}, or choose another "
+                        "output.run_dir (or --run-dir)") from None
+
+
+def _newest_note(run_dir: Path) -> str:
+    from engine.train import checkpoint as ckpt
+
+    found = ckpt.list_checkpoints(run_dir)
+    return f"the newest checkpoint is step {found[0][0]} ({found[0][1]})" if found else "no checkpoint was written yet"
 
 
 def _failure(exc: BaseException, config: Config, device: torch.device) -> RunEnded:
@@ -341,7 +405,9 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
 
     dist = dist or SINGLE
     chash = config.config_hash()
-    resume_state, resume_path, skipped = ckpt.find_resume_state(run_dir, chash)
+    resume_state, resume_path, skipped = ckpt.find_resume_state(
+        run_dir, chash, config.identity_hash(), keep_last=config.checkpoint.keep_last if dist.is_main else 0,
+        tidy=dist.is_main)
     if dist.is_main:
         dist.barrier()  # the others may now read the frozen config and the checkpoints
     label = device_label(device) + (f" x {dist.describe()}" if dist.active else "")

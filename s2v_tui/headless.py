@@ -9,7 +9,8 @@ stays).
 Exit codes:
     0   the run completed and the LoRA was exported
     1   the run failed (the reason is printed as one paragraph; the traceback is in run_dir/train.log)
-    2   the preset could not be read (the message names the file, the key and the fix)
+    2   nothing ran: the preset could not be read (the message names the file, the key and the fix), or the run
+        folder refused the job (a changed config on an existing run, the folder in use or not writable)
     75  the run stopped on a signal or request after writing a checkpoint; run the same command to resume
 """
 from __future__ import annotations
@@ -77,12 +78,12 @@ def end_paragraph(end: RunEnded) -> str:
     if end.status == "completed":
         files = "".join(f"\n  {fmt}: {path}" for fmt, path in end.outputs.items())
         return f"done: {end.reason}.{files}"
-    head = "stopped" if end.status == "stopped" else "failed"
+    head = {"stopped": "stopped", "refused": "error"}.get(end.status, "failed")
     return textwrap.fill(f"{head}: {end.reason}", width=100)
 
 
 def exit_code(end: RunEnded) -> int:
-    return {"completed": EXIT_OK, "stopped": EXIT_STOPPED}.get(end.status, EXIT_FAILED)
+    return {"completed": EXIT_OK, "stopped": EXIT_STOPPED, "refused": EXIT_CONFIG}.get(end.status, EXIT_FAILED)
 
 
 class PlainReporter:
@@ -195,18 +196,28 @@ def run_headless(preset_path: str, *, overrides: Sequence[str] = (), run_dir: st
     """Run the job of `preset_path` (with KEY=VALUE `overrides`) headless; returns the process exit code.
 
     `dataset`/`device` pass through to engine.runner.run (tests and the demo use an in-memory dataset)."""
-    from engine.config import ConfigError, load_config, parse_override, with_value
+    from engine.config import ConfigError, load_config, parse_override, validate_config, with_value
 
     out = stream or sys.stdout
     try:
         config = load_config(preset_path, require_data=dataset is None)
         for text in overrides:
             key, value = parse_override(text)
-            config = with_value(config, key, value)
+            config = with_value(config, key, value, file="--set")
+        if overrides:  # the values given on the command line obey the same rules as the file, before anything runs
+            validate_config(config, _override_origin(preset_path, overrides), require_data=dataset is None)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return run_config_headless(config, out, run_dir=run_dir, dataset=dataset, device=device, stop_event=stop_event)
+
+
+def _override_origin(preset_path: str, overrides: Sequence[str]) -> Callable[[str], str]:
+    """Key -> where its value came from: "--set" for the keys given there, else the preset file."""
+    from engine.config import parse_override
+
+    keys = {parse_override(text)[0] for text in overrides}
+    return lambda key: "--set" if any(key == k or key.startswith(k + ".") for k in keys) else preset_path
 
 
 def run_config_headless(config, stream: IO[str], *, run_dir: str | None = None, dataset=None,

@@ -180,7 +180,7 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning(tiny_model_dir, t
     assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 3
 
 
-def test_full_disk_during_the_run_warns_and_keeps_training(tiny_model_dir, tmp_path, monkeypatch):
+def test_full_disk_during_the_run_stops_at_once_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     import errno
 
     from engine.train import checkpoint as ckpt
@@ -193,13 +193,20 @@ def test_full_disk_during_the_run_warns_and_keeps_training(tiny_model_dir, tmp_p
         return real(path, data)
 
     monkeypatch.setattr(ckpt, "atomic_write_bytes", fill_after_step_2)
-    config = _config(tiny_model_dir, tmp_path, optim__max_steps=5, checkpoint__every_steps=2)
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=6, checkpoint__every_steps=2)
     run_dir = tmp_path / "run"
     end = run(config, [], None, run_dir=run_dir, dataset=demo_dataset(), device="cpu")
-    assert end.status == "completed"  # the LoRA itself is still exported
-    failed = [e for e in _kinds(run_dir, "warning") if e.code == "checkpoint_failed"]
-    assert len(failed) == 2 and "(step 2) is intact" in failed[0].message  # step 4 and the final one
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000002.pt"]
+    # The write of step 4 fails: the run stops there, naming the cause and the checkpoint that stands.
+    assert end.status == "failed" and "stopped at step 4" in end.reason
+    assert "no space left" in end.reason and "step 2" in end.reason and "run the same command again" in end.reason
+    assert max(e.step for e in _kinds(run_dir, "step_end")) == 4
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002.json", "step-00000002.pt"]
+    assert not list(run_dir.glob("*.safetensors"))  # no export of a run that did not finish
+
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", real)  # the disk has room again
+    end = run(config, [], None, run_dir=run_dir, dataset=demo_dataset(), device="cpu")
+    assert end.status == "completed", end.reason
+    assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 2
 
 
 def test_memory_switch_that_cannot_run_here_fails_loudly(tiny_model_dir, tmp_path):

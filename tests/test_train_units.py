@@ -107,7 +107,9 @@ def test_truncated_checkpoint_is_skipped(tmp_path):
     state, path, skipped = ckpt.find_resume_state(tmp_path, "h")
     assert state["step"] == 3 and torch.equal(state["lora"]["w"], torch.full((4,), 3.0))
     assert [s.path.name for s in skipped] == ["step-00000009.pt", "step-00000006.pt"]
-    assert all("unreadable" in s.reason for s in skipped)
+    # The zero-length one has no digest record and fails to load; the truncated one fails its recorded digest.
+    assert "unreadable" in skipped[0].reason and "bytes changed" in skipped[1].reason
+    assert all("moved to" in s.reason for s in skipped)
 
 
 def test_checkpoint_of_another_config_is_skipped(tmp_path):
@@ -128,7 +130,8 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError) as info:
         ckpt.save_checkpoint(tmp_path, _state(6), keep_last=1)
     assert info.value.errno == errno.ENOSPC
-    assert [p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir()] == ["step-00000003.pt"]  # no temp left
+    names = sorted(p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir())
+    assert names == ["step-00000003.json", "step-00000003.pt"]  # no temp left, nothing of step 6
     state, _, _ = ckpt.find_resume_state(tmp_path, "h")
     assert state["step"] == 3
 

@@ -13,7 +13,9 @@ from engine.config.errors import (
 )
 from engine.config.rules import check_config, validate_config
 from engine.config.schema import (
+    CONTINUE_KEYS,
     DEFAULT_LORA_TARGETS,
+    LOCATION_KEYS,
     CheckpointConfig,
     Config,
     ConfigChange,
@@ -33,6 +35,8 @@ from engine.config.schema import (
     ValidationConfig,
     config_hash,
     diff,
+    flatten,
+    identity_hash,
     resolved_dict,
     schema_fields,
 )
@@ -48,7 +52,9 @@ from engine.config.toml_io import (
 )
 
 __all__ = [
+    "CONTINUE_KEYS",
     "DEFAULT_LORA_TARGETS",
+    "LOCATION_KEYS",
     "FROZEN_FILENAME",
     "BadValueError",
     "CheckpointConfig",
@@ -78,6 +84,8 @@ __all__ = [
     "config_from_dict_tree",
     "config_hash",
     "diff",
+    "flatten",
+    "identity_hash",
     "load_config",
     "parse_override",
     "read_frozen_config",

@@ -228,6 +228,9 @@ class Config:
     def config_hash(self) -> str:
         return config_hash(self)
 
+    def identity_hash(self) -> str:
+        return identity_hash(self)
+
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
@@ -245,6 +248,23 @@ def resolved_dict(config: Any) -> dict[str, Any]:
 def config_hash(config: Config) -> str:
     """Stable 16-hex-digit hash of the resolved values: same config, same hash, in any process."""
     text = json.dumps(resolved_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+# Keys that say where a run lives, not what it trains: a run folder copied elsewhere (or a cache moved) is the
+# same run, so these never count as a change of a run's configuration.
+LOCATION_KEYS = ("output.run_dir", "output.name", "data.cache_dir")
+# Keys a finished or stopped run may change and still continue from its checkpoints (engine.run_folder).
+CONTINUE_KEYS = ("optim.max_steps",)
+
+
+def identity_hash(config: Config) -> str:
+    """Hash of what a run trains: the resolved values less LOCATION_KEYS and CONTINUE_KEYS. Checkpoints carry it,
+    so a run extended to more steps, or moved to another folder, still resumes from them."""
+    flat = flatten(resolved_dict(config))
+    for key in (*LOCATION_KEYS, *CONTINUE_KEYS):
+        flat.pop(key, None)
+    text = json.dumps(flat, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 

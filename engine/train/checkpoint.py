@@ -1,18 +1,28 @@
-"""Training checkpoints: the full state of a run, written atomically, the last N kept, the newest valid one found.
+"""Training checkpoints: the full state of a run, written atomically, verified, pruned only behind a good one.
 
-One checkpoint is one file `run_dir/checkpoints/step-00001234.pt` holding the LoRA, optimizer, scheduler and EMA
-states, the step, the epoch and data position, every RNG state (python, numpy, torch CPU and CUDA, and the
-loop's own generators) and the config hash. Everything in it is a tensor or a plain Python value, so it loads
-with `torch.load(weights_only=True)`: reading a checkpoint never runs pickled code.
+One checkpoint is `run_dir/checkpoints/step-00001234.pt` holding the LoRA, optimizer, scheduler and EMA states,
+the step, the epoch and data position, every RNG state (python, numpy, torch CPU and CUDA, and the loop's own
+generators) and the config hashes. Everything in it is a tensor or a plain Python value, so it loads with
+`torch.load(weights_only=True)`: reading a checkpoint never runs pickled code.
 
-A file is written through `fsio.atomic_write_bytes`, so a crash mid-write leaves only a temp file (removed at
-the next start) and the previous checkpoint; a failed write (disk full) raises and leaves the older ones intact.
-Retention deletes only after a successful write.
+Beside it, `step-00001234.json` (written first) records its SHA-256, size, whether the state is healthy (every
+LoRA tensor finite and no non-finite step streak running), the identity hash and the resolved config. A
+checkpoint whose bytes no longer match its digest (a bit flip on disk, a torn copy) is never resumed from: it is
+moved to `checkpoints/rejected/` with the reason, so it neither deletes anything nor holds a keep_last slot.
+
+Writes go through `fsio.atomic_write_bytes` after a free-space check against the checkpoint's exact size; a crash
+mid-write leaves only a temp file (removed at the next start, under the run-folder lock) and the previous
+checkpoint. A failed write raises CheckpointWriteError with its cause. Pruning by keep_last runs only after the new
+checkpoint was read back and verified, and never removes the newest healthy checkpoint.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
+import json
 import logging
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -22,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.train.fsio import atomic_write_bytes, remove_stale_temps
+from engine.train.fsio import FIXES, atomic_write_bytes, free_bytes, remove_stale_temps, write_error_cause
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +40,9 @@ CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 REQUIRED_KEYS = ("format_version", "step", "config_hash", "lora", "optimizer", "scheduler", "rng", "data")
+REJECTED_DIR = "rejected"
+SPACE_MARGIN = 64 * 2**20  # besides the checkpoint itself: its digest file, the event log, train.log
+_CHUNK = 16 * 2**20
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -38,6 +51,57 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step-{step:08d}.pt"
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def step_files(path: Path) -> list[Path]:
+    """Every file of the checkpoint at `path`: step-N.pt, its digest and anything else named step-N.* or
+    step-N_* (the files written beside it), so pruning and rejecting move them together."""
+    stem = path.stem
+    return sorted(p for p in path.parent.iterdir()
+                  if p.is_file() and (p.name.startswith(stem + ".") or p.name.startswith(stem + "_")))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_digest(path: Path) -> dict[str, Any] | None:
+    """The digest record of a checkpoint, or None when it has none (written before digests, or unreadable)."""
+    try:
+        record = json.loads(digest_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "sha256" in record else None
+
+
+def _healthy(state: dict[str, Any]) -> bool:
+    counters = state.get("counters") or {}
+    if int(counters.get("in_a_row", 0)):
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in state["lora"].values() if torch.is_tensor(t))
+
+
+_ERRNO = {"no_space": errno.ENOSPC, "missing_folder": errno.ENOENT, "read_only": errno.EROFS,
+          "permission": errno.EACCES, "io": errno.EIO}
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; `cause` is one of fsio.FIXES ("no_space", "read_only", ...)."""
+
+    def __init__(self, path: Path, cause: str, detail: str, code: int = 0) -> None:
+        super().__init__(code or _ERRNO.get(cause, 0), detail)
+        self.path, self.cause, self.detail = path, cause, detail
+
+    def __str__(self) -> str:
+        return f"could not write {self.path}: {self.detail} ({FIXES[self.cause]})"
 
 
 # ---- RNG states ---------------------------------------------------------------------------------------------
@@ -84,17 +148,47 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | 
 
 
 # ---- write ----------------------------------------------------------------------------------------------------
-def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int) -> Path:
-    """Write `state` (must hold REQUIRED_KEYS) as the checkpoint of its step; then drop all but the newest
-    `keep_last`. Raises OSError if the write fails; older checkpoints are then untouched."""
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write `state` (must hold REQUIRED_KEYS) as the checkpoint of its step, verify it, then prune to the newest
+    `keep_last` (keeping the newest healthy one too). `extra`: more fields for the digest record (the resolved
+    config, the loss). Raises CheckpointWriteError; older checkpoints are then untouched."""
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
+    run_dir = Path(run_dir)
+    path = checkpoint_path(run_dir, int(state["step"]))
+    if not run_dir.is_dir():  # never recreate a run folder that vanished: its history is gone with it
+        raise CheckpointWriteError(path, "missing_folder", f"the run folder {run_dir} no longer exists")
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    path = atomic_write_bytes(checkpoint_path(run_dir, int(state["step"])), buffer.getvalue())
+    data = buffer.getbuffer()
+    record = {"step": int(state["step"]), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+              "healthy": _healthy(state), "identity": state.get("identity", ""),
+              "config_hash": state["config_hash"], **(extra or {})}
+    try:
+        path.parent.mkdir(exist_ok=True)
+        free = free_bytes(path.parent)
+        if free is not None and free < len(data) + SPACE_MARGIN:
+            raise CheckpointWriteError(path, "no_space", (
+                f"it needs {_gib(len(data) + SPACE_MARGIN)} and the disk has {_gib(free)} free"))
+        # The digest first: a step-N.pt on disk then always has the record to check it against.
+        atomic_write_bytes(digest_path(path), json.dumps(record, indent=1).encode("utf-8"))
+        atomic_write_bytes(path, data)
+    except CheckpointWriteError:
+        raise
+    except OSError as exc:
+        cause, text = write_error_cause(exc)
+        raise CheckpointWriteError(path, cause, text, exc.errno or 0) from exc
+    del buffer, data
+    if _sha256_file(path) != record["sha256"]:  # read back: what is pruned below is only ever behind a good one
+        raise CheckpointWriteError(path, "io", "the file read back differs from what was written")
     prune_checkpoints(run_dir, keep_last, protect=path)
     return path
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -110,42 +204,86 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def newest_healthy(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose digest record says it is healthy (one without a record counts as healthy:
+    it was written before records existed, when a non-finite state could not be saved)."""
+    for _, path in list_checkpoints(run_dir):
+        record = read_digest(path)
+        if record is None or record.get("healthy", True):
+            return path
+    return None
+
+
 def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: Path | None = None) -> list[Path]:
+    """Remove all but the newest `keep_last` checkpoints, never `protect` nor the newest healthy one."""
     if keep_last < 1:
         return []
+    keep = {protect, newest_healthy(run_dir)}
     removed = []
     for _, path in list_checkpoints(run_dir)[keep_last:]:
-        if path != protect:
-            path.unlink(missing_ok=True)
-            removed.append(path)
+        if path in keep:
+            continue
+        for file in step_files(path):
+            file.unlink(missing_ok=True)
+            removed.append(file)
     return removed
+
+
+def reject_checkpoint(path: Path, reason: str) -> Path:
+    """Move a checkpoint that cannot be used (and its files) to checkpoints/rejected/, with the reason beside it."""
+    folder = path.parent / REJECTED_DIR
+    folder.mkdir(exist_ok=True)
+    for file in step_files(path):
+        os.replace(file, folder / file.name)
+    (folder / f"{path.stem}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+    return folder / path.name
 
 
 # ---- read ------------------------------------------------------------------------------------------------------
 class InvalidCheckpoint(ValueError):
-    pass
+    """Why a checkpoint cannot be resumed from; `corrupt` when its bytes are damaged (then it is moved aside)
+    rather than written by another configuration or build (then it is left alone)."""
+
+    def __init__(self, message: str, corrupt: bool = False) -> None:
+        super().__init__(message)
+        self.corrupt = corrupt
 
 
-def load_checkpoint(path: str | Path, config_hash: str | None = None) -> dict[str, Any]:
-    """Read and check one checkpoint; InvalidCheckpoint says why it cannot be used."""
+def load_checkpoint(path: str | Path, config_hash: str | None = None, identity: str | None = None
+                    ) -> dict[str, Any]:
+    """Read, verify and check one checkpoint; InvalidCheckpoint says why it cannot be used.
+
+    `identity` (engine.config.identity_hash) must match the checkpoint's; a checkpoint written before identities
+    existed (or a caller without one) is matched on the full `config_hash` instead."""
     path = Path(path)
+    record = read_digest(path)
+    if record is not None:
+        try:
+            actual = _sha256_file(path)
+        except OSError as exc:
+            raise InvalidCheckpoint(f"{path}: unreadable ({exc.strerror or exc})", corrupt=True) from None
+        if actual != record["sha256"]:
+            raise InvalidCheckpoint(f"{path}: its bytes changed since it was written (SHA-256 {actual[:12]}..., "
+                                    f"recorded {record['sha256'][:12]}...): damaged on disk or in a copy",
+                                    corrupt=True)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torn zip, a zero-length file, a bit flip: all mean "not usable"
-        raise InvalidCheckpoint(f"{path}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise InvalidCheckpoint(f"{path}: unreadable ({type(exc).__name__}: {str(exc)[:200]})",
+                                corrupt=True) from None
     if not isinstance(state, dict):
-        raise InvalidCheckpoint(f"{path}: not a checkpoint (a {type(state).__name__})")
+        raise InvalidCheckpoint(f"{path}: not a checkpoint (a {type(state).__name__})", corrupt=True)
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
-        raise InvalidCheckpoint(f"{path}: incomplete checkpoint, missing {missing}")
+        raise InvalidCheckpoint(f"{path}: incomplete checkpoint, missing {missing}", corrupt=True)
     if state["format_version"] != FORMAT_VERSION:
         raise InvalidCheckpoint(f"{path}: checkpoint format {state['format_version']}, this build reads "
                                 f"{FORMAT_VERSION}")
-    if config_hash is not None and state["config_hash"] != config_hash:
-        raise InvalidCheckpoint(
-            f"{path}: written with config {state['config_hash']}, this run's frozen config is {config_hash}; "
-            "it belongs to another configuration"
-        )
+    use_identity = identity is not None and "identity" in state
+    theirs, ours = (state["identity"], identity) if use_identity else (state["config_hash"], config_hash)
+    if ours is not None and theirs != ours:
+        raise InvalidCheckpoint(f"{path}: written with config {theirs}, this run's config is {ours}; it belongs "
+                                "to another configuration")
     return state
 
 
@@ -155,17 +293,29 @@ class SkippedCheckpoint:
     reason: str
 
 
-def find_resume_state(run_dir: str | Path, config_hash: str | None = None
+def find_resume_state(run_dir: str | Path, config_hash: str | None = None, identity: str | None = None,
+                      keep_last: int = 0, tidy: bool = True
                       ) -> tuple[dict[str, Any] | None, Path | None, list[SkippedCheckpoint]]:
     """The newest checkpoint that loads and checks, its path, and the newer ones skipped (with why).
 
-    Temp files of a writer that was killed are removed first."""
-    for stale in remove_stale_temps(checkpoint_dir(run_dir)):
+    Call it only while holding the run-folder lock: temp files of a writer that was killed are removed first,
+    damaged checkpoints are moved to checkpoints/rejected/, and with `keep_last` the checkpoints beyond it
+    (left by a run aborted between its write and its pruning) are pruned behind the verified one. `tidy=False`
+    (ranks other than 0 of a multi-process run) only reads."""
+    for stale in remove_stale_temps(checkpoint_dir(run_dir)) if tidy else ():
         log.info("removed %s, left by an interrupted checkpoint write", stale)
     skipped = []
     for _, path in list_checkpoints(run_dir):
         try:
-            return load_checkpoint(path, config_hash), path, skipped
+            state = load_checkpoint(path, config_hash, identity)
         except InvalidCheckpoint as exc:
-            skipped.append(SkippedCheckpoint(path, str(exc)))
+            reason = str(exc)
+            if exc.corrupt and tidy:
+                moved = reject_checkpoint(path, reason)
+                reason += f"; moved to {moved.parent}"
+            skipped.append(SkippedCheckpoint(path, reason))
+            continue
+        if keep_last:
+            prune_checkpoints(run_dir, keep_last, protect=path)
+        return state, path, skipped
     return None, None, skipped

@@ -5,11 +5,45 @@ a write that fails (disk full) removes its temp file and leaves the previous fil
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
+
+# errno -> (cause, what to tell the user). A full disk and a read-only folder need different fixes.
+_CAUSES = {
+    errno.ENOSPC: ("no_space", "no space left on the device"),
+    errno.EDQUOT: ("no_space", "the disk quota is used up"),
+    errno.EROFS: ("read_only", "the filesystem is read-only"),
+    errno.EACCES: ("permission", "permission denied"),
+    errno.EPERM: ("permission", "the operation is not permitted"),
+    errno.ENOENT: ("missing_folder", "the folder no longer exists"),
+    errno.ENOTDIR: ("missing_folder", "a folder on the path is not a folder"),
+}
+FIXES = {
+    "no_space": "free disk space there",
+    "read_only": "remount it read-write or copy the run folder to a writable disk and pass --run-dir",
+    "permission": "give this user write access to the folder",
+    "missing_folder": "restore the run folder (was its disk unmounted?)",
+    "io": "check the disk",
+}
+
+
+def write_error_cause(exc: OSError) -> tuple[str, str]:
+    """(cause, description) of a failed write: one of the FIXES keys and a phrase for a person."""
+    cause, text = _CAUSES.get(exc.errno or 0, ("io", exc.strerror or str(exc)))
+    return cause, text
+
+
+def free_bytes(folder: str | os.PathLike[str]) -> int | None:
+    """Bytes a non-root writer may still use in `folder`'s filesystem; None when it cannot be read."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

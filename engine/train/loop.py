@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.config import Config
+from engine.config import Config, resolved_dict
 from engine.events import CheckpointSaved, Event, PhaseChanged, RunWarning, StepEnd
 from engine.train import checkpoint as ckpt
 from engine.train.batches import Batch, BatchSource
@@ -56,6 +56,10 @@ class NonFiniteStop(RuntimeError):
     pass
 
 
+class CheckpointFailed(RuntimeError):
+    """A checkpoint write failed; the message names the cause and the newest good checkpoint."""
+
+
 class Trainer:
     def __init__(self, config: Config, model: torch.nn.Module, dataset, run_dir: str | Path,
                  emit: Callable[[Event], None], stop_event: threading.Event, device: torch.device,
@@ -65,6 +69,8 @@ class Trainer:
         self.dist = dist
         self.model = model
         self.run_dir = Path(run_dir)
+        if dist.is_main:  # made here, once: a run folder that vanishes later must not be silently recreated
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.emit = emit
         self.stop_event = stop_event
         self.device = device
@@ -112,6 +118,8 @@ class Trainer:
             "step": self.step,
             "epoch": self.batches.epoch,
             "config_hash": self.config_hash,
+            "identity": self.cfg.identity_hash(),
+            "max_steps": self.cfg.optim.max_steps,
             "lora": self.dist.lora_state(self.model),
             "optimizer": self.dist.full(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
@@ -129,6 +137,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.dist.shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
+        if int(state.get("max_steps", self.cfg.optim.max_steps)) != self.cfg.optim.max_steps:
+            self._replan_schedule()
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
             self.ema.shadow = [self.dist.like(s, p) for s, p in zip(self.ema.shadow, self.params, strict=True)]
@@ -148,29 +158,53 @@ class Trainer:
         self.in_a_row = int(state["counters"]["in_a_row"])
         self.smoother.load_state_dict(state["metrics"])
         self.last_checkpoint_step = self.step
+        self.last_checkpoint = ckpt.checkpoint_path(self.run_dir, self.step)
         ckpt.restore_rng(state["rng"], self._generators())  # last: nothing above may draw after it
 
-    def save_checkpoint(self, reason: str) -> Path | None:
-        """Write the full state; on failure (disk full, ...) warn and return None: the previous one is intact."""
+    def _replan_schedule(self) -> None:
+        """A continued run (optim.max_steps raised): the schedule's factor is a function of (step, max_steps), so
+        from the resumed step on the learning rate is what the longer schedule gives at that step. Constant
+        schedules are unchanged; cosine and linear rise to the longer curve and decay to its new end; warmup is
+        not repeated. The loaded scheduler state still holds the old curve's current value, so set it here."""
+        sched = self.scheduler
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def save_checkpoint(self, reason: str) -> Path:
+        """Write the full state; a write that fails raises CheckpointFailed (on every rank): the run must stop
+        at once rather than train on with nothing saved."""
         if self.last_checkpoint_step == self.step and self.last_checkpoint is not None:
             return self.last_checkpoint
         state = self.state()  # on every rank: gathering sharded states is collective
-        if not self.dist.is_main:  # rank 0 alone writes; the others only keep its name
-            self.last_checkpoint, self.last_checkpoint_step = ckpt.checkpoint_path(self.run_dir, self.step), self.step
-            return self.last_checkpoint
-        try:
-            path = ckpt.save_checkpoint(self.run_dir, state, self.cfg.checkpoint.keep_last)
-        except OSError as exc:
-            previous = f"step {self.last_checkpoint_step}" if self.last_checkpoint_step >= 0 else "none yet"
-            self.emit(RunWarning(code="checkpoint_failed", message=(
-                f"could not write the checkpoint of step {self.step} to {ckpt.checkpoint_dir(self.run_dir)} "
-                f"({exc.strerror or exc}); the previous checkpoint ({previous}) is intact. Free disk space there; "
-                "training goes on")))
-            return None
+        error = None
+        if self.dist.is_main:  # rank 0 alone writes; the others only keep its name
+            extra = {"config": resolved_dict(self.cfg), "loss_smooth": self.smoother.current(), "reason": reason}
+            try:
+                ckpt.save_checkpoint(self.run_dir, state, self.cfg.checkpoint.keep_last, extra)
+            except ckpt.CheckpointWriteError as exc:
+                error = exc
+        del state
+        if self.dist.any(error is not None):
+            raise CheckpointFailed(self._write_failure(error))
+        path = ckpt.checkpoint_path(self.run_dir, self.step)
         self.last_checkpoint, self.last_checkpoint_step = path, self.step
-        self.emit(CheckpointSaved(step=self.step, path=str(path), reason=reason))
-        metrics_log.info("checkpoint of step %d written to %s (%s)", self.step, path, reason)  # train.log only
+        if self.dist.is_main:
+            self.emit(CheckpointSaved(step=self.step, path=str(path), reason=reason))
+            metrics_log.info("checkpoint of step %d written to %s (%s)", self.step, path, reason)  # train.log only
         return path
+
+    def _write_failure(self, error: ckpt.CheckpointWriteError | None) -> str:
+        what = str(error) if error is not None else "rank 0 could not write it"
+        return (f"stopped at step {self.step}: the checkpoint of this step could not be written: {what}. Training "
+                f"stopped at once so that no more work is lost; {self._newest_good()}. Fix that, then run the same "
+                "command again to resume from it")
+
+    def _newest_good(self) -> str:
+        path = ckpt.newest_healthy(self.run_dir)
+        if path is None:
+            return "there is no checkpoint yet"
+        return f"the newest good checkpoint is step {int(path.stem.split('-')[1])} ({path})"
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def _forward_loss(self, batch: Batch) -> torch.Tensor:
@@ -277,8 +311,7 @@ class Trainer:
             while self.step < o.max_steps:
                 if self.dist.any(self.stop_event.is_set()):  # all ranks stop at the same step
                     path = self.save_checkpoint("stop")
-                    reason = (f"stopped at step {self.step}; " + (f"checkpoint {path}" if path else
-                              "the checkpoint could not be written (see the warning)")) + "; run again to resume"
+                    reason = f"stopped at step {self.step}; checkpoint {path}; run again to resume"
                     return TrainOutcome("stopped", self.step, reason, path)
                 event = self.train_step()
                 self.emit(event)
@@ -293,8 +326,10 @@ class Trainer:
                 if self.in_a_row >= limit:
                     raise NonFiniteStop(
                         f"{self.in_a_row} steps in a row had a NaN/inf loss or gradient (up to step {self.step}); "
-                        "the LoRA was not updated by them. Lower optim.lr, use train.mixed_precision = \"bf16\" "
-                        "rather than fp16, or check the cache for broken entries (delete it to rebuild)"
+                        f"the LoRA was not updated by them and no checkpoint of theirs was written; "
+                        f"{self._newest_good()}. Lower optim.lr, use train.mixed_precision = \"bf16\" rather than "
+                        "fp16, or check the cache for broken entries (delete it to rebuild); a new setting needs "
+                        "another output.name"
                     )
                 if self.validator is not None and self.validator.due(self.step):
                     self.validate()
@@ -302,10 +337,14 @@ class Trainer:
                     self.save_checkpoint("interval")
             if self.validator is not None and self.validator.due(self.step, final=True):
                 self.validate()
-        except NonFiniteStop as exc:
+        except (NonFiniteStop, CheckpointFailed) as exc:
             return TrainOutcome("failed", self.step, str(exc), self.last_checkpoint)
         except torch.OutOfMemoryError:
             return self._out_of_memory()
+        except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the step in flight, the newest one stands
+            return TrainOutcome("stopped", self.step, f"aborted by Ctrl-C during step {self.step + 1}; "
+                                f"{self._newest_good()}; run the same command again to resume from it",
+                                self.last_checkpoint)
         path = self.save_checkpoint("final")
         return TrainOutcome("completed", self.step, f"trained {self.step} steps", path)
 

@@ -24,6 +24,10 @@ class LossSmoother:
             self.count += 1
         return self.value / (1 - self.beta**self.count) if self.count else float("nan")
 
+    def current(self) -> float | None:
+        """The smoothed loss so far; None before the first finite loss."""
+        return self.value / (1 - self.beta**self.count) if self.count else None
+
     def state_dict(self) -> dict:
         return {"value": self.value, "count": self.count}
 
