@@ -2,13 +2,16 @@
 
 The engine reports only through these events. Every face (TUI bridge, headless reporter, JSONL writer) is a
 subscriber on an `EventBus`; a process that did not start the run follows it by tailing `events.jsonl` with
-`follow_events`. One event is one JSON object on one line, tagged with its `kind`.
+`follow_events`. One event is one strict JSON object on one line (a non-finite float is written as the string
+"NaN", "Infinity" or "-Infinity"), tagged with its `kind`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
 import platform
 import threading
@@ -16,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args, get_type_hints
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,20 @@ EVENTS_FILENAME = "events.jsonl"
 def _one_of(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# How a non-finite float is spelled in a JSON line: the names JavaScript and Python's own json module use.
+NON_FINITE_NAMES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
@@ -52,9 +69,11 @@ class Event:
         return data
 
     def to_json(self) -> str:
-        # NaN/inf losses are legal here (a skipped non-finite step reports its loss); Python's json writes and
-        # reads them as NaN/Infinity. Keys are sorted so two identical events give identical lines.
-        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        # NaN/inf losses are legal here (a skipped non-finite step reports its loss), but bare NaN/Infinity
+        # tokens are not JSON and break other readers (jq, browsers); they go out as strings that
+        # `event_from_dict` turns back into floats. Keys are sorted so two identical events give identical lines.
+        return json.dumps(_strict(self.to_dict()), sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False)
 
 
 @dataclass(frozen=True)
@@ -172,6 +191,25 @@ _TUPLE_FIELDS: dict[type[Event], tuple[str, ...]] = {
 }
 
 
+def _holds_float(tp: Any) -> bool:
+    return tp is float or any(_holds_float(arg) for arg in get_args(tp))
+
+
+@functools.cache
+def _float_fields(cls: type[Event]) -> frozenset[str]:
+    """Fields typed float (or float | None, or a tuple of them): where a "NaN"/"Infinity" string means a float."""
+    hints = get_type_hints(cls)
+    return frozenset(f.name for f in dataclasses.fields(cls) if _holds_float(hints[f.name]))
+
+
+def _float_back(value: Any) -> Any:
+    if isinstance(value, str):
+        return NON_FINITE_NAMES.get(value, value)
+    if isinstance(value, list):
+        return [_float_back(v) for v in value]
+    return value
+
+
 def event_from_dict(data: Mapping[str, Any]) -> Event:
     """Rebuild an event from its dict form. Unknown fields are ignored so a newer writer does not break an
     older reader; an unknown kind or a missing required field raises ValueError."""
@@ -181,6 +219,8 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
         raise ValueError(f"unknown event kind {kind!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in data.items() if k in names}
+    for name in _float_fields(cls) & kwargs.keys():
+        kwargs[name] = _float_back(kwargs[name])
     for name in _TUPLE_FIELDS.get(cls, ()):  # JSON has lists; the frozen events hold tuples
         if name in kwargs:
             kwargs[name] = tuple(kwargs[name])
@@ -399,6 +439,7 @@ __all__ = [
     "EVENTS_FILENAME",
     "EVENT_TYPES",
     "LOG_LEVELS",
+    "NON_FINITE_NAMES",
     "PHASES",
     "RUN_STATUSES",
     "CheckpointSaved",

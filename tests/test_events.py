@@ -44,10 +44,46 @@ def test_every_kind_round_trips_through_one_json_line():
             back.ts = 0.0  # type: ignore[misc]
 
 
-def test_nan_loss_round_trips():
-    step = ev.StepEnd(step=1, total_steps=2, epoch=0, loss=math.nan, loss_smooth=1.0, lr=0.0)
+def _no_bare_constants(name: str) -> None:
+    raise AssertionError(f"{name} is not JSON")
+
+
+def _same(a: object, b: object) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_every_float_field_round_trips_non_finite_values_as_strict_json(value):
+    checked = 0
+    for original in _one_of_each():
+        floats = [f.name for f in dataclasses.fields(original) if isinstance(getattr(original, f.name), float)]
+        for name in floats:
+            event = dataclasses.replace(original, **{name: value})
+            line = event.to_json()
+            json.loads(line, parse_constant=_no_bare_constants)
+            back = ev.event_from_json(line)
+            assert type(back) is type(event)
+            for f in dataclasses.fields(event):
+                assert _same(getattr(back, f.name), getattr(event, f.name)), (event.kind, f.name)
+            checked += 1
+    assert checked >= 15  # ts of every kind, StepEnd's losses, lr, rates, eta, eval_loss
+
+
+def test_a_nan_loss_still_formats_after_the_round_trip():
+    from s2v_tui import fmt
+
+    step = ev.StepEnd(step=1, total_steps=2, epoch=0, loss=math.nan, loss_smooth=math.inf, lr=0.0)
     back = ev.event_from_json(step.to_json())
-    assert math.isnan(back.loss)
+    assert math.isnan(back.loss) and back.loss_smooth == math.inf
+    assert (fmt.number(back.loss), fmt.number(back.loss_smooth), f"{back.loss:.4f}") == ("nan", "inf", "nan")
+
+
+def test_strings_that_spell_a_number_stay_strings_and_old_bare_tokens_still_read():
+    warning = ev.RunWarning(code="NaN", message="Infinity")
+    assert ev.event_from_json(warning.to_json()) == warning
+    old_line = '{"kind":"step_end","step":1,"total_steps":2,"epoch":0,"loss":NaN,"loss_smooth":-Infinity,"lr":0.0}'
+    old = ev.event_from_json(old_line)
+    assert math.isnan(old.loss) and old.loss_smooth == -math.inf
 
 
 def test_unknown_fields_are_ignored_and_bad_lines_raise():
