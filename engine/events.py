@@ -2,21 +2,26 @@
 
 The engine reports only through these events. Every face (TUI bridge, headless reporter, JSONL writer) is a
 subscriber on an `EventBus`; a process that did not start the run follows it by tailing `events.jsonl` with
-`follow_events`. One event is one JSON object on one line, tagged with its `kind`.
+`follow_events`. One event is one strict JSON object on one line (a non-finite float is written as the string
+"NaN", "Infinity" or "-Infinity"), tagged with its `kind`.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import json
 import logging
+import math
 import os
 import platform
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args, get_type_hints
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,20 @@ EVENTS_FILENAME = "events.jsonl"
 def _one_of(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# How a non-finite float is spelled in a JSON line: the names JavaScript and Python's own json module use.
+NON_FINITE_NAMES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
@@ -53,9 +72,11 @@ class Event:
         return data
 
     def to_json(self) -> str:
-        # NaN/inf losses are legal here (a skipped non-finite step reports its loss); Python's json writes and
-        # reads them as NaN/Infinity. Keys are sorted so two identical events give identical lines.
-        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        # NaN/inf losses are legal here (a skipped non-finite step reports its loss), but bare NaN/Infinity
+        # tokens are not JSON and break other readers (jq, browsers); they go out as strings that
+        # `event_from_dict` turns back into floats. Keys are sorted so two identical events give identical lines.
+        return json.dumps(_strict(self.to_dict()), sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False)
 
 
 @dataclass(frozen=True)
@@ -173,6 +194,25 @@ _TUPLE_FIELDS: dict[type[Event], tuple[str, ...]] = {
 }
 
 
+def _holds_float(tp: Any) -> bool:
+    return tp is float or any(_holds_float(arg) for arg in get_args(tp))
+
+
+@functools.cache
+def _float_fields(cls: type[Event]) -> frozenset[str]:
+    """Fields typed float (or float | None, or a tuple of them): where a "NaN"/"Infinity" string means a float."""
+    hints = get_type_hints(cls)
+    return frozenset(f.name for f in dataclasses.fields(cls) if _holds_float(hints[f.name]))
+
+
+def _float_back(value: Any) -> Any:
+    if isinstance(value, str):
+        return NON_FINITE_NAMES.get(value, value)
+    if isinstance(value, list):
+        return [_float_back(v) for v in value]
+    return value
+
+
 def event_from_dict(data: Mapping[str, Any]) -> Event:
     """Rebuild an event from its dict form. Unknown fields are ignored so a newer writer does not break an
     older reader; an unknown kind or a missing required field raises ValueError."""
@@ -182,6 +222,8 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
         raise ValueError(f"unknown event kind {kind!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in data.items() if k in names}
+    for name in _float_fields(cls) & kwargs.keys():
+        kwargs[name] = _float_back(kwargs[name])
     for name in _TUPLE_FIELDS.get(cls, ()):  # JSON has lists; the frozen events hold tuples
         if name in kwargs:
             kwargs[name] = tuple(kwargs[name])
@@ -241,50 +283,173 @@ class EventBus:
                 self.unsubscribe(fn)
 
 
+def _write_some(fd: int, data: memoryview) -> int:
+    """One os.write (it may write less than asked). Tests patch it to inject a full disk or a short write."""
+    return os.write(fd, data)
+
+
+def _fsync(fd: int) -> None:
+    """os.fsync, here so that tests can make it fail."""
+    os.fsync(fd)
+
+
+def _cause(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+_LOST = object()  # stands in the pending lines where dropped ones were, until it is written as a warning
+
+
 class JsonlEventWriter:
     """Subscriber that appends each event to `run_dir/events.jsonl`.
 
-    Each line is flushed as written so a follower sees it at once; checkpoint and end events are also fsynced,
-    so the log on disk is at least as new as the newest checkpoint after a power loss.
+    Each line goes straight to the file (no buffer in this process) so a follower sees it at once; checkpoint and
+    end events are also fsynced, so the log on disk is at least as new as the newest checkpoint after a power
+    loss.
+
+    A write that fails (a disk full for a moment, a quota, a network mount that hiccups) never leaves `__call__`:
+    the bus would detach the writer for good and `attach` would show a run that never ends. The unwritten lines
+    wait in memory, in order, and every later event (and `close`) tries them again. At most `max_pending` wait;
+    older ones are dropped and replaced by one `events_lost` warning line where they were. Each failure episode
+    is logged once. Only opening the file in the constructor may raise: a run that cannot log does not start.
     """
 
     FSYNC_KINDS = frozenset({CheckpointSaved.kind, RunEnded.kind})
+    MAX_PENDING = 10_000
+    # After these the descriptor itself is suspect, so the next try reopens the file; after others (ENOSPC,
+    # EDQUOT) it stays open and a line a short write left half done is finished where it stopped.
+    _REOPEN_ERRNOS = frozenset({errno.EBADF, errno.EIO, errno.ESTALE})
 
-    def __init__(self, run_dir: str | os.PathLike[str], filename: str = EVENTS_FILENAME) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], filename: str = EVENTS_FILENAME,
+                 max_pending: int = MAX_PENDING) -> None:
+        if max_pending < 2:
+            raise ValueError(f"max_pending must be at least 2; got {max_pending}")
         self.path = Path(run_dir) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_pending = max_pending
         self._lock = threading.Lock()
-        self._file = open(self.path, "a+b")  # noqa: SIM115 - closed in close()
-        self._end_torn_line()
+        self._closed = False
+        self._pending: deque[Any] = deque()  # encoded lines not yet (fully) in the file, and _LOST markers
+        self._head_done = 0  # bytes of _pending[0] already in the file
+        self._lost = 0  # lines dropped since the last events_lost line
+        self._fsync_due = False
+        self._failing = ""  # the cause while in a failure episode
+        self._fd: int | None = self._open()
 
-    def _end_torn_line(self) -> None:
-        # A process killed mid-write leaves a line without its newline; appending straight after it would glue
-        # our first event onto the torn one and lose both. Start on a fresh line instead.
-        self._file.seek(0, os.SEEK_END)
-        if self._file.tell() == 0:
-            return
-        self._file.seek(-1, os.SEEK_END)
-        if self._file.read(1) != b"\n":
-            self._file.seek(0, os.SEEK_END)
-            self._file.write(b"\n")
-            self._file.flush()
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self._end_torn_line(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _end_torn_line(fd: int) -> None:
+        # A process killed mid-write (or our own write cut short before a reopen) leaves a line without its
+        # newline; appending straight after it would glue the next event onto the torn one and lose both.
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            _write_some(fd, memoryview(b"\n"))  # one byte: written whole or raises
 
     def __call__(self, event: Event) -> None:
-        data = (event.to_json() + "\n").encode("utf-8")
+        line = (event.to_json() + "\n").encode("utf-8")
         with self._lock:
-            if self._file.closed:
+            if self._closed:
                 return
-            self._file.write(data)
-            self._file.flush()
-            if event.kind in self.FSYNC_KINDS:
-                os.fsync(self._file.fileno())
+            self._pending.append(line)
+            self._fsync_due |= event.kind in self.FSYNC_KINDS
+            self._trim()
+            news = self._try_write()
+        # Logged outside the lock: the engine's log handler may send this record back here as a LogLine.
+        if news:
+            log.log(*news)
+
+    def _trim(self) -> None:
+        while len(self._pending) > self.max_pending:
+            at = 1 if self._head_done else 0  # a line begun in the file must be finished, not dropped
+            if self._pending[at] is not _LOST:
+                self._pending.insert(at, _LOST)
+            dropped = self._pending[at + 1]
+            del self._pending[at + 1]
+            if dropped is not _LOST:
+                self._lost += 1
+
+    def _lost_line(self) -> bytes:
+        warning = RunWarning(code="events_lost", message=(
+            f"{self._lost} events could not be written to {self.path} while writing failed ({self._failing}) "
+            f"and are lost; the events before and after this one are complete"))
+        return (warning.to_json() + "\n").encode("utf-8")
+
+    def _drain(self) -> None:
+        if self._fd is None:
+            self._fd = self._open()
+            self._head_done = 0  # _open ended the half line; the whole line goes again after it
+        while self._pending:
+            head = self._pending[0]
+            if head is _LOST:
+                if not self._lost:
+                    self._pending.popleft()
+                    continue
+                head = self._lost_line()
+            try:
+                view = memoryview(head)
+                while self._head_done < len(view):
+                    self._head_done += _write_some(self._fd, view[self._head_done:])
+            finally:
+                # Once any of the marker is in the file its count is final; until then it stays a marker that
+                # counts on, so a marker that failed never undercounts what the next drops lose.
+                if self._head_done and self._pending[0] is _LOST:
+                    self._pending[0] = head
+                    self._lost = 0
+            self._pending.popleft()
+            self._head_done = 0
+        if self._fsync_due:
+            _fsync(self._fd)
+            self._fsync_due = False
+
+    def _try_write(self) -> tuple[Any, ...] | None:
+        """Write what is pending; returns what to log about it, if anything (a failure starts or ends)."""
+        try:
+            self._drain()
+        except OSError as exc:
+            if self._fd is not None and exc.errno in self._REOPEN_ERRNOS:
+                self._close_fd()
+            first, self._failing = not self._failing, _cause(exc)
+            if first:
+                return (logging.WARNING, "cannot write %s (%s); keeping up to %d events in memory and trying again "
+                        "with each new one", self.path, self._failing, self.max_pending)
+            return None
+        if self._failing:
+            cause, self._failing = self._failing, ""
+            return (logging.INFO, "%s is written again (it had failed: %s)", self.path, cause)
+        return None
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def close(self) -> None:
+        """Write what is pending one last time and close; never raises (what stays unwritten is logged)."""
         with self._lock:
-            if not self._file.closed:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
+            if self._closed:
+                return
+            self._closed = True
+            self._fsync_due = True
+            news = self._try_write()
+            unwritten = self._lost + sum(1 for line in self._pending if line is not _LOST)
+            cause = self._failing
+            self._pending.clear()
+            self._close_fd()
+        if news:
+            log.log(*news)
+        if unwritten:
+            log.warning("%d events could not be written to %s (%s) and are lost", unwritten, self.path, cause)
 
     def __enter__(self) -> JsonlEventWriter:
         return self
@@ -400,6 +565,7 @@ __all__ = [
     "EVENTS_FILENAME",
     "EVENT_TYPES",
     "LOG_LEVELS",
+    "NON_FINITE_NAMES",
     "PHASES",
     "RUN_STATUSES",
     "CheckpointSaved",
