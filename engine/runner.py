@@ -401,6 +401,7 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
                 device: torch.device, dist=None) -> RunEnded:
     from engine.train import checkpoint as ckpt
     from engine.train.distributed import SINGLE
+    from engine.train.host_trim import release_host_memory
     from engine.train.loop import Trainer
 
     dist = dist or SINGLE
@@ -447,9 +448,11 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
 
     cap_gpu_memory(config, device)  # before the validation encoders: the cap emulates the whole card
     vset = _validation_set(config, device)
+    release_host_memory("the cache phase and the validation set-up")  # before the model's host copies
     # FSDP: each rank loads the whole model to host memory and keeps only its shards on the GPU.
     model = dist.prepare_model(_load_model(config, torch.device("cpu") if dist.sharded else device))
     validator = _validator(config, model, dataset, vset, run_dir, device, stop_event)
+    release_host_memory("loading the model")
 
     bus.emit(PhaseChanged(phase="train", detail=f"{config.optim.max_steps} steps"))
     trainer = Trainer(config, model, dataset, run_dir, bus.emit, stop_event, device, chash, resume_state, dist=dist,

@@ -125,11 +125,13 @@ class S2VApp(App[int]):
         if event.state == WorkerState.ERROR and worker.group != READINGS_GROUP:
             self._report_failure(worker, context)
         elif event.state == WorkerState.SUCCESS and isinstance(worker.result, RunEnded) \
-                and worker.result.status == "failed":
-            # The engine catches its own failures, writes the traceback to train.log and returns the reason.
+                and worker.result.status in ("failed", "refused"):
+            # The engine catches its own failures, writes the traceback to train.log and returns the reason; a
+            # refusal (a changed config on a trained run, a folder in use) touched nothing and says the ways on.
             run_dir = context.run_dir if context else None
             log_path = run_dir / "train.log" if run_dir is not None else None
-            self.push_screen(ErrorReport("training failed", worker.result.reason or "the run failed",
+            title = "training failed" if worker.result.status == "failed" else "the run was not started"
+            self.push_screen(ErrorReport(title, worker.result.reason or "the run failed",
                                          str(run_dir) if run_dir else None,
                                          str(log_path) if log_path and log_path.exists() else None))
         if self._quit_when_idle and not self.training_active():

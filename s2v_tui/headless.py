@@ -79,7 +79,8 @@ def end_paragraph(end: RunEnded) -> str:
         files = "".join(f"\n  {fmt}: {path}" for fmt, path in end.outputs.items())
         return f"done: {end.reason}.{files}"
     head = {"stopped": "stopped", "refused": "error"}.get(end.status, "failed")
-    return textwrap.fill(f"{head}: {end.reason}", width=100)
+    # Never break inside a word: paths and commands in the reason must stay copyable.
+    return textwrap.fill(f"{head}: {end.reason}", width=100, break_long_words=False, break_on_hyphens=False)
 
 
 def exit_code(end: RunEnded) -> int:
