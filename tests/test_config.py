@@ -96,6 +96,59 @@ def test_extends_missing_file_names_the_extending_file(tmp_path):
     assert_names_file_key_fix(info.value, a, "extends")
 
 
+def test_config_path_that_is_a_folder(tmp_path):
+    with pytest.raises(cf.ConfigError) as info:
+        cf.load_config(tmp_path)
+    assert_names_file_key_fix(info.value, tmp_path, "(file)")
+    assert "is a folder" in str(info.value) and ".toml" in info.value.fix
+
+
+def test_extends_a_folder_names_the_extending_file(tmp_path):
+    (tmp_path / "presets").mkdir()
+    a = write(tmp_path / "a.toml", 'extends = "presets"\n')
+    with pytest.raises(cf.ExtendsError) as info:
+        cf.load_config(a)
+    assert_names_file_key_fix(info.value, a, "extends")
+    assert "is a folder" in str(info.value)
+
+
+def test_config_that_is_not_utf8_gives_the_byte_offset(tmp_path):
+    base = tmp_path / "base.toml"
+    base.write_bytes("[lora]\nrank = 8  # caf\u00e9\n".encode("latin-1"))
+    a = write(tmp_path / "a.toml", 'extends = "base.toml"\n')
+    for path in (base, a):  # directly, and through extends: the error names the file that is not UTF-8
+        with pytest.raises(cf.ConfigError) as info:
+            cf.load_config(path)
+        assert_names_file_key_fix(info.value, base, "(file)")
+        assert "offset 22" in str(info.value) and "save it as UTF-8" in info.value.fix
+
+
+def test_unreadable_config_names_the_file(tmp_path, monkeypatch):
+    path = write(tmp_path / "run.toml", "")
+    real = Path.read_bytes
+
+    def denied(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # chmod 000 does not stop root, who runs the CI
+    with pytest.raises(cf.ConfigError) as info:
+        cf.load_config(path)
+    assert_names_file_key_fix(info.value, path, "(file)")
+    assert "permission denied" in str(info.value) and "chmod" in info.value.fix
+
+
+def test_headless_unreadable_config_exits_2(tmp_path, capsys):
+    from s2v_tui.headless import EXIT_CONFIG, run_headless
+
+    bad = tmp_path / "latin.toml"
+    bad.write_bytes(b"[lora]\nrank = 8  # caf\xe9\n")
+    for path in (tmp_path, bad):  # an exception other than ConfigError would escape here as a traceback
+        assert run_headless(str(path)) == EXIT_CONFIG
+        assert str(path) in capsys.readouterr().err
+
+
 def test_extends_must_be_a_string(tmp_path):
     a = write(tmp_path / "a.toml", "extends = 3\n")
     with pytest.raises(cf.WrongTypeError) as info:
