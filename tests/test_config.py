@@ -278,7 +278,6 @@ def test_choice_outside_the_set_suggests_the_closest(tmp_path):
             "memory.offload_checkpoint_inputs",
         ),
         ('[memory]\nbase_weights = "int8"\n[model]\ndtype = "fp32"\n', cf.ConflictError, "memory.base_weights"),
-        ('[output]\nname = "a/b"\n', cf.BadValueError, "output.name"),
         ('[output]\nformats = ["peft", "peft"]\n', cf.BadValueError, "output.formats"),
         ("[logging]\nevery_steps = 0\n", cf.BadValueError, "logging.every_steps"),
     ],
@@ -289,6 +288,62 @@ def test_rule_errors_name_file_key_and_fix(tmp_path, text, error, key):
         cf.load_config(path)
     assert type(info.value) is error
     assert_names_file_key_fix(info.value, path, key)
+
+
+@pytest.mark.parametrize("text", ["[optim]\nlr = inf\n", "[optim]\nlr = -inf\n", "[optim]\nweight_decay = nan\n",
+                                  "[train]\nlogit_mean = inf\n", "[optim]\nbetas = [0.9, nan]\n",
+                                  '[[data.datasets]]\npath = "x"\nweight = inf\n', "[memory]\nvram_budget_gb = inf\n"])
+def test_no_float_key_takes_nan_or_inf(tmp_path, text):
+    path = write(tmp_path / "run.toml", text)
+    with pytest.raises(cf.BadValueError) as info:
+        cf.load_config(path)
+    key = {"betas": "optim.betas[1]", "weight =": "data.datasets[0].weight"}
+    expected = next((k for frag, k in key.items() if frag in text), None)
+    if expected is None:
+        section, leaf = text.split("]\n")[0].strip("[]"), text.split("\n")[1].split(" =")[0]
+        expected = f"{section}.{leaf}"
+    assert_names_file_key_fix(info.value, path, expected)
+    assert "finite" in str(info.value)
+
+
+def test_non_finite_values_are_refused_from_the_command_line_and_in_code():
+    with pytest.raises(cf.BadValueError) as info:
+        cf.with_value(cf.Config(), *cf.parse_override("optim.lr=inf"))
+    assert info.value.key == "optim.lr"
+    c = cf.Config()
+    c.optim.lr = float("inf")
+    c.optim.betas = (float("nan"), 0.999)
+    assert [e.key for e in cf.check_config(c)] == ["optim.lr", "optim.betas[0]"]  # one error per key, not two
+
+
+def test_a_key_may_allow_non_finite_values(monkeypatch):
+    from engine.config import schema
+
+    monkeypatch.setattr(schema, "_NONFINITE", {"optim.max_grad_norm"})
+    c = cf.with_value(cf.Config(), "optim.max_grad_norm", float("inf"))
+    assert [e.key for e in cf.check_config(c)] == []
+
+
+@pytest.mark.parametrize("name", ["", " ", "../x", "a/b", ".", "..", "/abs/run", "..\\x"])
+def test_output_name_must_be_one_folder_name(tmp_path, name):
+    path = write(tmp_path / "run.toml", f"[output]\nname = '{name}'\n")
+    with pytest.raises(cf.BadValueError) as info:
+        cf.load_config(path)
+    assert_names_file_key_fix(info.value, path, "output.name")
+    assert "one folder name" in info.value.fix
+    # The command line and the form are refused at once: the runner makes the run folder before its checks.
+    with pytest.raises(cf.BadValueError) as info:
+        cf.with_value(cf.Config(), "output.name", name, file="<command line>")
+    assert info.value.key == "output.name"
+
+
+def test_model_source_must_not_be_empty(tmp_path):
+    path = write(tmp_path / "run.toml", '[model]\nsource = ""\n')
+    with pytest.raises(cf.BadValueError) as info:
+        cf.load_config(path)
+    assert_names_file_key_fix(info.value, path, "model.source")
+    with pytest.raises(cf.BadValueError):
+        cf.with_value(cf.Config(), *cf.parse_override('model.source=""'))
 
 
 def test_frame_forms_that_are_allowed(tmp_path):

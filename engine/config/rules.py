@@ -6,25 +6,91 @@ groups of 4), and the official continuation mode feeds 73 motion frames (19 late
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from engine.config.errors import BadValueError, ConfigError, ConflictError
-from engine.config.schema import LOW_BIT_FAMILIES, Config
+from engine.config.schema import LOW_BIT_FAMILIES, Config, nonfinite_allowed, schema_key
 
 MAX_MOTION_FRAMES = 73  # the frame packer takes at most 19 motion latents: (73 + 3) // 4
+
+
+# ---- rules on one value alone -----------------------------------------------------------------------------
+# strict.py applies these as each value is read (file, form, --set), so a value that is wrong whatever the rest
+# says (an output.name that climbs out of output.run_dir) is refused before anything can act on it;
+# check_config applies them again to configs built in code.
+
+
+def _folder_name(name: str) -> tuple[str, str] | None:
+    if not name.strip() or "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+        shown = f"'{name}'" if name.strip() else "empty"
+        return (f"{shown} is not one folder name: the run folder would not be a new folder inside "
+                "output.run_dir", 'output.name must be one folder name (no /, \\, "." or ".."), '
+                'e.g. name = "my-voice-lora"')
+    return None
+
+
+def _model_source(source: str) -> tuple[str, str] | None:
+    if not source.strip():
+        return "is empty", 'give a hub id (owner/name) or a model folder, e.g. source = "Wan-AI/Wan2.2-S2V-14B"'
+    return None
+
+
+_STRING_RULES: dict[str, Callable[[str], tuple[str, str] | None]] = {
+    "model.source": _model_source,
+    "output.name": _folder_name,
+}
+
+
+def leaf_problems(key: str, value: Any) -> Iterator[tuple[str, str, str]]:
+    """(key, what is wrong, fix) for one schema value judged alone; arrays item by item. Tables are skipped:
+    their own values are judged one by one."""
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from leaf_problems(f"{key}[{i}]", item)
+        return
+    if isinstance(value, float) and not math.isfinite(value) and not nonfinite_allowed(key):
+        yield key, f"must be a finite number, got {value}", "write a finite number (nan and inf mean nothing here)"
+    elif isinstance(value, str):
+        rule = _STRING_RULES.get(schema_key(key))
+        found = rule(value) if rule else None
+        if found:
+            yield key, *found
+
+
+def _tree_problems(node: Any, prefix: str = "") -> Iterator[tuple[str, str, str]]:
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _tree_problems(value, key + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                yield from _tree_problems(item, f"{key}[{i}].")
+        else:
+            yield from leaf_problems(key, value)
 
 
 class _Checker:
     def __init__(self, origin: Callable[[str], str]) -> None:
         self.origin = origin
         self.errors: list[ConfigError] = []
+        self.judged: set[str] = set()  # keys refused on their value alone: their range rules would say it again
 
     def bad(self, key: str, message: str, fix: str) -> None:
-        self.errors.append(BadValueError(self.origin(key), key, message, fix))
+        if key not in self.judged:
+            self.errors.append(BadValueError(self.origin(key), key, message, fix))
 
     def conflict(self, key: str, message: str, fix: str) -> None:
-        self.errors.append(ConflictError(self.origin(key), key, message, fix))
+        if key not in self.judged:
+            self.errors.append(ConflictError(self.origin(key), key, message, fix))
+
+    def leaves(self, cfg: Config) -> None:
+        for key, message, fix in _tree_problems(cfg):
+            self.bad(key, message, fix)
+            self.judged.add(key)
 
     def at_least(self, key: str, value: float, low: float, fix: str = "") -> None:
         if value < low:
@@ -184,8 +250,6 @@ def _check_memory(c: _Checker, cfg: Config) -> None:
 
 def _check_output(c: _Checker, cfg: Config) -> None:
     out = cfg.output
-    if not out.name or "/" in out.name or "\\" in out.name or out.name in (".", ".."):
-        c.bad("output.name", f"'{out.name}' is not a plain folder name", 'e.g. name = "my-voice-lora"')
     if not out.run_dir:
         c.bad("output.run_dir", "is empty", 'e.g. run_dir = "runs"')
     if not out.formats:
@@ -206,6 +270,7 @@ def check_config(
     that at least one dataset is given (a preset may leave that to the file that extends it)."""
     where = origin if callable(origin) else (lambda key, name=origin: name)
     c = _Checker(where)
+    c.leaves(cfg)
     if require_data and not cfg.data.datasets:
         c.bad("data.datasets", "no dataset is given", 'add a [[data.datasets]] table with path = "clips/"')
     _check_data(c, cfg)
