@@ -106,7 +106,7 @@ def _preset_inputs(path: Path, args: argparse.Namespace) -> tuple[list[DatasetSp
     from engine.config import load_config
     from engine.data.cache_plan import dataset_specs, doctor_settings
 
-    config = load_config(path, require_data=True)
+    config = load_config(path, require_data=True, require_model=False)  # the check reads data, never the model
     # Relative dataset folders resolve against the working directory, as in `s2v-tui cache` and `--run`.
     settings = dataclasses.replace(doctor_settings(config), workers=args.workers, count_tokens=_token_counter(args))
     return dataset_specs(config), settings

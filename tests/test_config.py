@@ -346,6 +346,28 @@ def test_model_source_must_not_be_empty(tmp_path):
         cf.with_value(cf.Config(), *cf.parse_override('model.source=""'))
 
 
+@pytest.mark.parametrize("source", ["/data/models/wan-s2v", "./models/x", "../x", "~/no-such-model-here",
+                                    "models/wan/s2v"])
+def test_missing_model_folder_is_said_before_a_run(tmp_path, source):
+    path = write(tmp_path / "run.toml", f'[model]\nsource = "{source}"\n[[data.datasets]]\npath = "clips"\n')
+    assert cf.load_config(path).model.source == source  # editing a preset for another machine stays possible
+    cf.load_config(path, require_data=True, require_model=False)  # `s2v-tui check` reads the data only
+    with pytest.raises(cf.BadValueError) as info:
+        cf.load_config(path, require_data=True)  # a run or a cache fill
+    assert_names_file_key_fix(info.value, path, "model.source")
+    assert "does not exist" in info.value.message and "owner/name" in info.value.message
+
+
+def test_model_source_forms_that_pass_the_check(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "x").mkdir(parents=True)
+    for source in ("Wan-AI/Wan2.2-S2V-14B", "./models/x", str(tmp_path / "models" / "x"), "models/x"):
+        c = cf.with_value(cf.Config(), "model.source", source)
+        assert cf.check_config(c, require_model=True) == [], source
+    c = cf.with_value(cf.Config(), "model.source", "not a hub id")
+    assert [e.key for e in cf.check_config(c, require_model=True)] == ["model.source"]
+
+
 def test_frame_forms_that_are_allowed(tmp_path):
     for text in ("[data]\nframes = 84\n", "[data]\nframes = 81\nmotion_frames = 0\n", "[data]\nmotion_frames = 9\n"):
         cf.load_config(write(tmp_path / "ok.toml", text))

@@ -120,3 +120,18 @@ def test_missing_folder_says_what_to_point_at(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         S2VTransformer3DModel.from_pretrained(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("source", ["/data/models/wan-s2v", "./models/x"])
+def test_missing_local_source_is_said_by_every_loader(source):
+    from engine.data.cache_fill import resolve_model_root
+    from engine.models import components
+
+    loaders = [lambda: S2VTransformer3DModel.from_pretrained(source), lambda: resolve_model_root(source),
+               lambda: components.load_vae(source), lambda: components.load_text_encoder(source),
+               lambda: components.load_audio_encoder(source)]
+    for load in loaders:  # before: huggingface_hub's "Repo id must be in the form ..." for most of them
+        with pytest.raises(FileNotFoundError) as info:
+            load()
+        text = str(info.value)
+        assert f"the folder {source} does not exist" in text and "owner/name" in text and "Repo id" not in text

@@ -14,6 +14,7 @@ from typing import Any
 
 from engine.config.errors import BadValueError, ConfigError, ConflictError
 from engine.config.schema import LOW_BIT_FAMILIES, Config, nonfinite_allowed, schema_key
+from engine.models.source import EXAMPLE_HUB_ID, SOURCE_FIX, source_problem
 
 MAX_MOTION_FRAMES = 73  # the frame packer takes at most 19 motion latents: (73 + 3) // 4
 
@@ -35,7 +36,7 @@ def _folder_name(name: str) -> tuple[str, str] | None:
 
 def _model_source(source: str) -> tuple[str, str] | None:
     if not source.strip():
-        return "is empty", 'give a hub id (owner/name) or a model folder, e.g. source = "Wan-AI/Wan2.2-S2V-14B"'
+        return "is empty", f'give a hub id (owner/name) or a model folder, e.g. source = "{EXAMPLE_HUB_ID}"'
     return None
 
 
@@ -264,15 +265,23 @@ def check_config(
     origin: Callable[[str], str] | str = "<config>",
     dataset_size: int | None = None,
     require_data: bool = False,
+    require_model: bool | None = None,
 ) -> list[ConfigError]:
     """Every rule broken by `cfg`, in schema order. `origin` is the file name, or a function from dotted key
     to the file that set it. `dataset_size` (windows) enables the batch-size check; `require_data` the check
-    that at least one dataset is given (a preset may leave that to the file that extends it)."""
+    that at least one dataset is given (a preset may leave that to the file that extends it); `require_model`
+    the check that model.source is an existing folder or has the form of a hub id. It follows `require_data`
+    when not given: a config that must name its data is one about to be cached or trained, which needs the
+    model too; `s2v-tui check` reads the data of a preset without the model and passes False."""
     where = origin if callable(origin) else (lambda key, name=origin: name)
     c = _Checker(where)
     c.leaves(cfg)
     if require_data and not cfg.data.datasets:
         c.bad("data.datasets", "no dataset is given", 'add a [[data.datasets]] table with path = "clips/"')
+    if require_data if require_model is None else require_model:
+        problem = source_problem(cfg.model.source)
+        if problem:
+            c.bad("model.source", problem, SOURCE_FIX)
     _check_data(c, cfg)
     _check_lora(c, cfg)
     _check_optim(c, cfg, dataset_size)

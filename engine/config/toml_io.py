@@ -136,12 +136,15 @@ def load_raw(path: str | os.PathLike[str]) -> tuple[dict[str, Any], _Sources]:
 
 
 def load_config(
-    path: str | os.PathLike[str], dataset_size: int | None = None, require_data: bool = False
+    path: str | os.PathLike[str], dataset_size: int | None = None, require_data: bool = False,
+    require_model: bool | None = None,
 ) -> Config:
-    """The typed, validated config of `path` (following `extends`). Raises ConfigError naming file and key."""
+    """The typed, validated config of `path` (following `extends`). Raises ConfigError naming file and key.
+    `require_data` and `require_model` as in `check_config`."""
     tree, sources = load_raw(path)
     config = build(Config, tree, sources)
-    return validate_config(config, sources, dataset_size=dataset_size, require_data=require_data)
+    return validate_config(config, sources, dataset_size=dataset_size, require_data=require_data,
+                           require_model=require_model)
 
 
 def _toml_value(value: Any) -> Any:

@@ -60,6 +60,9 @@ class CacheStopped(Exception):
 
 def resolve_model_root(source: str) -> Path:
     """The local S2V model folder (diffusers layout) of model.source, a folder or a hub id."""
+    from engine.models.source import fetch_from_hub, require_source
+
+    require_source(source)
     path = Path(source).expanduser()
     needed = [s for subs in MODEL_SUBFOLDERS.values() for s in subs]
     if path.exists():
@@ -69,10 +72,8 @@ def resolve_model_root(source: str) -> Path:
                                     f"point model.source at the S2V model folder in the diffusers layout "
                                     f"(vae/, text_encoder/, tokenizer/, audio_encoder/, audio_processor/)")
         return path
-    from huggingface_hub import snapshot_download
-
     # Only the encoders' folders: the 14B transformer is not needed to fill the cache.
-    return Path(snapshot_download(source, allow_patterns=[f"{s}/*" for s in needed]))
+    return fetch_from_hub(source, [f"{s}/*" for s in needed])
 
 
 def model_identity(store: CacheStore, root: Path) -> ModelIdentity:

@@ -11,11 +11,17 @@ from pathlib import Path
 
 import torch
 
+from engine.models.source import require_source
+
 TEXT_LEN = 512
 
 
 def _root(source) -> str:
-    return str(Path(source).expanduser()) if Path(source).expanduser().exists() else str(source)
+    """The folder to load from, or the hub id; a missing local folder is said so here, because the libraries
+    would report it as a malformed hub id."""
+    require_source(source)
+    path = Path(source).expanduser()
+    return str(path) if path.exists() else str(source)
 
 
 def load_vae(source, dtype=torch.float32, device="cpu"):

@@ -21,6 +21,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from engine.models.keymap import detect_layout, native_to_diffusers, normalise_diffusers_name
+from engine.models.source import fetch_from_hub, require_source
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def config_from_json(raw: dict, source: str) -> dict:
 
 def resolve_transformer_dir(source: str | os.PathLike, subfolder: str | None = "transformer") -> Path:
     """A local folder (model root or the transformer folder itself) or a hub id, resolved to a folder."""
+    require_source(source)
     path = Path(source).expanduser()
     if path.exists():
         if subfolder and (path / subfolder / CONFIG_NAME).is_file():
@@ -124,22 +126,10 @@ def resolve_transformer_dir(source: str | os.PathLike, subfolder: str | None = "
 
 
 def _download(repo_id: str, subfolder: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
     patterns = [CONFIG_NAME, "diffusion_pytorch_model*.safetensors*"]
     if subfolder:
         patterns += [f"{subfolder}/{CONFIG_NAME}", f"{subfolder}/*.safetensors*"]
-    try:
-        root = Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except HFValidationError as exc:
-        raise FileNotFoundError(f"{repo_id!r} is neither an existing folder nor a valid hub id") from exc
-    except (LocalEntryNotFoundError, OSError) as exc:
-        raise FileNotFoundError(
-            f"could not fetch {repo_id!r} from the hub ({type(exc).__name__}); on a machine without network, "
-            "download the model elsewhere and point the model source at its local folder"
-        ) from exc
-    return resolve_transformer_dir(root, subfolder)
+    return resolve_transformer_dir(fetch_from_hub(repo_id, patterns), subfolder)
 
 
 def shard_files(folder: Path) -> list[Path]:
