@@ -285,3 +285,39 @@ def test_plan_carries_the_warnings_of_the_clips_that_train(tmp_path, tiny_model_
     found = {(video.name, problem.code) for video, problem in plan.warnings}
     assert found == {(essay.video.name, "caption-too-long"), (short.video.name, "duration-mismatch")}
     assert all(not problem.blocking for _, problem in plan.warnings)
+
+
+def _no_encoder(monkeypatch):
+    from engine.models import components
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an encoder was loaded for a dataset with nothing to train on")
+
+    for name in ("load_vae", "load_text_encoder", "load_audio_encoder"):
+        monkeypatch.setattr(components, name, refuse)
+
+
+def test_empty_dataset_fails_before_any_encoder_loads(tmp_path, tiny_model_dir, monkeypatch):
+    from engine.config import ConflictError
+
+    _no_encoder(monkeypatch)
+    (tmp_path / "empty").mkdir()
+    config = make_config(tmp_path / "empty", tmp_path / "cache", tiny_model_dir, **SMALL)
+    with pytest.raises(ConflictError) as info:
+        fill_cache(config, device="cpu")
+    assert str(tmp_path / "empty") in str(info.value) and "no usable training window" in str(info.value)
+    assert info.value.key == "data.datasets[0].path" and "dataset-empty" in str(info.value)
+
+
+def test_dataset_whose_clips_are_all_left_out_fails_before_any_encoder_loads(tmp_path, tiny_model_dir, monkeypatch):
+    from engine.config import ConflictError
+
+    _no_encoder(monkeypatch)
+    make_talking_clip(tmp_path / "a", "blip", fps=25, size=(64, 48), duration_s=0.2, use_espeak=False)
+    (tmp_path / "b").mkdir()
+    config = make_config(tmp_path / "a", tmp_path / "cache", tiny_model_dir, **SMALL)
+    config.data.datasets.append(DatasetEntry(path=str(tmp_path / "b")))
+    with pytest.raises(ConflictError) as info:
+        fill_cache(config, device="cpu")
+    text = str(info.value)
+    assert f"{tmp_path / 'a'}, {tmp_path / 'b'}" in text and "the only clip is left out (too-few-frames x1)" in text

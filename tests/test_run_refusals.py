@@ -31,3 +31,22 @@ def test_command_line_output_name_cannot_leave_the_run_dir(tmp_path, capsys):
         assert run_headless(str(preset), overrides=[f"output.name={name!r}"]) == EXIT_CONFIG
         assert "output.name" in capsys.readouterr().err
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "runs").exists()
+
+
+def test_empty_dataset_fails_the_run_naming_the_folder(tmp_path, tiny_model_dir, monkeypatch):
+    from engine.models import components
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an encoder was loaded for an empty dataset")
+
+    monkeypatch.setattr(components, "load_text_encoder", refuse)
+    (tmp_path / "clips").mkdir()
+    config = Config()
+    config.model.source = str(tiny_model_dir)
+    config.data.datasets = [DatasetEntry(path=str(tmp_path / "clips"))]
+    config.output.run_dir = str(tmp_path / "runs")
+    config.logging.tensorboard = False
+    end = run(config, [], threading.Event(), device="cpu")
+    assert end.status == "failed"
+    assert str(tmp_path / "clips") in end.reason and "no usable training window" in end.reason
+    assert "traceback" not in end.reason  # written for a person, as a config problem is
