@@ -248,7 +248,7 @@ def test_choice_outside_the_set_suggests_the_closest(tmp_path):
 @pytest.mark.parametrize(
     ("text", "error", "key"),
     [
-        ("[data]\nframes = 81\n", cf.ConflictError, "data.frames"),
+        ("[data]\nframes = 81\n", cf.BadValueError, "data.frames"),
         ("[data]\nframes = 83\nmotion_frames = 0\n", cf.BadValueError, "data.frames"),
         ("[data]\nmotion_frames = 70\n", cf.BadValueError, "data.motion_frames"),
         ("[data]\nmotion_frames = 77\n", cf.BadValueError, "data.motion_frames"),
@@ -369,8 +369,29 @@ def test_model_source_forms_that_pass_the_check(tmp_path, monkeypatch):
 
 
 def test_frame_forms_that_are_allowed(tmp_path):
-    for text in ("[data]\nframes = 84\n", "[data]\nframes = 81\nmotion_frames = 0\n", "[data]\nmotion_frames = 9\n"):
+    for text in ("[data]\nframes = 84\n", "[data]\nframes = 80\nmotion_frames = 0\n", "[data]\nmotion_frames = 9\n"):
         cf.load_config(write(tmp_path / "ok.toml", text))
+
+
+@pytest.mark.parametrize("frames", [1, 5, 81])
+def test_frames_the_dataset_code_refuses_are_refused_by_the_config(tmp_path, frames):
+    from engine.data.cache_plan import doctor_settings
+
+    path = write(tmp_path / "run.toml", f"[data]\nframes = {frames}\nmotion_frames = 0\n")
+    with pytest.raises(cf.BadValueError) as info:
+        cf.load_config(path)
+    assert_names_file_key_fix(info.value, path, "data.frames")
+    assert "valid values are 4, 8, 12" in info.value.message
+    c = cf.Config()
+    c.data.frames, c.data.motion_frames = frames, 0
+    with pytest.raises(ValueError) as data_error:  # the dataset code says the same: one rule, two callers
+        doctor_settings(c)
+    assert info.value.message in str(data_error.value)
+    c.data.frames = 8
+    for mf in (0, 1, 5, 73):
+        c.data.motion_frames = mf
+        assert cf.check_config(c) == []
+        doctor_settings(c)
 
 
 def test_batch_larger_than_the_dataset(tmp_path):

@@ -1,8 +1,9 @@
 """Value rules of the run config: ranges, and combinations the model or the data make impossible.
 
 `check_config` returns every problem (the TUI shows them next to their fields); `validate_config` raises the
-first. Frame arithmetic follows spec/S2V_MODEL.md: the VAE encodes 4k+1 pixel frames (the first alone, then
-groups of 4), and the official continuation mode feeds 73 motion frames (19 latents) before 80 new ones.
+first. Frame arithmetic follows spec/S2V_MODEL.md (the rule itself is engine.data.windows.window_frame_problems,
+shared with the dataset code): the VAE encodes 4k+1 pixel frames (the first alone, then groups of 4), and the
+official continuation mode feeds 73 motion frames (19 latents) before 80 new ones.
 """
 from __future__ import annotations
 
@@ -14,10 +15,8 @@ from typing import Any
 
 from engine.config.errors import BadValueError, ConfigError, ConflictError
 from engine.config.schema import LOW_BIT_FAMILIES, Config, nonfinite_allowed, schema_key
+from engine.data.windows import window_frame_problems
 from engine.models.source import EXAMPLE_HUB_ID, SOURCE_FIX, source_problem
-
-MAX_MOTION_FRAMES = 73  # the frame packer takes at most 19 motion latents: (73 + 3) // 4
-
 
 # ---- rules on one value alone -----------------------------------------------------------------------------
 # strict.py applies these as each value is read (file, form, --set), so a value that is wrong whatever the rest
@@ -120,27 +119,8 @@ def _check_data(c: _Checker, cfg: Config) -> None:
     if width <= 0 or height <= 0 or width % 16 or height % 16:
         fix = f"use multiples of 16, e.g. [{max(16, round(width / 16) * 16)}, {max(16, round(height / 16) * 16)}]"
         c.bad("data.resolution", f"{width}x{height} is not a multiple of 16 on both sides (VAE 8x, patch 2x)", fix)
-    mf = d.motion_frames
-    if mf < 0 or mf > MAX_MOTION_FRAMES or (mf and mf % 4 != 1):
-        c.bad(
-            "data.motion_frames",
-            f"{mf} motion frames do not give whole motion latents (4k+1, at most {MAX_MOTION_FRAMES})",
-            "use 73 (the official 19 motion latents) or 0 to train first-clip mode only",
-        )
-    if d.frames < 1:
-        c.bad("data.frames", f"must be at least 1, got {d.frames}", "use 80 (20 latents, as inference)")
-    elif mf and d.frames % 4:
-        c.conflict(
-            "data.frames",
-            f"{d.frames} frames after {mf} motion frames is not 4k+1 frames in all ({mf + d.frames})",
-            f"use a multiple of 4, e.g. {max(4, d.frames // 4 * 4)} (80 as inference)",
-        )
-    elif not mf and d.frames % 4 not in (0, 1):
-        c.bad(
-            "data.frames",
-            f"{d.frames} is neither 4k (as inference) nor 4k+1 (one VAE clip)",
-            f"use {d.frames // 4 * 4} or {d.frames // 4 * 4 + 1}",
-        )
+    for which, message, fix in window_frame_problems(d.frames, d.motion_frames):
+        c.bad(f"data.{which}", message, fix)
     c.probability("data.motion_drop_prob", d.motion_drop_prob)
     c.at_least("data.windows_per_clip", d.windows_per_clip, 0)
     c.probability("data.caption_dropout", d.caption_dropout)
