@@ -25,6 +25,13 @@ WAV2VEC_RATE_HZ = 50
 AUDIO_FEATURE_FPS = 30  # the official pipeline's intermediate rate for wav2vec2 features
 
 
+def frames_text(frames: int, seconds: float | None = None) -> str:
+    """A length as every report writes it, e.g. '1 frame at 16 fps (0.04 s)': frames at the model's rate, then
+    seconds; `seconds` is the source's own duration when known (frames / 16 otherwise)."""
+    seconds = frames / MODEL_FPS if seconds is None else seconds
+    return f"{frames} frame{'' if frames == 1 else 's'} at {MODEL_FPS} fps ({seconds:.2f} s)"
+
+
 def latent_frames(pixel_frames: int) -> int:
     """Latent frames the causal VAE makes from `pixel_frames` (first frame alone, then groups of 4)."""
     if pixel_frames <= 0:
