@@ -51,9 +51,10 @@ def window_frame_problems(frames: int, motion_frames: int) -> list[tuple[str, st
     out = []
     if frames <= 0 or frames % VAE_TIME_FACTOR:
         near = max(VAE_TIME_FACTOR, round(frames / VAE_TIME_FACTOR) * VAE_TIME_FACTOR)
+        nearest = f"use {near}, or " if near != WINDOW_FRAMES else "use "
         out.append(("frames", f"{frames} new frames are not whole latents: valid values are 4, 8, 12, ... "
                     "(a positive multiple of 4, each 4 frames one latent after the reference or motion frames)",
-                    f"use {near}, or {WINDOW_FRAMES} (20 latents, as inference)"))
+                    f"{nearest}{WINDOW_FRAMES} (20 latents, as inference)"))
     if motion_frames < 0 or motion_frames > MOTION_FRAMES or (motion_frames and (motion_frames - 1) % VAE_TIME_FACTOR):
         out.append(("motion_frames", f"{motion_frames} motion frames are not whole motion latents: valid values "
                     f"are 0 (none) or 1, 5, 9, ... {MOTION_FRAMES} (4k+1, at most {MOTION_FRAMES})",
