@@ -51,6 +51,8 @@ class _PlainProgress:
 
 
 def _summary(plan, out: TextIO) -> None:
+    for video, problem in plan.warnings:
+        print(f"warning {problem.code} {video}: {problem.message} (fix: {problem.fix})", file=out)
     for skip in plan.skipped:
         reasons = "; ".join(f"{p.code}: {p.message} (fix: {p.fix})" for p in skip.problems) or "no window fits"
         print(f"skipped {skip.video}: {reasons}", file=out)

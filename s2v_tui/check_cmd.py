@@ -106,7 +106,7 @@ def _preset_inputs(path: Path, args: argparse.Namespace) -> tuple[list[DatasetSp
     from engine.config import load_config
     from engine.data.cache_plan import dataset_specs, doctor_settings
 
-    config = load_config(path, require_data=True)
+    config = load_config(path, require_data=True, require_model=False)  # the check reads data, never the model
     # Relative dataset folders resolve against the working directory, as in `s2v-tui cache` and `--run`.
     settings = dataclasses.replace(doctor_settings(config), workers=args.workers, count_tokens=_token_counter(args))
     return dataset_specs(config), settings
@@ -131,7 +131,7 @@ def _print_plain(report: DoctorReport, out: TextIO, verbose: bool) -> None:
                 print(f"clip {c.clip.video}: not readable", file=out)
                 continue
             pl = c.plan
-            print(f"clip {c.clip.video}: {pl.width}x{pl.height} -> {pl.bucket}; {pl.fps_conversion}; "
+            print(f"clip {c.clip.video}: {pl.width}x{pl.height} -> {pl.bucket}; {pl.fps_conversion}; {pl.length}, "
                   f"{len(pl.windows)} windows ({sum(w.has_motion for w in pl.windows)} with motion frames); "
                   f"reference {pl.reference}; audio {pl.audio_source}", file=out)
     for p in report.all_problems:
@@ -144,15 +144,15 @@ def _print_rich(report: DoctorReport, console, verbose: bool) -> None:
 
     if verbose or len(report.clips) <= CLIP_TABLE_LIMIT:
         clips = Table(title="Clips", show_lines=False)
-        for col in ("clip", "size -> bucket", "frame rate", "windows", "reference", "audio"):
+        for col in ("clip", "size -> bucket", "frame rate", "length", "windows", "reference", "audio"):
             clips.add_column(col, overflow="fold")
         for c in report.clips:
             pl = c.plan
             name = c.clip.video.name if c.usable else f"[red]{c.clip.video.name}[/]"
             if pl is None:
-                clips.add_row(name, "-", "-", "-", "-", "-")
+                clips.add_row(name, "-", "-", "-", "-", "-", "-")
                 continue
-            clips.add_row(name, f"{pl.width}x{pl.height} -> {pl.bucket}", pl.fps_conversion,
+            clips.add_row(name, f"{pl.width}x{pl.height} -> {pl.bucket}", pl.fps_conversion, pl.length,
                           f"{len(pl.windows)} ({sum(w.has_motion for w in pl.windows)} with motion)",
                           pl.reference, pl.audio_source)
         console.print(clips)

@@ -70,7 +70,8 @@ def fixed_report(root: Path, blocking: bool = True) -> DoctorReport:
     ]
     if blocking:
         clips.append(_clip(root, "clip_003", 1280, 720, 25.0, 3.0, 0,
-                           [("too-few-frames", "48 frames at 16 fps (3.00 s); one window needs 80")]))
+                           [("too-few-frames",
+                             "48 frames at 16 fps (3.00 s); one window needs 80 frames at 16 fps (5.00 s)")]))
     return DoctorReport(datasets=(DatasetSpec(root),), clips=tuple(clips), problems=(), elapsed_s=0.5)
 
 

@@ -267,3 +267,57 @@ def test_silent_clip_reference_image_and_stop(tmp_path, tiny_model_dir):
     fitted = np.array(Image.fromarray(image).resize((80, 48), Image.Resampling.BICUBIC))[:, 8:72]
     pixels = torch.from_numpy(fitted).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1.0
     torch.testing.assert_close(data[0]["ref_latents"], encode_video(load_vae(tiny_model_dir), pixels)[0])
+
+
+def test_plan_carries_the_warnings_of_the_clips_that_train(tmp_path, tiny_model_dir):
+    """The run shows what `s2v-tui check` warns about: the plan lists every non-blocking problem of a clip it
+    keeps (a 1 MB caption cut to 512 tokens, audio shorter than the video), and none of a clean clip."""
+    ds = tmp_path / "ds"
+    essay = make_talking_clip(ds, "essay", fps=25, size=(64, 48), duration_s=1.0, use_espeak=False,
+                              caption=("the speaker keeps talking about the weather " * 24000)[:1_000_000])
+    short = make_talking_clip(ds, "short_audio", fps=25, size=(64, 48), duration_s=2.0, audio="pcm",
+                              audio_duration_s=1.2, use_espeak=False)
+    make_talking_clip(ds, "clean", fps=25, size=(64, 48), duration_s=1.0, use_espeak=False)
+    config = make_config(ds, tmp_path / "cache", tiny_model_dir, **SMALL)
+    work, _, _ = plan_cache(config)
+    plan = work.plan
+    assert {r.video.stem for r in plan.records} == {"essay", "short_audio", "clean"}
+    found = {(video.name, problem.code) for video, problem in plan.warnings}
+    assert found == {(essay.video.name, "caption-too-long"), (short.video.name, "duration-mismatch")}
+    assert all(not problem.blocking for _, problem in plan.warnings)
+
+
+def _no_encoder(monkeypatch):
+    from engine.models import components
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an encoder was loaded for a dataset with nothing to train on")
+
+    for name in ("load_vae", "load_text_encoder", "load_audio_encoder"):
+        monkeypatch.setattr(components, name, refuse)
+
+
+def test_empty_dataset_fails_before_any_encoder_loads(tmp_path, tiny_model_dir, monkeypatch):
+    from engine.config import ConflictError
+
+    _no_encoder(monkeypatch)
+    (tmp_path / "empty").mkdir()
+    config = make_config(tmp_path / "empty", tmp_path / "cache", tiny_model_dir, **SMALL)
+    with pytest.raises(ConflictError) as info:
+        fill_cache(config, device="cpu")
+    assert str(tmp_path / "empty") in str(info.value) and "no usable training window" in str(info.value)
+    assert info.value.key == "data.datasets[0].path" and "dataset-empty" in str(info.value)
+
+
+def test_dataset_whose_clips_are_all_left_out_fails_before_any_encoder_loads(tmp_path, tiny_model_dir, monkeypatch):
+    from engine.config import ConflictError
+
+    _no_encoder(monkeypatch)
+    make_talking_clip(tmp_path / "a", "blip", fps=25, size=(64, 48), duration_s=0.2, use_espeak=False)
+    (tmp_path / "b").mkdir()
+    config = make_config(tmp_path / "a", tmp_path / "cache", tiny_model_dir, **SMALL)
+    config.data.datasets.append(DatasetEntry(path=str(tmp_path / "b")))
+    with pytest.raises(ConflictError) as info:
+        fill_cache(config, device="cpu")
+    text = str(info.value)
+    assert f"{tmp_path / 'a'}, {tmp_path / 'b'}" in text and "the only clip is left out (too-few-frames x1)" in text

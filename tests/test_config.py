@@ -96,6 +96,59 @@ def test_extends_missing_file_names_the_extending_file(tmp_path):
     assert_names_file_key_fix(info.value, a, "extends")
 
 
+def test_config_path_that_is_a_folder(tmp_path):
+    with pytest.raises(cf.ConfigError) as info:
+        cf.load_config(tmp_path)
+    assert_names_file_key_fix(info.value, tmp_path, "(file)")
+    assert "is a folder" in str(info.value) and ".toml" in info.value.fix
+
+
+def test_extends_a_folder_names_the_extending_file(tmp_path):
+    (tmp_path / "presets").mkdir()
+    a = write(tmp_path / "a.toml", 'extends = "presets"\n')
+    with pytest.raises(cf.ExtendsError) as info:
+        cf.load_config(a)
+    assert_names_file_key_fix(info.value, a, "extends")
+    assert "is a folder" in str(info.value)
+
+
+def test_config_that_is_not_utf8_gives_the_byte_offset(tmp_path):
+    base = tmp_path / "base.toml"
+    base.write_bytes("[lora]\nrank = 8  # caf\u00e9\n".encode("latin-1"))
+    a = write(tmp_path / "a.toml", 'extends = "base.toml"\n')
+    for path in (base, a):  # directly, and through extends: the error names the file that is not UTF-8
+        with pytest.raises(cf.ConfigError) as info:
+            cf.load_config(path)
+        assert_names_file_key_fix(info.value, base, "(file)")
+        assert "offset 22" in str(info.value) and "save it as UTF-8" in info.value.fix
+
+
+def test_unreadable_config_names_the_file(tmp_path, monkeypatch):
+    path = write(tmp_path / "run.toml", "")
+    real = Path.read_bytes
+
+    def denied(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # chmod 000 does not stop root, who runs the CI
+    with pytest.raises(cf.ConfigError) as info:
+        cf.load_config(path)
+    assert_names_file_key_fix(info.value, path, "(file)")
+    assert "permission denied" in str(info.value) and "chmod" in info.value.fix
+
+
+def test_headless_unreadable_config_exits_2(tmp_path, capsys):
+    from s2v_tui.headless import EXIT_CONFIG, run_headless
+
+    bad = tmp_path / "latin.toml"
+    bad.write_bytes(b"[lora]\nrank = 8  # caf\xe9\n")
+    for path in (tmp_path, bad):  # an exception other than ConfigError would escape here as a traceback
+        assert run_headless(str(path)) == EXIT_CONFIG
+        assert str(path) in capsys.readouterr().err
+
+
 def test_extends_must_be_a_string(tmp_path):
     a = write(tmp_path / "a.toml", "extends = 3\n")
     with pytest.raises(cf.WrongTypeError) as info:
@@ -195,7 +248,7 @@ def test_choice_outside_the_set_suggests_the_closest(tmp_path):
 @pytest.mark.parametrize(
     ("text", "error", "key"),
     [
-        ("[data]\nframes = 81\n", cf.ConflictError, "data.frames"),
+        ("[data]\nframes = 81\n", cf.BadValueError, "data.frames"),
         ("[data]\nframes = 83\nmotion_frames = 0\n", cf.BadValueError, "data.frames"),
         ("[data]\nmotion_frames = 70\n", cf.BadValueError, "data.motion_frames"),
         ("[data]\nmotion_frames = 77\n", cf.BadValueError, "data.motion_frames"),
@@ -225,7 +278,6 @@ def test_choice_outside_the_set_suggests_the_closest(tmp_path):
             "memory.offload_checkpoint_inputs",
         ),
         ('[memory]\nbase_weights = "int8"\n[model]\ndtype = "fp32"\n', cf.ConflictError, "memory.base_weights"),
-        ('[output]\nname = "a/b"\n', cf.BadValueError, "output.name"),
         ('[output]\nformats = ["peft", "peft"]\n', cf.BadValueError, "output.formats"),
         ("[logging]\nevery_steps = 0\n", cf.BadValueError, "logging.every_steps"),
     ],
@@ -238,9 +290,109 @@ def test_rule_errors_name_file_key_and_fix(tmp_path, text, error, key):
     assert_names_file_key_fix(info.value, path, key)
 
 
+@pytest.mark.parametrize(("text", "key"), [
+    ("[optim]\nlr = inf\n", "optim.lr"),
+    ("[optim]\nlr = -inf\n", "optim.lr"),
+    ("[optim]\nweight_decay = nan\n", "optim.weight_decay"),
+    ("[train]\nlogit_mean = inf\n", "train.logit_mean"),
+    ("[optim]\nbetas = [0.9, nan]\n", "optim.betas[1]"),
+    ('[[data.datasets]]\npath = "x"\nweight = inf\n', "data.datasets[0].weight"),
+    ("[memory]\nvram_budget_gb = inf\n", "memory.vram_budget_gb"),
+])
+def test_no_float_key_takes_nan_or_inf(tmp_path, text, key):
+    path = write(tmp_path / "run.toml", text)
+    with pytest.raises(cf.BadValueError) as info:
+        cf.load_config(path)
+    assert_names_file_key_fix(info.value, path, key)
+    assert "finite" in str(info.value)
+
+
+def test_non_finite_values_are_refused_from_the_command_line_and_in_code():
+    with pytest.raises(cf.BadValueError) as info:
+        cf.with_value(cf.Config(), *cf.parse_override("optim.lr=inf"))
+    assert info.value.key == "optim.lr"
+    c = cf.Config()
+    c.optim.lr = float("inf")
+    c.optim.betas = (float("nan"), 0.999)
+    assert [e.key for e in cf.check_config(c)] == ["optim.lr", "optim.betas[0]"]  # one error per key, not two
+
+
+def test_a_key_may_allow_non_finite_values(monkeypatch):
+    from engine.config import schema
+
+    monkeypatch.setattr(schema, "_NONFINITE", {"optim.max_grad_norm"})
+    c = cf.with_value(cf.Config(), "optim.max_grad_norm", float("inf"))
+    assert [e.key for e in cf.check_config(c)] == []
+
+
+@pytest.mark.parametrize("name", ["", " ", "../x", "a/b", ".", "..", "/abs/run", "..\\x"])
+def test_output_name_must_be_one_folder_name(tmp_path, name):
+    path = write(tmp_path / "run.toml", f"[output]\nname = '{name}'\n")
+    with pytest.raises(cf.BadValueError) as info:
+        cf.load_config(path)
+    assert_names_file_key_fix(info.value, path, "output.name")
+    assert "one folder name" in info.value.fix
+    # The command line and the form are refused at once: the runner makes the run folder before its checks.
+    with pytest.raises(cf.BadValueError) as info:
+        cf.with_value(cf.Config(), "output.name", name, file="<command line>")
+    assert info.value.key == "output.name"
+
+
+def test_model_source_must_not_be_empty(tmp_path):
+    path = write(tmp_path / "run.toml", '[model]\nsource = ""\n')
+    with pytest.raises(cf.BadValueError) as info:
+        cf.load_config(path)
+    assert_names_file_key_fix(info.value, path, "model.source")
+    with pytest.raises(cf.BadValueError):
+        cf.with_value(cf.Config(), *cf.parse_override('model.source=""'))
+
+
+@pytest.mark.parametrize("source", ["/data/models/wan-s2v", "./models/x", "../x", "~/no-such-model-here",
+                                    "models/wan/s2v"])
+def test_missing_model_folder_is_said_before_a_run(tmp_path, source):
+    path = write(tmp_path / "run.toml", f'[model]\nsource = "{source}"\n[[data.datasets]]\npath = "clips"\n')
+    assert cf.load_config(path).model.source == source  # editing a preset for another machine stays possible
+    cf.load_config(path, require_data=True, require_model=False)  # `s2v-tui check` reads the data only
+    with pytest.raises(cf.BadValueError) as info:
+        cf.load_config(path, require_data=True)  # a run or a cache fill
+    assert_names_file_key_fix(info.value, path, "model.source")
+    assert "does not exist" in info.value.message and "owner/name" in info.value.message
+
+
+def test_model_source_forms_that_pass_the_check(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "x").mkdir(parents=True)
+    for source in ("Wan-AI/Wan2.2-S2V-14B", "./models/x", str(tmp_path / "models" / "x"), "models/x"):
+        c = cf.with_value(cf.Config(), "model.source", source)
+        assert cf.check_config(c, require_model=True) == [], source
+    c = cf.with_value(cf.Config(), "model.source", "not a hub id")
+    assert [e.key for e in cf.check_config(c, require_model=True)] == ["model.source"]
+
+
 def test_frame_forms_that_are_allowed(tmp_path):
-    for text in ("[data]\nframes = 84\n", "[data]\nframes = 81\nmotion_frames = 0\n", "[data]\nmotion_frames = 9\n"):
+    for text in ("[data]\nframes = 84\n", "[data]\nframes = 80\nmotion_frames = 0\n", "[data]\nmotion_frames = 9\n"):
         cf.load_config(write(tmp_path / "ok.toml", text))
+
+
+@pytest.mark.parametrize("frames", [1, 5, 81])
+def test_frames_the_dataset_code_refuses_are_refused_by_the_config(tmp_path, frames):
+    from engine.data.cache_plan import doctor_settings
+
+    path = write(tmp_path / "run.toml", f"[data]\nframes = {frames}\nmotion_frames = 0\n")
+    with pytest.raises(cf.BadValueError) as info:
+        cf.load_config(path)
+    assert_names_file_key_fix(info.value, path, "data.frames")
+    assert "valid values are 4, 8, 12" in info.value.message
+    c = cf.Config()
+    c.data.frames, c.data.motion_frames = frames, 0
+    with pytest.raises(ValueError) as data_error:  # the dataset code says the same: one rule, two callers
+        doctor_settings(c)
+    assert info.value.message in str(data_error.value)
+    c.data.frames = 8
+    for mf in (0, 1, 5, 73):
+        c.data.motion_frames = mf
+        assert cf.check_config(c) == []
+        doctor_settings(c)
 
 
 def test_batch_larger_than_the_dataset(tmp_path):

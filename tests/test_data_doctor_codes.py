@@ -162,3 +162,56 @@ def test_exact_token_count_with_a_tokenizer_folder(tmp_path, capsys):
     code, doc = run_check(capsys, [str(case.dataset), *case.args, "--tokenizer", str(tmp_path / "tokenizer")])
     (hit,) = [p for p in reported(doc) if p["code"] == "caption-too-long"]
     assert "about" not in hit["message"] and code == 0
+
+
+def _one_frame_clips(folder: Path) -> list[Path]:
+    from engine.data import synth
+
+    return [synth.make_talking_clip(folder, stem, fps=25, duration_s=1 / 25, audio=audio, use_espeak=False).video
+            for stem, audio in (("still", "aac"), ("still_pcm", "pcm"))]
+
+
+def _check_in_a_new_process(args: list[str]) -> str:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "s2v_tui.cli", "check", *args], capture_output=True, text=True,
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert done.returncode == 1, done.stderr  # too short to train: blocking
+    return done.stdout
+
+
+def test_one_frame_clip_has_one_length_everywhere(tmp_path):
+    """The plain check, its --json and the problems all give a 1-frame clip the same length in the same unit,
+    its frame rate from the header (one frame has no interval), and no made-up audio/video mismatch. In new
+    processes: the scan used to read the stream's rate after closing the file, which gave garbage there."""
+    videos = _one_frame_clips(tmp_path / "ds")
+    length = "1 frame at 16 fps (0.04 s)"
+    args = [str(tmp_path / "ds"), *synth_broken.BASE_ARGS]
+    plain = _check_in_a_new_process(args)
+    doc = json.loads(_check_in_a_new_process([*args, "--json"]))
+    for video in videos:
+        (line,) = [l for l in plain.splitlines() if l.startswith(f"clip {video}:")]
+        assert f"; {length}, 0 windows" in line and "25.000 fps -> 16 fps" in line
+        (clip,) = [c for c in doc["clips"] if c["video"] == str(video)]
+        plan = clip["plan"]
+        assert (plan["length"], plan["frames_16fps"], plan["duration_s"], plan["source_fps"]) == (length, 1, 0.04, 25.0)
+        (short,) = [p for p in clip["problems"] if p["code"] == "too-few-frames"]
+        assert short["message"] == f"{length}; one window needs 80 frames at 16 fps (5.00 s)"
+        assert "80 frames at 16 fps (5.00 s)" in short["fix"]
+        assert f"too-few-frames {video}: {length};" in plain
+    assert "duration-mismatch" not in plain and all(p["code"] != "duration-mismatch" for p in reported(doc))
+
+
+def test_one_frame_clip_scans_the_same_length_every_time(tmp_path):
+    import subprocess
+    import sys
+
+    videos = _one_frame_clips(tmp_path)
+    code = ("import sys\nfrom engine.data.scan import scan_media\n"
+            "print([scan_media(p).timing.video_duration_s for p in sys.argv[1:] for _ in range(3)])")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code, *map(str, videos)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120, check=True)
+    assert json.loads(done.stdout) == [0.04] * 6

@@ -120,3 +120,61 @@ def test_missing_folder_says_what_to_point_at(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         S2VTransformer3DModel.from_pretrained(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("source", ["/data/models/wan-s2v", "./models/x"])
+def test_missing_local_source_is_said_by_every_loader(source):
+    from engine.data.cache_fill import resolve_model_root
+    from engine.models import components
+
+    loaders = [lambda: S2VTransformer3DModel.from_pretrained(source), lambda: resolve_model_root(source),
+               lambda: components.load_vae(source), lambda: components.load_text_encoder(source),
+               lambda: components.load_audio_encoder(source)]
+    for load in loaders:  # before: huggingface_hub's "Repo id must be in the form ..." for most of them
+        with pytest.raises(FileNotFoundError) as info:
+            load()
+        text = str(info.value)
+        assert f"the folder {source} does not exist" in text and "owner/name" in text and "Repo id" not in text
+
+
+def _cut(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep(len(data))])
+
+
+@pytest.mark.parametrize("keep", [lambda n: n // 2, lambda n: n - 1, lambda n: 5, lambda n: 12],
+                         ids=["half", "last-byte", "inside-the-length", "inside-the-header"])
+def test_truncated_transformer_shard_is_named(tiny_model_dir, tmp_path, keep):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    shard = sorted((model / "transformer").glob("*.safetensors"))[2]
+    _cut(shard, keep)
+    with pytest.raises(CheckpointError) as info:
+        S2VTransformer3DModel.from_pretrained(model)
+    assert str(shard) in str(info.value) and "truncated" in str(info.value) and "download it again" in str(info.value)
+
+
+@pytest.mark.parametrize(("folder", "load"), [("vae", "load_vae"), ("text_encoder", "load_text_encoder"),
+                                              ("audio_encoder", "load_audio_encoder")])
+def test_truncated_encoder_weights_are_named(tiny_model_dir, tmp_path, folder, load):
+    import shutil
+
+    from engine.models import components
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    weights = next((model / folder).glob("*.safetensors"))
+    _cut(weights, lambda n: n * 2 // 3)
+    with pytest.raises(CheckpointError) as info:
+        getattr(components, load)(model)
+    assert str(weights) in str(info.value) and "truncated" in str(info.value)
+
+
+def test_truncated_lora_file_is_named(tmp_path):
+    from engine.train.lora import load_lora
+
+    path = tmp_path / "my_lora.safetensors"
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)}, path)
+    _cut(path, lambda n: n - 16)
+    with pytest.raises(CheckpointError, match="my_lora.safetensors: the weights file is truncated"):
+        load_lora(path)

@@ -1,30 +1,96 @@
 """Value rules of the run config: ranges, and combinations the model or the data make impossible.
 
 `check_config` returns every problem (the TUI shows them next to their fields); `validate_config` raises the
-first. Frame arithmetic follows spec/S2V_MODEL.md: the VAE encodes 4k+1 pixel frames (the first alone, then
-groups of 4), and the official continuation mode feeds 73 motion frames (19 latents) before 80 new ones.
+first. Frame arithmetic follows spec/S2V_MODEL.md (the rule itself is engine.data.windows.window_frame_problems,
+shared with the dataset code): the VAE encodes 4k+1 pixel frames (the first alone, then groups of 4), and the
+official continuation mode feeds 73 motion frames (19 latents) before 80 new ones.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from engine.config.errors import BadValueError, ConfigError, ConflictError
-from engine.config.schema import LOW_BIT_FAMILIES, Config
+from engine.config.schema import LOW_BIT_FAMILIES, Config, nonfinite_allowed, schema_key
+from engine.data.windows import window_frame_problems
+from engine.models.source import EXAMPLE_HUB_ID, SOURCE_FIX, source_problem
 
-MAX_MOTION_FRAMES = 73  # the frame packer takes at most 19 motion latents: (73 + 3) // 4
+# ---- rules on one value alone -----------------------------------------------------------------------------
+# strict.py applies these as each value is read (file, form, --set), so a value that is wrong whatever the rest
+# says (an output.name that climbs out of output.run_dir) is refused before anything can act on it;
+# check_config applies them again to configs built in code.
+
+
+def _folder_name(name: str) -> tuple[str, str] | None:
+    if not name.strip() or "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+        shown = f"'{name}'" if name.strip() else "empty"
+        return (f"{shown} is not one folder name: the run folder would not be a new folder inside "
+                "output.run_dir", 'output.name must be one folder name (no /, \\, "." or ".."), '
+                'e.g. name = "my-voice-lora"')
+    return None
+
+
+def _model_source(source: str) -> tuple[str, str] | None:
+    if not source.strip():
+        return "is empty", f'give a hub id (owner/name) or a model folder, e.g. source = "{EXAMPLE_HUB_ID}"'
+    return None
+
+
+_STRING_RULES: dict[str, Callable[[str], tuple[str, str] | None]] = {
+    "model.source": _model_source,
+    "output.name": _folder_name,
+}
+
+
+def leaf_problems(key: str, value: Any) -> Iterator[tuple[str, str, str]]:
+    """(key, what is wrong, fix) for one schema value judged alone; arrays item by item. Tables are skipped:
+    their own values are judged one by one."""
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from leaf_problems(f"{key}[{i}]", item)
+        return
+    if isinstance(value, float) and not math.isfinite(value) and not nonfinite_allowed(key):
+        yield key, f"must be a finite number, got {value}", "write a finite number (nan and inf mean nothing here)"
+    elif isinstance(value, str):
+        rule = _STRING_RULES.get(schema_key(key))
+        found = rule(value) if rule else None
+        if found:
+            yield key, *found
+
+
+def _tree_problems(node: Any, prefix: str = "") -> Iterator[tuple[str, str, str]]:
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _tree_problems(value, key + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                yield from _tree_problems(item, f"{key}[{i}].")
+        else:
+            yield from leaf_problems(key, value)
 
 
 class _Checker:
     def __init__(self, origin: Callable[[str], str]) -> None:
         self.origin = origin
         self.errors: list[ConfigError] = []
+        self.judged: set[str] = set()  # keys refused on their value alone: their range rules would say it again
 
     def bad(self, key: str, message: str, fix: str) -> None:
-        self.errors.append(BadValueError(self.origin(key), key, message, fix))
+        if key not in self.judged:
+            self.errors.append(BadValueError(self.origin(key), key, message, fix))
 
     def conflict(self, key: str, message: str, fix: str) -> None:
-        self.errors.append(ConflictError(self.origin(key), key, message, fix))
+        if key not in self.judged:
+            self.errors.append(ConflictError(self.origin(key), key, message, fix))
+
+    def leaves(self, cfg: Config) -> None:
+        for key, message, fix in _tree_problems(cfg):
+            self.bad(key, message, fix)
+            self.judged.add(key)
 
     def at_least(self, key: str, value: float, low: float, fix: str = "") -> None:
         if value < low:
@@ -53,27 +119,8 @@ def _check_data(c: _Checker, cfg: Config) -> None:
     if width <= 0 or height <= 0 or width % 16 or height % 16:
         fix = f"use multiples of 16, e.g. [{max(16, round(width / 16) * 16)}, {max(16, round(height / 16) * 16)}]"
         c.bad("data.resolution", f"{width}x{height} is not a multiple of 16 on both sides (VAE 8x, patch 2x)", fix)
-    mf = d.motion_frames
-    if mf < 0 or mf > MAX_MOTION_FRAMES or (mf and mf % 4 != 1):
-        c.bad(
-            "data.motion_frames",
-            f"{mf} motion frames do not give whole motion latents (4k+1, at most {MAX_MOTION_FRAMES})",
-            "use 73 (the official 19 motion latents) or 0 to train first-clip mode only",
-        )
-    if d.frames < 1:
-        c.bad("data.frames", f"must be at least 1, got {d.frames}", "use 80 (20 latents, as inference)")
-    elif mf and d.frames % 4:
-        c.conflict(
-            "data.frames",
-            f"{d.frames} frames after {mf} motion frames is not 4k+1 frames in all ({mf + d.frames})",
-            f"use a multiple of 4, e.g. {max(4, d.frames // 4 * 4)} (80 as inference)",
-        )
-    elif not mf and d.frames % 4 not in (0, 1):
-        c.bad(
-            "data.frames",
-            f"{d.frames} is neither 4k (as inference) nor 4k+1 (one VAE clip)",
-            f"use {d.frames // 4 * 4} or {d.frames // 4 * 4 + 1}",
-        )
+    for which, message, fix in window_frame_problems(d.frames, d.motion_frames):
+        c.bad(f"data.{which}", message, fix)
     c.probability("data.motion_drop_prob", d.motion_drop_prob)
     c.at_least("data.windows_per_clip", d.windows_per_clip, 0)
     c.probability("data.caption_dropout", d.caption_dropout)
@@ -184,8 +231,6 @@ def _check_memory(c: _Checker, cfg: Config) -> None:
 
 def _check_output(c: _Checker, cfg: Config) -> None:
     out = cfg.output
-    if not out.name or "/" in out.name or "\\" in out.name or out.name in (".", ".."):
-        c.bad("output.name", f"'{out.name}' is not a plain folder name", 'e.g. name = "my-voice-lora"')
     if not out.run_dir:
         c.bad("output.run_dir", "is empty", 'e.g. run_dir = "runs"')
     if not out.formats:
@@ -200,14 +245,23 @@ def check_config(
     origin: Callable[[str], str] | str = "<config>",
     dataset_size: int | None = None,
     require_data: bool = False,
+    require_model: bool | None = None,
 ) -> list[ConfigError]:
     """Every rule broken by `cfg`, in schema order. `origin` is the file name, or a function from dotted key
     to the file that set it. `dataset_size` (windows) enables the batch-size check; `require_data` the check
-    that at least one dataset is given (a preset may leave that to the file that extends it)."""
+    that at least one dataset is given (a preset may leave that to the file that extends it); `require_model`
+    the check that model.source is an existing folder or has the form of a hub id. It follows `require_data`
+    when not given: a config that must name its data is one about to be cached or trained, which needs the
+    model too; `s2v-tui check` reads the data of a preset without the model and passes False."""
     where = origin if callable(origin) else (lambda key, name=origin: name)
     c = _Checker(where)
+    c.leaves(cfg)
     if require_data and not cfg.data.datasets:
         c.bad("data.datasets", "no dataset is given", 'add a [[data.datasets]] table with path = "clips/"')
+    if require_data if require_model is None else require_model:
+        problem = source_problem(cfg.model.source)
+        if problem:
+            c.bad("model.source", problem, SOURCE_FIX)
     _check_data(c, cfg)
     _check_lora(c, cfg)
     _check_optim(c, cfg, dataset_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,14 +45,16 @@ DEFAULT_LORA_TARGETS = (
 )
 
 
-def opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call sites
-    """A field with a default and its help line. Lists get a fresh copy per instance."""
+def opt(default: Any, help: str, *, finite: bool = True) -> Any:  # noqa: A002 - "help" reads best at the call sites
+    """A field with a default and its help line. Lists get a fresh copy per instance. Number fields refuse nan
+    and inf unless `finite=False` says the key gives them a meaning."""
+    metadata = {"help": help} if finite else {"help": help, "finite": False}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
     if dataclasses.is_dataclass(default):
         # A fresh default instance each time, so no two configs share a nested list.
-        return field(default_factory=type(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=type(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -306,6 +309,36 @@ class FieldInfo:
 
 def type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def schema_key(key: str) -> str:
+    """'data.datasets[0].weight' -> 'data.datasets.weight': the schema's name of a key, without item numbers."""
+    return re.sub(r"\[\d+\]", "", key)
+
+
+def _nonfinite_keys(cls: type, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for f in dataclasses.fields(cls):
+        tp = type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            tp = typing.get_args(tp)[0]  # the items of an array of tables share one schema name
+        if dataclasses.is_dataclass(tp):
+            keys |= _nonfinite_keys(tp, key + ".")
+        elif f.metadata.get("finite", True) is False:
+            keys.add(key)
+    return keys
+
+
+_NONFINITE: set[str] | None = None
+
+
+def nonfinite_allowed(key: str) -> bool:
+    """Whether the number key (any form, e.g. 'optim.betas[1]') may be nan or inf: only when its field says so."""
+    global _NONFINITE
+    if _NONFINITE is None:
+        _NONFINITE = _nonfinite_keys(Config)
+    return schema_key(key) in _NONFINITE
 
 
 def choices_of(tp: Any) -> tuple[str, ...]:

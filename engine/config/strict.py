@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from engine.config.errors import BadValueError, ConfigError, UnknownKeyError, WrongTypeError
+from engine.config.rules import leaf_problems
 from engine.config.schema import Config, flatten, resolved_dict, type_hints
 
 Origin = Callable[[str], str]
@@ -142,8 +143,15 @@ def build(cls: type, data: dict[str, Any], origin: Origin, prefix: str = "") -> 
         if name not in fields:
             raise _unknown_key(name, key, list(fields), origin)
         default = None if dataclasses.is_dataclass(hints[name]) else plain_defaults.get(name)
-        kwargs[name] = convert(hints[name], value, key, origin, default)
+        kwargs[name] = _judged(key, convert(hints[name], value, key, origin, default), origin)
     return cls(**kwargs)
+
+
+def _judged(key: str, value: Any, origin: Origin) -> Any:
+    """`value` unchanged, or the BadValueError of the first rule it breaks on its own (rules.leaf_problems)."""
+    for bad_key, message, fix in leaf_problems(key, value):
+        raise BadValueError(origin(bad_key), bad_key, message, fix)
+    return value
 
 
 def with_value(config: Config, key: str, value: Any, file: str = "<input>") -> Config:
@@ -161,7 +169,7 @@ def with_value(config: Config, key: str, value: Any, file: str = "<input>") -> C
         if depth == len(parts) - 1:
             tp = type_hints(type(node))[name]
             default = resolved_dict(type(node)()).get(name)
-            setattr(node, name, convert(tp, value, key, lambda _k: file, default))
+            setattr(node, name, _judged(key, convert(tp, value, key, lambda _k: file, default), lambda _k: file))
         else:
             node = getattr(node, name)
     return new

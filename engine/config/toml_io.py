@@ -60,15 +60,44 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_toml(path: Path, referrer: str | None) -> dict[str, Any]:
+def _read_text(path: Path, referrer: str | None) -> str:
+    """The text of a config file, or a ConfigError that says why it cannot be read and what to do.
+
+    A missing or folder path is a mistake in whoever named it (the command line or an `extends`); a file that
+    cannot be opened or is not UTF-8 is a problem of that file itself, so the error names it.
+    """
+    by = f" (extended by {referrer})" if referrer else ""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         if referrer is None:
             raise ConfigError(str(path), "(file)", "file not found", "check the path") from None
         raise ExtendsError(
             referrer, EXTENDS_KEY, f"'{path}' does not exist", "give a path relative to the extending file"
         ) from None
+    except IsADirectoryError:
+        if referrer is None:
+            raise ConfigError(str(path), "(file)", "is a folder, not a config file",
+                              "give the path of the .toml file, e.g. presets/24gb.toml") from None
+        raise ExtendsError(referrer, EXTENDS_KEY, f"'{path}' is a folder, not a config file",
+                           'name the .toml file, e.g. extends = "presets/base.toml"') from None
+    except PermissionError:
+        raise ConfigError(str(path), "(file)", f"cannot be read: permission denied{by}",
+                          f"make it readable (chmod u+r {path}) or run as a user who may read it") from None
+    except OSError as exc:
+        raise ConfigError(str(path), "(file)", f"cannot be read: {exc.strerror or exc}{by}",
+                          "check that the file and its disk are reachable") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(str(path), "(file)",
+                          f"is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line})"
+                          f" cannot be decoded{by}", "save it as UTF-8 in your editor") from None
+
+
+def _read_toml(path: Path, referrer: str | None) -> dict[str, Any]:
+    text = _read_text(path, referrer)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -107,12 +136,15 @@ def load_raw(path: str | os.PathLike[str]) -> tuple[dict[str, Any], _Sources]:
 
 
 def load_config(
-    path: str | os.PathLike[str], dataset_size: int | None = None, require_data: bool = False
+    path: str | os.PathLike[str], dataset_size: int | None = None, require_data: bool = False,
+    require_model: bool | None = None,
 ) -> Config:
-    """The typed, validated config of `path` (following `extends`). Raises ConfigError naming file and key."""
+    """The typed, validated config of `path` (following `extends`). Raises ConfigError naming file and key.
+    `require_data` and `require_model` as in `check_config`."""
     tree, sources = load_raw(path)
     config = build(Config, tree, sources)
-    return validate_config(config, sources, dataset_size=dataset_size, require_data=require_data)
+    return validate_config(config, sources, dataset_size=dataset_size, require_data=require_data,
+                           require_model=require_model)
 
 
 def _toml_value(value: Any) -> Any:
@@ -163,7 +195,7 @@ def save_config(
     replaces the file's `extends`; None keeps the one it has. The result is checked by loading it back.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = _read_text(path, None) if path.exists() else ""
     doc = tomlkit.parse(text)
     if extends is not None:
         if EXTENDS_KEY in doc:

@@ -12,7 +12,7 @@ import gc
 import itertools
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -22,13 +22,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from engine.config.errors import ConflictError
 from engine.data import media
 from engine.data.cache import CacheStore
 from engine.data.cache_plan import (AUDIO_RATE, TEXT_LEN, AudioJob, CachePlan, CacheSettings, ModelIdentity,
                                     PlannedWork, ReferenceJob, ReferenceSource, TextJob, WindowJob, dataset_specs,
                                     doctor_settings, fit_image_transform, plan_work)
-from engine.data.doctor import inspect_datasets
-from engine.data.problems import DataError
+from engine.data.discover import DatasetSpec
+from engine.data.doctor import DoctorReport, inspect_datasets
+from engine.data.problems import DataError, Problem
 from engine.data.windows import MODEL_FPS, CropPlan, audio_features_per_frame, latent_frames
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ class CacheStopped(Exception):
 
 def resolve_model_root(source: str) -> Path:
     """The local S2V model folder (diffusers layout) of model.source, a folder or a hub id."""
+    from engine.models.source import fetch_from_hub, require_source
+
+    require_source(source)
     path = Path(source).expanduser()
     needed = [s for subs in MODEL_SUBFOLDERS.values() for s in subs]
     if path.exists():
@@ -69,10 +74,8 @@ def resolve_model_root(source: str) -> Path:
                                     f"point model.source at the S2V model folder in the diffusers layout "
                                     f"(vae/, text_encoder/, tokenizer/, audio_encoder/, audio_processor/)")
         return path
-    from huggingface_hub import snapshot_download
-
     # Only the encoders' folders: the 14B transformer is not needed to fill the cache.
-    return Path(snapshot_download(source, allow_patterns=[f"{s}/*" for s in needed]))
+    return fetch_from_hub(source, [f"{s}/*" for s in needed])
 
 
 def model_identity(store: CacheStore, root: Path) -> ModelIdentity:
@@ -312,12 +315,43 @@ def plan_cache(config, progress_cb: ProgressCallback | None = None, *, settings:
         raise CacheStopped("check")
     for problem in report.problems:
         log.warning("%s", problem)
+    if not any(c.usable for c in report.clips):
+        # Before the model is even looked at: with nothing to train on, no encoder must load (UMT5 alone is
+        # 11 GB), and the reason belongs to the datasets.
+        for clip in report.clips:
+            _log_skipped(clip.clip.video, [p for p in clip.problems if p.blocking])
+        raise no_windows_error(specs, report)
     root = resolve_model_root(config.model.source)
     work = plan_work(list(report.clips), specs, dsettings, store, model_identity(store, root), settings)
     for skip in work.plan.skipped:
-        log.warning("skipped %s: %s", skip.video, "; ".join(f"{p.code}: {p.message} (fix: {p.fix})"
-                                                             for p in skip.problems) or "no window")
+        _log_skipped(skip.video, skip.problems)
     return work, store, root
+
+
+def _log_skipped(video: Path, problems: Sequence[Problem]) -> None:
+    log.warning("skipped %s: %s", video, "; ".join(f"{p.code}: {p.message} (fix: {p.fix})" for p in problems)
+                or "no window")
+
+
+class NoTrainingWindows(ConflictError):
+    """No clip of the datasets gives a training window. A ConflictError (the config's datasets cannot train)
+    whose `file` is the dataset folder(s), so every face prints it as it prints a config problem."""
+
+
+def no_windows_error(specs: Sequence[DatasetSpec], report: DoctorReport) -> NoTrainingWindows:
+    folders = ", ".join(str(s.path) for s in specs)
+    key = "data.datasets[0].path" if len(specs) == 1 else "data.datasets"
+    if not report.clips:
+        found = "; ".join(f"{p.code}: {p.message}" for p in report.problems) or "no video files found"
+        return NoTrainingWindows(folders, key, f"no usable training window: {found}",
+                                 "put the clips there (mp4, mov, mkv, webm, avi, m4v, each with its caption .txt), "
+                                 f"or point {key} at the folder that holds them")
+    codes = Counter(p.code for c in report.clips for p in c.problems if p.blocking)
+    why = ", ".join(f"{code} x{n}" for code, n in codes.most_common()) or "no window fits"
+    n = len(report.clips)
+    clips = "the only clip is" if n == 1 else f"all {n} clips are"
+    return NoTrainingWindows(folders, key, f"no usable training window: {clips} left out ({why})",
+                             "`s2v-tui check PRESET.toml` lists each clip with its problem and fix")
 
 
 def fill_cache(config, progress_cb: ProgressCallback | None = None, device: str | torch.device | None = None, *,

@@ -163,6 +163,9 @@ class CachePlan:
     empty_text_key: str
     skipped: tuple[SkippedClip, ...] = ()
     complete: bool = True  # False when filling was stopped before every entry existed
+    # (video, problem) for each non-blocking problem of a clip that trains (a caption cut at 512 tokens, audio
+    # shorter than the video, ...): what `s2v-tui check` shows as warnings, for the run to show too.
+    warnings: tuple[tuple[Path, Problem], ...] = ()
 
     @property
     def fingerprint(self) -> str:
@@ -253,6 +256,7 @@ def plan_work(reports: list[ClipReport], specs: list[DatasetSpec], settings: Doc
     by_label = {s.label: s for s in specs}
     records: list[WindowRecord] = []
     skipped: list[SkippedClip] = []
+    warnings: list[tuple[Path, Problem]] = []
     refs: dict[str, ReferenceJob] = {}
     wins: dict[str, WindowJob] = {}
     auds: dict[str, AudioJob] = {}
@@ -270,6 +274,7 @@ def plan_work(reports: list[ClipReport], specs: list[DatasetSpec], settings: Doc
         if not report.usable or plan is None:
             skipped.append(SkippedClip(clip.video, tuple(p for p in report.problems if p.blocking)))
             continue
+        warnings.extend((clip.video, p) for p in report.problems if not p.blocking)
         clip_id = _clip_id(clip, by_label)
         transform = plan.crop
         size = (plan.crop.width, plan.crop.height)
@@ -318,7 +323,8 @@ def plan_work(reports: list[ClipReport], specs: list[DatasetSpec], settings: Doc
     def missing(kind: str, jobs: dict[str, Any]) -> tuple:
         return tuple(j for k, j in jobs.items() if not store.has(kind, k, verify=cache.verify_existing))
 
-    plan = CachePlan(root=store.root, records=tuple(records), empty_text_key=empty_key, skipped=tuple(skipped))
+    plan = CachePlan(root=store.root, records=tuple(records), empty_text_key=empty_key, skipped=tuple(skipped),
+                     warnings=tuple(warnings))
     return PlannedWork(plan=plan, references=missing("reference", refs), windows=missing("window", wins),
                        audio=missing("audio", auds), texts=missing("text", texts))
 

@@ -30,7 +30,7 @@ from engine.data.discover import ClipSource, DatasetSpec, discover
 from engine.data.scan import MediaScan, scan_media
 from engine.data.problems import BLOCKING, WARNING, DataError, Problem, make_problem
 from engine.data.windows import (MODEL_FPS, BucketSettings, CropPlan, Window, WindowSettings, aspect_buckets,
-                                 choose_bucket, choose_reference_frame, crop_for, plan_windows)
+                                 choose_bucket, choose_reference_frame, crop_for, frames_text, plan_windows)
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,16 @@ class ClipPlan:
     reference: str
     audio_source: str
 
+    @property
+    def length(self) -> str:
+        """The usable length as the problems and `s2v-tui check` write it (windows.frames_text)."""
+        return frames_text(self.frames, self.duration_s)
+
     def to_dict(self) -> dict:
         return {"width": self.width, "height": self.height, "rotation": self.rotation,
                 "source_fps": self.source_fps, "variable_rate": self.variable_rate,
                 "fps_conversion": self.fps_conversion, "duration_s": round(self.duration_s, 4),
-                "frames_16fps": self.frames, "windows": [w.to_dict() for w in self.windows],
+                "frames_16fps": self.frames, "length": self.length, "windows": [w.to_dict() for w in self.windows],
                 "bucket": self.bucket, "crop": vars(self.crop), "reference": self.reference,
                 "audio_source": self.audio_source}
 
@@ -256,6 +261,8 @@ def _plan(clip: ClipSource, settings: DoctorSettings, problems: list[Problem]) -
     fps = timing.mean_fps
     if fps and info.video.rate and abs(info.video.rate - fps) < 0.01 * fps:
         fps = info.video.rate  # the header's exact rate (30000/1001) when the timestamps agree with it
+    elif fps is None:
+        fps = info.video.rate  # one frame has no interval to measure: the header's rate is all there is
     vfr = timing.is_variable_rate(settings.vfr_tolerance)
     if vfr:
         d = timing.frame_intervals
@@ -283,8 +290,10 @@ def _plan(clip: ClipSource, settings: DoctorSettings, problems: list[Problem]) -
             audio_desc = "zero audio"
     else:
         if abs(audio.end_s - duration) > settings.duration_tolerance_s:
-            problems.append(make_problem("duration-mismatch", audio.path, f"video {duration:.2f} s, audio "
-                                         f"{audio.end_s:.2f} s; windows only where both exist"))
+            video_len = frames_text(media.frames_at_rate(duration, MODEL_FPS), duration)
+            audio_len = frames_text(media.frames_at_rate(audio.end_s, MODEL_FPS), audio.end_s)
+            problems.append(make_problem("duration-mismatch", audio.path, f"video {video_len}, audio {audio_len}; "
+                                         "windows only where both exist"))
         elif audio.start_s > settings.duration_tolerance_s:
             problems.append(make_problem("duration-mismatch", audio.path, f"the audio starts {audio.start_s:.2f} s "
                                          "after the first video frame; windows before that get silence"))
@@ -296,9 +305,9 @@ def _plan(clip: ClipSource, settings: DoctorSettings, problems: list[Problem]) -
     frames = media.frames_at_rate(duration, MODEL_FPS)
     windows = plan_windows(frames, settings.windows)
     if not windows:
-        need = settings.windows.frames
-        problems.append(make_problem("too-few-frames", clip.video, f"{frames} frames at 16 fps ({duration:.2f} s); "
-                                     f"one window needs {need} ({need / MODEL_FPS:.2f} s)"))
+        need = frames_text(settings.windows.frames)
+        problems.append(make_problem("too-few-frames", clip.video, f"{frames_text(frames, duration)}; one window "
+                                     f"needs {need}", fix=f"use clips of at least {need}, or move this one out"))
         reference = "-"
     else:
         ref = choose_reference_frame(windows[0], frames, settings.reference, rng)

@@ -123,6 +123,9 @@ def scan_media(path: Path | str, *, audio_levels: bool = True, block_s: float = 
                 # start than that frame; the doctor runs files in parallel instead.
                 stream.codec_context.thread_count = 1
         v_time_base = float(vs.time_base) if vs is not None else 0.0
+        # Read while the container is open: after it closes, the stream's fields read freed memory (a one-frame
+        # clip, the only one that needs this rate, came out 0.04 s long in one run and 9.7 s in the next).
+        nominal_rate = float(vs.average_rate or vs.guessed_rate or 0) if vs is not None else 0.0
         a_time_base = float(aus.time_base) if aus is not None else 0.0
         channels = aus.codec_context.channels if aus is not None else 0
         decode_audio = audio_levels and aus is not None
@@ -168,8 +171,9 @@ def scan_media(path: Path | str, *, audio_levels: bool = True, block_s: float = 
             raise DataError(make_problem("corrupt-container", path, "no video frame could be decoded"))
         times = np.unique(np.asarray(vpts, dtype=np.int64)).astype(np.float64) * v_time_base
         rel = times - times[0]
-        # The last frame lasts one mean interval (timestamps do not say how long it is shown).
-        step = float(rel[-1] / (rel.size - 1)) if rel.size > 1 else 1.0 / float(vs.average_rate or 16)
+        # The last frame lasts one mean interval (timestamps do not say how long it is shown); a lone frame
+        # lasts one frame at the header's rate, or at the model's 16 fps when the header has none.
+        step = float(rel[-1] / (rel.size - 1)) if rel.size > 1 else 1.0 / (nominal_rate or 16.0)
         timing = StreamTiming(video_times=rel, video_start_s=float(times[0]), video_duration_s=float(rel[-1] + step),
                               audio_start_s=None if a_first is None else a_first * a_time_base,
                               audio_end_s=None if a_end is None else a_end * a_time_base)

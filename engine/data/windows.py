@@ -25,11 +25,41 @@ WAV2VEC_RATE_HZ = 50
 AUDIO_FEATURE_FPS = 30  # the official pipeline's intermediate rate for wav2vec2 features
 
 
+def frames_text(frames: int, seconds: float | None = None) -> str:
+    """A length as every report writes it, e.g. '1 frame at 16 fps (0.04 s)': frames at the model's rate, then
+    seconds; `seconds` is the source's own duration when known (frames / 16 otherwise)."""
+    seconds = frames / MODEL_FPS if seconds is None else seconds
+    return f"{frames} frame{'' if frames == 1 else 's'} at {MODEL_FPS} fps ({seconds:.2f} s)"
+
+
 def latent_frames(pixel_frames: int) -> int:
     """Latent frames the causal VAE makes from `pixel_frames` (first frame alone, then groups of 4)."""
     if pixel_frames <= 0:
         return 0
     return 1 + (pixel_frames - 1) // VAE_TIME_FACTOR
+
+
+def window_frame_problems(frames: int, motion_frames: int) -> list[tuple[str, str, str]]:
+    """Why a window of `frames` new frames after `motion_frames` motion frames cannot be encoded, as
+    (which, what is wrong, fix) with which = "frames" or "motion_frames"; [] when it can.
+
+    The new frames always follow one causal prefix, the reference frame or the 4k+1 motion frames, so they
+    must be whole groups of 4 (one latent each); the frame packer takes at most 19 motion latents (73 frames).
+    The config rules (data.frames, data.motion_frames) and WindowSettings both ask here, so a config that
+    passes its check never fails later in the dataset code.
+    """
+    out = []
+    if frames <= 0 or frames % VAE_TIME_FACTOR:
+        near = max(VAE_TIME_FACTOR, round(frames / VAE_TIME_FACTOR) * VAE_TIME_FACTOR)
+        nearest = f"use {near}, or " if near != WINDOW_FRAMES else "use "
+        out.append(("frames", f"{frames} new frames are not whole latents: valid values are 4, 8, 12, ... "
+                    "(a positive multiple of 4, each 4 frames one latent after the reference or motion frames)",
+                    f"{nearest}{WINDOW_FRAMES} (20 latents, as inference)"))
+    if motion_frames < 0 or motion_frames > MOTION_FRAMES or (motion_frames and (motion_frames - 1) % VAE_TIME_FACTOR):
+        out.append(("motion_frames", f"{motion_frames} motion frames are not whole motion latents: valid values "
+                    f"are 0 (none) or 1, 5, 9, ... {MOTION_FRAMES} (4k+1, at most {MOTION_FRAMES})",
+                    f"use {MOTION_FRAMES} (the official 19 motion latents) or 0 to train first-clip mode only"))
+    return out
 
 
 @dataclass(frozen=True)
@@ -40,12 +70,10 @@ class WindowSettings:
     max_windows: int | None = None  # per clip; None = as many as fit
 
     def __post_init__(self) -> None:
-        if self.frames <= 0 or self.frames % VAE_TIME_FACTOR:
-            raise ValueError(f"window frames = {self.frames}: must be a positive multiple of 4 "
-                             f"(4 frames per latent); the model's default is {WINDOW_FRAMES}")
-        if self.motion_frames < 0 or (self.motion_frames and (self.motion_frames - 1) % VAE_TIME_FACTOR):
-            raise ValueError(f"motion frames = {self.motion_frames}: must be 0 or 4k+1; the model uses "
-                             f"{MOTION_FRAMES}")
+        problems = window_frame_problems(self.frames, self.motion_frames)
+        if problems:
+            which, message, fix = problems[0]
+            raise ValueError(f"window {which.replace('_', ' ')} = {getattr(self, which)}: {message}; {fix}")
         if self.stride <= 0:
             raise ValueError(f"window stride = {self.stride}: must be at least 1 frame")
         if self.max_windows is not None and self.max_windows <= 0:

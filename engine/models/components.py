@@ -11,23 +11,40 @@ from pathlib import Path
 
 import torch
 
+from engine.models.source import require_source
+
 TEXT_LEN = 512
 
 
 def _root(source) -> str:
-    return str(Path(source).expanduser()) if Path(source).expanduser().exists() else str(source)
+    """The folder to load from, or the hub id; a missing local folder is said so here, because the libraries
+    would report it as a malformed hub id."""
+    require_source(source)
+    path = Path(source).expanduser()
+    return str(path) if path.exists() else str(source)
+
+
+def _checked(root: str, subfolder: str) -> str:
+    """`root`, after checking the weight files of its local `subfolder`: diffusers and transformers report a
+    truncated file without naming it (or not as truncated)."""
+    from engine.models.loading import check_weights_folder
+
+    if Path(root).is_dir():
+        check_weights_folder(Path(root) / subfolder)
+    return root
 
 
 def load_vae(source, dtype=torch.float32, device="cpu"):
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan.from_pretrained(_root(source), subfolder="vae", torch_dtype=dtype).to(device).eval()
+    root = _checked(_root(source), "vae")
+    return AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=dtype).to(device).eval()
 
 
 def load_text_encoder(source, dtype=torch.float32, device="cpu"):
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    root = _root(source)
+    root = _checked(_root(source), "text_encoder")
     tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
     encoder = UMT5EncoderModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype).to(device).eval()
     return tokenizer, encoder
@@ -37,7 +54,7 @@ def load_audio_encoder(source, device="cpu"):
     """wav2vec2 in fp32 (as every S2V implementation runs it) with its processor."""
     from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
-    root = _root(source)
+    root = _checked(_root(source), "audio_encoder")
     processor = Wav2Vec2Processor.from_pretrained(root, subfolder="audio_processor")
     model = Wav2Vec2ForCTC.from_pretrained(root, subfolder="audio_encoder", dtype=torch.float32).to(device).eval()
     return processor, model

@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from engine.models.keymap import detect_layout, native_to_diffusers, normalise_diffusers_name
+from engine.models.source import fetch_from_hub, require_source
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,51 @@ INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetens
 
 class CheckpointError(RuntimeError):
     """The checkpoint does not match the architecture; the message names every offending tensor."""
+
+
+class CorruptWeightsError(CheckpointError):
+    """A safetensors file cut short or damaged (an interrupted download or copy); the message names it."""
+
+    def __init__(self, path: Path | str, detail: str, fix: str = "") -> None:
+        self.path = Path(path)
+        super().__init__(f"{path}: the weights file is truncated or corrupt ({detail}); "
+                         f"{fix or 'download it again (or copy it again from a good source)'}")
+
+
+def check_weights_file(path: Path, fix: str = "") -> None:
+    """Raise CorruptWeightsError unless the safetensors header parses and its tensors end where the file does.
+
+    safetensors itself reports a short file as "incomplete metadata, file not fully covered" without the file
+    name, and a 14B model has dozens of shards; reading the header (a few kB) here names the one to fetch.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CorruptWeightsError(path, f"{size} bytes, shorter than a safetensors header", fix)
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CorruptWeightsError(path, f"the header alone needs {n + 8} bytes, the file has {size}", fix)
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptWeightsError(path, f"the header is not valid JSON: {exc}", fix) from None
+    except CorruptWeightsError:
+        raise
+    except OSError as exc:
+        raise CorruptWeightsError(path, f"cannot be read: {exc.strerror or exc}", fix) from None
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise CorruptWeightsError(path, "the header does not describe tensors", fix) from None
+    if 8 + n + end != size:
+        raise CorruptWeightsError(path, f"{size} bytes, but its tensors need {8 + n + end}", fix)
+
+
+def check_weights_folder(folder: Path) -> None:
+    """check_weights_file on every .safetensors file of a component folder (vae/, text_encoder/, ...)."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        check_weights_file(f)
 
 
 # Official config field -> ours (the rest of the official fields must hold the values of the S2V checkpoint).
@@ -110,6 +157,7 @@ def config_from_json(raw: dict, source: str) -> dict:
 
 def resolve_transformer_dir(source: str | os.PathLike, subfolder: str | None = "transformer") -> Path:
     """A local folder (model root or the transformer folder itself) or a hub id, resolved to a folder."""
+    require_source(source)
     path = Path(source).expanduser()
     if path.exists():
         if subfolder and (path / subfolder / CONFIG_NAME).is_file():
@@ -124,25 +172,14 @@ def resolve_transformer_dir(source: str | os.PathLike, subfolder: str | None = "
 
 
 def _download(repo_id: str, subfolder: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
     patterns = [CONFIG_NAME, "diffusion_pytorch_model*.safetensors*"]
     if subfolder:
         patterns += [f"{subfolder}/{CONFIG_NAME}", f"{subfolder}/*.safetensors*"]
-    try:
-        root = Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except HFValidationError as exc:
-        raise FileNotFoundError(f"{repo_id!r} is neither an existing folder nor a valid hub id") from exc
-    except (LocalEntryNotFoundError, OSError) as exc:
-        raise FileNotFoundError(
-            f"could not fetch {repo_id!r} from the hub ({type(exc).__name__}); on a machine without network, "
-            "download the model elsewhere and point the model source at its local folder"
-        ) from exc
-    return resolve_transformer_dir(root, subfolder)
+    return resolve_transformer_dir(fetch_from_hub(repo_id, patterns), subfolder)
 
 
 def shard_files(folder: Path) -> list[Path]:
+    """The transformer's shards, each checked whole (check_weights_file) before any is read."""
     for name in INDEX_NAMES:
         index = folder / name
         if index.is_file():
@@ -151,10 +188,13 @@ def shard_files(folder: Path) -> list[Path]:
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index}: shards listed in the index are missing: {missing}")
-            return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no .safetensors files")
+            break
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{folder}: no .safetensors files")
+    for f in files:
+        check_weights_file(f)
     return files
 
 

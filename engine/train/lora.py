@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from engine.models.keymap import diffusers_to_native, native_modules_14b, native_to_diffusers
+from engine.models.loading import check_weights_file
 from engine.train.fsio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
     A native file's per-module alpha is kept in the metadata as `alpha` when all modules agree; differing
     alphas are refused (our adapter has one scale)."""
+    check_weights_file(Path(path), fix="export it again from its run's checkpoint, or copy it again")
     path = str(path)
     with safe_open(path, framework="pt") as f:
         meta = dict(f.metadata() or {})

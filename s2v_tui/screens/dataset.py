@@ -71,7 +71,8 @@ def clip_row(report, root: Path | None) -> tuple[str, ...]:
     fps = f"{plan.source_fps:.2f}" if plan.source_fps else "?"
     if plan.variable_rate:
         fps += " vfr"
-    return (name, status, f"{plan.duration_s:.1f}s", fps, _audio_label(plan.audio_source), plan.bucket,
+    # Seconds as the check's lengths write them ("0.04 s"): one decimal showed a one-frame clip as 0.0 s.
+    return (name, status, f"{plan.duration_s:.2f} s", fps, _audio_label(plan.audio_source), plan.bucket,
             str(len(plan.windows)))
 
 
