@@ -84,7 +84,7 @@ def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.devi
     from engine.train.distributed import combination_problems
     from engine.train.switches import unsupported_switches
 
-    validate_config(config, "<run config>", require_data=not have_dataset)
+    validate_config(config, "<run config>", require_data=not have_dataset, require_model=not have_dataset)
     problems = unsupported_switches(config, device)
     if problems:
         raise RunFailed("this preset asks for memory switches that cannot run here: " + "; ".join(problems))
@@ -138,6 +138,9 @@ def _cached_dataset(config: Config, bus: EventBus, device: torch.device, stop_ev
     for skipped in plan.skipped:
         bus.emit(RunWarning(code="clip_skipped", message=f"{skipped.video} is left out: "
                             + "; ".join(str(problem) for problem in skipped.problems)))
+    for video, problem in plan.warnings:  # what `s2v-tui check` shows as non-blocking, a run shows too
+        bus.emit(RunWarning(code="clip_warning", message=f"{video}: {problem.code}: {problem.message} "
+                            f"(fix: {problem.fix})"))
     if not plan.complete:
         return None
     if not plan.records:
