@@ -57,7 +57,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import check_host_budget, emit_result, peak_host_rss_gib  # noqa: E402
+from bench.report import check_host_budget, emit_result, peak_host_rss_gib, step_durations  # noqa: E402
 from engine.config import with_value  # noqa: E402
 from engine.config.toml_io import load_config  # noqa: E402
 from engine.train.synthetic import SyntheticLatentDataset  # noqa: E402
@@ -141,16 +141,6 @@ def build_config(args, model_dir: Path, runs_dir: Path):
     for key, value in settings.items():
         config = with_value(config, key, value, file="<engine_step>")
     return config
-
-
-def step_durations(events) -> list[float]:
-    """Each step's own duration, recovered from StepEnd.s_per_step (a running mean over the trainer's window)."""
-    out, prev = [], 0.0
-    for k, e in enumerate(events, start=1):
-        total = k * e.s_per_step
-        out.append(total - prev)
-        prev = total
-    return out
 
 
 def bare_command(config, mode: str, steps: int) -> list[str]:

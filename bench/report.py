@@ -1,8 +1,15 @@
-"""How every bench reports: one JSON line on stdout, also appended to a results file when asked."""
+"""How every bench reports: one JSON line on stdout, also appended to a results file when asked; and the
+measurements more than one bench takes (peak RSS, step times from StepEnd events, a process tree's memory)."""
 from __future__ import annotations
 
 import json
 import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+# engine.train.metrics.StepTimer's default window: StepEnd.s_per_step is the mean over the last this many steps.
+STEP_TIMER_WINDOW = 20
 
 
 def emit_result(result: dict, json_path: str | None) -> None:
@@ -29,3 +36,73 @@ def check_host_budget(result: dict, budget_gib: float) -> bool:
     result["host_budget_gib"] = budget_gib
     result["host_within_budget"] = within
     return within
+
+
+def step_durations(events: Sequence, window: int = STEP_TIMER_WINDOW) -> list[float]:
+    """Each step's own duration, recovered from the StepEnd events of one run (a running mean over the trainer's
+    last `window` steps): the window's sum changes by the new step minus the one that left it."""
+    out: list[float] = []
+    prev_sum = 0.0
+    for k, e in enumerate(events, start=1):
+        window_sum = min(k, window) * e.s_per_step
+        left = out[k - 1 - window] if k > window else 0.0
+        out.append(window_sum - prev_sum + left)
+        prev_sum = window_sum
+    return out
+
+
+# ---- a process tree's memory while it runs ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemorySample:
+    t: float  # time.time(), the clock of the engine's events
+    tree_rss: int  # the process and all its descendants (compile workers, loaders); shared pages count per process
+    rss: int  # the process alone
+    system_used: int  # the host's total - available (engine.gpu.host_memory: a container's cgroup when tighter)
+    gpu_used: int | None  # device memory in use (NVML), None without a reading
+
+
+def tree_rss_bytes(pid: int) -> tuple[int, int]:
+    """(RSS of `pid`, RSS of `pid` and every descendant); (0, 0) once it is gone."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        own = root.memory_info().rss
+        children = root.children(recursive=True)
+    except psutil.Error:
+        return 0, 0
+    total = own
+    for child in children:
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # it ended between the listing and the reading
+            continue
+    return own, total
+
+
+def sample_memory(pid: int, done: Callable[[], bool], interval_s: float = 0.2,
+                  gpu_used: Callable[[], int | None] | None = None,
+                  on_sample: Callable[[MemorySample], None] | None = None) -> list[MemorySample]:
+    """Sample the memory of process `pid`'s tree, the host's and (with `gpu_used`) the GPU's every `interval_s`
+    until `done()` is true (e.g. the process has exited); returns the samples in time order."""
+    from engine.gpu import host_memory
+
+    samples: list[MemorySample] = []
+    while not done():
+        started = time.time()
+        own, tree = tree_rss_bytes(pid)
+        host = host_memory()
+        sample = MemorySample(started, tree, own, host.used_bytes, gpu_used() if gpu_used else None)
+        samples.append(sample)
+        if on_sample:
+            on_sample(sample)
+        time.sleep(max(0.0, interval_s - (time.time() - started)))
+    return samples
+
+
+def peak(samples: Sequence[MemorySample], field: str, start: float | None = None,
+         end: float | None = None) -> int | None:
+    """The largest `field` of the samples taken in [start, end) (all when not given); None if none has it."""
+    values = [getattr(s, field) for s in samples
+              if (start is None or s.t >= start) and (end is None or s.t < end) and getattr(s, field) is not None]
+    return max(values) if values else None

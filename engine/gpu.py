@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -204,17 +205,98 @@ def _int_attr(struct: Any, name: str) -> int | None:
     return int(value) if value is not None else None
 
 
+# A cgroup limit this large means "no limit" (v1 writes the page-rounded largest long).
+_NO_CGROUP_LIMIT = 1 << 60
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # v2 writes "max" for no limit
+
+
+def _stat_value(path: Path, names: tuple[str, ...]) -> int:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    stats = dict(line.split(" ", 1) for line in lines if " " in line)
+    for name in names:
+        if name in stats and stats[name].strip().isdigit():
+            return int(stats[name])
+    return 0
+
+
+def _cgroup_dirs(root: Path, proc_cgroup: Path) -> list[tuple[Path, str]]:
+    """The memory cgroup folders of this process, innermost first, with the version ("v1" or "v2")."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    found: list[tuple[Path, str]] = []
+    for line in lines:
+        _, controllers, rel = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "" and rel:
+            base, version = root, "v2"
+        elif "memory" in controllers.split(","):
+            base, version = root / "memory", "v1"
+        else:
+            continue
+        # Inside a container the mount may show the process's own cgroup at its root, or the whole tree: take
+        # the folder of the path when it exists, else the mount's root, and every parent up to the mount (a
+        # parent's limit binds too).
+        leaf = base / rel.lstrip("/")
+        here = leaf if leaf.is_dir() else base
+        while True:
+            found.append((here, version))
+            if here == base or base not in here.parents:
+                break
+            here = here.parent
+    return found
+
+
+def cgroup_memory_available(root: Path = Path("/sys/fs/cgroup"),
+                            proc_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[int, int] | None:
+    """(limit, available) bytes of the tightest memory cgroup limit over this process, or None when no cgroup
+    limits its memory. In a container the kernel's OOM killer acts at this limit, which /proc/meminfo (and so
+    psutil) does not show. Available = limit - usage + the inactive file cache the kernel reclaims first."""
+    best: tuple[int, int] | None = None
+    for folder, version in _cgroup_dirs(root, proc_cgroup):
+        if version == "v2":
+            limit, usage = _read_int(folder / "memory.max"), _read_int(folder / "memory.current")
+            reclaimable = _stat_value(folder / "memory.stat", ("inactive_file",))
+        else:
+            limit, usage = _read_int(folder / "memory.limit_in_bytes"), _read_int(folder / "memory.usage_in_bytes")
+            reclaimable = _stat_value(folder / "memory.stat", ("total_inactive_file", "inactive_file"))
+        if limit is None or usage is None or limit >= _NO_CGROUP_LIMIT:
+            continue
+        available = max(0, limit - usage + min(reclaimable, usage))
+        if best is None or available < best[1]:
+            best = (limit, available)
+    return best
+
+
 def host_memory() -> HostMemory:
-    """Host RAM now, and the resident memory of this process."""
+    """Host RAM now, and the resident memory of this process. Under a memory cgroup limit (a container) total
+    and available are the cgroup's when they are tighter than the machine's."""
     vm = psutil.virtual_memory()
     try:
         rss = psutil.Process().memory_info().rss
     except psutil.Error:
         rss = 0
+    total, available = int(vm.total), int(vm.available)
+    try:
+        cgroup = cgroup_memory_available()
+    except (OSError, ValueError):
+        cgroup = None
+    if cgroup is not None:
+        total, available = min(total, cgroup[0]), min(available, cgroup[1])
     return HostMemory(
-        total_bytes=int(vm.total),
-        available_bytes=int(vm.available),
-        used_bytes=int(vm.total - vm.available),  # what others cannot have, unlike psutil's `used`
+        total_bytes=total,
+        available_bytes=available,
+        used_bytes=total - available,  # what others cannot have, unlike psutil's `used`
         process_rss_bytes=int(rss),
     )
 
@@ -232,4 +314,5 @@ def default_probe() -> GpuProbe:
         return _default_probe
 
 
-__all__ = ["GpuProbe", "GpuSnapshot", "HostMemory", "ProbeState", "default_probe", "host_memory"]
+__all__ = ["GpuProbe", "GpuSnapshot", "HostMemory", "ProbeState", "cgroup_memory_available", "default_probe",
+           "host_memory"]

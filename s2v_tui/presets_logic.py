@@ -1,7 +1,8 @@
-"""Which preset fits this machine: pure functions over GPU readings and the engine's memory model.
+"""Which preset fits this machine: the screen's rows over GPU readings, host RAM and the engine's memory model.
 
 No number is made up here. A preset the memory model has not measured has `need = None` and is shown as
-"not measured yet"; the recommendation only ever comes from measured needs.
+"not measured yet"; the recommendation only ever comes from measured needs, and the rule that picks it is the
+engine's (`engine.memory.choose_preset`), the same one `s2v-tui presets` and the pre-flight check use.
 """
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from pathlib import Path
 
 from engine.config import Config, ConfigError, load_config
 from engine.gpu import GpuSnapshot, HostMemory
+from engine.memory import PresetChoice, choose_preset, preset_files
 
 from s2v_tui.services import MemoryNeed, MemoryPredictor
+
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -26,8 +30,9 @@ class PresetRow:
 
 
 def load_presets(folder: Path) -> list[tuple[str, Path, Config | None, str]]:
+    """Every preset file of `folder` (base.toml is what presets extend, not one to pick), loaded or with its error."""
     rows = []
-    for path in sorted(folder.glob("*.toml")):
+    for path in preset_files(folder):
         try:
             rows.append((path.stem, path, load_config(path), ""))
         except ConfigError as exc:
@@ -38,23 +43,34 @@ def load_presets(folder: Path) -> list[tuple[str, Path, Config | None, str]]:
 def available_vram(gpus: tuple[GpuSnapshot, ...], override_gb: float | None) -> int | None:
     """Free memory of the emptiest GPU (one GPU is the main case), or the size the user typed."""
     if override_gb is not None:
-        return int(override_gb * 1024**3)
+        return int(override_gb * GIB)
     free = [g.free_bytes for g in gpus if g.free_bytes is not None]
     return max(free) if free else None
 
 
+def available_host(host: HostMemory | None, override_gb: float | None) -> int | None:
+    """Host RAM available now, or the size the user typed (to plan for another host)."""
+    if override_gb is not None:
+        return int(override_gb * GIB)
+    return host.available_bytes if host is not None else None
+
+
 def evaluate(presets: list[tuple[str, Path, Config | None, str]], predict: MemoryPredictor,
-             vram_free: int | None, host: HostMemory | None) -> list[PresetRow]:
+             vram_free: int | None, host_available: int | None) -> tuple[list[PresetRow], PresetChoice]:
+    """One row per preset, and the engine's choice among the measured ones."""
+    needs = {name: predict(config) if config is not None else None for name, _, config, _ in presets}
+    choice = choose_preset([(n, need.vram_bytes, need.host_bytes) for n, need in needs.items() if need is not None],
+                           vram_free, host_available)
+    fits = {f.name: f for f in choice.rows}
     rows = []
     for name, path, config, error in presets:
-        need = predict(config) if config is not None else None
-        fits_gpu = None if need is None or vram_free is None else need.vram_bytes <= vram_free
-        fits_host = None if need is None or host is None else need.host_bytes <= host.available_bytes
-        rows.append(PresetRow(name, path, config, error, need, fits_gpu, fits_host))
-    return rows
+        fit = fits.get(name)
+        rows.append(PresetRow(name, path, config, error, needs[name], fit.fits_gpu if fit else None,
+                              fit.fits_host if fit else None))
+    return rows, choice
 
 
-def recommend(rows: list[PresetRow]) -> PresetRow | None:
-    """The measured preset that fits both GPU and host and uses the most VRAM (fewer memory savers, faster)."""
-    fitting = [r for r in rows if r.fits_gpu and r.fits_host is not False and r.need is not None]
-    return max(fitting, key=lambda r: r.need.vram_bytes) if fitting else None  # type: ignore[union-attr]
+def recommend(rows: list[PresetRow], choice: PresetChoice | None = None) -> PresetRow | None:
+    """The row of the preset the engine picked."""
+    best = choice.best if choice is not None else None
+    return next((r for r in rows if r.name == best), None)

@@ -18,6 +18,7 @@ class Session:
     report: object | None = None  # engine.data.doctor.DoctorReport of the last check
     report_folder: str = ""  # the folder that report is about
     vram_override_gb: float | None = None  # typed by the user when NVML cannot tell
+    host_override_gb: float | None = None  # typed on the Presets screen to plan for another host
     attach_dir: Path | None = None  # `s2v-tui attach RUN_DIR`
 
     @property

@@ -110,3 +110,36 @@ def test_host_memory():
     assert 0 < mem.available_bytes <= mem.total_bytes
     assert mem.used_bytes == mem.total_bytes - mem.available_bytes
     assert mem.process_rss_bytes > 0
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_limit_of_a_parent_binds_and_inactive_cache_counts_as_available(tmp_path):
+    from engine.gpu import cgroup_memory_available
+
+    root = tmp_path / "cg"
+    _write(tmp_path / "self", "0::/box/job\n")
+    _write(root / "box" / "job" / "memory.max", "max\n")  # the job itself: no limit
+    _write(root / "box" / "job" / "memory.current", str(5 * GIB))
+    _write(root / "box" / "memory.max", str(32 * GIB))  # the container: 32 GiB
+    _write(root / "box" / "memory.current", str(30 * GIB))
+    _write(root / "box" / "memory.stat", f"anon {28 * GIB}\ninactive_file {GIB}\n")
+    assert cgroup_memory_available(root, tmp_path / "self") == (32 * GIB, 3 * GIB)
+
+
+def test_cgroup_v1_unlimited_or_missing_is_no_limit(tmp_path):
+    from engine.gpu import cgroup_memory_available
+
+    root = tmp_path / "cg"
+    _write(tmp_path / "self", "4:memory:/docker/abc\n0::/\n")
+    # The container's mount shows its own cgroup at the root (the path does not exist there).
+    _write(root / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")
+    _write(root / "memory" / "memory.usage_in_bytes", str(GIB))
+    assert cgroup_memory_available(root, tmp_path / "self") is None
+    _write(root / "memory" / "memory.limit_in_bytes", str(16 * GIB))
+    _write(root / "memory" / "memory.stat", f"total_inactive_file {GIB // 2}\n")
+    assert cgroup_memory_available(root, tmp_path / "self") == (16 * GIB, 15 * GIB + GIB // 2)
+    assert cgroup_memory_available(root, tmp_path / "missing") is None

@@ -74,3 +74,31 @@ def test_shipped_presets_fit_their_cards_with_five_percent_spare():
     for name, card_gib in (("24gb", 24), ("32gb", 32), ("48gb", 48), ("80gb", 80)):
         est = estimate(load_config(presets / f"{name}.toml"))
         assert est.vram_bytes <= 0.95 * card_gib * GIB, name
+
+
+def test_preflight_says_what_is_short_when_no_preset_fits():
+    from engine.memory import shipped_presets
+
+    small = shipped_presets()["24gb"]
+    with pytest.raises(PreflightError, match=r"No preset fits: host RAM is short\. 24gb fits this card .* GiB short"):
+        preflight(small, 24 * GIB, 32 * GIB, shipped_presets())
+
+
+def test_less_host_ram_preset_fits_the_card_it_is_asked_for():
+    from engine.memory import less_host_ram_preset, predict, shipped_presets
+
+    presets = shipped_presets()
+    fp8 = presets["32gb"]
+    name, host = less_host_ram_preset(fp8, presets, 80 * GIB)
+    assert host < predict(fp8)[1] and predict(presets[name])[0] <= 80 * GIB
+    assert host == min(predict(c)[1] for c in presets.values() if predict(c)[0] <= 80 * GIB)
+    # Without the card's size: only presets needing no more GPU memory than this config itself.
+    assert less_host_ram_preset(presets["24gb"], presets) is None
+
+
+def test_preset_files_leave_out_base_toml(tmp_path):
+    from engine.memory import preset_files
+
+    for name in ("base.toml", "24gb.toml", "24gb-lowram.toml", "notes.txt"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in preset_files(tmp_path)] == ["24gb-lowram.toml", "24gb.toml"]

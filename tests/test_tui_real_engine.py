@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.memory import GIB, predict
+from engine.memory import GIB, predict, preset_files
 from s2v_tui.app import build_app
 from s2v_tui.screens.dialogs import ConfirmStop
 from s2v_tui.services import Services, engine_memory_predictor, engine_runner, find_repo_presets
@@ -76,7 +76,8 @@ async def test_real_engine_from_run_screen_stops_with_checkpoint(tmp_path, one_t
 async def test_presets_screen_shows_the_memory_model(tmp_path):
     services = real_services(tmp_path)
     app = build_app(services, start_session(None, services.presets_dir), start_mode="presets", poll_hardware=True)
-    presets = sorted(services.presets_dir.glob("*.toml"))
+    presets = preset_files(services.presets_dir)  # base.toml is what they extend, not a row
+    assert presets and all(p.name != "base.toml" for p in presets)
     async with app.run_test(size=SIZE) as pilot:
         await app.workers.wait_for_complete()
         await pilot.pause()

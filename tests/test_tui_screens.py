@@ -106,8 +106,9 @@ async def test_presets_show_gpus_and_not_measured(tmp_path, presets_dir):
         assert gpus.row_count == 2
         assert [str(c) for c in gpus.get_row_at(1)][:5] == ["1", "NVIDIA H100 80GB HBM3", "80.0", "22.0", "58.0"]
         presets = app.screen.query_one("#presets")
-        assert presets.row_count == 3
-        assert all("not measured yet" in str(presets.get_row_at(i)[2]) for i in range(3))
+        assert presets.row_count == 2  # 24gb and 80gb: base.toml is what presets extend, not a preset
+        assert [str(presets.get_row_at(i)[1]) for i in range(2)] == ["24gb", "80gb"]
+        assert all("not measured yet" in str(presets.get_row_at(i)[2]) for i in range(2))
         assert "nothing is recommended" in str(app.screen.query_one("#preset-note").render())
 
 
@@ -130,14 +131,64 @@ async def test_presets_no_driver_takes_typed_vram_and_recommends(tmp_path, prese
         app.screen.query_one("#vram").focus()
         await pilot.press("4", "8")
         await pilot.pause()
-        rows = {str(r[1]): r for r in (app.screen.query_one("#presets").get_row_at(i) for i in range(3))}
+        rows = {str(r[1]): r for r in (app.screen.query_one("#presets").get_row_at(i) for i in range(2))}
         assert any("24gb (recommended)" in name for name in rows)
         app.session.vram_override_gb = 80
         app.screen._painted_version = -1
         app.screen.repaint()
-        names = [str(app.screen.query_one("#presets").get_row_at(i)[1]) for i in range(3)]
+        names = [str(app.screen.query_one("#presets").get_row_at(i)[1]) for i in range(2)]
         assert any("80gb (recommended)" in name for name in names)
         assert not any("24gb (recommended)" in name for name in names)
+
+
+async def test_presets_host_ram_field_follows_the_live_reading_until_typed(tmp_path, presets_dir):
+    needs = {"24gb": MemoryNeed(16 * GIB, 68 * GIB), "80gb": MemoryNeed(70 * GIB, 6 * GIB)}
+
+    def predict(config):
+        return needs["24gb"] if config.memory.block_offload else needs["80gb"]
+
+    app = make_app(tmp_path, presets_dir, no_driver=True, predict=predict, start_mode="presets")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        screen = app.screen
+        screen.repaint()
+        await pilot.pause()
+        field = screen.query_one("#host-gb")
+        assert field.value == "200.0" and app.session.host_override_gb is None  # the fake host's live reading
+
+        def table() -> dict[str, list[str]]:  # the rows are in name order
+            t = screen.query_one("#presets")
+            return {name: [str(c) for c in t.get_row_at(i)] for i, name in enumerate(("24gb", "80gb"))}
+
+        app.session.vram_override_gb = 24
+        screen._painted_version = -1
+        screen.repaint()
+        assert "recommended" in table()["24gb"][1]  # 68 GiB of host RAM needed, 200 available
+        # Plan for a 32 GiB host: the 24gb preset no longer fits, and the note says what is short.
+        field.focus()
+        field.value = ""
+        await pilot.press("3", "2")
+        await pilot.pause()
+        assert app.session.host_override_gb == 32.0
+        assert "host RAM too small" in table()["24gb"][4] and "recommended" not in table()["24gb"][1]
+        note = str(screen.query_one("#preset-note").render())
+        assert "host RAM is short" in note and "36.0 GiB short" in note
+        # A size out of range is refused (the field turns invalid) and the live reading is used again.
+        field.value = ""
+        await pilot.press("0", ".", "5")
+        await pilot.pause()
+        assert app.session.host_override_gb is None and field.has_class("-invalid")
+        assert "is not a size from 1 to 65536 GiB" in str(screen.query_one("#preset-note").render())
+        assert "recommended" in table()["24gb"][1]
+        # Emptied, the field follows the live reading again once the cursor leaves it.
+        field.value = ""
+        await pilot.pause()
+        screen.query_one("#presets").focus()
+        await pilot.pause()
+        screen._painted_version = -1
+        screen.repaint()
+        await pilot.pause()
+        assert field.value == "200.0" and app.session.host_override_gb is None
 
 
 async def test_presets_use_keeps_datasets(tmp_path, presets_dir):

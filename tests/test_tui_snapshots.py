@@ -16,7 +16,7 @@ from engine.config import with_value
 from s2v_tui.app import build_app
 from s2v_tui.fake_engine import FakeEngine, fixed_clock
 from s2v_tui.session import start_session
-from s2v_tui.testing import fake_services, fixed_doctor
+from s2v_tui.testing import fake_services, fixed_doctor, measured_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(80, 24), (120, 40)]
@@ -34,10 +34,10 @@ def workdir(tmp_path, monkeypatch):
     time.tzset()
 
 
-def snapshot_app(start_mode: str, blocking: bool = True):
+def snapshot_app(start_mode: str, blocking: bool = True, predict=None):
     services = fake_services(Path("."), presets_dir=Path("presets"), runs_dir=Path("runs"), gpus=2,
                              engine=FakeEngine(steps=40, clock=fixed_clock(), checkpoint_every=20, host="gpu-box"),
-                             doctor=fixed_doctor(blocking=blocking))
+                             doctor=fixed_doctor(blocking=blocking), predict=predict)
     session = start_session(None, Path("presets"))
     session.config = with_value(session.config, "data.datasets", [{"path": "clips"}])
     return build_app(services, session, start_mode=start_mode, poll_hardware=True)
@@ -59,12 +59,18 @@ def test_dataset_screen(snap_compare, workdir, size):
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_presets_screen(snap_compare, workdir, size):
+    # Two presets with fixed needs (GiB of GPU memory, GiB of host RAM), told apart by block_offload; base.toml
+    # beside them is not a preset and has no row.
+    (workdir / "presets" / "24gb.toml").write_text('extends = "base.toml"\n[memory]\nblock_offload = true\n')
+    (workdir / "presets" / "80gb.toml").write_text('extends = "base.toml"\n')
+    predict = measured_predictor({"bf16/True": (16.0, 68.0), "bf16/False": (70.0, 6.0)})
+
     async def run_before(pilot):
         await _quiet(pilot)
         pilot.app.screen.repaint()
         await pilot.pause()
 
-    assert snap_compare(snapshot_app("presets"), terminal_size=size, run_before=run_before)
+    assert snap_compare(snapshot_app("presets", predict=predict), terminal_size=size, run_before=run_before)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

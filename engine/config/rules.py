@@ -212,6 +212,7 @@ def _check_memory(c: _Checker, cfg: Config) -> None:
     c.at_least("memory.blocks_resident", m.blocks_resident, 0)
     c.at_least("memory.chunked_ffn", m.chunked_ffn, 0, "0 = off")
     c.at_least("memory.vram_budget_gb", m.vram_budget_gb, 0, "0 = what the card has free")
+    c.at_least("memory.host_ram_margin_gb", m.host_ram_margin_gb, 0, "0 turns the host-RAM guard off; 2 is the default")
     if m.base_weights != "bf16" and cfg.model.dtype != "bf16":
         c.conflict(
             "memory.base_weights",

@@ -181,6 +181,8 @@ class MemoryConfig:
     residual_dtype: ResidualDtype = opt(
         "fp32", "residual stream between blocks: fp32 (the official model) or bf16 (half the saved activations)")
     vram_budget_gb: float = opt(0.0, "GPU memory the run may use, in GB; 0 = what the card has free")
+    host_ram_margin_gb: float = opt(
+        2.0, "checkpoint and stop when available host RAM falls below this, in GB (before the OOM killer acts); 0 = off")
 
 
 @dataclass

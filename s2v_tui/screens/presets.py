@@ -1,22 +1,28 @@
 """Presets: live GPU readings (1 Hz, from the app's poll), host RAM, and the presets with the memory each
-needs against what is free. Without an NVIDIA driver the screen says so and takes a typed VRAM size."""
+needs against what is free. Without an NVIDIA driver the screen says so and takes a typed VRAM size. The host
+RAM field follows the live reading until the user types a size (to plan for another host); emptying it goes
+back to the live reading."""
 from __future__ import annotations
 
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.validation import Number
 from textual.widgets import DataTable, Footer, Input, Label, Static
 
 from engine.config import with_value
 
 from s2v_tui.fmt import gib
-from s2v_tui.presets_logic import PresetRow, available_vram, evaluate, load_presets, recommend
+from s2v_tui.presets_logic import PresetRow, available_host, available_vram, evaluate, load_presets, recommend
 from s2v_tui.screens.base import AppScreen
 from s2v_tui.widgets.nav import NavBar
 
 GPU_COLUMNS = ("GPU", "name", "total", "used", "free", "util", "temp")
 PRESET_COLUMNS = ("", "preset", "VRAM need", "host need", "fits")
+GIB = 2**30
+# A host RAM size the field accepts, in GiB: a typo of a few zeros is refused rather than planned for.
+HOST_GIB_RANGE = (1.0, 65536.0)
 
 
 def _fits(row: PresetRow) -> str:
@@ -46,7 +52,10 @@ class PresetsScreen(AppScreen):
     PresetsScreen #vram-row.shown { display: block; }
     PresetsScreen #vram-row Label { padding: 1 1; }
     PresetsScreen #vram { width: 16; }
-    PresetsScreen #host { height: 1; padding: 0 1; }
+    PresetsScreen #host-row { height: 3; }
+    PresetsScreen #host { width: auto; padding: 1 1; }
+    PresetsScreen #host-gb { width: 12; }
+    PresetsScreen #host-unit { padding: 1 0; }
     PresetsScreen #presets { height: 1fr; }
     PresetsScreen #preset-note { height: auto; padding: 0 1; color: $text-muted; }
     """
@@ -56,6 +65,8 @@ class PresetsScreen(AppScreen):
         self._presets: list = []
         self._painted_version = -1
         self._rows: list[PresetRow] = []
+        self._host_live_text = ""  # what the host field was last filled with from the live reading
+        self._host_problem = ""
 
     def compose(self) -> ComposeResult:
         yield NavBar("presets")
@@ -67,7 +78,12 @@ class PresetsScreen(AppScreen):
             yield Label("VRAM of the GPU you will train on (GB):")
             yield Input(placeholder="e.g. 80", id="vram", type="number",
                         tooltip="Used instead of NVML readings to pick a preset")
-        yield Static("", id="host")
+        with Horizontal(id="host-row"):
+            yield Static("", id="host")
+            yield Input(id="host-gb", type="number", placeholder="GiB",
+                        validators=[Number(minimum=HOST_GIB_RANGE[0], maximum=HOST_GIB_RANGE[1])],
+                        tooltip="Host RAM to plan for, in GiB (the live reading until you type; empty = live)")
+            yield Label("GiB", id="host-unit")
         presets = DataTable(id="presets", cursor_type="row")
         presets.add_columns(*PRESET_COLUMNS)
         yield presets
@@ -90,11 +106,23 @@ class PresetsScreen(AppScreen):
             return
         self._painted_version = readings.version
         self._paint_gpus(readings)
-        host = readings.host
-        self.query_one("#host", Static).update(
-            f"host RAM {gib(host.available_bytes)} GiB available of {gib(host.total_bytes)} GiB"
-            if host else "host RAM: not read yet")
+        self._paint_host(readings)
         self._paint_presets(readings)
+
+    def _paint_host(self, readings) -> None:
+        host = readings.host
+        planned = self.app.session.host_override_gb  # type: ignore[attr-defined]
+        self.query_one("#host", Static).update(
+            (f"host RAM {gib(host.available_bytes)} GiB available of {gib(host.total_bytes)} GiB"
+             if host else "host RAM: not read yet") + (" · planning for" if planned is not None else " · plan for"))
+        field = self.query_one("#host-gb", Input)
+        # Follow the live reading until the user types a size; never under the user's cursor.
+        if host is not None and planned is None and not field.has_focus:
+            text = f"{host.available_bytes / GIB:.1f}"
+            if field.value != text:
+                self._host_live_text = text
+                self._host_problem = ""  # a refused entry is gone once the live reading replaces it
+                field.value = text
 
     def _paint_gpus(self, readings) -> None:
         table = self.query_one("#gpus", DataTable)
@@ -113,9 +141,10 @@ class PresetsScreen(AppScreen):
     def _paint_presets(self, readings) -> None:
         session = self.app.session  # type: ignore[attr-defined]
         vram_free = available_vram(readings.gpus, session.vram_override_gb)
+        host_available = available_host(readings.host, session.host_override_gb)
         predict = self.app.services.predict_memory  # type: ignore[attr-defined]
-        self._rows = evaluate(self._presets, predict, vram_free, readings.host)
-        best = recommend(self._rows)
+        self._rows, choice = evaluate(self._presets, predict, vram_free, host_available)
+        best = recommend(self._rows, choice)
         table = self.query_one("#presets", DataTable)
         cursor = table.cursor_row
         table.clear()
@@ -128,9 +157,14 @@ class PresetsScreen(AppScreen):
         if self._rows:
             table.move_cursor(row=min(cursor, len(self._rows) - 1))
         measured = any(r.need for r in self._rows)
-        note = "" if measured else ("The memory model has no measurements yet: needs are unknown, so nothing "
-                                    "is recommended. ")
-        self.query_one("#preset-note", Static).update(note + "Enter or u: use the highlighted preset.")
+        if not self._rows:
+            note = f"No preset files in {self.app.services.presets_dir}. "  # type: ignore[attr-defined]
+        elif not measured:
+            note = "The memory model has no measurements yet: needs are unknown, so nothing is recommended. "
+        else:
+            note = f"{choice.why_none[0].upper()}{choice.why_none[1:]}. " if choice.why_none else ""
+        self.query_one("#preset-note", Static).update(
+            self._host_problem + note + "Enter or u: use the highlighted preset.")
 
     @on(Input.Changed, "#vram")
     def _vram_typed(self, event: Input.Changed) -> None:
@@ -139,6 +173,24 @@ class PresetsScreen(AppScreen):
         except ValueError:
             value = None
         self.app.session.vram_override_gb = value if value and value > 0 else None  # type: ignore[attr-defined]
+        self._painted_version = -1
+        self.repaint()
+
+    @on(Input.Changed, "#host-gb")
+    def _host_typed(self, event: Input.Changed) -> None:
+        session = self.app.session  # type: ignore[attr-defined]
+        text = event.value.strip()
+        if session.host_override_gb is None and text == self._host_live_text:
+            return  # the screen's own fill from the live reading
+        self._host_problem = ""
+        if not text:
+            session.host_override_gb = None  # empty: back to the live reading
+        elif event.validation_result is not None and not event.validation_result.is_valid:
+            session.host_override_gb = None
+            self._host_problem = (f"Host RAM {text!r} is not a size from {HOST_GIB_RANGE[0]:g} to "
+                                  f"{HOST_GIB_RANGE[1]:g} GiB: using the live reading. ")
+        else:
+            session.host_override_gb = float(text)
         self._painted_version = -1
         self.repaint()
 
