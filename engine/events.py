@@ -26,7 +26,7 @@ from typing import Any, ClassVar, get_args, get_type_hints
 log = logging.getLogger(__name__)
 
 PHASES = ("check", "cache", "load", "train", "validate", "export", "done")
-CHECKPOINT_REASONS = ("interval", "stop", "signal", "oom", "final")
+CHECKPOINT_REASONS = ("interval", "stop", "signal", "oom", "final", "host_memory")
 # "refused": the job never started (a changed config on an existing run, a run folder in use); nothing was touched.
 RUN_STATUSES = ("completed", "stopped", "failed", "refused")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

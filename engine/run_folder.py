@@ -8,7 +8,9 @@ compares the config given now against it, by keys, with the folder's location ke
   after a failed start must not be held to the wrong one);
 - the same configuration: the run resumes;
 - only `optim.max_steps` changed, to at least the step reached: the run continues from its newest checkpoint with
-  the new step count (the learning-rate schedule is re-planned over it, see engine.train.loop);
+  the new step count (the learning-rate schedule is re-planned over it, see engine.train.loop); memory placement
+  keys (engine.config.PLACEMENT_KEYS: checkpointing, offloading, streaming, the VRAM budget) may change too, so a
+  run stopped by memory resumes on another card or preset;
 - anything else: ConfigRefused lists the keys and the ways forward; nothing in the folder was touched.
 A hand edit of `config.resolved.toml` counts as the request when the config given is the run's own, so editing
 the frozen copy to train longer works like `--set optim.max_steps=N`.
@@ -19,8 +21,8 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from engine.config import (CONTINUE_KEYS, FROZEN_FILENAME, LOCATION_KEYS, Config, ConfigChange, ConfigError,
-                           config_from_dict_tree, diff, read_frozen_config, write_frozen_config)
+from engine.config import (CONTINUE_KEYS, FROZEN_FILENAME, LOCATION_KEYS, PLACEMENT_KEYS, Config, ConfigChange,
+                           ConfigError, config_from_dict_tree, diff, read_frozen_config, write_frozen_config)
 from engine.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -126,25 +128,30 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
             if write:
                 write_frozen_config(use, run_dir)
         return Resolution(use, "resume", tuple(notes))
-    if all(c.key in CONTINUE_KEYS for c in changes):
+    if all(c.key in CONTINUE_KEYS or c.key in PLACEMENT_KEYS for c in changes):
         new_steps = requested.optim.max_steps
         if new_steps < step:
             raise ConfigRefused(
                 f"{run_dir} is trained to step {step}; optim.max_steps = {new_steps} ({source}) would end it before "
                 f"that. Nothing was changed. Give optim.max_steps >= {step} to continue it, or set another "
                 f"output.name (e.g. --set output.name={free_run_name(run_dir)}) for a new run", tuple(changes))
-        use = replace(use, optim=replace(use.optim, max_steps=new_steps))
+        use = at_location(requested, given)
         if write:
             write_frozen_config(use, run_dir)
-        notes.append(f"continuing the run from step {step}: optim.max_steps {reference.optim.max_steps} -> "
-                     f"{new_steps} ({source}); the learning-rate schedule is re-planned over {new_steps} steps")
+        placement = [c for c in changes if c.key in PLACEMENT_KEYS]
+        if placement:
+            notes.append(f"resuming with other memory settings ({source}): {_describe(placement)}; they change "
+                         "where tensors live, not what is trained")
+        if new_steps != reference.optim.max_steps:
+            notes.append(f"continuing the run from step {step}: optim.max_steps {reference.optim.max_steps} -> "
+                         f"{new_steps} ({source}); the learning-rate schedule is re-planned over {new_steps} steps")
         return Resolution(use, "continue", tuple(notes))
     undo = (f"undo the edit of {run_dir / FROZEN_FILENAME}" if requested is not given else
             f"undo those changes, or run `s2v-tui --run {run_dir / FROZEN_FILENAME}`")
     raise ConfigRefused(
         f"{run_dir} already holds a run (trained to step {max(step, 0)}) with other settings than {source}: "
         f"{_describe(changes)}. Nothing was changed. To resume it, use its own settings ({undo}); to train it "
-        f"longer, change only optim.max_steps; for a new run with these settings, set another output.name (e.g. "
+        f"longer, change only optim.max_steps (and memory placement settings, see PLACEMENT_KEYS); for a new run with these settings, set another output.name (e.g. "
         f"--set output.name={free_run_name(run_dir)})", tuple(changes))
 
 

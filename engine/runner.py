@@ -149,9 +149,10 @@ def _cached_dataset(config: Config, bus: EventBus, device: torch.device, stop_ev
     return CachedWindowDataset(plan)
 
 
-def _preflight(config: Config, device: torch.device) -> None:
-    """Refuse a config predicted not to fit this GPU and host before any weight is loaded (14B models only:
-    the memory model is calibrated on the 14B architecture)."""
+def _preflight(config: Config, device: torch.device) -> int | None:
+    """Refuse a config predicted not to fit this GPU and host in the check phase, before any cache work or weight
+    (14B models only: the memory model is calibrated on the 14B architecture). Returns the GPU memory the run may
+    use (free or the budget) when the prediction applied, else None."""
     import json
 
     from engine.gpu import default_probe, host_memory
@@ -159,14 +160,14 @@ def _preflight(config: Config, device: torch.device) -> None:
     from engine.models.loading import config_from_json, resolve_transformer_dir
 
     if device.type != "cuda":
-        return
+        return None
     try:
         folder = resolve_transformer_dir(config.model.source, config.model.transformer_subfolder or "transformer")
         arch = config_from_json(json.loads((folder / "config.json").read_text()), str(folder))
     except (OSError, ValueError):
-        return  # the load phase reports an unreadable model with its own message
+        return None  # the load phase reports an unreadable model with its own message
     if (arch.get("num_layers"), arch.get("num_attention_heads")) != (40, 40):
-        return
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     snapshot = default_probe().snapshot(index)
     free = snapshot.free_bytes if snapshot is not None else None
@@ -179,6 +180,17 @@ def _preflight(config: Config, device: torch.device) -> None:
     except PreflightError as exc:
         raise RunFailed(f"memory pre-flight: {exc}") from None
     log.info("memory pre-flight: predicted %s", est.summary())
+    return free
+
+
+def _host_guard(config: Config, gpu_free: int | None):
+    """The host-RAM guard; where the memory model applies (gpu_free known) its reason names a lighter preset."""
+    from engine.memory import shipped_presets
+    from engine.train.host_guard import HostMemoryGuard
+
+    if gpu_free is None:
+        return HostMemoryGuard.from_config(config)
+    return HostMemoryGuard.from_config(config, presets=shipped_presets(), vram_bytes=gpu_free)
 
 
 def _load_model(config: Config, device: torch.device):
@@ -188,7 +200,6 @@ def _load_model(config: Config, device: torch.device):
 
     # With block streaming the weights go from disk to host memory and only the non-block part reaches the GPU,
     # so a 24 GB card never holds the whole 32 GB model.
-    _preflight(config, device)
     # Low-bit base weights are quantised from host memory layer by layer, for the same reason.
     load_device = torch.device("cpu") if config.memory.block_offload or config.memory.base_weights != "bf16" else device
     model = S2VTransformer3DModel.from_pretrained(
@@ -425,6 +436,8 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
 
     bus.emit(PhaseChanged(phase="check"))
     _check(config, bus, dataset is not None, device, dist.world_size)
+    gpu_free = _preflight(config, device)
+    host_guard = _host_guard(config, gpu_free)
 
     bus.emit(PhaseChanged(phase="cache", detail="" if dataset is None else "dataset given by the caller"))
     if dataset is None and dist.active:
@@ -459,7 +472,7 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
 
     bus.emit(PhaseChanged(phase="train", detail=f"{config.optim.max_steps} steps"))
     trainer = Trainer(config, model, dataset, run_dir, bus.emit, stop_event, device, chash, resume_state, dist=dist,
-                      validator=validator)
+                      validator=validator, host_guard=host_guard)
     del resume_state  # the trainer holds what it needs; the rest can be freed
     outcome = trainer.run()
     if outcome.status == "failed":

@@ -321,3 +321,27 @@ def test_tensorboard_eval_loss_and_a_resume_drop_the_steps_trained_again(tmp_pat
     assert scalars["train/loss"] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
     assert scalars["eval/loss"] == [(2, 0.5), (4, 0.25)]
     assert scalars["memory/peak_alloc_gb"][-1] == (4, pytest.approx(2.0))
+
+
+def test_host_ram_running_short_stops_with_a_checkpoint_that_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    """The guard reads the host's available memory (engine.gpu.host_memory); a low reading injected after step
+    3 stops the run at the next step boundary with a checkpoint, before any kernel OOM kill could lose it."""
+    import engine.gpu
+    from engine.gpu import HostMemory
+
+    gib, steps = 2**30, []
+    monkeypatch.setattr(engine.gpu, "host_memory", lambda: HostMemory(
+        64 * gib, (gib // 2) if len(steps) >= 3 else 32 * gib, 0, 0))
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=6, checkpoint__every_steps=0)
+    run_dir = tmp_path / "run"
+    end = run(config, [lambda e: steps.append(e) if e.kind == "step_end" else None], None, run_dir=run_dir,
+              dataset=demo_dataset(), device="cpu")
+    assert end.status == "failed" and "Host RAM ran short" in end.reason and "0.5 GiB available" in end.reason
+    assert "resumes from the checkpoint written now" in end.reason
+    saved = _kinds(run_dir, "checkpoint_saved")
+    assert [(e.reason, e.step) for e in saved] == [("host_memory", len(steps))] and 3 <= len(steps) < 6
+
+    monkeypatch.setattr(engine.gpu, "host_memory", lambda: HostMemory(64 * gib, 32 * gib, 0, 0))
+    end = run(config, [], None, run_dir=run_dir, dataset=demo_dataset(), device="cpu")
+    assert end.status == "completed", end.reason
+    assert _kinds(run_dir, "run_started")[-1].resumed_from_step == len(steps)

@@ -261,13 +261,23 @@ def config_hash(config: Config) -> str:
 LOCATION_KEYS = ("output.run_dir", "output.name", "data.cache_dir")
 # Keys a finished or stopped run may change and still continue from its checkpoints (engine.run_folder).
 CONTINUE_KEYS = ("optim.max_steps",)
+# Keys that say where tensors live and how the step is scheduled, not what is computed: a run stopped by host or
+# GPU memory resumes on another card or preset with them changed. (Their numerics differ at most by rounding
+# order; the keys that change the base's numerics, base_weights, fp8_input_grad and residual_dtype, are not here.)
+PLACEMENT_KEYS = ("memory.gradient_checkpointing", "memory.checkpoint_interval", "memory.checkpoint_policy",
+                  "memory.offload_checkpoint_inputs", "memory.block_offload", "memory.blocks_resident",
+                  "memory.chunked_ffn", "memory.attention_backend", "memory.compile_blocks", "memory.vram_budget_gb",
+                  "memory.host_ram_margin_gb", "distributed.strategy")
 
 
 def identity_hash(config: Config) -> str:
-    """Hash of what a run trains: the resolved values less LOCATION_KEYS and CONTINUE_KEYS. Checkpoints carry it,
-    so a run extended to more steps, or moved to another folder, still resumes from them."""
-    flat = flatten(resolved_dict(config))
-    for key in (*LOCATION_KEYS, *CONTINUE_KEYS):
+    """Hash of what a run trains: the values that differ from the defaults, less LOCATION_KEYS and CONTINUE_KEYS.
+    Checkpoints carry it, so a run extended to more steps, moved to another folder or resumed with other
+    PLACEMENT_KEYS still resumes from them; and a key added to the schema later (its default keeping the old
+    behaviour) leaves it unchanged."""
+    defaults = flatten(resolved_dict(Config()))
+    flat = {k: v for k, v in flatten(resolved_dict(config)).items() if k not in defaults or v != defaults[k]}
+    for key in (*LOCATION_KEYS, *CONTINUE_KEYS, *PLACEMENT_KEYS):
         flat.pop(key, None)
     text = json.dumps(flat, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -56,6 +56,18 @@ def settings_advice(config) -> str:
     return "To need less host RAM (as far as the card allows): " + "; or ".join(ways) + "."
 
 
+def _how_to_take(config, preset, name: str) -> str:
+    """How a run moves to `preset`'s [memory] settings: resumed when they differ only in placement keys (where
+    tensors live), else only as a new run (its base numerics differ)."""
+    from engine.config import PLACEMENT_KEYS, diff
+
+    changed = [c.key for c in diff(config, preset) if c.key.startswith("memory.")]
+    if all(key in PLACEMENT_KEYS for key in changed):
+        return (f"set its [memory] values ({', '.join(changed)}) in this run's config and rerun: the run resumes "
+                "with them.")
+    return f"`extends` it in a new run's config (another output.name: {name} changes the base's numerics)."
+
+
 class HostMemoryGuard:
     """`check()` -> None while the host has at least `margin_bytes` available, else the reason to stop.
 
@@ -93,12 +105,11 @@ class HostMemoryGuard:
             if lighter is not None:
                 name, host = lighter
                 advice = (f"The preset {name!r} needs about {host / GIB:.1f} GiB of host RAM against "
-                          f"{predict(config)[1] / GIB:.1f} GiB for this config: `extends` it in a new run's config "
-                          "(another output.name).")
+                          f"{predict(config)[1] / GIB:.1f} GiB for this config: "
+                          + _how_to_take(config, presets[name], name))
         if not advice:
+            # These are placement settings (engine.config.PLACEMENT_KEYS): the same run resumes with them changed.
             advice = settings_advice(config)
-            if "memory." in advice:
-                advice += " Changed memory settings apply to a new run (another output.name)."
         return cls(margin, read_available, advice=advice, interval_s=interval_s)
 
     @property
@@ -140,8 +151,9 @@ class HostMemoryGuard:
     def _message(self, available: int) -> str:
         return (f"Host RAM ran short: {available / GIB:.1f} GiB available, under the margin of "
                 f"memory.host_ram_margin_gb = {self.margin_bytes / 1e9:g} GB ({self.margin_bytes / GIB:.1f} GiB), so "
-                "the run stopped before the kernel's out-of-memory killer could end it unsaved. Rerunning the same command resumes from the checkpoint written now, "
-                "with the same settings: free host RAM first (close other programs) or it stops here again. "
+                "the run stopped before the kernel's out-of-memory killer could end it unsaved. Rerunning the same "
+                "command resumes from the checkpoint written now; with the same settings, free host RAM first "
+                "(close other programs) or it stops here again. "
                 f"{self.advice}").rstrip()
 
     # ---- the polling thread -----------------------------------------------------------------------------------

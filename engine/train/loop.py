@@ -30,6 +30,7 @@ from engine.train import checkpoint as ckpt
 from engine.train.batches import Batch, BatchSource
 from engine.train.distributed import SINGLE, Distributed
 from engine.train.ema import LoraEma
+from engine.train.host_guard import HostMemoryGuard
 from engine.train.lora import get_lora_state, lora_parameters
 from engine.train.metrics import LossSmoother, StepTimer, memory_stats
 from engine.train.objective import (flow_loss, noisy_input, sample_sigmas, sigmas_to_timesteps,
@@ -64,7 +65,7 @@ class Trainer:
     def __init__(self, config: Config, model: torch.nn.Module, dataset, run_dir: str | Path,
                  emit: Callable[[Event], None], stop_event: threading.Event, device: torch.device,
                  config_hash: str, resume_state: dict | None = None, dist: Distributed = SINGLE,
-                 validator=None) -> None:
+                 validator=None, host_guard: HostMemoryGuard | None = None) -> None:
         self.cfg = config
         self.dist = dist
         self.model = model
@@ -76,6 +77,7 @@ class Trainer:
         self.device = device
         self.config_hash = config_hash
         self.validator = validator  # engine.train.validation.Validator, or None
+        self.host_guard = host_guard if host_guard is not None else HostMemoryGuard.from_config(config)
         o, t = config.optim, config.train
 
         # Fresh-run seeding; a resume overwrites every one of these from the checkpoint below.
@@ -302,41 +304,12 @@ class Trainer:
 
     # ---- the run -------------------------------------------------------------------------------------------------
     def run(self) -> TrainOutcome:
-        o, c = self.cfg.optim, self.cfg.checkpoint
-        limit = self.cfg.train.nonfinite_max_in_a_row
         self.model.train()
         if hasattr(self.optimizer, "train"):  # schedule-free optimizers keep separate train/eval weights
             self.optimizer.train()
         try:
-            while self.step < o.max_steps:
-                if self.dist.any(self.stop_event.is_set()):  # all ranks stop at the same step
-                    path = self.save_checkpoint("stop")
-                    reason = f"stopped at step {self.step}; checkpoint {path}; run again to resume"
-                    return TrainOutcome("stopped", self.step, reason, path)
-                event = self.train_step()
-                self.emit(event)
-                if self.step % self.cfg.logging.every_steps == 0 or self.step == 1:
-                    metrics_log.info("step %d/%d loss %.4f (smoothed %.4f) lr %.3g grad norm %s %.2f s/step",
-                                     self.step, o.max_steps, event.loss, event.loss_smooth, event.lr,
-                                     "-" if event.grad_norm is None else f"{event.grad_norm:.3g}",
-                                     event.s_per_step)
-                if self.last_step_skipped:
-                    log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", self.step,
-                                self.in_a_row)
-                if self.in_a_row >= limit:
-                    raise NonFiniteStop(
-                        f"{self.in_a_row} steps in a row had a NaN/inf loss or gradient (up to step {self.step}); "
-                        f"the LoRA was not updated by them and no checkpoint of theirs was written; "
-                        f"{self._newest_good()}. Lower optim.lr, use train.mixed_precision = \"bf16\" rather than "
-                        "fp16, or check the cache for broken entries (delete it to rebuild); a new setting needs "
-                        "another output.name"
-                    )
-                if self.validator is not None and self.validator.due(self.step):
-                    self.validate()
-                if c.every_steps and self.step % c.every_steps == 0 and self.step < o.max_steps:
-                    self.save_checkpoint("interval")
-            if self.validator is not None and self.validator.due(self.step, final=True):
-                self.validate()
+            with self.host_guard:  # polls host RAM from a thread: an allocation spike inside a step is what kills
+                return self._train_steps()
         except (NonFiniteStop, CheckpointFailed) as exc:
             return TrainOutcome("failed", self.step, str(exc), self.last_checkpoint)
         except torch.OutOfMemoryError:
@@ -345,6 +318,47 @@ class Trainer:
             return TrainOutcome("stopped", self.step, f"aborted by Ctrl-C during step {self.step + 1}; "
                                 f"{self._newest_good()}; run the same command again to resume from it",
                                 self.last_checkpoint)
+
+    def _train_steps(self) -> TrainOutcome:
+        o, c = self.cfg.optim, self.cfg.checkpoint
+        limit = self.cfg.train.nonfinite_max_in_a_row
+        while self.step < o.max_steps:
+            short = self.host_guard.check()
+            if self.dist.any(short is not None):  # every rank writes its part of the checkpoint
+                path = self.save_checkpoint("host_memory")
+                reason = short or "another process of this run ran short of host RAM (see its output)."
+                # "failed", not "stopped": an unchanged retry (exit 75 says retry) meets the same wall.
+                return TrainOutcome("failed", self.step, f"{reason} Stopped at step {self.step}; checkpoint "
+                                    f"{path}.", path)
+            if self.dist.any(self.stop_event.is_set()):  # all ranks stop at the same step
+                path = self.save_checkpoint("stop")
+                reason = f"stopped at step {self.step}; checkpoint {path}; run again to resume"
+                return TrainOutcome("stopped", self.step, reason, path)
+            event = self.train_step()
+            self.emit(event)
+            if self.step % self.cfg.logging.every_steps == 0 or self.step == 1:
+                metrics_log.info("step %d/%d loss %.4f (smoothed %.4f) lr %.3g grad norm %s %.2f s/step",
+                                 self.step, o.max_steps, event.loss, event.loss_smooth, event.lr,
+                                 "-" if event.grad_norm is None else f"{event.grad_norm:.3g}",
+                                 event.s_per_step)
+            if self.last_step_skipped:
+                log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", self.step,
+                            self.in_a_row)
+            if self.in_a_row >= limit:
+                raise NonFiniteStop(
+                    f"{self.in_a_row} steps in a row had a NaN/inf loss or gradient (up to step {self.step}); "
+                    f"the LoRA was not updated by them (a checkpoint written during them is marked unhealthy and "
+                    f"never prunes the newest healthy one); "
+                    f"{self._newest_good()}. Lower optim.lr, use train.mixed_precision = \"bf16\" rather than "
+                    "fp16, or check the cache for broken entries (delete it to rebuild); a new setting needs "
+                    "another output.name"
+                )
+            if self.validator is not None and self.validator.due(self.step):
+                self.validate()
+            if c.every_steps and self.step % c.every_steps == 0 and self.step < o.max_steps:
+                self.save_checkpoint("interval")
+        if self.validator is not None and self.validator.due(self.step, final=True):
+            self.validate()
         path = self.save_checkpoint("final")
         return TrainOutcome("completed", self.step, f"trained {self.step} steps", path)
 
