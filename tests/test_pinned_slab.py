@@ -1,7 +1,10 @@
-"""The exact-size pinned slab, CPU side: layout and sizes."""
+"""The exact-size pinned slab (CPU side: layout and sizes) and its two users, block streaming's weight packing and
+the host store of saved block inputs, on the tiny model."""
 import pytest
 import torch
 
+from engine.models.block_stream import pack_into_slab
+from engine.models.offload_checkpoint import HostActivationStore
 from engine.models.pinned_slab import PAGE, PinnedSlab, aligned, slab_bytes, tensor_bytes, views_bytes
 
 ODD = [((3,), torch.bfloat16), ((5, 7), torch.float32), ((1,), torch.uint8), ((4096,), torch.float16),
@@ -54,3 +57,63 @@ def test_a_full_slab_refuses_and_reset_reuses_the_memory():
 def test_pinning_without_cuda_is_refused_not_faked():
     with pytest.raises(RuntimeError, match="needs CUDA"):
         PinnedSlab(4096, pin=True)
+
+
+def _frozen_unit_params(model):
+    """The tensors block streaming moves: the frozen ones of the blocks and the audio injectors."""
+    return [p for mod in (model.blocks, model.audio_injector) for p in mod.parameters() if not p.requires_grad]
+
+
+def test_packed_weights_train_the_tiny_model_exactly_as_before(tiny_model_dir):
+    """The weights block streaming keeps in the slab are the same numbers: same loss and LoRA gradients, bitwise,
+    with the saved inputs in the host store over two window sizes (a bucket change)."""
+    from test_model_forward import _inputs, _loss_and_grads, _with_lora
+
+    from engine.models.s2v_transformer import S2VTransformer3DModel
+
+    model = S2VTransformer3DModel.from_pretrained(tiny_model_dir)
+    params = _with_lora(model, dropout=0.1)
+    model.enable_gradient_checkpointing(interval=1, offload_inputs=True)
+    batch = _inputs(model)
+    short = {**batch, "hidden_states": batch["hidden_states"][:, :, :3],
+             "audio_features": batch["audio_features"][..., :12]}
+    store = model._host_store
+    saved_sizes = []
+    real_save = store.save
+    store.save = lambda x: saved_sizes.append(tensor_bytes(x.shape, x.dtype)) or real_save(x)
+    reference = [_loss_and_grads(model, b, params) for b in (short, batch, short)]
+
+    frozen = _frozen_unit_params(model)
+    slab = pack_into_slab(frozen, pin=False)
+    assert slab.nbytes == slab_bytes(views_bytes(tensor_bytes(p.shape, p.dtype) for p in frozen))
+    lo, hi = slab._base.data_ptr(), slab._base.data_ptr() + slab.capacity
+    assert all(lo <= p.data_ptr() < hi for p in frozen)
+    for (ref_loss, ref_grads), b in zip(reference, (short, batch, short)):
+        loss, grads = _loss_and_grads(model, b, params)
+        assert loss == ref_loss
+        assert all(torch.equal(a, g) for a, g in zip(grads, ref_grads))
+    # One host slot per checkpointed block, sized for the largest window trained so far, reused by the short one.
+    assert len(store._slots) == len(model.blocks) and len(set(saved_sizes)) == 2
+    assert all(slot.capacity == aligned(max(saved_sizes), PAGE) for slot in store._slots)
+    assert store.host_bytes() == len(model.blocks) * slab_bytes(max(saved_sizes))
+
+
+def test_host_store_slots_follow_the_largest_window_not_every_shape():
+    store = HostActivationStore(offload=True)
+
+    def step(tokens):
+        store.begin_step()
+        x = torch.randn(1, tokens, 16)
+        for _ in range(3):
+            store.save(x)
+        assert torch.equal(store.load(2), x) and torch.equal(store.load(1), x) and torch.equal(store.load(0), x)
+
+    step(100)
+    small = store.host_bytes()
+    assert small == 3 * slab_bytes(100 * 16 * 4)
+    step(1000)  # a larger bucket replaces each slot once
+    large = store.host_bytes()
+    assert large == 3 * slab_bytes(1000 * 16 * 4) > small
+    step(100)  # and a smaller one fits in the slots already there
+    step(640)
+    assert store.host_bytes() == large
