@@ -18,10 +18,10 @@ def test_planning_for_a_24gb_card_recommends_the_24gb_preset(capsys):
 
 
 def test_when_nothing_fits_it_says_which_resource_is_short(capsys):
-    # A 24 GB card on a 64 GB host: the 24gb preset's pinned host buffers need more than the host has.
-    assert main(["--vram-gb", "24", "--host-gb", "60"]) == 0
+    # A 24 GB card on a 40 GiB host: the 24gb preset's pinned host buffers need more than the host has.
+    assert main(["--vram-gb", "24", "--host-gb", "40"]) == 0
     out = capsys.readouterr().out
-    assert "no preset fits: 24gb fits this card" in out and "60.0 GiB are available" in out
+    assert "no preset fits: 24gb fits this card" in out and "40.0 GiB are available" in out
     assert "recommended" not in out
     # A card smaller than the smallest preset's need.
     assert main(["--vram-gb", "8", "--host-gb", "256"]) == 0
