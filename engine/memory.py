@@ -28,8 +28,11 @@ How the pinned buffers are counted: the engine keeps both kinds in exact-size sl
 each tensor rounded up to 4 KiB, plus one page a slab), so configs are predicted with `pinned="slab"`. Every
 measured host row ran before the slabs, with torch's pinned allocator, which rounds each buffer up to a power of
 two; those rows are reproduced with that rounding (`pinned="torch"`, `pinned_bytes`). The slab figures are sums of
-tensor sizes and have not been measured yet: the lead's GPU run of bench/pinned_slab_check.py and of the 24gb
-preset's engine step is what confirms them, and those rows then join HOST_CALIBRATION with pinned="slab".
+tensor sizes. What is measured of them so far is the slab alone: bench/pinned_slab_check.py on the H200 machine
+grew the process by 5.591 GiB for 5.587 GiB of 14B block tensors and saved inputs (torch's pinned tensors 8.379).
+No engine or bench step has run with the slabs yet, so the predicted host peaks of the streamed and offloaded
+presets (24gb 46.9 GiB, 48gb 17.2 GiB) need a GPU measurement: the 24gb preset's engine step (bench/engine_step.py
+--preset 24gb) and the bare bench rows above, re-run; those rows then join HOST_CALIBRATION with pinned="slab".
 
 The constants are fitted to the rows of `CALIBRATION` (each a run in BENCHMARKS.md) and a test holds every
 prediction within 10% of its measured peak. No figure here is a guess: a config far outside the calibrated
@@ -37,6 +40,7 @@ range (another resolution class, no checkpointing) is predicted by the same term
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 GIB = 2**30
@@ -73,27 +77,25 @@ def pinned_bytes(nbytes: int) -> int:
     return 1 << max(0, int(nbytes - 1).bit_length())
 
 
-def _unit_tensor_bytes(i: int, weight_bytes: float) -> list[int]:
-    """Bytes of each frozen tensor of one streamed unit (block i and the audio injector after it)."""
+def unit_tensor_shapes(i: int) -> list[tuple[int, ...]]:
+    """Shapes of the frozen tensors of one streamed 14B unit (block i and the audio injector after it)."""
     from engine.models.keymap import manifest_14b
 
     inj = _INJECT_LAYERS.index(i) if i in _INJECT_LAYERS else None
     prefixes = [f"blocks.{i}."] + ([f"audio_injector.injector.{inj}.", f"audio_injector.injector_adain_layers.{inj}."]
                                    if inj is not None else [])
-    sizes = []
-    for _, name, shape in manifest_14b():
-        if name.startswith(tuple(prefixes)):
-            numel = 1
-            for d in shape:
-                numel *= d
-            sizes.append(int(numel * weight_bytes))
-    return sizes
+    return [tuple(shape) for _, name, shape in manifest_14b() if name.startswith(tuple(prefixes))]
+
+
+def unit_tensor_bytes(i: int, weight_bytes: float) -> list[int]:
+    """Bytes of each frozen tensor of one streamed unit."""
+    return [int(math.prod(shape) * weight_bytes) for shape in unit_tensor_shapes(i)]
 
 
 def streamed_host_bytes(units, weight_bytes: float, pinned: str = "slab") -> int:
     """Pinned host bytes of the streamed units: one slab for all their tensors (block_stream.py), or with torch's
     pinned allocator one power-of-two buffer per tensor."""
-    sizes = [n for i in units for n in _unit_tensor_bytes(i, weight_bytes)]
+    sizes = [n for i in units for n in unit_tensor_bytes(i, weight_bytes)]
     if pinned == "torch":
         return sum(pinned_bytes(n) for n in sizes)
     from engine.models.pinned_slab import slab_bytes, views_bytes

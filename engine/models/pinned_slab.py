@@ -4,7 +4,7 @@ aligned tensor views by a bump pointer.
 Why not torch's pinned tensors: `torch.empty(..., pin_memory=True)` goes through the CUDA caching host allocator,
 which rounds every request up to a power of two before it allocates (`CachingHostAllocatorImpl::allocate` in
 aten/src/ATen/core/CachingHostAllocator.h: `roundSize = c10::llvm::PowerOf2Ceil(size)`, and the free lists are
-indexed by that power). The 14B model's streamed block weights (29.7 GiB in 1,200 tensors) took about 44 GiB that
+indexed by that power). The 14B model's streamed block weights (29.7 GiB in 1,224 tensors) took about 44 GiB that
 way, its 40 saved block inputs (0.31-0.33 GiB each) 20 GiB. The allocator setting
 `PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True` does not help: it changes only how a block is
 obtained (`allocWithCudaHostRegister` in aten/src/ATen/cuda/CachingHostAllocator.cpp mallocs the already rounded
@@ -19,6 +19,13 @@ Layout: the host allocation is one page larger than asked, so that the registere
 boundary inside it (torch's CPU allocator aligns to 64 bytes only) and never shares a page with anything else.
 Each view starts at a multiple of `align` (4 KiB by default: page-aligned DMA sources, and an offset every dtype
 can be viewed at); the host memory used is the sum of the views' sizes rounded up to `align`, plus that one page.
+
+Measured on the H200 machine (torch 2.11, bench/pinned_slab_check.py, 2.91 GiB of 14B block tensors + 8 saved
+inputs): the process grew by 5.591 GiB for 5.587 GiB of tensors (torch's pinned tensors: 8.379 GiB, 8.381 with
+pinned_use_cuda_host_register), and copies from and to the views ran at the speed of torch's pinned memory (55 GB/s
+both ways; 8.3 GB/s host-to-GPU from ordinary memory). torch's `Tensor.is_pinned()` answers False for these views: it knows only its own
+allocator's memory. Nothing in the engine asks it; the copies run at pinned speed because the driver sees the
+pages locked.
 
 Without CUDA the slab stays ordinary memory. That is only right when the tensors it holds never meet a GPU (the
 CPU tests and CPU runs): callers pass `pin=False` for that case, and `pin()` refuses to run without CUDA rather than
@@ -125,8 +132,8 @@ class PinnedSlab:
             return
         ptr = self._base.data_ptr()
         # Fault the pages in with torch's threaded fill first: the driver would otherwise touch them one by one on a
-        # single thread while it locks them (the reason torch's own register path pre-faults in parallel). Pages
-        # already written by the caller are unaffected in cost; their contents are kept.
+        # single thread while it locks them (the reason torch's own register path pre-faults in parallel). A slab
+        # the caller has filled already (block streaming) is resident and keeps its contents.
         if self.used == 0:
             self._base.zero_()
         err = torch.cuda.cudart().cudaHostRegister(ptr, self.capacity, _REGISTER_PORTABLE)
