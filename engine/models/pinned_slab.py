@@ -63,6 +63,10 @@ def tensor_bytes(shape, dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
+def _cuda_error(err) -> str:
+    return f"{torch.cuda.cudart().cudaGetErrorString(err)} (CUDA error {int(err)})"
+
+
 def _unregister(ptr: int, size: int, memory: torch.Tensor | None = None) -> None:
     # `memory` is only held: the finalizer owns a reference to it, so it cannot be freed while still locked.
     # The memory may still be the source or target of an asynchronous copy, and the CUDA documentation does not
@@ -71,7 +75,7 @@ def _unregister(ptr: int, size: int, memory: torch.Tensor | None = None) -> None
     torch.cuda.synchronize()
     err = torch.cuda.cudart().cudaHostUnregister(ptr)
     if int(err) != 0:
-        raise RuntimeError(f"cudaHostUnregister of {size} bytes failed with CUDA error {int(err)}")
+        raise RuntimeError(f"cudaHostUnregister of {size} bytes failed: {_cuda_error(err)}")
 
 
 class PinnedSlab:
@@ -138,8 +142,8 @@ class PinnedSlab:
             self._base.zero_()
         err = torch.cuda.cudart().cudaHostRegister(ptr, self.capacity, _REGISTER_PORTABLE)
         if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister of {self.capacity / 2**30:.2f} GiB failed with CUDA error "
-                               f"{int(err)} (out of lockable memory? see `ulimit -l`)")
+            raise RuntimeError(f"cudaHostRegister of {self.capacity / 2**30:.2f} GiB of host memory failed: "
+                               f"{_cuda_error(err)}")
         self.pinned = True
         # Unlock on garbage collection too; the finalizer holds the memory so that it is unlocked before it can be
         # freed. Not at interpreter exit: the CUDA context may already be gone, and the process frees it anyway.
