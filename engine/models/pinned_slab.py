@@ -23,9 +23,9 @@ can be viewed at); the host memory used is the sum of the views' sizes rounded u
 Measured on the H200 machine (torch 2.11, bench/pinned_slab_check.py, 2.91 GiB of 14B block tensors + 8 saved
 inputs): the process grew by 5.591 GiB for 5.587 GiB of tensors (torch's pinned tensors: 8.379 GiB, 8.381 with
 pinned_use_cuda_host_register), and copies from and to the views ran at the speed of torch's pinned memory (55 GB/s
-both ways; 8.3 GB/s host-to-GPU from ordinary memory). torch's `Tensor.is_pinned()` answers False for these views: it knows only its own
-allocator's memory. Nothing in the engine asks it; the copies run at pinned speed because the driver sees the
-pages locked.
+both ways; 8.3 GB/s host-to-GPU from ordinary memory). torch's `Tensor.is_pinned()` answered False for these views
+there (it does not recognise memory registered outside its allocator). Nothing in the engine asks it; the copy
+speed is what shows the driver treats the pages as locked.
 
 Without CUDA the slab stays ordinary memory. That is only right when the tensors it holds never meet a GPU (the
 CPU tests and CPU runs): callers pass `pin=False` for that case, and `pin()` refuses to run without CUDA rather than
