@@ -21,7 +21,18 @@ allocator hands cached blocks back before it fails (the capped runs reserved the
 Host RAM = pinned streamed weights + pinned saved inputs (when offloaded) + the process baseline (a bare bench
 process; an engine run holds 2 GiB more while it trains); an engine run also peaks while it loads the model
 (5.6 GiB measured straight to the GPU; with low-bit base weights the bf16 model the loader holds in host memory
-before it is quantised, checked at reduced depth on the CPU by bench/load_host.py). `HOST_CALIBRATION` holds the measured host peaks.
+before it is quantised, checked at reduced depth on the CPU by bench/load_host.py). `HOST_CALIBRATION` holds the
+measured host peaks.
+
+How the pinned buffers are counted: the engine keeps both kinds in exact-size slabs (engine.models.pinned_slab:
+each tensor rounded up to 4 KiB, plus one page a slab), so configs are predicted with `pinned="slab"`. Every
+measured host row ran before the slabs, with torch's pinned allocator, which rounds each buffer up to a power of
+two; those rows are reproduced with that rounding (`pinned="torch"`, `pinned_bytes`). The slab figures are sums of
+tensor sizes. What is measured of them so far is the slab alone: bench/pinned_slab_check.py on the H200 machine
+grew the process by 5.591 GiB for 5.587 GiB of 14B block tensors and saved inputs (torch's pinned tensors 8.379).
+No engine or bench step has run with the slabs yet, so the predicted host peaks of the streamed and offloaded
+presets (24gb 46.9 GiB, 48gb 17.2 GiB) need a GPU measurement: the 24gb preset's engine step (bench/engine_step.py
+--preset 24gb) and the bare bench rows above, re-run; those rows then join HOST_CALIBRATION with pinned="slab".
 
 The constants are fitted to the rows of `CALIBRATION` (each a run in BENCHMARKS.md) and a test holds every
 prediction within 10% of its measured peak. No figure here is a guess: a config far outside the calibrated
@@ -29,6 +40,7 @@ range (another resolution class, no checkpointing) is predicted by the same term
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,26 +71,48 @@ ENGINE_HOST_EXTRA_BYTES = int(2.04 * GIB)
 ENGINE_LOAD_HOST_BYTES = int(5.61 * GIB)
 
 
+PINNED_KINDS = ("slab", "torch")
+
+
 def pinned_bytes(nbytes: int) -> int:
     """What torch's pinned host allocator takes for a buffer: the size rounded up to a power of two."""
     return 1 << max(0, int(nbytes - 1).bit_length())
 
 
-def _unit_pinned_bytes(i: int, weight_bytes: float) -> int:
-    """Pinned host bytes of one streamed unit: each frozen tensor is its own pinned buffer."""
+def unit_tensor_shapes(i: int) -> list[tuple[int, ...]]:
+    """Shapes of the frozen tensors of one streamed 14B unit (block i and the audio injector after it)."""
     from engine.models.keymap import manifest_14b
 
-    total = 0
     inj = _INJECT_LAYERS.index(i) if i in _INJECT_LAYERS else None
     prefixes = [f"blocks.{i}."] + ([f"audio_injector.injector.{inj}.", f"audio_injector.injector_adain_layers.{inj}."]
                                    if inj is not None else [])
-    for _, name, shape in manifest_14b():
-        if name.startswith(tuple(prefixes)):
-            numel = 1
-            for d in shape:
-                numel *= d
-            total += pinned_bytes(int(numel * weight_bytes))
-    return total
+    return [tuple(shape) for _, name, shape in manifest_14b() if name.startswith(tuple(prefixes))]
+
+
+def unit_tensor_bytes(i: int, weight_bytes: float) -> list[int]:
+    """Bytes of each frozen tensor of one streamed unit."""
+    return [int(math.prod(shape) * weight_bytes) for shape in unit_tensor_shapes(i)]
+
+
+def streamed_host_bytes(units, weight_bytes: float, pinned: str = "slab") -> int:
+    """Pinned host bytes of the streamed units: one slab for all their tensors (block_stream.py), or with torch's
+    pinned allocator one power-of-two buffer per tensor."""
+    sizes = [n for i in units for n in unit_tensor_bytes(i, weight_bytes)]
+    if pinned == "torch":
+        return sum(pinned_bytes(n) for n in sizes)
+    from engine.models.pinned_slab import slab_bytes, views_bytes
+
+    return slab_bytes(views_bytes(sizes))
+
+
+def saved_inputs_host_bytes(count: int, one_input: int, pinned: str = "slab") -> int:
+    """Pinned host bytes of `count` saved block inputs: one slab each (offload_checkpoint.py), or torch's
+    power-of-two buffers."""
+    if pinned == "torch":
+        return count * pinned_bytes(one_input)
+    from engine.models.pinned_slab import slab_bytes
+
+    return count * slab_bytes(one_input)
 
 
 @dataclass(frozen=True)
@@ -130,6 +164,7 @@ class HostCalibration:
     stream_resident: int | None
     engine: bool
     peak_rss_gib: float
+    pinned: str = "torch"  # every row so far ran before the slabs; the slab rows are the GPU measurement to come
 
 
 HOST_CALIBRATION = (
@@ -190,9 +225,12 @@ def low_bit_params(families) -> int:
 def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 16, ema: bool = False,
                    checkpoint_interval: int = 1, offload_inputs: bool = False,
                    stream_resident: int | None = None, batch: int = 1, low_bit_weights: int = 0,
-                   save_attention: bool = False, engine: bool = False) -> MemoryEstimate:
+                   save_attention: bool = False, engine: bool = False, pinned: str = "slab") -> MemoryEstimate:
     """The terms of the module docstring; `engine`: host RAM of a whole engine run (load peak and the runner's
-    own memory) rather than of a bare bench process."""
+    own memory) rather than of a bare bench process; `pinned`: how pinned host buffers are held, "slab" (the
+    engine's exact-size slabs) or "torch" (torch's power-of-two pinned allocator, as the measured host rows)."""
+    if pinned not in PINNED_KINDS:
+        raise ValueError(f"pinned={pinned!r}: choose one of {PINNED_KINDS}")
     units = [_unit_params(i) for i in range(LAYERS)]
     rest = PARAMS_TOTAL - sum(units)
     if stream_resident is None:
@@ -202,13 +240,13 @@ def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 1
         resident = min(stream_resident, LAYERS)
         in_flight = sorted(units[resident:], reverse=True)[:2]
         gpu_weights = (rest + sum(units[:resident]) + sum(in_flight)) * weight_bytes
-        host_weights = sum(_unit_pinned_bytes(i, weight_bytes) for i in range(resident, LAYERS))
+        host_weights = streamed_host_bytes(range(resident, LAYERS), weight_bytes, pinned)
     gpu_weights -= low_bit_weights * (weight_bytes - 1.0)  # low-bit is not combined with streaming (switches.py)
     lora = LORA_PARAMS_PER_RANK * lora_rank * 4 * (4 + (1 if ema else 0))
     saved = -(-LAYERS // checkpoint_interval)
     one_input = batch * tokens * DIM * 2
     if offload_inputs:
-        gpu_inputs, host_inputs = 2 * one_input, saved * pinned_bytes(one_input)
+        gpu_inputs, host_inputs = 2 * one_input, saved_inputs_host_bytes(saved, one_input, pinned)
     else:
         gpu_inputs, host_inputs = saved * one_input, 0
     work_key = "host_inputs" if offload_inputs else "gpu_inputs"
@@ -220,12 +258,14 @@ def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 1
     host = host_weights + host_inputs + HOST_BASELINE_BYTES
     if engine:
         host = max(host + ENGINE_HOST_EXTRA_BYTES, ENGINE_LOAD_HOST_BYTES)
+    parts.update(host_pinned_weights=host_weights, host_pinned_inputs=host_inputs)  # host terms, not in `vram`
     return MemoryEstimate(int(vram), int(vram * RESERVED_OVER_ALLOCATED), int(vram * NEED_OVER_ALLOCATED), int(host),
                           tokens, {k: int(v) for k, v in parts.items()})
 
 
-def estimate(config) -> MemoryEstimate:
-    """The estimate for a run config (engine.config.Config)."""
+def estimate(config, pinned: str = "slab") -> MemoryEstimate:
+    """The estimate for a run config (engine.config.Config); `pinned` as in estimate_parts (the engine uses slabs;
+    "torch" gives what the same config took before them)."""
     mem = config.memory
     width, height = config.data.resolution
     motion = config.data.motion_frames > 0
@@ -241,6 +281,7 @@ def estimate(config) -> MemoryEstimate:
         stream_resident=mem.blocks_resident if mem.block_offload else None,
         batch=config.optim.batch_size,
         engine=True,
+        pinned=pinned,
     )
     if mem.base_weights != "bf16" and not mem.block_offload:
         # The loader leaves the bf16 model in host memory and the low-bit Linears are made from it one by one
@@ -375,7 +416,7 @@ def host_calibration_errors() -> list[tuple[str, float, float]]:
     rows = []
     for c in HOST_CALIBRATION:
         est = estimate_parts(c.tokens, offload_inputs=c.offload_inputs, stream_resident=c.stream_resident,
-                             engine=c.engine)
+                             engine=c.engine, pinned=c.pinned)
         rows.append((c.label, est.host_bytes / GIB, c.peak_rss_gib))
     return rows
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cache_speed, engine_step, load_host
+from bench import cache_speed, engine_step, load_host, pinned_slab_check
 
 
 def _one_line(path, capsys) -> dict:
@@ -111,3 +111,13 @@ def test_bench_load_host_tiny_measures_the_low_bit_load_in_a_fresh_process(tmp_p
     assert r["tiny"] and r["kind"] == "fp8" and r["linears"] > 0 and r["params"] > 0
     assert 0 < r["baseline_rss_gib"] <= r["peak_rss_total_gib"] and r["bf16_model_gib"] > 0
     assert list((tmp_path / "s").iterdir()) == []  # the written model is removed
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the answer without CUDA")
+def test_bench_pinned_slab_check_says_it_needs_a_gpu_and_what_it_expects(tmp_path, capsys):
+    out = tmp_path / "pinned.jsonl"
+    assert pinned_slab_check.main(["--units", "4", "--inputs", "8", "--json", str(out)]) == 1
+    r = _one_line(out, capsys)
+    assert "no CUDA device" in r["status"] and r["expected"]["tensors"] == 128
+    # The memory model's two counts for the same tensors: exact slabs, and torch's power-of-two buffers.
+    assert r["expected"]["slab_gib"] == 5.587 and r["expected"]["torch_rounded_gib"] == 8.376

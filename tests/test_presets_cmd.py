@@ -57,9 +57,10 @@ def test_todays_24gb_preset_is_picked_on_a_128_gib_host_and_a_32_gib_host_is_tol
 
 
 def test_when_nothing_fits_the_text_says_which_resource_is_short(capsys):
-    assert main(["--vram-gb", "24", "--host-gb", "60"]) == 0
+    # A 24 GB card on a 40 GiB host: the 24gb preset's pinned host buffers need more than the host has.
+    assert main(["--vram-gb", "24", "--host-gb", "40"]) == 0
     out = capsys.readouterr().out
-    assert "no preset fits: host RAM is short. 24gb fits this card" in out and "60.0 GiB are available" in out
+    assert "no preset fits: host RAM is short. 24gb fits this card" in out and "40.0 GiB are available" in out
     assert "recommended" not in out and "no (host RAM)" in out
     # A card smaller than the smallest preset's need.
     assert main(["--vram-gb", "8", "--host-gb", "256"]) == 0

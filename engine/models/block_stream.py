@@ -6,6 +6,11 @@ LoRA weights and everything outside the blocks stay on the GPU. The first `resid
 (the knob a preset turns to trade VRAM for copies). At 0.70 GB per 14B block and about 55 GB/s for pinned copies a
 unit arrives in ~13 ms while the previous one computes for ~100 ms, so the copies hide behind compute.
 
+Host memory: the host copies of all streamed units are views into one exact-size slab (pinned_slab.py), not one
+torch pinned tensor each, which torch rounds up to a power of two (29.7 GiB of 14B weights took ~44 GiB that way).
+The slab is filled before it is page-locked, so each source tensor is freed as soon as it is copied and the host
+never holds the model twice.
+
 Memory safety: a unit's GPU copies are allocated on the side stream and read on the compute stream, so each copy
 is marked with `record_stream` on the compute stream before it is dropped; the caching allocator then keeps the
 memory until the compute stream has passed that point.
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from engine.models.pinned_slab import PinnedSlab, tensor_bytes, views_bytes
 
 
 class _Unit:
@@ -27,6 +34,20 @@ class _Unit:
         self.on_gpu = False
 
 
+def pack_into_slab(params: list[nn.Parameter], pin: bool) -> PinnedSlab:
+    """Move each parameter's data into a view of one new slab sized for all of them, then page-lock the slab when
+    `pin` (pin=False: the CPU case, where nothing is copied to a GPU). Each old tensor is dropped as soon as it is
+    copied, and the pages are locked only once filled, so the host peak stays near one copy of the weights."""
+    slab = PinnedSlab(views_bytes(tensor_bytes(p.shape, p.dtype) for p in params), pin=False)
+    for p in params:
+        host = slab.view(p.shape, p.dtype)
+        host.copy_(p.data)
+        p.data = host
+    if pin:
+        slab.pin()
+    return slab
+
+
 class BlockStreamer:
     def __init__(self, units: list[list[nn.Module]], device: torch.device, resident: int = 0):
         if device.index is None and device.type == "cuda":
@@ -37,22 +58,17 @@ class BlockStreamer:
         self.resident = max(0, resident)
         self.units = [_Unit(mods) for mods in units]
         self.stream = torch.cuda.Stream(device=device)
-        for i, unit in enumerate(self.units):
-            pinned = []
+        for unit in self.units[:self.resident]:
             for p, _ in unit.tensors:
-                if i < self.resident:
-                    p.data = p.data.to(device)
-                    pinned.append((p, None))
-                else:
-                    host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
-                    host.copy_(p.data)
-                    p.data = host
-                    pinned.append((p, host))
-            unit.tensors = pinned
-            unit.on_gpu = i < self.resident
+                p.data = p.data.to(device)
+            unit.on_gpu = True
+        self.slab = pack_into_slab([p for unit in self.units[self.resident:] for p, _ in unit.tensors], pin=True)
+        for unit in self.units[self.resident:]:
+            unit.tensors = [(p, p.data) for p, _ in unit.tensors]
 
     def host_bytes(self) -> int:
-        return sum(h.numel() * h.element_size() for u in self.units for _, h in u.tensors if h is not None)
+        """Host memory held by the streamed weights (the slab, alignment included)."""
+        return self.slab.nbytes
 
     def fetch(self, i: int) -> None:
         """Start copying unit i to the GPU (no-op if resident, loaded, or out of range)."""

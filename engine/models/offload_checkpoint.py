@@ -10,10 +10,18 @@ The recompute is the classic re-entrant one: the block runs without grad in the 
 the backward from the restored input, under the same autocast state and RNG state, then back-propagates into the
 block's trainable parameters (the LoRA weights) directly. Only the block input may require grad; every other
 argument (modulation, RoPE tables, text and audio tokens) comes from frozen modules.
+
+Host buffers: one exact-size pinned slab per save slot (the n-th saved input of a step always goes to slot n),
+kept and refilled every step. torch's pinned tensors would round each 0.31-0.33 GiB input up to 0.5 GiB. A slot
+is keyed by bytes, not shape, so bucketed variable-resolution training reuses the slots across buckets: a step
+with a smaller window fills part of each slot; a larger one replaces a slot by one of the new size, once. The host
+then holds (slots x the largest input trained so far), where a pool per shape would hold every bucket's inputs.
 """
 from __future__ import annotations
 
 import torch
+
+from engine.models.pinned_slab import PinnedSlab, tensor_bytes
 
 
 class HostActivationStore:
@@ -24,10 +32,9 @@ class HostActivationStore:
 
     def __init__(self, offload: bool = True):
         self.offload = offload
-        self._buffers: dict[tuple, list[torch.Tensor]] = {}
+        self._slots: list[PinnedSlab] = []  # one per saved input of a step, reused every step
         self._saved: list = []  # per forward call: (host buffer, copy-done event or None)
         self._loaded: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
-        self._next_free: dict[tuple, int] = {}
         self._stream = None
 
     def _side_stream(self, device):
@@ -36,19 +43,27 @@ class HostActivationStore:
         return self._stream
 
     def begin_step(self) -> None:
-        """Reset the per-step slots (pinned buffers are kept and reused by shape)."""
+        """Reset the per-step state (the host slots are kept and refilled)."""
         self._saved.clear()
         self._loaded.clear()
-        self._next_free.clear()
+
+    def host_bytes(self) -> int:
+        """Host memory held by the saved-input slots."""
+        return sum(slot.nbytes for slot in self._slots)
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor:
-        key = (tuple(like.shape), like.dtype)
-        pool = self._buffers.setdefault(key, [])
-        used = self._next_free.get(key, 0)
-        if used == len(pool):
-            pool.append(torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda))
-        self._next_free[key] = used + 1
-        return pool[used]
+        index = len(self._saved)
+        need = tensor_bytes(like.shape, like.dtype)
+        pin = like.is_cuda  # a CPU run copies nothing to a GPU: ordinary memory is right there
+        if index == len(self._slots):
+            self._slots.append(PinnedSlab(need, pin=pin))
+        elif self._slots[index].capacity < need or self._slots[index].pinned != pin:
+            # The old slot goes before the new one is made, so the host never holds both.
+            self._slots[index].release()
+            self._slots[index] = PinnedSlab(need, pin=pin)
+        slot = self._slots[index]
+        slot.reset()
+        return slot.view(like.shape, like.dtype)
 
     def save(self, x: torch.Tensor) -> int:
         if not self.offload:
