@@ -30,9 +30,8 @@ measured host row ran before the slabs, with torch's pinned allocator, which rou
 two; those rows are reproduced with that rounding (`pinned="torch"`, `pinned_bytes`). The slab figures are sums of
 tensor sizes. What is measured of them so far is the slab alone: bench/pinned_slab_check.py on the H200 machine
 grew the process by 5.591 GiB for 5.587 GiB of 14B block tensors and saved inputs (torch's pinned tensors 8.379).
-No engine or bench step has run with the slabs yet, so the predicted host peaks of the streamed and offloaded
-presets (24gb 46.9 GiB, 48gb 17.2 GiB) need a GPU measurement: the 24gb preset's engine step (bench/engine_step.py
---preset 24gb) and the bare bench rows above, re-run; those rows then join HOST_CALIBRATION with pinned="slab".
+On the user's path with the slabs (bench/user_run.py, H200, 2026-12-01) the 24gb preset peaked at 47.46 GiB against
+46.9 predicted; the 48gb preset's 17.2 GiB is not measured with slabs yet.
 
 The constants are fitted to the rows of `CALIBRATION` (each a run in BENCHMARKS.md) and a test holds every
 prediction within 10% of its measured peak. No figure here is a guess: a config far outside the calibrated
@@ -67,8 +66,10 @@ HOST_BASELINE_BYTES = int(1.8 * GIB)
 # What an engine run holds besides that while it trains (runner, dataset, loader state): its 24 GiB-cap run
 # peaked 2.04 GiB above the bare bench with the same pinned buffers (68.49 against 66.45 GiB).
 ENGINE_HOST_EXTRA_BYTES = int(2.04 * GIB)
-# Host peak of an engine run that loads the model folder straight to the GPU (the 80gb runs: 5.61 GiB).
-ENGINE_LOAD_HOST_BYTES = int(5.61 * GIB)
+# Host peak of a run whose model goes straight to the GPU, on the user's path (`s2v-tui --run`, model folder on
+# disk, cache phase, validation on; bench/user_run.py --preset 80gb on the H200, 2026-12-01: 6.88 GiB, the CLI
+# process alone). The engine bench's 5.61 GiB (in-memory samples, no cache phase, no validation) was 18% short.
+ENGINE_LOAD_HOST_BYTES = int(6.88 * GIB)
 
 
 PINNED_KINDS = ("slab", "torch")
@@ -164,7 +165,7 @@ class HostCalibration:
     stream_resident: int | None
     engine: bool
     peak_rss_gib: float
-    pinned: str = "torch"  # every row so far ran before the slabs; the slab rows are the GPU measurement to come
+    pinned: str = "torch"  # the rows that ran before the slabs; "slab" for the rows measured with them
 
 
 HOST_CALIBRATION = (
@@ -173,8 +174,12 @@ HOST_CALIBRATION = (
     HostCalibration("bench, inputs in host RAM, 48 GiB cap, first clip", 34_320, True, None, False, 22.86),
     HostCalibration("bench, inputs in host RAM, 45 GiB cap, continuation", 36_634, True, None, False, 22.87),
     HostCalibration("bench, fp8, inputs in host RAM, 32 GiB cap, first clip", 34_320, True, None, False, 22.05),
-    HostCalibration("engine, 80gb preset", 32_760, False, None, True, 5.61),
     HostCalibration("engine, 24gb preset, 24 GiB cap", 32_760, True, 0, True, 68.49),
+    # The user's path (bench/user_run.py: `s2v-tui --run`, model folder on disk, three 11 s clips through the cache
+    # phase, one validation case), H200, 2026-12-01, with the slabs; the CLI process's own RSS (its inductor
+    # compile workers are separate processes, reported beside it in BENCHMARKS.md).
+    HostCalibration("real path, 24gb preset, 24 GiB cap, validation on", 35_074, True, 0, True, 47.46, "slab"),
+    HostCalibration("real path, 80gb preset, validation on", 35_074, False, None, True, 6.88, "slab"),
 )
 
 
