@@ -325,12 +325,19 @@ class Trainer:
         while self.step < o.max_steps:
             short = self.host_guard.check()
             if self.dist.any(short is not None):  # every rank writes its part of the checkpoint
-                path = self.save_checkpoint("host_memory")
                 reason = short or "another process of this run ran short of host RAM (see its output)."
+                if self.step == 0:
+                    return TrainOutcome("failed", 0, f"{reason} Stopped before the first step: nothing was trained.")
+                path = self.save_checkpoint("host_memory")
                 # "failed", not "stopped": an unchanged retry (exit 75 says retry) meets the same wall.
                 return TrainOutcome("failed", self.step, f"{reason} Stopped at step {self.step}; checkpoint "
                                     f"{path}.", path)
             if self.dist.any(self.stop_event.is_set()):  # all ranks stop at the same step
+                if self.step == 0:
+                    # Stopped while loading: the initial state comes from the seed alone, and a checkpoint of it
+                    # would make the folder look trained, so a corrected config would be refused.
+                    return TrainOutcome("stopped", 0, "stopped before the first step (step 0): nothing was "
+                                        "trained yet; run the same command again to start")
                 path = self.save_checkpoint("stop")
                 reason = f"stopped at step {self.step}; checkpoint {path}; run again to resume"
                 return TrainOutcome("stopped", self.step, reason, path)
