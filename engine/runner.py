@@ -10,6 +10,7 @@ a person; the traceback is in train.log. Only a broken call (e.g. a stop_event t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import traceback
@@ -330,13 +331,15 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
     try:
         if dist.is_main:
             try:
-                lock, writer = _open_run_folder(run_dir)
+                lock, writer, opening = _open_run_folder(run_dir)
             except RunFailed as exc:  # no event log of ours: tell the subscribers only
                 end = RunEnded(status="refused", reason=str(exc))
                 bus.emit(end)
                 return end
             bus.subscribe(writer)
             detach_logging = _attach_logging(run_dir, bus)
+            for record in opening:
+                logging.getLogger(record.name).handle(record)
         dev = dist.device or pick_device(device)
         try:
             if not dist.is_main:
@@ -371,13 +374,16 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
 
 
 def _open_run_folder(run_dir: Path):
-    """Create the run folder, take its lock and open its event log; RunFailed says why it cannot be used."""
+    """Create the run folder, take its lock and open its event log; returns them with the log records written
+    meanwhile (for train.log, once it is open). RunFailed says why the folder cannot be used."""
     from engine.train.fsio import FIXES, write_error_cause
     from engine.train.run_lock import RunFolderBusy, RunLockUnsupported, acquire_run_lock
 
+    held = _HeldRecords()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = acquire_run_lock(run_dir, "s2v-tui training run")
+        with held.capturing("engine.train.run_lock"):
+            lock = acquire_run_lock(run_dir, "s2v-tui training run")
     except (RunFolderBusy, RunLockUnsupported) as exc:
         raise RunFailed(str(exc)) from None
     except OSError as exc:
@@ -385,12 +391,39 @@ def _open_run_folder(run_dir: Path):
         raise RunFailed(f"cannot use the run folder {run_dir}: {text} ({exc.filename or run_dir}); "
                         f"{FIXES[cause]}, or choose another output.run_dir (or --run-dir)") from None
     try:
-        return lock, JsonlEventWriter(run_dir)
+        return lock, JsonlEventWriter(run_dir), held.records
     except OSError as exc:
         lock.release()
         cause, text = write_error_cause(exc)
         raise RunFailed(f"cannot write the event log in {run_dir}: {text}; {FIXES[cause]}, or choose another "
                         "output.run_dir (or --run-dir)") from None
+
+
+class _HeldRecords(logging.Handler):
+    """The records a logger writes while the run folder is being opened, before train.log is: taking the lock
+    says whether it recovered it from a process that died (a kill -9, the kernel's OOM killer), which the user
+    should read in train.log and the face."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @contextlib.contextmanager
+    def capturing(self, name: str):
+        logger = logging.getLogger(name)
+        level, propagate = logger.level, logger.propagate
+        logger.addHandler(self)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # told once, when replayed through the run's handlers
+        try:
+            yield
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def _newest_note(run_dir: Path) -> str:
