@@ -171,7 +171,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int,
         free = free_bytes(path.parent)
         if free is not None and free < len(data) + SPACE_MARGIN:
             raise CheckpointWriteError(path, "no_space", (
-                f"it needs {_gib(len(data) + SPACE_MARGIN)} and the disk has {_gib(free)} free"))
+                f"no space for it: it needs {_size(len(data) + SPACE_MARGIN)} and the disk has {_size(free)} free"))
         # The digest first: a step-N.pt on disk then always has the record to check it against.
         atomic_write_bytes(digest_path(path), json.dumps(record, indent=1).encode("utf-8"))
         atomic_write_bytes(path, data)
@@ -187,8 +187,9 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int,
     return path
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _size(n: int) -> str:
+    # MiB below a GiB: "0.00 GiB free" would hide the few MiB a small disk still has.
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
