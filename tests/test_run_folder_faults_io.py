@@ -1,0 +1,386 @@
+"""The run folder under faults (issue 14), part 2: failing writes, twin processes, signals.
+
+Faults come two ways: for real (a bind mount remounted read-only, a small tmpfs that fills, a second process,
+signals to a child) and injected (an OSError from engine.train.fsio or engine.events). The real ones need root
+(mount); where mounting is not possible they skip and the injected variant still runs.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import save_config, with_value
+from engine.events import EVENTS_FILENAME, read_events
+from engine.train import checkpoint as ckpt
+from engine.train import fsio
+from s2v_tui.headless import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
+from test_run_folder_faults import checkpoint_steps, headless, one_line, step_ends, train
+from test_train_run import _config, _kinds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- real mounts ------------------------------------------------------------------------------------------------
+def _mount(*args: str) -> str:
+    """Run mount(8); the error text, or "" when it worked."""
+    try:
+        done = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return "" if done.returncode == 0 else (done.stderr.strip() or f"exit {done.returncode}")
+
+
+@pytest.fixture
+def mounts():
+    """mount(*args, target): mounts, or skips the test saying why it cannot; everything is unmounted after."""
+    done: list[Path] = []
+
+    def mount(*args: str) -> None:
+        error = _mount(*args)
+        if error:
+            pytest.skip(f"cannot mount here (mount {' '.join(args)}): {error}")
+        done.append(Path(args[-1]))
+
+    yield mount
+    for target in reversed(done):
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def _read_only_bind(mount, folder: Path) -> None:
+    """`folder` bound onto itself, with remounting it read-only and back checked to work."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mount("--bind", str(folder), str(folder))
+    for flags in ("remount,ro,bind", "remount,rw,bind"):
+        error = _mount("-o", flags, str(folder))
+        if error:
+            pytest.skip(f"cannot remount a bind mount here: {error}")
+
+
+# ---- 2. failing checkpoint writes ---------------------------------------------------------------------------------
+def _assert_stopped_read_only(end, run_dir: Path) -> None:
+    assert end.status == "failed"
+    reason = one_line(end.reason)
+    assert "stopped at step 4" in reason and "read-only" in reason and "free disk space" not in reason
+    assert "newest good checkpoint is step 2" in reason and "run the same command again" in reason
+    assert max(e.step for e in _kinds(run_dir, "step_end")) == 4  # stopped at once, not trained on to step 8
+
+
+def test_checkpoints_on_a_folder_remounted_read_only_stop_the_run_at_once(tiny_model_dir, tmp_path, mounts):
+    run_dir = tmp_path / "run"
+    folder = run_dir / "checkpoints"  # the whole run folder cannot be remounted: its logs are open for writing
+    _read_only_bind(mounts, folder)
+    remount_errors = []
+
+    def read_only_after_step_2(event):
+        if event.kind == "checkpoint_saved" and event.step == 2:
+            remount_errors.append(_mount("-o", "remount,ro,bind", str(folder)))
+
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=8, checkpoint__every_steps=2)
+    end = train(config, run_dir, [read_only_after_step_2])
+    if remount_errors != [""]:
+        pytest.skip(f"the remount during the run failed: {remount_errors}")
+    _assert_stopped_read_only(end, run_dir)
+    assert checkpoint_steps(run_dir) == [2]
+    assert _mount("-o", "remount,rw,bind", str(folder)) == ""
+    end = train(config, run_dir)
+    assert end.status == "completed", end.reason
+    assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 2
+
+
+def test_checkpoints_failing_with_erofs_stop_the_run_at_once(tiny_model_dir, tmp_path, monkeypatch):
+    real, read_only = fsio._write_all, []
+
+    def write_all(fd, data):
+        if read_only:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(fd, data)
+
+    def read_only_after_step_2(event):
+        if event.kind == "checkpoint_saved" and event.step == 2:
+            read_only.append(True)
+
+    monkeypatch.setattr(fsio, "_write_all", write_all)
+    run_dir = tmp_path / "run"
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=8, checkpoint__every_steps=2)
+    end = train(config, run_dir, [read_only_after_step_2])
+    _assert_stopped_read_only(end, run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002.json",
+                                                                           "step-00000002.pt"]
+
+
+def _fill(folder: Path, leave: int) -> Path:
+    """Fill `folder`'s filesystem with one file until about `leave` bytes are free (another writer)."""
+    ballast = folder / "ballast"
+    with open(ballast, "wb") as f:
+        while (free := fsio.free_bytes(folder)) > leave:
+            f.write(b"\0" * min(free - leave, 1 << 20))
+            f.flush()
+    return ballast
+
+
+def test_a_small_disk_that_fills_stops_the_run_then_resumes_when_freed(tiny_model_dir, tmp_path, mounts, monkeypatch):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
+    run_dir = disk / "run"
+    # A 4 MiB disk holds a few tiny checkpoints but not the margin kept for full-size runs; another writer fills
+    # it right after the check, so the write itself meets ENOSPC.
+    monkeypatch.setattr(ckpt, "SPACE_MARGIN", 0)
+    real_free, armed = ckpt.free_bytes, []
+
+    def free_then_filled(folder):
+        free = real_free(folder)
+        if armed and not (disk / "ballast").exists():
+            _fill(disk, leave=100_000)
+        return free
+
+    def arm_after_step_2(event):
+        if event.kind == "checkpoint_saved" and event.step == 2:
+            armed.append(True)
+
+    monkeypatch.setattr(ckpt, "free_bytes", free_then_filled)
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=6, checkpoint__every_steps=2, checkpoint__keep_last=2)
+    end = train(config, run_dir, [arm_after_step_2])
+    assert end.status == "failed"
+    reason = one_line(end.reason)
+    assert "stopped at step 4" in reason and "no space" in reason and "newest good checkpoint is step 2" in reason
+    assert checkpoint_steps(run_dir) == [2]
+    assert not list((run_dir / "checkpoints").glob("*" + fsio.TEMP_SUFFIX))
+    assert ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir, 2))["step"] == 2
+
+    armed.clear()
+    (disk / "ballast").unlink()
+    end = train(config, run_dir)
+    assert end.status == "completed", end.reason
+    assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 2
+    assert [e.step for e in step_ends(run_dir)] == [3, 4, 5, 6]
+
+
+def test_the_free_space_check_refuses_before_any_temp_file_appears(tiny_model_dir, tmp_path, monkeypatch):
+    writes, small = [], []
+    real_write = ckpt.atomic_write_bytes
+    monkeypatch.setattr(ckpt, "free_bytes", lambda folder: 3 * 2**20 if small else 2**40)
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", lambda path, data: (writes.append(Path(path).name),
+                                                                        real_write(path, data))[1])
+    real_mkstemp = fsio.tempfile.mkstemp
+    monkeypatch.setattr(fsio.tempfile, "mkstemp", lambda **kw: (writes.append("temp"), real_mkstemp(**kw))[1])
+
+    def disk_nearly_full_after_step_2(event):
+        if event.kind == "checkpoint_saved" and event.step == 2:
+            small.append(True)
+            writes.clear()
+
+    run_dir = tmp_path / "run"
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=6, checkpoint__every_steps=2)
+    end = train(config, run_dir, [disk_nearly_full_after_step_2])
+    assert end.status == "failed"
+    reason = one_line(end.reason)
+    assert "stopped at step 4" in reason and "no space" in reason and "3.0 MiB free" in reason
+    assert "newest good checkpoint is step 2" in reason
+    assert writes == []  # nothing was written for step 4, not even a temp file
+    assert checkpoint_steps(run_dir) == [2]
+
+
+# ---- 6. the event log through a brief full disk ----------------------------------------------------------------
+def test_a_brief_full_disk_does_not_detach_the_event_log(tiny_model_dir, tmp_path, monkeypatch):
+    from engine import events
+
+    real, full = events._write_some, []
+
+    def write_some(fd, data):
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    def disk_full_during_steps_2_to_3(event):
+        if event.kind == "step_end" and event.step in (2, 4):
+            (full.append if event.step == 2 else lambda _: full.clear())(True)
+
+    monkeypatch.setattr(events, "_write_some", write_some)
+    run_dir = tmp_path / "run"
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=5, checkpoint__every_steps=0)
+    end = train(config, run_dir, [disk_full_during_steps_2_to_3])
+    assert end.status == "completed", end.reason
+    logged = read_events(run_dir / EVENTS_FILENAME)
+    assert logged[-1].kind == "run_ended" and logged[-1].status == "completed"
+    assert [e.step for e in logged if e.kind == "step_end"] == [1, 2, 3, 4, 5]
+    assert "detached" not in (run_dir / "train.log").read_text()
+
+
+# ---- 8. a read-only run folder at the start ---------------------------------------------------------------------
+def _assert_one_paragraph_refusal(code: int, err: str) -> None:
+    assert code == EXIT_CONFIG
+    assert "Traceback" not in err and err.startswith("error: ") and "\n\n" not in err.strip()
+    assert "read-only" in one_line(err)
+
+
+def test_a_read_only_run_folder_at_the_start_exits_2_with_one_paragraph(tiny_model_dir, tmp_path, capsys, mounts):
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=2)
+    preset = save_config(config, tmp_path / "preset.toml", full=True)
+    folder = tmp_path / "ro"
+    _read_only_bind(mounts, folder)
+    assert headless(preset, folder / "run") == EXIT_OK  # a finished run, then the disk turns read-only
+    assert _mount("-o", "remount,ro,bind", str(folder)) == ""
+    for run_dir in (folder / "run", folder / "new-run"):
+        _assert_one_paragraph_refusal(headless(preset, run_dir), capsys.readouterr().err)
+
+
+def test_an_injected_read_only_run_folder_at_the_start_exits_2(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from engine.train import run_lock
+
+    def read_only(run_dir, what=""):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(Path(run_dir) / run_lock.LOCK_FILENAME))
+
+    monkeypatch.setattr(run_lock, "acquire_run_lock", read_only)
+    preset = save_config(_config(tiny_model_dir, tmp_path, optim__max_steps=2), tmp_path / "preset.toml", full=True)
+    _assert_one_paragraph_refusal(headless(preset, tmp_path / "run"), capsys.readouterr().err)
+
+
+# ---- 5 and 7: real processes --------------------------------------------------------------------------------------
+# A headless run in a child; argv: mode, preset, run folder. Modes slow it down where the parent needs to act:
+# "stall" holds the first checkpoint write half done until the file `go` appears beside the run folder;
+# "slow" sleeps after each step; "slow_prune" sleeps between writing the checkpoint of step 3 and pruning.
+CHILD = r"""
+import sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from engine.train import checkpoint as ckpt, fsio
+from engine.train.loop import Trainer
+from engine.train.synthetic import SyntheticLatentDataset
+from s2v_tui.headless import run_headless
+
+mode, preset, run_dir = sys.argv[1:4]
+if mode == "stall":
+    real_write, stalled = fsio._write_all, []
+    def write_all(fd, data):
+        if len(data) > 100_000 and not stalled:
+            stalled.append(True)
+            half = len(data) // 2
+            real_write(fd, memoryview(data)[:half])
+            print("WRITING", flush=True)
+            while not (Path(run_dir).parent / "go").exists():
+                time.sleep(0.05)
+            data = memoryview(data)[half:]
+        real_write(fd, data)
+    fsio._write_all = write_all
+elif mode == "slow":
+    real_step = Trainer.train_step
+    def train_step(self):
+        event = real_step(self)
+        time.sleep(0.2)
+        return event
+    Trainer.train_step = train_step
+elif mode == "slow_prune":
+    real_prune = ckpt.prune_checkpoints
+    def prune(run_dir, keep_last, protect=None):
+        if protect is not None and protect.name == "step-00000003.pt":
+            print("PRUNING", flush=True)
+            time.sleep(3)
+        return real_prune(run_dir, keep_last, protect)
+    ckpt.prune_checkpoints = prune
+sys.exit(run_headless(preset, run_dir=run_dir, dataset=SyntheticLatentDataset(2), device="cpu"))
+"""
+
+
+def _child(mode: str, preset: Path, run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-c", CHILD, mode, str(preset), str(run_dir)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, predicate, timeout: float = 120.0) -> str:
+    deadline, lines = time.monotonic() + timeout, []
+    for line in proc.stdout:
+        lines.append(line)
+        if predicate(line):
+            return line
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise AssertionError(f"the child never printed the line; stdout:\n{''.join(lines)}\nstderr:\n{proc.stderr.read()}")
+
+
+def _preset(tiny_model_dir, tmp_path: Path, **overrides) -> Path:
+    config = _config(tiny_model_dir, tmp_path, logging__every_steps=1, **overrides)
+    return save_config(config, tmp_path / "preset.toml", full=True)
+
+
+def test_a_second_process_on_a_run_folder_is_refused_and_leaves_the_first_ones_temp_files(
+        tiny_model_dir, tmp_path, capsys):
+    preset = _preset(tiny_model_dir, tmp_path, optim__max_steps=4, checkpoint__every_steps=2)
+    run_dir = tmp_path / "run"
+    first = _child("stall", preset, run_dir)
+    try:
+        _wait_for(first, lambda line: line.strip() == "WRITING")
+        temps = sorted((run_dir / "checkpoints").glob("*" + fsio.TEMP_SUFFIX))
+        assert len(temps) == 1  # the first run's checkpoint, half written
+        assert headless(preset, run_dir) == EXIT_CONFIG
+        err = one_line(capsys.readouterr().err)
+        assert f"process {first.pid}" in err and "in use" in err and "Traceback" not in err
+        assert sorted((run_dir / "checkpoints").glob("*" + fsio.TEMP_SUFFIX)) == temps
+        (tmp_path / "go").touch()
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == EXIT_OK, err[-3000:]
+    assert checkpoint_steps(run_dir) == [2, 4]
+    assert all(ckpt.load_checkpoint(p)["step"] == s for s, p in ckpt.list_checkpoints(run_dir))
+    # The refused start wrote nothing into the first run's event log.
+    assert [e.kind for e in read_events(run_dir / EVENTS_FILENAME)].count("run_started") == 1
+
+
+def test_the_lock_of_a_killed_run_is_recovered_by_the_next_start(tiny_model_dir, tmp_path):
+    preset = _preset(tiny_model_dir, tmp_path, optim__max_steps=6, checkpoint__every_steps=2)
+    run_dir = tmp_path / "run"
+    proc = _child("slow", preset, run_dir)
+    try:
+        _wait_for(proc, lambda line: line.startswith("step 3/6"))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert (run_dir / ".run.lock").read_text().strip()  # the dead owner's note is still there
+    config = _config(tiny_model_dir, tmp_path, logging__every_steps=1, optim__max_steps=6, checkpoint__every_steps=2)
+    end = train(config, run_dir)
+    assert end.status == "completed", end.reason
+    assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 2
+    assert f"process {proc.pid} no longer runs" in (run_dir / "train.log").read_text()
+
+
+def test_a_double_ctrl_c_stops_cleanly_and_the_rerun_resumes(tiny_model_dir, tmp_path):
+    preset = _preset(tiny_model_dir, tmp_path, optim__max_steps=8, checkpoint__every_steps=1,
+                     checkpoint__keep_last=2)
+    run_dir = tmp_path / "run"
+    proc = _child("slow_prune", preset, run_dir)
+    try:
+        _wait_for(proc, lambda line: line.strip() == "PRUNING")  # the checkpoint of step 3 is written
+        proc.send_signal(signal.SIGINT)
+        _wait_for(proc, lambda line: line.startswith("SIGINT: stopping"))
+        proc.send_signal(signal.SIGINT)  # impatient: abort at once
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_STOPPED, f"exit {proc.returncode}\n{err[-3000:]}"
+    assert "Traceback" not in err and err.startswith("stopped: ")
+    end = read_events(run_dir / EVENTS_FILENAME)[-1]
+    assert end.kind == "run_ended" and end.status == "stopped" and "Ctrl-C" in end.reason
+    assert "newest good checkpoint is step 3" in one_line(end.reason)
+
+    config = _config(tiny_model_dir, tmp_path, logging__every_steps=1, optim__max_steps=8, checkpoint__every_steps=1,
+                     checkpoint__keep_last=2)
+    starts = []
+    end = train(config, run_dir, [lambda e: starts.append(len(ckpt.list_checkpoints(run_dir)))
+                                  if e.kind == "run_started" else None])
+    assert starts == [2]  # the next start pruned what the abort left beyond keep_last
+    assert end.status == "completed", end.reason
+    assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 3
+    assert checkpoint_steps(run_dir) == [7, 8]
