@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterable
@@ -287,12 +288,45 @@ class _NotFileOnly(logging.Filter):
         return not record.name.startswith(FILE_ONLY_LOGGERS)
 
 
+class _TrainLog(logging.FileHandler):
+    """train.log. A full or read-only disk must neither print logging's "--- Logging error ---" traceback for
+    every record nor make the run's end raise from close(): lines that cannot be written wait in the file's
+    buffer or are lost, and the first failure of each episode is said once, as a warning the faces show."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8")
+        self.failing = False
+        self._failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)  # a failure ends in handleError
+        if not self._failed:
+            self.failing = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed = True
+        if self.failing:
+            return
+        self.failing = True  # before logging: the warning below comes back here and must stay quiet
+        exc = sys.exc_info()[1]
+        cause = (exc.strerror or str(exc)) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        log.warning("cannot write %s (%s): its lines are lost while this lasts; events.jsonl has the events",
+                    self.baseFilename, cause)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:
+            pass  # the lines a full disk kept out are lost; io closes the descriptor after the failed flush
+
+
 def _attach_logging(run_dir: Path, bus: EventBus) -> Callable[[], None]:
     engine_log = logging.getLogger("engine")
     previous_level = engine_log.level
     if engine_log.getEffectiveLevel() > logging.INFO:
         engine_log.setLevel(logging.INFO)
-    file_handler = logging.FileHandler(run_dir / LOG_FILENAME, encoding="utf-8")
+    file_handler = _TrainLog(run_dir / LOG_FILENAME)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_events = LogRecordsToEvents(bus)
     to_events.addFilter(_NotFileOnly())
