@@ -15,15 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from engine.config import save_config, with_value
+from engine.config import save_config
 from engine.events import EVENTS_FILENAME, read_events
 from engine.train import checkpoint as ckpt
 from engine.train import fsio
-from s2v_tui.headless import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
+from s2v_tui.headless import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_STOPPED
 from test_run_folder_faults import checkpoint_steps, headless, one_line, step_ends, train
-from test_train_run import _config, _kinds
+from test_train_run import _config, _kinds, demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,6 +212,80 @@ def test_a_brief_full_disk_does_not_detach_the_event_log(tiny_model_dir, tmp_pat
     assert logged[-1].kind == "run_ended" and logged[-1].status == "completed"
     assert [e.step for e in logged if e.kind == "step_end"] == [1, 2, 3, 4, 5]
     assert "detached" not in (run_dir / "train.log").read_text()
+
+
+# ---- train.log on a full disk ------------------------------------------------------------------------------
+def _headless_run(config, run_dir: Path, *subscribers) -> tuple[int, str]:
+    import io
+
+    from s2v_tui.headless import run_config_headless
+
+    out = io.StringIO()
+    code = run_config_headless(config, out, run_dir=str(run_dir), dataset=demo_dataset(), device="cpu",
+                               extra_subscribers=subscribers)
+    return code, out.getvalue()
+
+
+def _assert_full_disk_end(code: int, out: str, err: str) -> None:
+    assert code == EXIT_FAILED
+    assert "Traceback" not in err and "Logging error" not in err and err.startswith("failed: ")
+    assert "no space" in one_line(err)
+    assert "cannot write" in out and "train.log" in out  # said once, as a warning line
+
+
+def test_a_full_disk_under_train_log_prints_no_traceback(tiny_model_dir, tmp_path, mounts, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
+
+    def fill_after_step_2(event):
+        if event.kind == "step_end" and event.step == 2:
+            _fill(disk, leave=0)
+
+    # No checkpoint before the end: the run goes on until train.log's lines have filled its last page.
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=40, checkpoint__every_steps=0,
+                     logging__every_steps=1)
+    code, out = _headless_run(config, disk / "run", fill_after_step_2)
+    _assert_full_disk_end(code, out, capsys.readouterr().err)
+    assert out.count("train.log") == 1
+
+
+def test_an_injected_full_disk_under_train_log_prints_no_traceback(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from engine import runner
+
+    full = []
+
+    class Filling:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def _check(self):
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def write(self, text):
+            self._check()
+            return self.stream.write(text)
+
+        def flush(self):
+            self._check()
+            self.stream.flush()
+
+        def close(self):
+            self.stream.close()
+            self._check()
+
+    real_open = runner._TrainLog._open
+    monkeypatch.setattr(runner._TrainLog, "_open", lambda self: Filling(real_open(self)))
+    monkeypatch.setattr(ckpt, "free_bytes", lambda folder: 0 if full else 2**40)
+
+    def fill_after_step_2(event):
+        if event.kind == "step_end" and event.step == 2:
+            full.append(True)
+
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=4, checkpoint__every_steps=0, logging__every_steps=1)
+    code, out = _headless_run(config, tmp_path / "run", fill_after_step_2)
+    _assert_full_disk_end(code, out, capsys.readouterr().err)
 
 
 # ---- 8. a read-only run folder at the start ---------------------------------------------------------------------
