@@ -13,7 +13,8 @@ compares the config given now against it, by keys, with the folder's location ke
   run stopped by memory resumes on another card or preset;
 - anything else: ConfigRefused lists the keys and the ways forward; nothing in the folder was touched.
 A hand edit of `config.resolved.toml` counts as the request when the config given is the run's own, so editing
-the frozen copy to train longer works like `--set optim.max_steps=N`.
+the frozen copy to train longer works like `--set optim.max_steps=N`; an edit that leaves it unreadable is refused
+(deleting the file resumes with the newest checkpoint's settings).
 """
 from __future__ import annotations
 
@@ -111,6 +112,13 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
             write_frozen_config(given, run_dir)
         return Resolution(given, "replace" if notes else "new", notes)
 
+    if frozen_error and trained is not None:
+        # Most likely a hand edit gone wrong (a user extending the run); restoring the file from the checkpoint
+        # would throw that request away and quietly resume with the old settings.
+        raise ConfigRefused(
+            f"{run_dir} holds a run trained to step {max(step, 0)}, but its {FROZEN_FILENAME} cannot be read: "
+            f"{frozen_error}. Nothing was changed. Fix that file (to train longer, change only optim.max_steps), "
+            "or delete it to resume with the settings of the newest checkpoint")
     reference = trained or frozen
     if reference is None:
         why = f"its {FROZEN_FILENAME} is unreadable ({frozen_error})" if frozen_error else \

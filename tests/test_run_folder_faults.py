@@ -170,6 +170,24 @@ def test_a_frozen_config_edited_to_another_lr_is_refused_and_nothing_changes(fin
     assert_untouched(run_dir, before, logs)
 
 
+def test_a_frozen_config_edit_that_cannot_be_read_is_refused_not_overwritten(finished, tmp_path, capsys):
+    """A typo while extending the run (a string for max_steps) was thrown away: the file was restored from the
+    checkpoint and the run 'completed' at its old 4 steps."""
+    config, _ = finished
+    run_dir = copy_of(finished, tmp_path)
+    frozen = run_dir / FROZEN_FILENAME
+    frozen.write_text(frozen.read_text().replace("max_steps = 4", 'max_steps = "6"'))
+    preset = save_config(config, tmp_path / "preset.toml", full=True)
+    before, logs = snapshot(run_dir), read_logs(run_dir)
+    assert headless(preset, run_dir) == EXIT_CONFIG
+    err = one_line(capsys.readouterr().err)
+    assert "max_steps" in err and "cannot be read" in err and "delete it" in err
+    assert_untouched(run_dir, before, logs)
+    frozen.unlink()  # the way out the refusal names
+    assert headless(preset, run_dir) == EXIT_OK
+    assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 4
+
+
 def test_max_steps_lowered_below_the_step_reached_is_refused(finished, tmp_path, capsys):
     config, _ = finished
     run_dir = copy_of(finished, tmp_path)
