@@ -255,10 +255,23 @@ def _export(config: Config, model, trainer, run_dir: Path, config_hash: str) -> 
         path = run_dir / f"{config.output.name}_{layout}.safetensors"
         _keep_previous_export(path, trainer.step, identity)
         modules = native_reference_modules(model)  # both layouts are checked against the module names
-        save_lora(path, state, layout, meta, lo.alpha, modules)
+        try:
+            save_lora(path, state, layout, meta, lo.alpha, modules)
+        except OSError as exc:
+            raise RunFailed(_export_failure(path, exc, trainer)) from exc
         outputs[layout] = str(path)
         log.info("exported the LoRA (%s layout) to %s", layout, path)
     return outputs
+
+
+def _export_failure(path: Path, exc: OSError, trainer) -> str:
+    from engine.train.fsio import FIXES, write_error_cause
+
+    cause, text = write_error_cause(exc)
+    saved = trainer.last_checkpoint
+    return (f"training finished but the LoRA could not be exported to {path}: {text} ({FIXES[cause]}). The trained "
+            f"state is safe in the checkpoint of step {trainer.step} ({saved}): run the same command again to "
+            "export it")
 
 
 def _keep_previous_export(path: Path, step: int, identity: str) -> None:
@@ -389,8 +402,9 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
                     board = _tensorboard(config, run_dir, bus)
                 end = _run_phases(config, bus, stop_event, run_dir, dataset, dev, dist)
         except KeyboardInterrupt:  # a second Ctrl-C outside the training loop (which handles its own)
-            end = RunEnded(status="stopped", reason=f"aborted by Ctrl-C before training; {_newest_note(run_dir)}; "
-                           "run the same command again to resume")
+            # It may come before training or after it (the export): say only what stands.
+            end = RunEnded(status="stopped", reason=f"aborted by Ctrl-C outside a training step; "
+                           f"{_newest_note(run_dir)}; run the same command again to resume")
         except Exception as exc:
             end = _failure(exc, config, dev)
         bus.emit(end)
@@ -414,6 +428,9 @@ def _open_run_folder(run_dir: Path):
     from engine.train.run_lock import RunFolderBusy, RunLockUnsupported, acquire_run_lock
 
     held = _HeldRecords()
+    if run_dir.exists() and not run_dir.is_dir():  # mkdir would only say "File exists"
+        raise RunFailed(f"the run folder {run_dir} is a file, not a folder: choose another output.name or "
+                        "output.run_dir (or --run-dir)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with held.capturing("engine.train.run_lock"):

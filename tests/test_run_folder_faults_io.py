@@ -214,6 +214,60 @@ def test_a_brief_full_disk_does_not_detach_the_event_log(tiny_model_dir, tmp_pat
     assert "detached" not in (run_dir / "train.log").read_text()
 
 
+# ---- the export on a full disk ------------------------------------------------------------------------------
+def _assert_export_failed_then_exports(config, run_dir: Path, code: int, err: str) -> None:
+    assert code == EXIT_FAILED
+    err = one_line(err)
+    assert "could not be exported" in err and "no space" in err and "step-00000004.pt" in err
+    assert "run the same command again" in err and "Traceback" not in err
+    assert ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir, 4))["step"] == 4
+    code, out = _headless_run(config, run_dir)
+    assert code == EXIT_OK, out[-2000:]
+    assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 4
+    assert not step_ends(run_dir)  # nothing trained again, only exported
+    assert sorted(p.name for p in run_dir.glob("*.safetensors")) == ["demo-lora_native.safetensors",
+                                                                     "demo-lora_peft.safetensors"]
+
+
+def test_an_export_on_a_full_disk_says_the_training_is_saved(tiny_model_dir, tmp_path, mounts, monkeypatch, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
+    monkeypatch.setattr(ckpt, "SPACE_MARGIN", 0)  # 4 MiB holds the tiny checkpoints, not the full-size margin
+
+    def fill_after_the_final_checkpoint(event):
+        if event.kind == "checkpoint_saved" and event.reason == "final":
+            _fill(disk, leave=20_000)
+
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=4, checkpoint__every_steps=2)
+    code, _ = _headless_run(config, disk / "run", fill_after_the_final_checkpoint)
+    err = capsys.readouterr().err
+    (disk / "ballast").unlink()
+    _assert_export_failed_then_exports(config, disk / "run", code, err)
+
+
+def test_an_export_failing_with_enospc_says_the_training_is_saved(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from engine.train import lora
+
+    real, full = lora.atomic_write_bytes, []
+
+    def write(path, data):
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, data)
+
+    def full_after_the_final_checkpoint(event):
+        if event.kind == "checkpoint_saved" and event.reason == "final":
+            full.append(True)
+
+    monkeypatch.setattr(lora, "atomic_write_bytes", write)
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=4, checkpoint__every_steps=2)
+    code, _ = _headless_run(config, tmp_path / "run", full_after_the_final_checkpoint)
+    err = capsys.readouterr().err
+    full.clear()
+    _assert_export_failed_then_exports(config, tmp_path / "run", code, err)
+
+
 # ---- train.log on a full disk ------------------------------------------------------------------------------
 def _headless_run(config, run_dir: Path, *subscribers) -> tuple[int, str]:
     import io
@@ -315,6 +369,14 @@ def test_an_injected_read_only_run_folder_at_the_start_exits_2(tiny_model_dir, t
     monkeypatch.setattr(run_lock, "acquire_run_lock", read_only)
     preset = save_config(_config(tiny_model_dir, tmp_path, optim__max_steps=2), tmp_path / "preset.toml", full=True)
     _assert_one_paragraph_refusal(headless(preset, tmp_path / "run"), capsys.readouterr().err)
+
+
+def test_a_run_folder_that_is_a_file_exits_2_saying_so(tiny_model_dir, tmp_path, capsys):
+    preset = save_config(_config(tiny_model_dir, tmp_path, optim__max_steps=2), tmp_path / "preset.toml", full=True)
+    (tmp_path / "run").write_text("not a folder")
+    assert headless(preset, tmp_path / "run") == EXIT_CONFIG
+    err = one_line(capsys.readouterr().err)
+    assert "is a file, not a folder" in err and "check the disk" not in err
 
 
 # ---- 5 and 7: real processes --------------------------------------------------------------------------------------
