@@ -410,15 +410,25 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
         bus.emit(end)
         return end
     finally:
-        if detach_logging:
-            detach_logging()
-        if board:
-            board.close()
-        if writer:
-            writer.close()
-        if lock:
-            lock.release()
-        dist.close()
+        _close_run([detach_logging, board and board.close, writer and writer.close, lock and lock.release,
+                    dist.close])
+
+
+def _close_run(steps: list[Callable[[], None] | None]) -> None:
+    """Close what the run opened, every step even when one fails. A Ctrl-C now has nothing left to abort (the
+    run's end is decided and written), so it is let go: the lock is still released, the end still returned."""
+    error: BaseException | None = None
+    for step in steps:
+        if step is None:
+            continue
+        try:
+            step()
+        except KeyboardInterrupt:
+            continue  # train.log may already be detached: nothing to tell it
+        except Exception as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def _open_run_folder(run_dir: Path):
