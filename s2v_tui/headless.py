@@ -158,16 +158,20 @@ def make_reporter(stream: IO[str], every: int) -> PlainReporter | RichReporter:
 
 class StopSignals:
     """While active, SIGTERM/SIGINT/SIGHUP set `stop` instead of killing the process; a second SIGINT raises
-    KeyboardInterrupt (abort without waiting for the step). Restores the previous handlers on exit."""
+    KeyboardInterrupt (abort without waiting for the step) until `ended` is set, after which there is nothing left
+    to abort and it is ignored. Restores the previous handlers on exit."""
 
     def __init__(self, stop: threading.Event, notify: Callable[[str], None] | None = None) -> None:
         self.stop = stop
         self.notify = notify
+        self.ended = False
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.stop.is_set() and signum == signal.SIGINT:
+            if self.ended:
+                return
             raise KeyboardInterrupt
         self.stop.set()
         if self.notify:
@@ -233,11 +237,21 @@ def run_config_headless(config, stream: IO[str], *, run_dir: str | None = None, 
         stream.write(message + "\n")
         stream.flush()
 
-    with reporter, StopSignals(stop, notify):
-        end = run(config, [reporter, *extra_subscribers], stop, run_dir=run_dir, dataset=dataset, device=device)
-    target = stream if end.status == "completed" else sys.stderr
-    try:
-        print(end_paragraph(end), file=target, flush=True)
-    except OSError:
-        pass  # no terminal left to tell; events.jsonl has the RunEnded event
+    signals = StopSignals(stop, notify)
+    with signals:  # until the last line is printed: an impatient Ctrl-C must not end in a traceback
+        with reporter:
+            try:
+                end = run(config, [reporter, *extra_subscribers], stop, run_dir=run_dir, dataset=dataset,
+                          device=device)
+            except KeyboardInterrupt:
+                # The engine handles a second Ctrl-C in its phases; this one came while the run's end was being
+                # written (the event log, the lock), after which the checkpoints on disk are all there is.
+                end = RunEnded(status="stopped", reason="aborted by Ctrl-C while the run was ending; its "
+                               "checkpoints stand: run the same command again to resume")
+            signals.ended = True
+        target = stream if end.status == "completed" else sys.stderr
+        try:
+            print(end_paragraph(end), file=target, flush=True)
+        except OSError:
+            pass  # no terminal left to tell; events.jsonl has the RunEnded event
     return exit_code(end)

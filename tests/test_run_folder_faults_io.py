@@ -382,7 +382,8 @@ def test_a_run_folder_that_is_a_file_exits_2_saying_so(tiny_model_dir, tmp_path,
 # ---- 5 and 7: real processes --------------------------------------------------------------------------------------
 # A headless run in a child; argv: mode, preset, run folder. Modes slow it down where the parent needs to act:
 # "stall" holds the first checkpoint write half done until the file `go` appears beside the run folder;
-# "slow" sleeps after each step; "slow_prune" sleeps between writing the checkpoint of step 3 and pruning.
+# "slow" sleeps after each step; "slow_prune" sleeps between writing the checkpoint of step 3 and pruning;
+# "slow_close" sleeps when the run closes its event log, after its end was written.
 CHILD = r"""
 import sys, time
 from pathlib import Path
@@ -414,6 +415,14 @@ elif mode == "slow":
         time.sleep(0.2)
         return event
     Trainer.train_step = train_step
+elif mode == "slow_close":
+    from engine.events import JsonlEventWriter
+    real_close = JsonlEventWriter.close
+    def close(self):
+        print("CLOSING", flush=True)
+        time.sleep(3)
+        real_close(self)
+    JsonlEventWriter.close = close
 elif mode == "slow_prune":
     real_prune = ckpt.prune_checkpoints
     def prune(run_dir, keep_last, protect=None):
@@ -519,3 +528,23 @@ def test_a_double_ctrl_c_stops_cleanly_and_the_rerun_resumes(tiny_model_dir, tmp
     assert end.status == "completed", end.reason
     assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 3
     assert checkpoint_steps(run_dir) == [7, 8]
+
+
+def test_a_double_ctrl_c_while_a_finished_run_closes_changes_nothing(tiny_model_dir, tmp_path):
+    """Ctrl-C twice while the run's files are being closed (a slow disk): the run had ended, so the end stands and
+    the folder is released; it used to end in a KeyboardInterrupt traceback with the lock left to the kernel."""
+    preset = _preset(tiny_model_dir, tmp_path, optim__max_steps=2, checkpoint__every_steps=0)
+    run_dir = tmp_path / "run"
+    proc = _child("slow_close", preset, run_dir)
+    try:
+        _wait_for(proc, lambda line: line.strip() == "CLOSING")
+        proc.send_signal(signal.SIGINT)
+        _wait_for(proc, lambda line: line.startswith("SIGINT: stopping"))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_OK, f"exit {proc.returncode}\n{err[-3000:]}"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert read_events(run_dir / EVENTS_FILENAME)[-1].status == "completed"
+    assert (run_dir / ".run.lock").read_text() == ""  # released: the note was emptied
