@@ -37,6 +37,22 @@ class ConfigRefused(Exception):
         self.changes = changes
 
 
+class FolderUnwritable(ConfigRefused):
+    """The frozen config could not be written (a full or read-only disk): refused like a config, nothing changed."""
+
+
+def _freeze(config: Config, run_dir: Path) -> None:
+    from engine.train.fsio import FIXES, write_error_cause
+
+    try:
+        write_frozen_config(config, run_dir)
+    except OSError as exc:  # the write is atomic: the previous copy, if any, is as it was
+        cause, text = write_error_cause(exc)
+        raise FolderUnwritable(
+            f"cannot write {run_dir / FROZEN_FILENAME}: {text} ({FIXES[cause]}). Nothing was trained or changed; "
+            "run the same command again once that is fixed") from exc
+
+
 @dataclass(frozen=True)
 class Resolution:
     config: Config
@@ -109,7 +125,7 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
             notes = (f"{run_dir} has no checkpoint or LoRA yet: its {FROZEN_FILENAME} is replaced by the config "
                      f"given ({_describe(_changes(frozen, given))})",)
         if write:
-            write_frozen_config(given, run_dir)
+            _freeze(given, run_dir)
         return Resolution(given, "replace" if notes else "new", notes)
 
     if frozen_error and trained is not None:
@@ -134,7 +150,7 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
         if frozen is None or _changes(frozen, use):
             notes.append(f"{FROZEN_FILENAME} restored from the newest checkpoint's record")
             if write:
-                write_frozen_config(use, run_dir)
+                _freeze(use, run_dir)
         return Resolution(use, "resume", tuple(notes))
     if all(c.key in CONTINUE_KEYS or c.key in PLACEMENT_KEYS for c in changes):
         new_steps = requested.optim.max_steps
@@ -145,7 +161,7 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
                 f"output.name (e.g. --set output.name={free_run_name(run_dir)}) for a new run", tuple(changes))
         use = at_location(requested, given)
         if write:
-            write_frozen_config(use, run_dir)
+            _freeze(use, run_dir)
         placement = [c for c in changes if c.key in PLACEMENT_KEYS]
         if placement:
             notes.append(f"resuming with other memory settings ({source}): {_describe(placement)}; they change "
@@ -169,7 +185,7 @@ def _resolve_unknown(given: Config, run_dir: Path, why: str, step: int, write: b
     theirs = _checkpoint_hash(run_dir)
     if theirs is not None and theirs == given.config_hash():
         if write:
-            write_frozen_config(given, run_dir)
+            _freeze(given, run_dir)
         return Resolution(given, "resume", (f"{FROZEN_FILENAME} rewritten from the config given, which matches the "
                                             "newest checkpoint's config hash",))
     raise ConfigRefused(
