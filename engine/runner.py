@@ -495,11 +495,18 @@ def _newest_note(run_dir: Path) -> str:
 
 
 def _failure(exc: BaseException, config: Config, device: torch.device) -> RunEnded:
+    from engine.train.fsio import FIXES, write_error_cause
+
     trace_log.error("run failed: %s\n%s", exc, "".join(traceback.format_exception(exc)))
     if isinstance(exc, torch.OutOfMemoryError):
         reason = f"CUDA ran out of memory before training started: {smaller_preset_hint(config, device)}"
     elif isinstance(exc, (RunFailed, ConfigError)):
         reason = str(exc)
+    elif isinstance(exc, OSError) and write_error_cause(exc)[0] in ("no_space", "read_only"):
+        # Told apart like a failed checkpoint write: the fix is the disk's, not the config's.
+        cause, text = write_error_cause(exc)
+        where = f" ({exc.filename})" if exc.filename else ""
+        reason = f"{text}{where}: {FIXES[cause]}, then run the same command again (details in {LOG_FILENAME})"
     else:
         reason = f"{type(exc).__name__}: {exc} (traceback in {LOG_FILENAME})"
     return RunEnded(status="failed", reason=reason)
@@ -519,12 +526,25 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
         tidy=dist.is_main)
     if dist.is_main:
         dist.barrier()  # the others may now read the frozen config and the checkpoints
+    warnings = [RunWarning(code="checkpoint_skipped", message=f"skipped a checkpoint that cannot be used: {s.reason}")
+                for s in skipped]
+    short = ckpt.space_shortfall(run_dir, resume_path) if resume_path and dist.is_main else ""
+    if dist.any(bool(short)):
+        from engine.train.fsio import FIXES
+
+        for warning in warnings:
+            bus.emit(warning)
+        step = int(resume_state["step"]) if resume_state else 0
+        return RunEnded(status="refused", reason=(
+            f"{run_dir}: {short or 'rank 0 found no space for the next checkpoint'} ({FIXES['no_space']}). Nothing "
+            f"was trained; the run stands at step {step} ({resume_path}): run the same command again once there "
+            "is room"))
     label = device_label(device) + (f" x {dist.describe()}" if dist.active else "")
     bus.emit(RunStarted(run_dir=str(run_dir), config_hash=chash, total_steps=config.optim.max_steps,
                         resumed_from_step=int(resume_state["step"]) if resume_state else 0,
                         name=config.output.name, device=label))
-    for s in skipped:
-        bus.emit(RunWarning(code="checkpoint_skipped", message=f"skipped a checkpoint that cannot be used: {s.reason}"))
+    for warning in warnings:
+        bus.emit(warning)
     if resume_path:
         log.info("resuming from %s (step %d)", resume_path, resume_state["step"])
 

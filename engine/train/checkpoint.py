@@ -236,8 +236,26 @@ def reject_checkpoint(path: Path, reason: str) -> Path:
     folder.mkdir(exist_ok=True)
     for file in step_files(path):
         os.replace(file, folder / file.name)
-    (folder / f"{path.stem}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+    try:  # renames need no space; the reason file does, and a full disk must not stop the resume here
+        atomic_write_bytes(folder / f"{path.stem}.reason.txt", (reason + "\n").encode("utf-8"))
+    except OSError as exc:
+        log.warning("moved %s to %s but could not write why there (%s): %s", path.name, folder,
+                    exc.strerror or exc, reason)
     return folder / path.name
+
+
+def space_shortfall(run_dir: str | Path, like: Path) -> str:
+    """"" when the disk has room for one more checkpoint the size of `like`, else what is short. A resumed run
+    asks before loading its model: its first checkpoint would fail anyway, after all the steps up to it."""
+    record = read_digest(like) or {}
+    try:
+        size = int(record.get("bytes") or like.stat().st_size)
+    except OSError:
+        return ""
+    free = free_bytes(checkpoint_dir(run_dir))
+    if free is None or free >= size + SPACE_MARGIN:
+        return ""
+    return f"no space for the next checkpoint: it needs {_size(size + SPACE_MARGIN)} and the disk has {_size(free)} free"
 
 
 # ---- read ------------------------------------------------------------------------------------------------------
@@ -312,8 +330,11 @@ def find_resume_state(run_dir: str | Path, config_hash: str | None = None, ident
         except InvalidCheckpoint as exc:
             reason = str(exc)
             if exc.corrupt and tidy:
-                moved = reject_checkpoint(path, reason)
-                reason += f"; moved to {moved.parent}"
+                try:
+                    moved = reject_checkpoint(path, reason)
+                    reason += f"; moved to {moved.parent}"
+                except OSError as err:  # a read-only disk: skipped all the same, moved at a later start
+                    reason += f"; it could not be moved aside ({err.strerror or err}) and stays"
             skipped.append(SkippedCheckpoint(path, reason))
             continue
         if keep_last:
