@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import save_config
+from engine.config import save_config, with_value
 from engine.events import EVENTS_FILENAME, read_events
 from engine.train import checkpoint as ckpt
 from engine.train import fsio
@@ -212,6 +212,102 @@ def test_a_brief_full_disk_does_not_detach_the_event_log(tiny_model_dir, tmp_pat
     assert logged[-1].kind == "run_ended" and logged[-1].status == "completed"
     assert [e.step for e in logged if e.kind == "step_end"] == [1, 2, 3, 4, 5]
     assert "detached" not in (run_dir / "train.log").read_text()
+
+
+# ---- a full disk at the start --------------------------------------------------------------------------------
+def _assert_refused_for_space(code: int, out: str, err: str) -> None:
+    assert code == EXIT_CONFIG
+    assert "Traceback" not in err and err.startswith("error: ") and "no space" in one_line(err)
+    assert "[load]" not in out  # refused before the model loads, not at the first checkpoint
+
+
+def _tmpfs(mounts, tmp_path: Path) -> Path:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
+    return disk
+
+
+def test_a_new_run_on_a_full_disk_exits_2(tiny_model_dir, tmp_path, mounts, capsys):
+    disk = _tmpfs(mounts, tmp_path)
+    _fill(disk, leave=0)
+    code, out = _headless_run(_config(tiny_model_dir, tmp_path, optim__max_steps=2), disk / "run")
+    _assert_refused_for_space(code, out, capsys.readouterr().err)
+
+
+def test_a_new_run_whose_frozen_config_cannot_be_written_exits_2(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from engine import run_folder
+
+    def full(config, run_dir):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(run_folder, "write_frozen_config", full)
+    code, out = _headless_run(_config(tiny_model_dir, tmp_path, optim__max_steps=2), tmp_path / "run")
+    _assert_refused_for_space(code, out, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _finished_on(disk: Path, tiny_model_dir, tmp_path: Path):
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=4, checkpoint__every_steps=2, checkpoint__keep_last=2)
+    assert _headless_run(config, disk / "run")[0] == EXIT_OK
+    return config, disk / "run"
+
+
+def test_resuming_on_a_full_disk_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, mounts, monkeypatch,
+                                                                   capsys):
+    disk = _tmpfs(mounts, tmp_path)
+    monkeypatch.setattr(ckpt, "SPACE_MARGIN", 0)  # 4 MiB holds the tiny checkpoints, not the full-size margin
+    config, run_dir = _finished_on(disk, tiny_model_dir, tmp_path)
+    longer = with_value(config, "optim.max_steps", 6)
+    ballast = _fill(disk, leave=100_000)  # room for the frozen config, not for a checkpoint
+    code, out = _headless_run(longer, run_dir)
+    _assert_refused_for_space(code, out, capsys.readouterr().err)
+    ballast.unlink()
+    assert _headless_run(longer, run_dir)[0] == EXIT_OK
+    assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 4
+
+
+def test_resuming_with_too_little_free_space_is_refused_before_the_model_loads(tiny_model_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    config = _config(tiny_model_dir, tmp_path, optim__max_steps=4, checkpoint__every_steps=2)
+    assert _headless_run(config, tmp_path / "run")[0] == EXIT_OK
+    monkeypatch.setattr(ckpt, "free_bytes", lambda folder: 2**20)
+    code, out = _headless_run(with_value(config, "optim.max_steps", 6), tmp_path / "run")
+    _assert_refused_for_space(code, out, capsys.readouterr().err)
+
+
+def test_a_damaged_checkpoint_on_a_full_disk_is_set_aside_and_the_run_refused(tiny_model_dir, tmp_path, mounts,
+                                                                              monkeypatch, capsys):
+    from test_run_folder_faults import flip_exponents
+
+    disk = _tmpfs(mounts, tmp_path)
+    monkeypatch.setattr(ckpt, "SPACE_MARGIN", 0)
+    config, run_dir = _finished_on(disk, tiny_model_dir, tmp_path)
+    newest = ckpt.checkpoint_path(run_dir, 4)
+    flip_exponents(newest, max(ckpt.load_checkpoint(newest)["lora"].values(), key=lambda t: t.numel()))
+    ballast = _fill(disk, leave=0)
+    code, out = _headless_run(config, run_dir)
+    _assert_refused_for_space(code, out, capsys.readouterr().err)
+    assert checkpoint_steps(run_dir) == [2]  # set aside (a rename needs no space); its reason could not be written
+    ballast.unlink()
+    code, out = _headless_run(with_value(config, "optim.max_steps", 6), run_dir)
+    assert code == EXIT_OK, out[-2000:]
+    assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 2
+
+
+def test_any_other_write_failing_for_space_names_the_file_and_the_fix(tiny_model_dir, tmp_path, monkeypatch):
+    """A write outside the checkpoints (a validation sample, a cache entry) that meets a full disk: the reason
+    names the file and the fix, as for a checkpoint (it was "OSError: [Errno 28] ... (traceback in train.log)")."""
+    from engine.train import loop
+
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "samples" / "step-2.mp4"))
+
+    monkeypatch.setattr(loop.Trainer, "run", full)
+    end = train(_config(tiny_model_dir, tmp_path, optim__max_steps=2), tmp_path / "run")
+    assert end.status == "failed"
+    assert "no space left on the device" in end.reason and "step-2.mp4" in end.reason
+    assert "free disk space there" in end.reason and "OSError" not in end.reason
 
 
 # ---- the export on a full disk ------------------------------------------------------------------------------
