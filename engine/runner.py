@@ -10,9 +10,7 @@ a person; the traceback is in train.log. Only a broken call (e.g. a stop_event t
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterable
@@ -24,6 +22,7 @@ from engine.config import Config, ConfigError, read_frozen_config, validate_conf
 from engine.events import (EventBus, JsonlEventWriter, LogRecordsToEvents, PhaseChanged, RunEnded, RunStarted,
                            RunWarning, Subscriber)
 from engine.run_folder import ConfigRefused
+from engine.run_logs import HeldRecords, TrainLogHandler
 
 log = logging.getLogger(__name__)
 # Loggers whose records go to train.log only: step metrics (the faces show StepEnd events) and tracebacks (a
@@ -301,45 +300,12 @@ class _NotFileOnly(logging.Filter):
         return not record.name.startswith(FILE_ONLY_LOGGERS)
 
 
-class _TrainLog(logging.FileHandler):
-    """train.log. A full or read-only disk must neither print logging's "--- Logging error ---" traceback for
-    every record nor make the run's end raise from close(): lines that cannot be written wait in the file's
-    buffer or are lost, and the first failure of each episode is said once, as a warning the faces show."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, encoding="utf-8")
-        self.failing = False
-        self._failed = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._failed = False
-        super().emit(record)  # a failure ends in handleError
-        if not self._failed:
-            self.failing = False
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        self._failed = True
-        if self.failing:
-            return
-        self.failing = True  # before logging: the warning below comes back here and must stay quiet
-        exc = sys.exc_info()[1]
-        cause = (exc.strerror or str(exc)) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-        log.warning("cannot write %s (%s): its lines are lost while this lasts; events.jsonl has the events",
-                    self.baseFilename, cause)
-
-    def close(self) -> None:
-        try:
-            super().close()
-        except OSError:
-            pass  # the lines a full disk kept out are lost; io closes the descriptor after the failed flush
-
-
 def _attach_logging(run_dir: Path, bus: EventBus) -> Callable[[], None]:
     engine_log = logging.getLogger("engine")
     previous_level = engine_log.level
     if engine_log.getEffectiveLevel() > logging.INFO:
         engine_log.setLevel(logging.INFO)
-    file_handler = _TrainLog(run_dir / LOG_FILENAME)
+    file_handler = TrainLogHandler(run_dir / LOG_FILENAME)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_events = LogRecordsToEvents(bus)
     to_events.addFilter(_NotFileOnly())
@@ -437,7 +403,7 @@ def _open_run_folder(run_dir: Path):
     from engine.train.fsio import FIXES, write_error_cause
     from engine.train.run_lock import RunFolderBusy, RunLockUnsupported, acquire_run_lock
 
-    held = _HeldRecords()
+    held = HeldRecords()
     if run_dir.exists() and not run_dir.is_dir():  # mkdir would only say "File exists"
         raise RunFailed(f"the run folder {run_dir} is a file, not a folder: choose another output.name or "
                         "output.run_dir (or --run-dir)")
@@ -458,33 +424,6 @@ def _open_run_folder(run_dir: Path):
         cause, text = write_error_cause(exc)
         raise RunFailed(f"cannot write the event log in {run_dir}: {text}; {FIXES[cause]}, or choose another "
                         "output.run_dir (or --run-dir)") from None
-
-
-class _HeldRecords(logging.Handler):
-    """The records a logger writes while the run folder is being opened, before train.log is: taking the lock
-    says whether it recovered it from a process that died (a kill -9, the kernel's OOM killer), which the user
-    should read in train.log and the face."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    @contextlib.contextmanager
-    def capturing(self, name: str):
-        logger = logging.getLogger(name)
-        level, propagate = logger.level, logger.propagate
-        logger.addHandler(self)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # told once, when replayed through the run's handlers
-        try:
-            yield
-        finally:
-            logger.removeHandler(self)
-            logger.setLevel(level)
-            logger.propagate = propagate
 
 
 def _newest_note(run_dir: Path) -> str:
