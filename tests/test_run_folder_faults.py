@@ -2,7 +2,8 @@
 
 Each test plays an ordinary user who does something the run folder must survive, on the tiny model (CPU), and
 checks that no trained state is lost: checkpoints and exports are only ever added, a refusal changes nothing.
-Part 2 (test_run_folder_faults_io.py) covers failing writes, twin processes and signals.
+Part 2 (test_run_folder_faults_io.py) covers failing writes, part 3 (test_run_folder_faults_procs.py) twin
+processes and signals.
 """
 from __future__ import annotations
 
@@ -346,8 +347,7 @@ def test_a_nan_streak_never_prunes_the_newest_healthy_checkpoint(tiny_model_dir,
 # ---- 4. --set obeys the file's rules -------------------------------------------------------------------------
 @pytest.mark.parametrize("override, wanted", [
     ("optim.lr=-1", "optim.lr"),
-    pytest.param("optim.lr=inf", "optim.lr", marks=pytest.mark.xfail(
-        strict=True, reason="issue 14 item 8: engine/config/rules.py accepts an infinite optim.lr (nan is refused)")),
+    ("optim.lr=inf", "optim.lr"),
     ("optim.lrr=1e-4", "optim.lr"), ("optim.max_step=5", "max_steps")])
 def test_a_bad_set_value_exits_2_before_the_run_folder_exists(tiny_model_dir, tmp_path, capsys, override, wanted):
     config = _config(tiny_model_dir, tmp_path, optim__max_steps=2)
