@@ -4,8 +4,8 @@ A run folder's trained state (checkpoints, exported LoRAs) was made by one confi
 digest record carries that configuration; `config.resolved.toml` is the folder's frozen copy of it. `resolve`
 compares the config given now against it, by keys, with the folder's location keys (`output.run_dir`,
 `output.name`, `data.cache_dir`) left out, since a copied folder or a moved cache is the same run:
-- nothing trained yet: the given config is frozen (replacing a frozen copy that never trained: a corrected config
-  after a failed start must not be held to the wrong one);
+- nothing trained yet (no checkpoint past step 0, no export): the given config is frozen (replacing a frozen copy
+  that never trained: a corrected config after a failed start must not be held to the wrong one);
 - the same configuration: the run resumes;
 - only `optim.max_steps` changed, to at least the step reached: the run continues from its newest checkpoint with
   the new step count (the learning-rate schedule is re-planned over it, see engine.train.loop); memory placement
@@ -118,7 +118,9 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
     """The config this run uses in `run_dir` (writing the frozen copy when `write`); raises ConfigRefused."""
     frozen, frozen_error = _read_frozen(run_dir)
     trained, step = _trained_config(run_dir)
-    has_state = step >= 0 or bool(exported_loras(run_dir))
+    # A checkpoint of step 0 holds nothing trained (a stop while the model loaded, by a build that wrote one,
+    # or the host-RAM guard tripping then): it must not hold the folder to a config that never trained.
+    has_state = step > 0 or bool(exported_loras(run_dir))
     if not has_state:
         notes = ()
         if frozen is not None and _changes(frozen, given):

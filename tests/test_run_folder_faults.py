@@ -242,6 +242,24 @@ def test_a_start_stopped_before_its_first_step_leaves_nothing_trained(tiny_model
     assert end.status == "completed", end.reason
 
 
+def test_a_host_ram_stop_at_step_0_does_not_hold_the_folder_to_its_config(tiny_model_dir, tmp_path, monkeypatch):
+    """The host-RAM guard tripping right after the load writes a checkpoint of step 0 (its message promises one);
+    that checkpoint holds nothing trained, so a config that needs less memory is accepted in the same folder."""
+    from engine.train.host_guard import HostMemoryGuard
+
+    short = ["Host RAM ran short (test)."]
+    monkeypatch.setattr(HostMemoryGuard, "check", lambda self: short[0] if short else None)
+    run_dir = tmp_path / "run"
+    end = train(_config(tiny_model_dir, tmp_path, optim__max_steps=2), run_dir)
+    assert end.status == "failed" and "Host RAM ran short" in end.reason
+    assert checkpoint_steps(run_dir) == [0]
+    short.clear()
+    smaller = _config(tiny_model_dir, tmp_path, optim__max_steps=2, lora__rank=4)  # not a placement key
+    end = train(smaller, run_dir)
+    assert end.status == "completed", end.reason
+    assert "rank = 4" in (run_dir / FROZEN_FILENAME).read_text()
+
+
 def _lora(end) -> dict[str, torch.Tensor]:
     return load_lora(end.outputs["peft"])[0]
 

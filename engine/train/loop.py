@@ -325,10 +325,8 @@ class Trainer:
         while self.step < o.max_steps:
             short = self.host_guard.check()
             if self.dist.any(short is not None):  # every rank writes its part of the checkpoint
-                reason = short or "another process of this run ran short of host RAM (see its output)."
-                if self.step == 0:
-                    return TrainOutcome("failed", 0, f"{reason} Stopped before the first step: nothing was trained.")
                 path = self.save_checkpoint("host_memory")
+                reason = short or "another process of this run ran short of host RAM (see its output)."
                 # "failed", not "stopped": an unchanged retry (exit 75 says retry) meets the same wall.
                 return TrainOutcome("failed", self.step, f"{reason} Stopped at step {self.step}; checkpoint "
                                     f"{path}.", path)
