@@ -178,6 +178,11 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int,
     except CheckpointWriteError:
         raise
     except OSError as exc:
+        if not path.exists():  # the digest of a checkpoint that never came would only mislead a reader
+            try:
+                digest_path(path).unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only disk: the lone record stays, and nothing reads it without its .pt
         cause, text = write_error_cause(exc)
         raise CheckpointWriteError(path, cause, text, exc.errno or 0) from exc
     del buffer, data
