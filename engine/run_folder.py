@@ -168,7 +168,10 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
         if placement:
             notes.append(f"resuming with other memory settings ({source}): {_describe(placement)}; they change "
                          "where tensors live, not what is trained")
-        if new_steps != reference.optim.max_steps:
+        if new_steps != reference.optim.max_steps and step < 0:  # only exports left: they are kept aside
+            notes.append(f"no checkpoint is left in {run_dir}: training starts over, to optim.max_steps "
+                         f"{new_steps} ({source}); the earlier exports are kept beside the new one")
+        elif new_steps != reference.optim.max_steps:
             notes.append(f"continuing the run from step {step}: optim.max_steps {reference.optim.max_steps} -> "
                          f"{new_steps} ({source}); the learning-rate schedule is re-planned over {new_steps} steps")
         return Resolution(use, "continue", tuple(notes))

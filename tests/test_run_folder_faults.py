@@ -144,6 +144,23 @@ def test_deleted_frozen_config_then_more_steps_continues_the_run(finished, tmp_p
     _assert_continued_to_6(run_dir, end, export)
 
 
+def test_more_steps_after_the_checkpoints_were_deleted_starts_over_and_keeps_the_exports(finished, tmp_path):
+    """Someone freed disk space by deleting checkpoints/: a longer run starts over (there is nothing to continue
+    from, and it says so), and the earlier export stays beside the new one."""
+    config, _ = finished
+    run_dir = copy_of(finished, tmp_path)
+    export = (run_dir / f"{NAME}_peft.safetensors").read_bytes()
+    shutil.rmtree(run_dir / "checkpoints")
+    from engine.config import with_value
+
+    end = train(with_value(config, "optim.max_steps", 6), run_dir)
+    assert end.status == "completed", end.reason
+    assert [e.step for e in step_ends(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / f"{NAME}_peft.step4.safetensors").read_bytes() == export
+    log = (run_dir / "train.log").read_text()
+    assert "training starts over" in log and "step -1" not in log
+
+
 @pytest.mark.parametrize("override, key", [("optim.lr=0.001", "optim.lr"), ("lora.rank=4", "lora.rank")])
 def test_another_setting_on_a_trained_run_is_refused_and_nothing_changes(finished, tmp_path, capsys, override, key):
     config, _ = finished
