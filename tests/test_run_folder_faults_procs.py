@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- 5 and 7: real processes --------------------------------------------------------------------------------------
 # A headless run in a child; argv: mode, preset, run folder. Modes slow it down where the parent needs to act:
 # "stall" holds the first checkpoint write half done until the file `go` appears beside the run folder;
-# "slow" sleeps after each step; "slow_prune" sleeps between writing the checkpoint of step 3 and pruning;
+# "slow" sleeps in step 3; "slow_prune" sleeps between writing the checkpoint of step 3 and pruning;
 # "slow_close" sleeps when the run closes its event log, after its end was written.
 CHILD = r"""
 import sys, time
@@ -54,7 +54,8 @@ elif mode == "slow":
     real_step = Trainer.train_step
     def train_step(self):
         event = real_step(self)
-        time.sleep(0.2)
+        if self.step == 3:
+            time.sleep(10)  # before step 3 is told: the parent kills the run here, behind the checkpoint of step 2
         return event
     Trainer.train_step = train_step
 elif mode == "slow_close":
@@ -131,7 +132,8 @@ def test_the_lock_of_a_killed_run_is_recovered_by_the_next_start(tiny_model_dir,
     run_dir = tmp_path / "run"
     proc = _child("slow", preset, run_dir)
     try:
-        _wait_for(proc, lambda line: line.startswith("step 3/6"))
+        _wait_for(proc, lambda line: line.startswith("checkpoint (interval) at step 2"))
+        time.sleep(0.5)  # into the sleep of step 3
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
