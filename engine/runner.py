@@ -403,10 +403,10 @@ def _open_run_folder(run_dir: Path):
     from engine.train.fsio import FIXES, write_error_cause
     from engine.train.run_lock import RunFolderBusy, RunLockUnsupported, acquire_run_lock
 
-    held = HeldRecords()
     if run_dir.exists() and not run_dir.is_dir():  # mkdir would only say "File exists"
         raise RunFailed(f"the run folder {run_dir} is a file, not a folder: choose another output.name or "
                         "output.run_dir (or --run-dir)")
+    held = HeldRecords()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with held.capturing("engine.train.run_lock"):
