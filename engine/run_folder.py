@@ -10,7 +10,8 @@ compares the config given now against it, by keys, with the folder's location ke
 - only `optim.max_steps` changed, to at least the step reached: the run continues from its newest checkpoint with
   the new step count (the learning-rate schedule is re-planned over it, see engine.train.loop); memory placement
   keys (engine.config.PLACEMENT_KEYS: checkpointing, offloading, streaming, the VRAM budget) may change too, so a
-  run stopped by memory resumes on another card or preset;
+  run stopped by memory resumes on another card or preset; so may the reporting keys (REPORTING_KEYS: logging,
+  checkpoint interval and count, export layouts), which no tensor or random draw depends on;
 - anything else: ConfigRefused lists the keys and the ways forward; nothing in the folder was touched.
 A hand edit of `config.resolved.toml` counts as the request when the config given is the run's own, so editing
 the frozen copy to train longer works like `--set optim.max_steps=N`; an edit that leaves it unreadable is refused
@@ -22,11 +23,17 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from engine.config import (CONTINUE_KEYS, FROZEN_FILENAME, LOCATION_KEYS, PLACEMENT_KEYS, Config, ConfigChange,
+from engine.config import (CONTINUE_KEYS, FROZEN_FILENAME, LOCATION_KEYS, PLACEMENT_KEYS, REPORTING_KEYS, Config,
+                           ConfigChange,
                            ConfigError, config_from_dict_tree, diff, read_frozen_config, write_frozen_config)
 from engine.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
+
+
+# What a trained run may change and still resume from its checkpoints.
+RESUMABLE = frozenset((*CONTINUE_KEYS, *PLACEMENT_KEYS, *REPORTING_KEYS))
+_RESUMABLE_TEXT = "the memory placement, logging, checkpoint and export settings"
 
 
 class ConfigRefused(Exception):
@@ -154,7 +161,7 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
             if write:
                 _freeze(use, run_dir)
         return Resolution(use, "resume", tuple(notes))
-    if all(c.key in CONTINUE_KEYS or c.key in PLACEMENT_KEYS for c in changes):
+    if all(c.key in RESUMABLE for c in changes):
         new_steps = requested.optim.max_steps
         if new_steps < step:
             raise ConfigRefused(
@@ -168,6 +175,10 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
         if placement:
             notes.append(f"resuming with other memory settings ({source}): {_describe(placement)}; they change "
                          "where tensors live, not what is trained")
+        reporting = [c for c in changes if c.key in REPORTING_KEYS]
+        if reporting:
+            notes.append(f"resuming with other logging, checkpoint or export settings ({source}): "
+                         f"{_describe(reporting)}")
         if new_steps != reference.optim.max_steps and step < 0:  # only exports left: they are kept aside
             notes.append(f"no checkpoint is left in {run_dir}: training starts over, to optim.max_steps "
                          f"{new_steps} ({source}); the earlier exports are kept beside the new one")
@@ -180,8 +191,9 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
     raise ConfigRefused(
         f"{run_dir} already holds a run (trained to step {max(step, 0)}) with other settings than {source}: "
         f"{_describe(changes)}. Nothing was changed. To resume it, use its own settings ({undo}); to train it "
-        f"longer, change only optim.max_steps (and memory placement settings, see PLACEMENT_KEYS); for a new run with these settings, set another output.name (e.g. "
-        f"--set output.name={free_run_name(run_dir)})", tuple(changes))
+        f"longer, change only optim.max_steps (a resume may also change {_RESUMABLE_TEXT}); for a new run with "
+        f"these settings, set another output.name (e.g. --set output.name={free_run_name(run_dir)})",
+        tuple(changes))
 
 
 def _resolve_unknown(given: Config, run_dir: Path, why: str, step: int, write: bool) -> Resolution:

@@ -121,6 +121,26 @@ def test_raising_max_steps_in_the_config_given_continues_the_run(finished, tmp_p
     _assert_continued_to_6(run_dir, end, export)
 
 
+def test_a_resume_may_change_what_is_reported_and_kept_but_not_what_is_trained(finished, tmp_path):
+    """Logging, the checkpoint interval and count, the export layouts and memory placement change no tensor and
+    no random draw: the continued run takes them. The identity hash, which the checkpoints carry, leaves them out."""
+    from engine.config import with_value
+
+    config, _ = finished
+    run_dir = copy_of(finished, tmp_path)
+    changed = config
+    for key, value in (("optim.max_steps", 6), ("logging.every_steps", 1), ("checkpoint.keep_last", 5),
+                       ("checkpoint.every_steps", 1), ("output.formats", ["peft"]),
+                       ("memory.gradient_checkpointing", False)):
+        changed = with_value(changed, key, value)
+    assert changed.identity_hash() == config.identity_hash()
+    end = train(changed, run_dir)
+    assert end.status == "completed", end.reason
+    assert set(end.outputs) == {"peft"}
+    assert checkpoint_steps(run_dir) == [2, 4, 5, 6]  # every step now, up to 5 kept
+    assert "checkpoint.keep_last 2 -> 5" in (run_dir / "train.log").read_text()
+
+
 def test_raising_max_steps_by_editing_the_frozen_config_continues_the_run(finished, tmp_path):
     config, _ = finished
     run_dir = copy_of(finished, tmp_path)

@@ -261,6 +261,10 @@ def config_hash(config: Config) -> str:
 LOCATION_KEYS = ("output.run_dir", "output.name", "data.cache_dir")
 # Keys a finished or stopped run may change and still continue from its checkpoints (engine.run_folder).
 CONTINUE_KEYS = ("optim.max_steps",)
+# Keys about what a run reports and keeps, not what it trains (no random draw and no tensor depends on them): a
+# resumed run may change them too (log less often, keep more checkpoints, export another layout).
+REPORTING_KEYS = ("logging.every_steps", "logging.tensorboard", "logging.wandb_project", "checkpoint.every_steps",
+                  "checkpoint.keep_last", "output.formats")
 # Keys that say where tensors live and how the step is scheduled, not what is computed: a run stopped by host or
 # GPU memory resumes on another card or preset with them changed. (Their numerics differ at most by rounding
 # order; the keys that change the base's numerics, base_weights, fp8_input_grad and residual_dtype, are not here.)
@@ -271,13 +275,13 @@ PLACEMENT_KEYS = ("memory.gradient_checkpointing", "memory.checkpoint_interval",
 
 
 def identity_hash(config: Config) -> str:
-    """Hash of what a run trains: the values that differ from the defaults, less LOCATION_KEYS and CONTINUE_KEYS.
+    """Hash of what a run trains: the values that differ from the defaults, less the keys a resume may change.
     Checkpoints carry it, so a run extended to more steps, moved to another folder or resumed with other
     PLACEMENT_KEYS still resumes from them; and a key added to the schema later (its default keeping the old
     behaviour) leaves it unchanged."""
     defaults = flatten(resolved_dict(Config()))
     flat = {k: v for k, v in flatten(resolved_dict(config)).items() if k not in defaults or v != defaults[k]}
-    for key in (*LOCATION_KEYS, *CONTINUE_KEYS, *PLACEMENT_KEYS):
+    for key in (*LOCATION_KEYS, *CONTINUE_KEYS, *PLACEMENT_KEYS, *REPORTING_KEYS):
         flat.pop(key, None)
     text = json.dumps(flat, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
