@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from engine import event_log
 from engine import events as ev
 
 
@@ -249,11 +250,11 @@ class _FlakyDisk:
     may first write part of the line (`short`), as a disk filling mid-line does."""
 
     def __init__(self, monkeypatch, code: int = errno.ENOSPC, short: int = 0) -> None:
-        self.real = ev._write_some
+        self.real = event_log._write_some
         self.code, self.short = code, short
         self.failing = False
         self.failures = 0
-        monkeypatch.setattr(ev, "_write_some", self)
+        monkeypatch.setattr(event_log, "_write_some", self)
 
     def __call__(self, fd: int, data: memoryview) -> int:
         if not self.failing:
@@ -373,7 +374,7 @@ def test_a_failed_fsync_is_tried_again_and_never_raises(tmp_path, monkeypatch):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         os.fsync(fd)
 
-    monkeypatch.setattr(ev, "_fsync", fsync_fails_once)
+    monkeypatch.setattr(event_log, "_fsync", fsync_fails_once)
     writer = ev.JsonlEventWriter(tmp_path)
     writer(ev.CheckpointSaved(step=1, path="/r/c"))  # fsynced: fails, the line is already in the file
     writer(ev.PhaseChanged(phase="train"))  # not an fsync kind, but the due fsync is tried again

@@ -186,9 +186,9 @@ def test_the_free_space_check_refuses_before_any_temp_file_appears(tiny_model_di
 
 # ---- 6. the event log through a brief full disk ----------------------------------------------------------------
 def test_a_brief_full_disk_does_not_detach_the_event_log(tiny_model_dir, tmp_path, monkeypatch):
-    from engine import events
+    from engine import event_log
 
-    real, full = events._write_some, []
+    real, full = event_log._write_some, []
 
     def write_some(fd, data):
         if full:
@@ -199,7 +199,7 @@ def test_a_brief_full_disk_does_not_detach_the_event_log(tiny_model_dir, tmp_pat
         if event.kind == "step_end" and event.step in (2, 4):
             (full.append if event.step == 2 else lambda _: full.clear())(True)
 
-    monkeypatch.setattr(events, "_write_some", write_some)
+    monkeypatch.setattr(event_log, "_write_some", write_some)
     run_dir = tmp_path / "run"
     config = _config(tiny_model_dir, tmp_path, optim__max_steps=5, checkpoint__every_steps=0)
     end = train(config, run_dir, [disk_full_during_steps_2_to_3])
