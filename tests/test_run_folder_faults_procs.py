@@ -17,6 +17,7 @@ from engine.train import fsio
 from s2v_tui.headless import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
 from test_run_folder_faults import checkpoint_steps, headless, one_line, train
 from test_train_run import _config, _kinds
+from test_train_signals import _wait_for_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,18 +85,6 @@ def _child(mode: str, preset: Path, run_dir: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(proc: subprocess.Popen, predicate, timeout: float = 120.0) -> str:
-    deadline, lines = time.monotonic() + timeout, []
-    for line in proc.stdout:
-        lines.append(line)
-        if predicate(line):
-            return line
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise AssertionError(f"the child never printed the line; stdout:\n{''.join(lines)}\nstderr:\n{proc.stderr.read()}")
-
-
 def _preset(tiny_model_dir, tmp_path: Path, **overrides) -> Path:
     config = _config(tiny_model_dir, tmp_path, logging__every_steps=1, **overrides)
     return save_config(config, tmp_path / "preset.toml", full=True)
@@ -107,7 +96,7 @@ def test_a_second_process_on_a_run_folder_is_refused_and_leaves_the_first_ones_t
     run_dir = tmp_path / "run"
     first = _child("stall", preset, run_dir)
     try:
-        _wait_for(first, lambda line: line.strip() == "WRITING")
+        _wait_for_line(first, lambda line: line.strip() == "WRITING")
         temps = sorted((run_dir / "checkpoints").glob("*" + fsio.TEMP_SUFFIX))
         assert len(temps) == 1  # the first run's checkpoint, half written
         assert headless(preset, run_dir) == EXIT_CONFIG
@@ -132,7 +121,7 @@ def test_the_lock_of_a_killed_run_is_recovered_by_the_next_start(tiny_model_dir,
     run_dir = tmp_path / "run"
     proc = _child("slow", preset, run_dir)
     try:
-        _wait_for(proc, lambda line: line.startswith("checkpoint (interval) at step 2"))
+        _wait_for_line(proc, lambda line: line.startswith("checkpoint (interval) at step 2"))
         time.sleep(0.5)  # into the sleep of step 3
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -152,9 +141,9 @@ def test_a_double_ctrl_c_stops_cleanly_and_the_rerun_resumes(tiny_model_dir, tmp
     run_dir = tmp_path / "run"
     proc = _child("slow_prune", preset, run_dir)
     try:
-        _wait_for(proc, lambda line: line.strip() == "PRUNING")  # the checkpoint of step 3 is written
+        _wait_for_line(proc, lambda line: line.strip() == "PRUNING")  # the checkpoint of step 3 is written
         proc.send_signal(signal.SIGINT)
-        _wait_for(proc, lambda line: line.startswith("SIGINT: stopping"))
+        _wait_for_line(proc, lambda line: line.startswith("SIGINT: stopping"))
         proc.send_signal(signal.SIGINT)  # impatient: abort at once
         out, err = proc.communicate(timeout=60)
     finally:
@@ -183,9 +172,9 @@ def test_a_double_ctrl_c_while_a_finished_run_closes_changes_nothing(tiny_model_
     run_dir = tmp_path / "run"
     proc = _child("slow_close", preset, run_dir)
     try:
-        _wait_for(proc, lambda line: line.strip() == "CLOSING")
+        _wait_for_line(proc, lambda line: line.strip() == "CLOSING")
         proc.send_signal(signal.SIGINT)
-        _wait_for(proc, lambda line: line.startswith("SIGINT: stopping"))
+        _wait_for_line(proc, lambda line: line.startswith("SIGINT: stopping"))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:

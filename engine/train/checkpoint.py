@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.data.cache import hash_file  # SHA-256 of a file, read in chunks
 from engine.train.fsio import FIXES, atomic_write_bytes, free_bytes, remove_stale_temps, write_error_cause
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ _NAME = re.compile(r"^step-(\d{8})\.pt$")
 REQUIRED_KEYS = ("format_version", "step", "config_hash", "lora", "optimizer", "scheduler", "rng", "data")
 REJECTED_DIR = "rejected"
 SPACE_MARGIN = 64 * 2**20  # besides the checkpoint itself: its digest file, the event log, train.log
-_CHUNK = 16 * 2**20
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -63,14 +63,6 @@ def step_files(path: Path) -> list[Path]:
     stem = path.stem
     return sorted(p for p in path.parent.iterdir()
                   if p.is_file() and (p.name.startswith(stem + ".") or p.name.startswith(stem + "_")))
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_digest(path: Path) -> dict[str, Any] | None:
@@ -186,7 +178,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int,
         cause, text = write_error_cause(exc)
         raise CheckpointWriteError(path, cause, text, exc.errno or 0) from exc
     del buffer, data
-    if _sha256_file(path) != record["sha256"]:  # read back: what is pruned below is only ever behind a good one
+    if hash_file(path) != record["sha256"]:  # read back: what is pruned below is only ever behind a good one
         raise CheckpointWriteError(path, "io", "the file read back differs from what was written")
     prune_checkpoints(run_dir, keep_last, protect=path)
     return path
@@ -283,7 +275,7 @@ def load_checkpoint(path: str | Path, config_hash: str | None = None, identity: 
     record = read_digest(path)
     if record is not None:
         try:
-            actual = _sha256_file(path)
+            actual = hash_file(path)
         except OSError as exc:
             raise InvalidCheckpoint(f"{path}: unreadable ({exc.strerror or exc})", corrupt=True) from None
         if actual != record["sha256"]:
