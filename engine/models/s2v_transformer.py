@@ -212,8 +212,9 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def enable_block_streaming(self, resident: int = 0, device=None) -> int:
         """Keep the frozen weights of blocks (and their audio injectors) in pinned host memory, streamed to the
         GPU ahead of use; the first `resident` blocks stay on the GPU, and so does everything else (embeddings,
-        head, LoRA weights). Call after adding the LoRA adapters; the model may be on the CPU (so a 24 GB card
-        never holds the whole model) or already on `device`. Returns the bytes now held in host memory."""
+        head, LoRA weights). Call after adding the LoRA adapters and after any low-bit quantisation (the low-bit
+        storage is what streams); the model may be on the CPU (so a 24 GB card never holds the whole model) or
+        already on `device`. Returns the bytes now held in host memory."""
         from engine.models.block_stream import BlockStreamer
 
         device = torch.device(device) if device is not None else self.patch_embedding.weight.device
@@ -224,13 +225,15 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             if self.audio_injector.injector_adain_layers is not None:
                 units[blk].append(self.audio_injector.injector_adain_layers[inj])
         self._streamer = BlockStreamer(units, device, resident)
-        streamed = {id(p) for unit in self._streamer.units for p, _ in unit.tensors}
+        # Everything the streamer does not hold goes to the device; the streamed tensors (low-bit Linears' buffers
+        # among them) stay where it put them.
+        streamed = {id(t) for unit in self._streamer.units for t, _ in unit.tensors}
         for p in self.parameters():
             if id(p) not in streamed:
                 p.data = p.data.to(device)
         for module in self.modules():
             for name, buf in module._buffers.items():
-                if buf is not None:
+                if buf is not None and id(buf) not in streamed:
                     module._buffers[name] = buf.to(device)
         return self._streamer.host_bytes()
 
