@@ -187,15 +187,19 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     # ---- switches -------------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self, interval: int = 1, offload_inputs: bool = False,
-                                      policy: str = "full") -> None:
+                                      policy: str = "full", gpu_saved_inputs: int = 0) -> None:
         """Recompute every `interval`-th block (with its audio injector) in the backward pass.
 
         offload_inputs: keep the saved block inputs in pinned host memory (see offload_checkpoint.py).
+        gpu_saved_inputs: with offload_inputs, the inputs of the last N checkpointed blocks stay on the GPU (the
+        backward needs them first, so it starts without waiting for a host copy); the earlier ones are offloaded.
         policy: "full" recomputes the whole block; "save_attention" keeps the self-attention outputs and
         recomputes the rest (selective checkpointing; one more [S, D] tensor per block, no S^2 recompute).
         """
         if interval < 1:
             raise ValueError("checkpoint interval must be >= 1")
+        if gpu_saved_inputs < 0:
+            raise ValueError(f"gpu_saved_inputs={gpu_saved_inputs}: a number of saved block inputs, >= 0")
         if policy not in ("full", "save_attention"):
             raise ValueError(f"checkpoint policy {policy!r}: choose 'full' or 'save_attention'")
         if policy != "full" and offload_inputs:
@@ -204,7 +208,7 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.checkpoint_policy = policy
         self.gradient_checkpointing = True
         self.checkpoint_interval = interval
-        self._host_store = HostActivationStore(offload=True) if offload_inputs else None
+        self._host_store = HostActivationStore(keep_last=gpu_saved_inputs) if offload_inputs else None
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
@@ -383,7 +387,7 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if recompute and streamer is not None and store is None:
             store = self._inplace_store = getattr(self, "_inplace_store", None) or HostActivationStore(offload=False)
         if recompute and store is not None:
-            store.begin_step()
+            store.begin_step(saves=-(-len(self.blocks) // self.checkpoint_interval))
         for i in range(len(self.blocks)):
             if streamer is not None:
                 streamer.ensure(i)

@@ -69,8 +69,11 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
     done = []
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing(m.checkpoint_interval, offload_inputs=m.offload_checkpoint_inputs,
-                                            policy=m.checkpoint_policy)
-        where = "pinned host memory" if m.offload_checkpoint_inputs else "GPU memory"
+                                            policy=m.checkpoint_policy, gpu_saved_inputs=m.gpu_saved_inputs)
+        where = "GPU memory"
+        if m.offload_checkpoint_inputs:
+            where = ("pinned host memory" if not m.gpu_saved_inputs else
+                     f"pinned host memory but the last {m.gpu_saved_inputs}, kept in GPU memory")
         done.append(f"gradient checkpointing every {m.checkpoint_interval} block(s) ({m.checkpoint_policy}), "
                     f"saved inputs in {where}")
     else:
