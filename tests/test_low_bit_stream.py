@@ -224,3 +224,47 @@ def test_compiled_blocks_see_the_streamed_low_bit_storage_of_each_step(tiny_mode
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead's GPU machine)")
+
+
+@cuda
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_streamed_int8_with_inputs_partly_on_the_gpu_trains_like_resident_int8_on_cuda(tiny_model_dir, compiled):
+    """The preset's switches on a GPU: int8 quantised on the CPU, one unit resident, the rest streamed from a pinned
+    slab, the last two saved inputs kept on the GPU and the others in pinned slots; against the same int8 LoRA model
+    kept on the GPU, over a bucket change and the first-clip mode. fp32 (as test_pinned_slab's CUDA test): the
+    same losses and gradients to fp32 rounding, the GPU's kernels not being bitwise reproducible between the two."""
+    device = torch.device("cuda")
+
+    def build(stream):
+        torch._dynamo.reset()
+        model, params = _int8_model(tiny_model_dir, dtype=torch.float32, dropout=0.0)
+        if stream:
+            model.enable_gradient_checkpointing(interval=1, offload_inputs=True, gpu_saved_inputs=2)
+            model.enable_block_streaming(resident=1, device=device)
+        else:
+            model.enable_gradient_checkpointing(interval=1)
+            model.to(device)
+        if compiled:
+            model.compile_blocks()
+        return model, params
+
+    cpu_batches = _batches(S2VTransformer3DModel.from_pretrained(tiny_model_dir))
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in cpu_batches]
+    runs = {}
+    for stream in (False, True):
+        model, params = build(stream)
+        runs[stream] = [_loss_and_grads(model, b, params, autocast=False) for b in batches]
+    streamer, store = model._streamer, model._host_store
+    assert streamer.slab.pinned and len(store._slots) == len(model.blocks) - 2
+    assert all(slot.pinned for slot in store._slots)
+    int8 = [m for m in model.blocks[1:].modules() if isinstance(m, Int8Linear)]
+    assert int8 and all(_in(streamer.slab, m.weight_q) for m in int8)  # back in the slab after the step
+    tol = dict(rtol=1e-4, atol=1e-6) if compiled else dict(rtol=0, atol=1e-6)
+    for (ref_loss, ref_grads), (loss, grads) in zip(runs[False], runs[True]):
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+        for a, b in zip(ref_grads, grads):
+            torch.testing.assert_close(b, a, **tol)
