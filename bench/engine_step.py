@@ -154,6 +154,8 @@ def bare_command(config, mode: str, steps: int) -> list[str]:
         cmd.append("--compile")
     if m.offload_checkpoint_inputs:
         cmd.append("--offload-inputs")
+        if m.gpu_saved_inputs:
+            cmd += ["--gpu-saved-inputs", str(m.gpu_saved_inputs)]
     if m.block_offload:
         cmd += ["--stream-blocks", str(m.blocks_resident)]
     if m.vram_budget_gb:

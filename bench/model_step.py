@@ -191,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of blocks and injectors")
     ap.add_argument("--offload-inputs", action="store_true", help="keep checkpointed block inputs in pinned host RAM")
+    ap.add_argument("--gpu-saved-inputs", type=int, default=0, metavar="N",
+                    help="with --offload-inputs: keep the last N blocks' inputs on the GPU (memory.gpu_saved_inputs)")
     ap.add_argument("--policy", choices=("full", "save_attention"), default="full",
                     help="checkpointing policy: recompute whole blocks, or keep the self-attention outputs")
     ap.add_argument("--stream-blocks", type=int, default=-1, metavar="RESIDENT",
@@ -223,7 +225,8 @@ def main(argv=None) -> int:
     if args.ffn_chunk:
         model.set_ffn_chunk_size(args.ffn_chunk)
     if not args.no_checkpointing:
-        model.enable_gradient_checkpointing(offload_inputs=args.offload_inputs, policy=args.policy)
+        model.enable_gradient_checkpointing(offload_inputs=args.offload_inputs, policy=args.policy,
+                                            gpu_saved_inputs=args.gpu_saved_inputs if args.offload_inputs else 0)
     model.train()
     params = add_lora(model, args.rank)
     batch, target = inputs(args.mode, device, args.frames, args.width, args.height)
@@ -278,7 +281,7 @@ def main(argv=None) -> int:
     result = {
         "mode": args.mode, "tokens": seq, "frames": args.frames, "size": f"{args.width}x{args.height}",
         "attention": args.attention, "residual": args.residual, "ffn_chunk": args.ffn_chunk,
-        "checkpointing": not args.no_checkpointing, "compile": args.compile, "offload_inputs": args.offload_inputs, "policy": args.policy, "lora_params": sum(p.numel() for p in params),
+        "checkpointing": not args.no_checkpointing, "compile": args.compile, "offload_inputs": args.offload_inputs, "gpu_saved_inputs": args.gpu_saved_inputs, "policy": args.policy, "lora_params": sum(p.numel() for p in params),
         "s_per_step": round(med, 3), "s_all": [round(t, 3) for t in times],
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),

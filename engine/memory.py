@@ -4,13 +4,15 @@ Peak GPU memory of a LoRA step = frozen weights on the GPU + LoRA state + saved 
 the working set of one block's recompute and backward (+ allocator slack, for the reserved figure):
 
 - frozen weights: all of them, or with block streaming the non-block part plus the resident units plus two
-  units in flight (a unit = one block and the audio injector after it);
+  units in flight (a unit = one block and the audio injector after it), each unit in the bytes it streams in;
 - LoRA state: fp32 weight, gradient and two AdamW moments per LoRA parameter (+ one with EMA);
-- saved block inputs: one [S, D] tensor per checkpointed block (bf16 residual), two on the GPU when offloaded;
+- saved block inputs: one [S, D] tensor per checkpointed block (bf16 residual); when offloaded, the
+  `memory.gpu_saved_inputs` kept on the GPU plus two in flight;
 - checkpoint_policy = save_attention: one more [S, D] bf16 tensor per checkpointed block (its self-attention
   output; measured +12.96 GiB at 34,320 tokens against 40 x 0.327 GiB counted);
 - fp8 / int8 base weights: the Linears of memory.low_bit_families at 1 byte a weight (measured -13.08 GiB for
-  self_attn + cross_attn + ffn: 14.04 B weights);
+  self_attn + cross_attn + ffn: 14.04 B weights), streamed or not; int8 adds its forward's dequantised copy
+  (`INT8_DEQUANT_BYTES`, the measured int8-over-fp8 difference);
 - working set: `WORK_BYTES_PER_TOKEN_DIM` x S x D, measured (BENCHMARKS.md), S the longest sequence the config
   trains (continuation mode with motion tokens when motion frames are on).
 
@@ -18,11 +20,12 @@ What the card must have free is the allocated peak plus 5% (`NEED_OVER_ALLOCATED
 allocator hands cached blocks back before it fails (the capped runs reserved the whole cap, 24.0 of 24 GiB and
 32.0 of 32 GiB, and trained without an out-of-memory error); the uncapped reserved figure (x1.19) is shown too.
 
-Host RAM = pinned streamed weights + pinned saved inputs (when offloaded) + the process baseline (a bare bench
-process; an engine run holds 2 GiB more while it trains); an engine run also peaks while it loads the model
-(5.6 GiB measured straight to the GPU; with low-bit base weights the bf16 model the loader holds in host memory
-before it is quantised, checked at reduced depth on the CPU by bench/load_host.py). `HOST_CALIBRATION` holds the
-measured host peaks.
+Host RAM = pinned streamed weights (low-bit Linears at 1 byte a weight + row scales) + pinned saved inputs (those
+offloaded) + the process baseline (a bare bench process; an engine run holds 2 GiB more while it trains); an
+engine run also peaks while it loads the model (5.6 GiB measured straight to the GPU; with low-bit base weights
+the bf16 model the loader holds in host memory before it is quantised, checked at reduced depth on the CPU by
+bench/load_host.py, or with streamed low-bit weights and a loader that quantises as it reads, the low-bit model:
+`low_bit_load_host_bytes`). `HOST_CALIBRATION` holds the measured host peaks.
 
 How the pinned buffers are counted: the engine keeps both kinds in exact-size slabs (engine.models.pinned_slab:
 each tensor rounded up to 4 KiB, plus one page a slab), so configs are predicted with `pinned="slab"`. Every
@@ -31,7 +34,9 @@ two; those rows are reproduced with that rounding (`pinned="torch"`, `pinned_byt
 tensor sizes. What is measured of them so far is the slab alone: bench/pinned_slab_check.py on the H200 machine
 grew the process by 5.591 GiB for 5.587 GiB of 14B block tensors and saved inputs (torch's pinned tensors 8.379).
 On the user's path with the slabs (bench/user_run.py, H200, 2026-12-01) the 24gb preset peaked at 47.46 GiB against
-46.9 predicted; the 48gb preset's 17.2 GiB is not measured with slabs yet.
+46.9 predicted; the 48gb preset's 17.2 GiB is not measured with slabs yet. Nothing streamed in low bit or with saved
+inputs partly on the GPU has been measured: the 24gb-lowram preset's figures (26.8 GiB host, 21.4 GiB GPU
+allocated) are these terms added up, and its run joins HOST_CALIBRATION and CALIBRATION.
 
 The constants are fitted to the rows of `CALIBRATION` (each a run in BENCHMARKS.md) and a test holds every
 prediction within 10% of its measured peak. No figure here is a guess: a config far outside the calibrated
@@ -43,6 +48,8 @@ import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from engine.config.schema import LOW_BIT_DEFAULT_FAMILIES
 
 GIB = 2**30
 
@@ -70,6 +77,12 @@ ENGINE_HOST_EXTRA_BYTES = int(2.04 * GIB)
 # disk, cache phase, validation on; bench/user_run.py --preset 80gb on the H200, 2026-12-01: 6.88 GiB, the CLI
 # process alone). The engine bench's 5.61 GiB (in-memory samples, no cache phase, no validation) was 18% short.
 ENGINE_LOAD_HOST_BYTES = int(6.88 * GIB)
+# int8's forward dequantises each weight before its bf16 matmul; fp8's does not. Measured at the same weight bytes
+# (BENCHMARKS.md, compiled, first clip, full policy): int8 40.36 GiB against fp8 39.80. The 0.56 GiB is about two
+# fp32 copies (`w_q.float() * w_scale`) of the largest low-bit Linear, an FFN Linear of 70.8 M weights (0.53 GiB).
+INT8_DEQUANT_BYTES = int(0.56 * GIB)
+# Mapped checkpoint pages a quantising loader keeps in RSS while it reads (wt-lowbit's loading.REMAP_BYTES).
+LOADER_WINDOW_BYTES = 1 * GIB
 
 
 PINNED_KINDS = ("slab", "torch")
@@ -80,25 +93,53 @@ def pinned_bytes(nbytes: int) -> int:
     return 1 << max(0, int(nbytes - 1).bit_length())
 
 
-def unit_tensor_shapes(i: int) -> list[tuple[int, ...]]:
-    """Shapes of the frozen tensors of one streamed 14B unit (block i and the audio injector after it)."""
+def unit_tensor_shapes_named(i: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(module name.leaf, shape) of the frozen tensors of one streamed 14B unit (block i and the audio injector
+    after it), in the diffusers layout."""
     from engine.models.keymap import manifest_14b
 
     inj = _INJECT_LAYERS.index(i) if i in _INJECT_LAYERS else None
     prefixes = [f"blocks.{i}."] + ([f"audio_injector.injector.{inj}.", f"audio_injector.injector_adain_layers.{inj}."]
                                    if inj is not None else [])
-    return [tuple(shape) for _, name, shape in manifest_14b() if name.startswith(tuple(prefixes))]
+    return [(name, tuple(shape)) for _, name, shape in manifest_14b() if name.startswith(tuple(prefixes))]
 
 
-def unit_tensor_bytes(i: int, weight_bytes: float) -> list[int]:
-    """Bytes of each frozen tensor of one streamed unit."""
-    return [int(math.prod(shape) * weight_bytes) for shape in unit_tensor_shapes(i)]
+def unit_tensor_shapes(i: int) -> list[tuple[int, ...]]:
+    """Shapes of the frozen tensors of one streamed 14B unit (block i and the audio injector after it)."""
+    return [shape for _, shape in unit_tensor_shapes_named(i)]
 
 
-def streamed_host_bytes(units, weight_bytes: float, pinned: str = "slab") -> int:
+def unit_tensor_bytes(i: int, weight_bytes: float, low_bit_families=()) -> list[int]:
+    """Bytes of each frozen tensor of one streamed unit, as the streamer holds them. A Linear of
+    `low_bit_families` (engine.models.low_bit_linear) is two tensors there, its 1-byte weight and its fp32 row
+    scales; its bias is kept in bf16."""
+    patterns = []
+    if low_bit_families:  # (torch is imported only for a low-bit config)
+        from engine.models.low_bit_linear import FAMILIES
+
+        patterns = [FAMILIES[f] for f in low_bit_families]
+    sizes = []
+    for name, shape in unit_tensor_shapes_named(i):
+        module, _, leaf = name.rpartition(".")
+        low_bit = any(pattern.match(module) for pattern in patterns)
+        if low_bit and leaf == "weight" and len(shape) == 2:
+            sizes += [shape[0] * shape[1], shape[0] * 4]
+        elif low_bit and leaf == "bias":
+            sizes.append(shape[0] * 2)
+        else:
+            sizes.append(int(math.prod(shape) * weight_bytes))
+    return sizes
+
+
+def unit_bytes(i: int, weight_bytes: float, low_bit_families=()) -> int:
+    """Bytes of the frozen tensors of one streamed unit (what one copy to the GPU moves)."""
+    return sum(unit_tensor_bytes(i, weight_bytes, low_bit_families))
+
+
+def streamed_host_bytes(units, weight_bytes: float, pinned: str = "slab", low_bit_families=()) -> int:
     """Pinned host bytes of the streamed units: one slab for all their tensors (block_stream.py), or with torch's
     pinned allocator one power-of-two buffer per tensor."""
-    sizes = [n for i in units for n in unit_tensor_bytes(i, weight_bytes)]
+    sizes = [n for i in units for n in unit_tensor_bytes(i, weight_bytes, low_bit_families)]
     if pinned == "torch":
         return sum(pinned_bytes(n) for n in sizes)
     from engine.models.pinned_slab import slab_bytes, views_bytes
@@ -124,7 +165,7 @@ class Calibration:
     offload_inputs: bool
     stream_resident: int | None  # None = no block streaming
     peak_alloc_gib: float
-    low_bit: bool = False  # self_attn + cross_attn + ffn in fp8 or int8 (the same bytes)
+    low_bit: str = ""  # "fp8" or "int8": self_attn + cross_attn + ffn in that kind
     save_attention: bool = False
 
 
@@ -136,16 +177,16 @@ CALIBRATION = (
     Calibration("compiled, first clip, blocks streamed, 24 GiB cap", 34_320, True, 0, 13.70),
     Calibration("compiled, continuation, blocks streamed, 24 GiB cap", 36_634, True, 0, 14.16),
     Calibration("compiled, save_attention, first clip", 34_320, False, None, 65.84, save_attention=True),
-    Calibration("compiled, fp8, first clip", 34_320, False, None, 39.80, low_bit=True),
-    Calibration("compiled, fp8, save_attention, first clip", 34_320, False, None, 52.77, low_bit=True,
+    Calibration("compiled, fp8, first clip", 34_320, False, None, 39.80, low_bit="fp8"),
+    Calibration("compiled, fp8, save_attention, first clip", 34_320, False, None, 52.77, low_bit="fp8",
                 save_attention=True),
-    Calibration("compiled, fp8, save_attention, continuation", 36_634, False, None, 54.92, low_bit=True,
+    Calibration("compiled, fp8, save_attention, continuation", 36_634, False, None, 54.92, low_bit="fp8",
                 save_attention=True),
-    Calibration("compiled, fp8, inputs in host RAM, 32 GiB cap, first clip", 34_320, True, None, 29.39, low_bit=True),
-    Calibration("compiled, fp8, inputs in host RAM, 32 GiB cap, continuation", 36_634, True, None, 29.89, low_bit=True),
+    Calibration("compiled, fp8, inputs in host RAM, 32 GiB cap, first clip", 34_320, True, None, 29.39, low_bit="fp8"),
+    Calibration("compiled, fp8, inputs in host RAM, 32 GiB cap, continuation", 36_634, True, None, 29.89, low_bit="fp8"),
     Calibration("compiled, inputs in host RAM, 48 GiB cap, first clip", 34_320, True, None, 42.46),
     Calibration("compiled, inputs in host RAM, 45 GiB cap, continuation", 36_634, True, None, 42.97),
-    Calibration("compiled, int8, first clip", 34_320, False, None, 40.36, low_bit=True),
+    Calibration("compiled, int8, first clip", 34_320, False, None, 40.36, low_bit="int8"),
     Calibration("compiled, save_attention, continuation", 36_634, False, None, 68.00, save_attention=True),
     Calibration("engine, full policy, 80-frame windows", 32_760, False, None, 52.20),
     Calibration("engine, 80gb preset (save_attention), 80-frame windows", 32_760, False, None, 64.58,
@@ -216,6 +257,8 @@ def _unit_params(i: int) -> int:
 
 def low_bit_params(families) -> int:
     """Weights of the 14B model's Linears in these low-bit families (engine.models.low_bit_linear.FAMILIES)."""
+    if not families:
+        return 0
     from engine.models.low_bit_linear import FAMILIES
     from engine.models.keymap import manifest_14b
 
@@ -228,37 +271,48 @@ def low_bit_params(families) -> int:
 
 
 def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 16, ema: bool = False,
-                   checkpoint_interval: int = 1, offload_inputs: bool = False,
-                   stream_resident: int | None = None, batch: int = 1, low_bit_weights: int = 0,
-                   save_attention: bool = False, engine: bool = False, pinned: str = "slab") -> MemoryEstimate:
-    """The terms of the module docstring; `engine`: host RAM of a whole engine run (load peak and the runner's
-    own memory) rather than of a bare bench process; `pinned`: how pinned host buffers are held, "slab" (the
-    engine's exact-size slabs) or "torch" (torch's power-of-two pinned allocator, as the measured host rows)."""
+                   checkpoint_interval: int = 1, offload_inputs: bool = False, gpu_saved_inputs: int = 0,
+                   stream_resident: int | None = None, batch: int = 1, low_bit: str = "",
+                   low_bit_families=LOW_BIT_DEFAULT_FAMILIES, save_attention: bool = False, engine: bool = False,
+                   pinned: str = "slab") -> MemoryEstimate:
+    """The terms of the module docstring; `low_bit`: "" (bf16 base), "fp8" or "int8", for `low_bit_families`;
+    `gpu_saved_inputs`: with offload_inputs, the saved inputs that stay on the GPU; `engine`: host RAM of a whole
+    engine run (load peak and the runner's own memory) rather than of a bare bench process; `pinned`: how pinned
+    host buffers are held, "slab" (the engine's exact-size slabs) or "torch" (torch's power-of-two pinned
+    allocator, as the measured host rows)."""
     if pinned not in PINNED_KINDS:
         raise ValueError(f"pinned={pinned!r}: choose one of {PINNED_KINDS}")
+    families = tuple(low_bit_families) if low_bit else ()
     units = [_unit_params(i) for i in range(LAYERS)]
-    rest = PARAMS_TOTAL - sum(units)
+    rest = PARAMS_TOTAL - sum(units)  # embeddings, head, ...: never low-bit, never streamed
     if stream_resident is None:
-        gpu_weights = PARAMS_TOTAL * weight_bytes
+        gpu_weights = PARAMS_TOTAL * weight_bytes - low_bit_params(families) * (weight_bytes - 1.0)
         host_weights = 0.0
     else:
+        # Each unit in the bytes the streamer holds (low-bit Linears at 1 byte a weight + row scales).
         resident = min(stream_resident, LAYERS)
-        in_flight = sorted(units[resident:], reverse=True)[:2]
-        gpu_weights = (rest + sum(units[:resident]) + sum(in_flight)) * weight_bytes
-        host_weights = streamed_host_bytes(range(resident, LAYERS), weight_bytes, pinned)
-    gpu_weights -= low_bit_weights * (weight_bytes - 1.0)  # low-bit is not combined with streaming (switches.py)
+        sizes = [unit_bytes(i, weight_bytes, families) for i in range(LAYERS)]
+        in_flight = sorted(sizes[resident:], reverse=True)[:2]
+        gpu_weights = rest * weight_bytes + sum(sizes[:resident]) + sum(in_flight)
+        host_weights = streamed_host_bytes(range(resident, LAYERS), weight_bytes, pinned, families)
+    dequant = INT8_DEQUANT_BYTES if low_bit == "int8" else 0
     lora = LORA_PARAMS_PER_RANK * lora_rank * 4 * (4 + (1 if ema else 0))
     saved = -(-LAYERS // checkpoint_interval)
     one_input = batch * tokens * DIM * 2
     if offload_inputs:
-        gpu_inputs, host_inputs = 2 * one_input, saved_inputs_host_bytes(saved, one_input, pinned)
+        kept = min(max(0, gpu_saved_inputs), saved)
+        # The kept inputs, plus the two offloaded ones in flight that the calibrated rows carried (counted even
+        # when the kept ones are alive: at the backward's start no offloaded one is loaded yet, so this is
+        # conservative by up to two inputs).
+        gpu_inputs = (kept + min(2, saved - kept)) * one_input
+        host_inputs = saved_inputs_host_bytes(saved - kept, one_input, pinned)
     else:
         gpu_inputs, host_inputs = saved * one_input, 0
     work_key = "host_inputs" if offload_inputs else "gpu_inputs"
     work = WORK_BYTES_PER_TOKEN_DIM[work_key] * batch * tokens * DIM * checkpoint_interval
     attention = saved * one_input if save_attention else 0
     parts = {"weights": gpu_weights, "lora_state": lora, "saved_inputs": gpu_inputs, "saved_attention": attention,
-             "working_set": work}
+             "working_set": work, "low_bit_dequant": dequant}
     vram = sum(parts.values())
     host = host_weights + host_inputs + HOST_BASELINE_BYTES
     if engine:
@@ -266,6 +320,37 @@ def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 1
     parts.update(host_pinned_weights=host_weights, host_pinned_inputs=host_inputs)  # host terms, not in `vram`
     return MemoryEstimate(int(vram), int(vram * RESERVED_OVER_ALLOCATED), int(vram * NEED_OVER_ALLOCATED), int(host),
                           tokens, {k: int(v) for k, v in parts.items()})
+
+
+def loader_quantises_while_loading() -> bool:
+    """Whether the model loader makes the low-bit Linears as it reads them (a `low_bit` argument of
+    engine.models.loading.load_transformer), so the host never holds the bf16 model; else the runner loads the
+    bf16 model into host memory and quantises it from there. Asked of the code rather than assumed, so the
+    prediction follows whichever loader this build has."""
+    import inspect
+
+    from engine.models.loading import load_transformer
+
+    return "low_bit" in inspect.signature(load_transformer).parameters
+
+
+def low_bit_load_host_bytes(config) -> int:
+    """Host peak of loading a low-bit config (engine.runner._load_model), before training pins anything."""
+    mem = config.memory
+    process = HOST_BASELINE_BYTES + ENGINE_HOST_EXTRA_BYTES
+    if mem.block_offload and loader_quantises_while_loading():
+        # The low-bit model in host memory (its streamed units as the slab will hold them, the rest in bf16), one
+        # bf16 Linear being quantised and the loader's window of mapped checkpoint pages (wt-lowbit's
+        # REMAP_BYTES, 1 GiB). The streamer then moves the tensors into its slab one by one, freeing each.
+        units = streamed_host_bytes(range(LAYERS), 2.0, "slab", tuple(mem.low_bit_families))
+        rest = (PARAMS_TOTAL - sum(_unit_params(i) for i in range(LAYERS))) * 2
+        return int(units + rest + LOADER_WINDOW_BYTES + process)
+    # The loader leaves the bf16 model in host memory and the low-bit Linears are made from it one by one: the
+    # host holds the whole bf16 model once, before training pins anything (also when the blocks are then
+    # streamed). bench/load_host.py found the load holds the bf16 model once (0.91x it over the baseline, at the
+    # 14B's width and 6 blocks on the CPU; the 14B load is not measured). The non-streamed case keeps this figure
+    # with a quantising loader too, which then loads onto the GPU: that prediction belongs to the loader's work.
+    return int(PARAMS_TOTAL * 2 + process)
 
 
 def estimate(config, pinned: str = "slab") -> MemoryEstimate:
@@ -277,23 +362,21 @@ def estimate(config, pinned: str = "slab") -> MemoryEstimate:
     tokens = sequence_tokens(width, height, config.data.frames, motion)
     est = estimate_parts(
         tokens,
-        low_bit_weights=low_bit_params(mem.low_bit_families) if mem.base_weights != "bf16" else 0,
+        low_bit="" if mem.base_weights == "bf16" else mem.base_weights,
+        low_bit_families=tuple(mem.low_bit_families),
         save_attention=mem.gradient_checkpointing and mem.checkpoint_policy == "save_attention",
         lora_rank=config.lora.rank,
         ema=config.optim.ema.enabled,
         checkpoint_interval=mem.checkpoint_interval if mem.gradient_checkpointing else 1,
         offload_inputs=mem.offload_checkpoint_inputs,
+        gpu_saved_inputs=mem.gpu_saved_inputs,
         stream_resident=mem.blocks_resident if mem.block_offload else None,
         batch=config.optim.batch_size,
         engine=True,
         pinned=pinned,
     )
-    if mem.base_weights != "bf16" and not mem.block_offload:
-        # The loader leaves the bf16 model in host memory and the low-bit Linears are made from it one by one
-        # (engine.runner._load_model): the host holds the whole bf16 model once, before training pins anything.
-        # 2 bytes a parameter + the engine process; bench/load_host.py found the load holds the bf16 model once
-        # (0.91x it over the baseline, at the 14B's width and 6 blocks on the CPU; the 14B load is not measured).
-        load_host = int(PARAMS_TOTAL * 2 + HOST_BASELINE_BYTES + ENGINE_HOST_EXTRA_BYTES)
+    if mem.base_weights != "bf16":
+        load_host = low_bit_load_host_bytes(config)
         if load_host > est.host_bytes:
             est = replace(est, host_bytes=load_host, parts={**est.parts, "host_load": load_host})
     return est
@@ -454,7 +537,7 @@ def calibration_errors() -> list[tuple[str, float, float]]:
     rows = []
     for c in CALIBRATION:
         est = estimate_parts(c.tokens, offload_inputs=c.offload_inputs, stream_resident=c.stream_resident,
-                             low_bit_weights=low_bit_params(("self_attn", "cross_attn", "ffn")) if c.low_bit else 0,
+                             low_bit=c.low_bit,
                              save_attention=c.save_attention)
         rows.append((c.label, est.vram_bytes / GIB, c.peak_alloc_gib))
     return rows

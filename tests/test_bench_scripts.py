@@ -84,6 +84,12 @@ def test_bench_engine_step_bare_command_carries_the_speed_switches():
     cmd = engine_step.bare_command(config, "first", 3)
     assert cmd[cmd.index("--policy") + 1] == "save_attention"
     assert cmd[cmd.index("--base-weights") + 1] == "fp8" and "--fp8-backward" in cmd
+    lowram = engine_step.build_config(argparse.Namespace(
+        preset="24gb-lowram", mode="first", steps=3, vram_budget_gb=0, strategy=None, tiny=False, set=[]),
+        Path("m"), Path("r"))
+    cmd = engine_step.bare_command(lowram, "first", 3)
+    assert cmd[cmd.index("--base-weights") + 1] == "int8" and cmd[cmd.index("--stream-blocks") + 1] == "0"
+    assert "--offload-inputs" in cmd and cmd[cmd.index("--gpu-saved-inputs") + 1] == "21"
 
 
 @pytest.mark.timeout(120)

@@ -79,9 +79,23 @@ def test_the_reason_names_a_preset_that_needs_less_host_ram_when_one_fits_the_ca
     fp8 = load_config(PRESETS / "32gb.toml")
     on_80 = HostMemoryGuard.from_config(fp8, lambda: GIB, presets=presets, vram_bytes=80 * GIB).check()
     assert "The preset '80gb' needs about" in on_80 and "another output.name" in on_80
-    # On its own card class nothing shipped needs less host RAM and fits: the settings are named instead.
-    on_32 = HostMemoryGuard.from_config(fp8, lambda: GIB, presets=presets, vram_bytes=32 * GIB).check()
+    # Where nothing shipped needs less host RAM and fits the card, the settings are named instead.
+    others = {name: cfg for name, cfg in presets.items() if name != "24gb-lowram"}
+    on_32 = HostMemoryGuard.from_config(fp8, lambda: GIB, presets=others, vram_bytes=32 * GIB).check()
     assert "preset" not in on_32.split("resumes")[1] and "memory.offload_checkpoint_inputs = false" in on_32
+
+
+def test_a_24gb_run_short_of_host_ram_is_pointed_at_the_lowram_preset_as_a_new_run(monkeypatch):
+    import engine.memory
+
+    monkeypatch.setattr(engine.memory, "loader_quantises_while_loading", lambda: True)  # wt-lowbit's loader
+    presets = shipped_presets()
+    reason = HostMemoryGuard.from_config(presets["24gb"], lambda: GIB, presets=presets, vram_bytes=24 * GIB).check()
+    assert "The preset '24gb-lowram' needs about 26.8 GiB of host RAM against 46.9 GiB" in reason
+    assert "another output.name: 24gb-lowram changes the base's numerics" in reason  # int8: not a placement key
+    own = HostMemoryGuard.from_config(presets["24gb-lowram"], lambda: GIB, presets=presets,
+                                      vram_bytes=24 * GIB).check()
+    assert "a higher memory.gpu_saved_inputs (now 21" in own
 
 
 def test_advice_when_nothing_optional_is_in_host_ram():

@@ -73,7 +73,7 @@ def test_shipped_presets_fit_their_cards_with_five_percent_spare():
     from engine.memory import estimate
 
     presets = Path(__file__).resolve().parents[1] / "presets"
-    for name, card_gib in (("24gb", 24), ("32gb", 32), ("48gb", 48), ("80gb", 80)):
+    for name, card_gib in (("24gb", 24), ("24gb-lowram", 24), ("32gb", 32), ("48gb", 48), ("80gb", 80)):
         est = estimate(load_config(presets / f"{name}.toml"))
         assert est.vram_bytes <= 0.95 * card_gib * GIB, name
 
@@ -82,8 +82,19 @@ def test_preflight_says_what_is_short_when_no_preset_fits():
     from engine.memory import shipped_presets
 
     small = shipped_presets()["24gb"]
-    with pytest.raises(PreflightError, match=r"No preset fits: host RAM is short\. 24gb fits this card .* GiB short"):
-        preflight(small, 24 * GIB, 32 * GIB, shipped_presets())
+    with pytest.raises(PreflightError,
+                       match=r"No preset fits: host RAM is short\. 24gb-lowram fits this card .* GiB short"):
+        preflight(small, 24 * GIB, 20 * GIB, shipped_presets())
+
+
+def test_preflight_on_a_32_gib_host_names_the_lowram_preset(monkeypatch):
+    import engine.memory
+    from engine.memory import shipped_presets
+
+    monkeypatch.setattr(engine.memory, "loader_quantises_while_loading", lambda: True)
+    with pytest.raises(PreflightError, match=r"GiB of host RAM, 32\.0 GiB are available\. Pick the preset "
+                                             r"'24gb-lowram' instead"):
+        preflight(shipped_presets()["24gb"], 24 * GIB, 32 * GIB, shipped_presets())
 
 
 def test_less_host_ram_preset_fits_the_card_it_is_asked_for():
@@ -137,3 +148,98 @@ def test_exact_size_slabs_cut_the_24gb_presets_host_prediction_by_the_rounding()
     assert round(drop / GIB, 1) == 21.4
     # The GPU side does not depend on how the host holds its buffers.
     assert slab.vram_bytes == torch_pinned.vram_bytes
+
+
+# ---- low-bit streamed weights and saved inputs partly on the GPU (the 24gb-lowram preset) ----------------------
+def _lowram(monkeypatch, quantising: bool = True):
+    from pathlib import Path
+
+    import engine.memory
+    from engine.config import load_config
+
+    monkeypatch.setattr(engine.memory, "loader_quantises_while_loading", lambda: quantising)
+    return load_config(Path(__file__).resolve().parents[1] / "presets" / "24gb-lowram.toml")
+
+
+def test_the_lowram_presets_predicted_figures(monkeypatch):
+    """The figures its header gives, and each term from the sizes it is made of."""
+    from engine.memory import (DIM, ENGINE_HOST_EXTRA_BYTES, HOST_BASELINE_BYTES, INT8_DEQUANT_BYTES, LAYERS,
+                               PARAMS_TOTAL, _unit_params, low_bit_params, unit_bytes, unit_tensor_shapes_named)
+    from engine.models.pinned_slab import slab_bytes
+
+    cfg = _lowram(monkeypatch)
+    m = cfg.memory
+    assert (m.base_weights, m.block_offload, m.blocks_resident, m.offload_checkpoint_inputs) == ("int8", True, 0, True)
+    est = estimate(cfg)
+    assert est.tokens == 35_074
+    assert (round(est.vram_bytes / GIB, 1), round(est.vram_need_bytes / GIB, 1), round(est.host_bytes / GIB, 1)) == \
+        (21.4, 22.5, 26.8)
+    # Host: the streamed units in int8 (1 byte a weight + fp32 row scales; injectors and norms bf16), in one slab.
+    families = tuple(m.low_bit_families)
+    units_bf16 = sum(_unit_params(i) for i in range(LAYERS)) * 2
+    rows = sum(shape[0] for i in range(LAYERS) for name, shape in unit_tensor_shapes_named(i)
+               if name.endswith(".weight") and len(shape) == 2 and "audio_injector" not in name
+               and ".norm" not in name)
+    int8_bytes = units_bf16 - low_bit_params(families) + 4 * rows
+    over = est.parts["host_pinned_weights"] - int8_bytes
+    assert 0 <= over <= 1300 * 4096 and round(est.parts["host_pinned_weights"] / GIB, 1) == 16.6
+    one_input = 35_074 * DIM * 2
+    kept = m.gpu_saved_inputs
+    assert est.parts["host_pinned_inputs"] == (LAYERS - kept) * slab_bytes(one_input)
+    assert est.host_bytes == (est.parts["host_pinned_weights"] + est.parts["host_pinned_inputs"]
+                              + HOST_BASELINE_BYTES + ENGINE_HOST_EXTRA_BYTES)
+    # GPU: the non-block weights in bf16 + the two largest units in flight, at their low-bit bytes (a block with
+    # an injector: 0.62 GiB against 0.95 in bf16); the kept inputs + two in flight; int8's dequantised copy.
+    rest = (PARAMS_TOTAL - sum(_unit_params(i) for i in range(LAYERS))) * 2
+    assert est.parts["weights"] == rest + 2 * max(unit_bytes(i, 2.0, families) for i in range(LAYERS))
+    assert est.parts["saved_inputs"] == (kept + 2) * one_input
+    assert est.parts["low_bit_dequant"] == INT8_DEQUANT_BYTES
+    # Loading with a quantising loader stays under the training figure; one that holds the bf16 model first
+    # needs the bf16 model once.
+    assert "host_load" not in est.parts
+    held = estimate(_lowram(monkeypatch, quantising=False))
+    assert held.host_bytes == held.parts["host_load"] == int(PARAMS_TOTAL * 2 + HOST_BASELINE_BYTES
+                                                             + ENGINE_HOST_EXTRA_BYTES)
+    assert round(held.host_bytes / GIB, 1) == 34.2 and held.vram_bytes == est.vram_bytes
+
+
+def test_each_saved_input_kept_on_the_gpu_moves_one_input_from_host_to_gpu(monkeypatch):
+    from engine.config import with_value
+    from engine.memory import DIM, LAYERS
+    from engine.models.pinned_slab import slab_bytes
+
+    cfg = _lowram(monkeypatch)
+    one_input = 35_074 * DIM * 2
+    by_n = {n: estimate(with_value(cfg, "memory.gpu_saved_inputs", n)) for n in (0, 1, 2, 21, 30, LAYERS + 5)}
+    for a, b in ((0, 1), (1, 2), (2, 21), (21, 30)):
+        moved = b - a
+        assert by_n[b].vram_bytes - by_n[a].vram_bytes == pytest.approx(moved * one_input, abs=2)
+        assert (by_n[a].parts["host_pinned_inputs"] - by_n[b].parts["host_pinned_inputs"]
+                == moved * slab_bytes(one_input))
+    # All of them kept: no host slots, and the two "in flight" are gone with the offloaded ones.
+    every = by_n[LAYERS + 5]
+    assert every.parts["host_pinned_inputs"] == 0 and every.parts["saved_inputs"] == LAYERS * one_input
+
+
+def test_low_bit_streaming_needs_less_than_bf16_streaming_on_both_sides(monkeypatch):
+    from engine.config import with_value
+
+    lowram = _lowram(monkeypatch)
+    same_inputs = with_value(lowram, "memory.gpu_saved_inputs", 0)
+    bf16 = with_value(same_inputs, "memory.base_weights", "bf16")
+    a, b = estimate(same_inputs), estimate(bf16)
+    assert a.parts["host_pinned_weights"] < 0.6 * b.parts["host_pinned_weights"]
+    assert a.parts["weights"] < b.parts["weights"] and a.host_bytes < b.host_bytes
+    # fp8 holds the same bytes and dequantises nothing in its forward.
+    fp8 = estimate(with_value(same_inputs, "memory.base_weights", "fp8"))
+    assert fp8.parts["host_pinned_weights"] == a.parts["host_pinned_weights"]
+    assert a.vram_bytes - fp8.vram_bytes == a.parts["low_bit_dequant"] > 0
+
+
+def test_the_loader_is_asked_whether_it_quantises_while_loading():
+    import inspect
+
+    from engine.memory import loader_quantises_while_loading
+    from engine.models.loading import load_transformer
+
+    assert loader_quantises_while_loading() == ("low_bit" in inspect.signature(load_transformer).parameters)

@@ -20,7 +20,7 @@ def test_without_gpu_nothing_is_recommended(capsys):
 
 def test_base_toml_is_not_a_preset(capsys):
     names = [r["preset"] for r in _plan(capsys, 80, 256)["presets"]]
-    assert "base" not in names and {"24gb", "32gb", "48gb", "80gb"} <= set(names)
+    assert "base" not in names and {"24gb", "24gb-lowram", "32gb", "48gb", "80gb"} <= set(names)
 
 
 @pytest.mark.parametrize("host_gib", [32, 64, 128])
@@ -45,22 +45,44 @@ def test_a_24gb_card_on_hosts_of_32_64_and_128_gib(capsys, host_gib):
         assert "host RAM is short" in short["message"] and f"{host_gib:.1f} GiB are available" in short["message"]
 
 
-def test_todays_24gb_preset_is_picked_on_a_128_gib_host_and_a_32_gib_host_is_told_how_short(capsys):
-    assert _plan(capsys, 24, 128)["recommended"] == "24gb"
-    rows = {r["preset"]: r for r in _plan(capsys, 24, 128)["presets"]}
-    assert rows["24gb"]["fits"] and not rows["80gb"]["fits"] and not rows["48gb"]["fits_gpu"]
+@pytest.fixture()
+def quantising_loader(monkeypatch):
+    """The loader that makes low-bit Linears as it reads them (wt-lowbit's), whatever this build has."""
+    import engine.memory
+
+    monkeypatch.setattr(engine.memory, "loader_quantises_while_loading", lambda: True)
+
+
+def test_the_lowram_preset_is_picked_on_a_32_gib_host_and_24gb_on_a_128_gib_one(capsys, quantising_loader):
     plan = _plan(capsys, 24, 32)
-    if plan["recommended"] is None:  # until a preset for 32 GiB hosts ships
-        need = estimate(shipped_presets()["24gb"]).host_bytes / GIB
-        assert plan["nothing_fits"]["preset"] == "24gb"
-        assert f"{need - 32:.1f} GiB short" in plan["nothing_fits"]["message"]
+    assert plan["recommended"] == "24gb-lowram" and plan["nothing_fits"] is None
+    rows = {r["preset"]: r for r in plan["presets"]}
+    assert rows["24gb-lowram"]["fits"] and not rows["24gb"]["fits_host"] and rows["24gb"]["fits_gpu"]
+    assert _plan(capsys, 24, 64)["recommended"] == "24gb"  # 47 GiB predicted: the bf16 base fits there
+    plan = _plan(capsys, 24, 128)
+    assert plan["recommended"] == "24gb"
+    rows = {r["preset"]: r for r in plan["presets"]}
+    assert rows["24gb"]["fits"] and rows["24gb-lowram"]["fits"]
+    assert not rows["80gb"]["fits"] and not rows["48gb"]["fits_gpu"]
+
+
+def test_with_a_loader_that_holds_the_bf16_model_a_32_gib_host_is_told_how_short(capsys, monkeypatch):
+    import engine.memory
+
+    monkeypatch.setattr(engine.memory, "loader_quantises_while_loading", lambda: False)
+    assert _plan(capsys, 24, 128)["recommended"] == "24gb"
+    plan = _plan(capsys, 24, 32)
+    need = estimate(shipped_presets()["24gb-lowram"]).host_bytes / GIB
+    assert plan["recommended"] is None and round(need, 1) == 34.2  # the bf16 model once, while loading
+    assert plan["nothing_fits"]["preset"] == "24gb-lowram"
+    assert f"{need - 32:.1f} GiB short" in plan["nothing_fits"]["message"]
 
 
 def test_when_nothing_fits_the_text_says_which_resource_is_short(capsys):
-    # A 24 GB card on a 40 GiB host: the 24gb preset's pinned host buffers need more than the host has.
-    assert main(["--vram-gb", "24", "--host-gb", "40"]) == 0
+    # A 24 GB card on a 20 GiB host: even the low-RAM preset's pinned host buffers need more than the host has.
+    assert main(["--vram-gb", "24", "--host-gb", "20"]) == 0
     out = capsys.readouterr().out
-    assert "no preset fits: host RAM is short. 24gb fits this card" in out and "40.0 GiB are available" in out
+    assert "no preset fits: host RAM is short. 24gb-lowram fits this card" in out and "20.0 GiB are available" in out
     assert "recommended" not in out and "no (host RAM)" in out
     # A card smaller than the smallest preset's need.
     assert main(["--vram-gb", "8", "--host-gb", "256"]) == 0

@@ -209,6 +209,14 @@ def _check_memory(c: _Checker, cfg: Config) -> None:
             "needs memory.gradient_checkpointing (there are no saved block inputs without it)",
             "set gradient_checkpointing = true or offload_checkpoint_inputs = false",
         )
+    c.at_least("memory.gpu_saved_inputs", m.gpu_saved_inputs, 0, "0 = every saved input in host memory")
+    if m.gpu_saved_inputs > 0 and not m.offload_checkpoint_inputs:
+        c.conflict(
+            "memory.gpu_saved_inputs",
+            "says how many saved block inputs stay on the GPU when the others are offloaded, but "
+            "offload_checkpoint_inputs = false keeps all of them there",
+            "set offload_checkpoint_inputs = true or gpu_saved_inputs = 0",
+        )
     c.at_least("memory.blocks_resident", m.blocks_resident, 0)
     c.at_least("memory.chunked_ffn", m.chunked_ffn, 0, "0 = off")
     c.at_least("memory.vram_budget_gb", m.vram_budget_gb, 0, "0 = what the card has free")

@@ -167,6 +167,8 @@ class MemoryConfig:
     checkpoint_policy: CheckpointPolicy = opt(
         "full", "full = recompute whole blocks; save_attention = keep self-attention outputs (faster, more memory)")
     offload_checkpoint_inputs: bool = opt(False, "keep the saved block inputs in host memory")
+    gpu_saved_inputs: int = opt(
+        0, "with offload_checkpoint_inputs: the last N blocks' saved inputs stay on the GPU (needed first); 0 = none")
     block_offload: bool = opt(False, "stream transformer blocks from pinned host memory to the GPU")
     blocks_resident: int = opt(0, "with block_offload: blocks that stay on the GPU")
     base_weights: BaseWeights = opt(
@@ -269,7 +271,8 @@ REPORTING_KEYS = ("logging.every_steps", "logging.tensorboard", "logging.wandb_p
 # GPU memory resumes on another card or preset with them changed. (Their numerics differ at most by rounding
 # order; the keys that change the base's numerics, base_weights, fp8_input_grad and residual_dtype, are not here.)
 PLACEMENT_KEYS = ("memory.gradient_checkpointing", "memory.checkpoint_interval", "memory.checkpoint_policy",
-                  "memory.offload_checkpoint_inputs", "memory.block_offload", "memory.blocks_resident",
+                  "memory.offload_checkpoint_inputs", "memory.gpu_saved_inputs", "memory.block_offload",
+                  "memory.blocks_resident",
                   "memory.chunked_ffn", "memory.attention_backend", "memory.compile_blocks", "memory.vram_budget_gb",
                   "memory.host_ram_margin_gb", "distributed.strategy")
 

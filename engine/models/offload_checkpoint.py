@@ -11,8 +11,14 @@ the backward from the restored input, under the same autocast state and RNG stat
 block's trainable parameters (the LoRA weights) directly. Only the block input may require grad; every other
 argument (modulation, RoPE tables, text and audio tokens) comes from frozen modules.
 
+Part of the inputs on the GPU (`keep_last`, memory.gpu_saved_inputs): the inputs of the last N saves of a step
+stay where they are and only the earlier ones go to host memory. The last ones, because the backward needs them
+first: it starts without waiting for a host copy, and by the time it reaches the first offloaded input the copy
+of that one was started one block earlier, as for every later one. Which N stay does not change the peak (all N
+are alive when the backward starts); keeping the last ones also frees them first, as the backward passes them.
+
 Host buffers: one exact-size pinned slab per save slot (the n-th saved input of a step always goes to slot n),
-kept and refilled every step. torch's pinned tensors would round each 0.31-0.33 GiB input up to 0.5 GiB. A slot
+kept and refilled every step (slots exist for offloaded inputs only). torch's pinned tensors would round each 0.31-0.33 GiB input up to 0.5 GiB. A slot
 is keyed by bytes, not shape, so bucketed variable-resolution training reuses the slots across buckets: a step
 with a smaller window fills part of each slot; a larger one replaces a slot by one of the new size, once. The host
 then holds (slots x the largest input trained so far), where a pool per shape would hold every bucket's inputs.
@@ -28,13 +34,19 @@ class HostActivationStore:
     """Pinned host copies of the saved block inputs of one step, with prefetch in backward order.
 
     offload=False keeps the inputs where they are (used when block streaming needs this re-entrant recompute but
-    the inputs fit on the GPU)."""
+    the inputs fit on the GPU). keep_last=N keeps the last N saves of each step where they are and offloads the
+    rest; the caller says how many saves a step makes (`begin_step(saves)`)."""
 
-    def __init__(self, offload: bool = True):
+    def __init__(self, offload: bool = True, keep_last: int = 0):
+        if keep_last < 0:
+            raise ValueError(f"keep_last={keep_last}: the number of saved inputs kept in place, >= 0")
         self.offload = offload
-        self._slots: list[PinnedSlab] = []  # one per saved input of a step, reused every step
-        self._saved: list = []  # per forward call: (host buffer, copy-done event or None)
+        self.keep_last = keep_last
+        self._first_kept: int | None = None  # index of the first save of this step kept in place
+        self._slots: list[PinnedSlab] = []  # one per offloaded input of a step, reused every step
+        self._saved: list = []  # per forward call: (tensor, copy-done event or None, device or None = in place)
         self._loaded: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self._offloaded = 0  # inputs of this step sent to host slots so far
         self._stream = None
 
     def _side_stream(self, device):
@@ -42,17 +54,31 @@ class HostActivationStore:
             self._stream = torch.cuda.Stream(device=device)
         return self._stream
 
-    def begin_step(self) -> None:
-        """Reset the per-step state (the host slots are kept and refilled)."""
+    def begin_step(self, saves: int | None = None) -> None:
+        """Reset the per-step state (the host slots are kept and refilled). `saves`: how many inputs this step
+        will save, needed with keep_last (which of them are the last ones)."""
+        if self.keep_last and saves is None:
+            raise ValueError("keep_last needs the number of saves of the step: begin_step(saves)")
+        self._first_kept = None if saves is None else max(0, saves - self.keep_last)
         self._saved.clear()
         self._loaded.clear()
+        self._offloaded = 0
+
+    def kept_in_place(self, index: int) -> bool:
+        """Whether save number `index` of this step stays where it is (not offloaded)."""
+        if not self.offload:
+            return True
+        if self.keep_last and self._first_kept is None:
+            raise RuntimeError("keep_last needs the number of saves of the step: call begin_step(saves) first")
+        return self.keep_last > 0 and index >= self._first_kept
 
     def host_bytes(self) -> int:
         """Host memory held by the saved-input slots."""
         return sum(slot.nbytes for slot in self._slots)
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor:
-        index = len(self._saved)
+        index = self._offloaded
+        self._offloaded += 1
         need = tensor_bytes(like.shape, like.dtype)
         pin = like.is_cuda  # a CPU run copies nothing to a GPU: ordinary memory is right there
         if index == len(self._slots):
@@ -66,7 +92,7 @@ class HostActivationStore:
         return slot.view(like.shape, like.dtype)
 
     def save(self, x: torch.Tensor) -> int:
-        if not self.offload:
+        if self.kept_in_place(len(self._saved)):
             self._saved.append((x, None, None))
             return len(self._saved) - 1
         host = self._buffer(x)
@@ -88,8 +114,10 @@ class HostActivationStore:
         if index < 0 or index in self._loaded or index >= len(self._saved):
             return
         host, saved_event, device = self._saved[index]
-        if device is None:  # kept in place
-            self._loaded[index] = (host, None)
+        if device is None:  # kept in place: the store lets go of it once loaded, so the backward frees it
+            if host is not None:
+                self._loaded[index] = (host, None)
+                self._saved[index] = (None, None, None)
             return
         if device.type != "cuda":
             self._loaded[index] = (host.clone(), None)

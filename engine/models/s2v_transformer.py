@@ -187,15 +187,19 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     # ---- switches -------------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self, interval: int = 1, offload_inputs: bool = False,
-                                      policy: str = "full") -> None:
+                                      policy: str = "full", gpu_saved_inputs: int = 0) -> None:
         """Recompute every `interval`-th block (with its audio injector) in the backward pass.
 
         offload_inputs: keep the saved block inputs in pinned host memory (see offload_checkpoint.py).
+        gpu_saved_inputs: with offload_inputs, the inputs of the last N checkpointed blocks stay on the GPU (the
+        backward needs them first, so it starts without waiting for a host copy); the earlier ones are offloaded.
         policy: "full" recomputes the whole block; "save_attention" keeps the self-attention outputs and
         recomputes the rest (selective checkpointing; one more [S, D] tensor per block, no S^2 recompute).
         """
         if interval < 1:
             raise ValueError("checkpoint interval must be >= 1")
+        if gpu_saved_inputs < 0:
+            raise ValueError(f"gpu_saved_inputs={gpu_saved_inputs}: a number of saved block inputs, >= 0")
         if policy not in ("full", "save_attention"):
             raise ValueError(f"checkpoint policy {policy!r}: choose 'full' or 'save_attention'")
         if policy != "full" and offload_inputs:
@@ -204,7 +208,7 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.checkpoint_policy = policy
         self.gradient_checkpointing = True
         self.checkpoint_interval = interval
-        self._host_store = HostActivationStore(offload=True) if offload_inputs else None
+        self._host_store = HostActivationStore(keep_last=gpu_saved_inputs) if offload_inputs else None
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
@@ -212,8 +216,9 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def enable_block_streaming(self, resident: int = 0, device=None) -> int:
         """Keep the frozen weights of blocks (and their audio injectors) in pinned host memory, streamed to the
         GPU ahead of use; the first `resident` blocks stay on the GPU, and so does everything else (embeddings,
-        head, LoRA weights). Call after adding the LoRA adapters; the model may be on the CPU (so a 24 GB card
-        never holds the whole model) or already on `device`. Returns the bytes now held in host memory."""
+        head, LoRA weights). Call after adding the LoRA adapters and after any low-bit quantisation (the low-bit
+        storage is what streams); the model may be on the CPU (so a 24 GB card never holds the whole model) or
+        already on `device`. Returns the bytes now held in host memory."""
         from engine.models.block_stream import BlockStreamer
 
         device = torch.device(device) if device is not None else self.patch_embedding.weight.device
@@ -224,13 +229,15 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             if self.audio_injector.injector_adain_layers is not None:
                 units[blk].append(self.audio_injector.injector_adain_layers[inj])
         self._streamer = BlockStreamer(units, device, resident)
-        streamed = {id(p) for unit in self._streamer.units for p, _ in unit.tensors}
+        # Everything the streamer does not hold goes to the device; the streamed tensors (low-bit Linears' buffers
+        # among them) stay where it put them.
+        streamed = {id(t) for unit in self._streamer.units for t, _ in unit.tensors}
         for p in self.parameters():
             if id(p) not in streamed:
                 p.data = p.data.to(device)
         for module in self.modules():
             for name, buf in module._buffers.items():
-                if buf is not None:
+                if buf is not None and id(buf) not in streamed:
                     module._buffers[name] = buf.to(device)
         return self._streamer.host_bytes()
 
@@ -380,7 +387,7 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if recompute and streamer is not None and store is None:
             store = self._inplace_store = getattr(self, "_inplace_store", None) or HostActivationStore(offload=False)
         if recompute and store is not None:
-            store.begin_step()
+            store.begin_step(saves=-(-len(self.blocks) // self.checkpoint_interval))
         for i in range(len(self.blocks)):
             if streamer is not None:
                 streamer.ensure(i)

@@ -48,6 +48,8 @@ def settings_advice(config) -> str:
     ways = []
     if m.offload_checkpoint_inputs:
         ways.append("memory.offload_checkpoint_inputs = false (the saved block inputs stay on the GPU)")
+        ways.append(f"a higher memory.gpu_saved_inputs (now {m.gpu_saved_inputs}: more saved block inputs stay on "
+                    "the GPU, fewer in pinned host RAM)")
     if m.block_offload:
         ways.append(f"a higher memory.blocks_resident (now {m.blocks_resident}: more blocks stay on the GPU, fewer "
                     "are held in pinned host RAM)")

@@ -24,9 +24,6 @@ def unsupported_switches(config: Config, device: torch.device | None = None) -> 
     """One message per [memory] setting this build cannot honour (empty: all can be applied)."""
     m = config.memory
     problems = []
-    if m.base_weights != "bf16" and m.block_offload:
-        problems.append(f"memory.base_weights = \"{m.base_weights}\" does not combine with block_offload = true "
-                        "(the block streamer moves bf16 parameters only): set one of them off")
     if m.block_offload:
         if not (m.gradient_checkpointing and m.checkpoint_interval == 1):
             problems.append("memory.block_offload = true needs gradient_checkpointing = true and "
@@ -69,8 +66,11 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
     done = []
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing(m.checkpoint_interval, offload_inputs=m.offload_checkpoint_inputs,
-                                            policy=m.checkpoint_policy)
-        where = "pinned host memory" if m.offload_checkpoint_inputs else "GPU memory"
+                                            policy=m.checkpoint_policy, gpu_saved_inputs=m.gpu_saved_inputs)
+        where = "GPU memory"
+        if m.offload_checkpoint_inputs:
+            where = ("pinned host memory" if not m.gpu_saved_inputs else
+                     f"pinned host memory but the last {m.gpu_saved_inputs}, kept in GPU memory")
         done.append(f"gradient checkpointing every {m.checkpoint_interval} block(s) ({m.checkpoint_policy}), "
                     f"saved inputs in {where}")
     else:
@@ -89,21 +89,18 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
         done.append(f"feed-forward in chunks of {chunk} tokens ({m.chunked_ffn} chunks per window)")
     set_attention_backend(m.attention_backend)
     done.append(f"attention backend {m.attention_backend}")
+    if m.base_weights != "bf16":
+        # Before anything moves, Linear by Linear from the bf16 model the loader left in host RAM: onto the device
+        # when the whole model goes there (the GPU never holds the bf16 model), onto the CPU when the blocks are
+        # streamed (the streamer then packs the low-bit storage into its host slab).
+        done.append(_low_bit_base(model, config, torch.device("cpu") if m.block_offload else device))
     if m.block_offload:
         host = model.enable_block_streaming(resident=m.blocks_resident, device=device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         done.append(f"block streaming: {m.blocks_resident} block(s) resident, {host / 2**30:.1f} GiB of frozen "
-                    "weights in pinned host memory")
+                    f"weights ({m.base_weights} Linears) in pinned host memory")
     else:
-        if m.base_weights != "bf16":
-            # Layer by layer onto the device: the GPU never holds the bf16 model (the loader left it in host RAM).
-            from engine.models.low_bit_linear import quantize_base_linears
-
-            count = quantize_base_linears(model, tuple(m.low_bit_families), device, kind=m.base_weights,
-                                          fp8_backward=m.fp8_input_grad)
-            grad = ", input gradients in fp8" if m.fp8_input_grad else ""
-            done.append(f"{count} frozen base Linears in {m.base_weights} ({', '.join(m.low_bit_families)}){grad}")
         model.to(device)
     if m.compile_blocks:
         model.compile_blocks()
@@ -112,6 +109,17 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
     if cap:
         done.append(cap)
     return done
+
+
+def _low_bit_base(model: torch.nn.Module, config: Config, device: torch.device) -> str:
+    """The frozen base Linears of memory.low_bit_families in low bit, made on `device`; one line for the log."""
+    from engine.models.low_bit_linear import quantize_base_linears
+
+    m = config.memory
+    count = quantize_base_linears(model, tuple(m.low_bit_families), device, kind=m.base_weights,
+                                  fp8_backward=m.fp8_input_grad)
+    grad = ", input gradients in fp8" if m.fp8_input_grad else ""
+    return f"{count} frozen base Linears in {m.base_weights} ({', '.join(m.low_bit_families)}) on {device.type}{grad}"
 
 
 def cap_gpu_memory(config, device: torch.device) -> str | None:
