@@ -195,17 +195,22 @@ def _host_guard(config: Config, gpu_free: int | None):
 
 
 def _load_model(config: Config, device: torch.device):
+    from engine.models.low_bit_linear import LowBitSpec
     from engine.models.s2v_transformer import S2VTransformer3DModel
     from engine.train.lora import add_lora
     from engine.train.switches import apply_memory_switches
 
+    m = config.memory
     # With block streaming the weights go from disk to host memory and only the non-block part reaches the GPU,
-    # so a 24 GB card never holds the whole 32 GB model.
-    # Low-bit base weights are quantised from host memory layer by layer, for the same reason.
-    load_device = torch.device("cpu") if config.memory.block_offload or config.memory.base_weights != "bf16" else device
+    # so a 24 GB card never holds the whole 32 GB model. Low-bit base weights are quantised Linear by Linear as
+    # they are read, on the training device, so neither the GPU nor the host holds the bf16 model; the LoRA is
+    # then added to the low-bit model (lora.add_lora), the same LoRA as when it was added first.
+    low_bit = (LowBitSpec(m.base_weights, tuple(m.low_bit_families), fp8_backward=m.fp8_input_grad)
+               if m.base_weights != "bf16" else None)
     model = S2VTransformer3DModel.from_pretrained(
         config.model.source, subfolder=config.model.transformer_subfolder or "transformer",
-        torch_dtype=_DTYPES[config.model.dtype], device=load_device,
+        torch_dtype=_DTYPES[config.model.dtype], device=torch.device("cpu") if m.block_offload else device,
+        low_bit=low_bit,
     )
     lo = config.lora
     add_lora(model, lo.rank, lo.alpha, lo.dropout, list(lo.targets), lo.init, config.train.seed)

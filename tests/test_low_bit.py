@@ -266,3 +266,150 @@ def test_the_fp8_probe_runs_forward_and_fp8_backward_and_catches_a_wrong_product
                                                                                         self.weight_scale))
     with pytest.raises(RuntimeError, match="disagrees"):
         lbl._probe_fp8_kernels(torch.device("cpu"))
+
+
+# ---- quantised while loading ---------------------------------------------------------------------------------
+def _low_bit_config(model_dir, runs, kind, families, fp8_backward=False):
+    config = demo_config(model_dir, runs)
+    for key, value in {"model.dtype": "bf16", "train.mixed_precision": "bf16", "memory.base_weights": kind,
+                       "memory.low_bit_families": list(families), "memory.fp8_input_grad": fp8_backward,
+                       "lora.init": "gaussian"}.items():  # the default targets: q k v o of every attention
+        config = with_value(config, key, value)
+    return config
+
+
+def _old_low_bit_path(config):
+    """How the runner loaded a low-bit base before: the bf16 model in full, the LoRA, then quantize_base_linears
+    through the memory switches."""
+    from engine.train.lora import add_lora
+    from engine.train.switches import apply_memory_switches
+
+    model = S2VTransformer3DModel.from_pretrained(config.model.source, torch_dtype=torch.bfloat16)
+    lo = config.lora
+    add_lora(model, lo.rank, lo.alpha, lo.dropout, list(lo.targets), lo.init, config.train.seed)
+    lines = apply_memory_switches(model, config, torch.device("cpu"))
+    assert any("after loading" in line and "while loading" not in line for line in lines), lines
+    return model
+
+
+def _forward_and_lora_grads(model):
+    """One bf16-autocast forward with every LoRA B made non-zero (the same values in every model), and the LoRA
+    gradients of its mean square."""
+    for n, p in model.named_parameters():
+        if ".lora_B" in n:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(hidden_states=torch.randn(1, 16, 5, 8, 12, generator=g), timestep=torch.tensor([640.0]),
+                    encoder_hidden_states=torch.randn(1, 9, cfg.text_dim, generator=g),
+                    ref_latents=torch.randn(1, 16, 1, 8, 12, generator=g),
+                    audio_features=torch.randn(1, cfg.num_weighted_avg_layers, cfg.audio_dim, 20, generator=g),
+                    motion_latents=torch.randn(1, 16, 19, 8, 12, generator=g))
+    out.float().square().mean().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind,families,fp8_backward", [
+    ("int8", ("self_attn", "cross_attn", "ffn"), False),
+    ("fp8", ("self_attn", "cross_attn", "ffn"), True),
+    ("int8", ("self_attn", "cross_attn", "ffn", "audio_attn"), False),
+    ("fp8", ("ffn", "audio_attn"), False),
+])
+def test_quantising_while_loading_trains_the_same_model_as_quantising_after_the_lora(tiny_model_dir, tmp_path,
+                                                                                     kind, families, fp8_backward):
+    """The runner's load (engine.runner._load_model: quantised as read, LoRA added to the low-bit model) against
+    the old order (bf16 load, LoRA, quantize_base_linears): every buffer and parameter, the module tree, the
+    fp8 options, one forward and its LoRA gradients, bit for bit (fp8 emulated on the CPU)."""
+    from engine.runner import _load_model
+
+    config = _low_bit_config(tiny_model_dir, tmp_path, kind, families, fp8_backward)
+    old = _old_low_bit_path(config)
+    new = _load_model(config, torch.device("cpu"))
+    assert str(new) == str(old)  # the same modules, peft's LoRA layers holding the low-bit base_layer
+    a, b = old.state_dict(), new.state_dict()
+    assert list(a) == list(b)
+    low_bit = [k for k in a if k.endswith(".weight_q")]
+    assert len(low_bit) == len(low_bit_targets_of(old, families)) > 0
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    lora_a = {n: p for n, p in old.named_parameters() if p.requires_grad}
+    lora_b = {n: p for n, p in new.named_parameters() if p.requires_grad}
+    assert list(lora_a) == list(lora_b) and all(".lora_" in n for n in lora_a)
+    assert len(lora_a) == 2 * 4 * (2 * len(old.blocks) + 2)  # A and B of q k v o: 2 attentions a block, 2 injectors
+    assert all(p.dtype == torch.float32 for p in lora_b.values())
+    for m_old, m_new in zip(old.modules(), new.modules()):
+        assert type(m_old) is type(m_new)
+        if isinstance(m_new, Fp8Linear):
+            assert (m_new.fp8_backward, m_new.fast_accum) == (m_old.fp8_backward, m_old.fast_accum) == (
+                fp8_backward, True)
+    out_old, grads_old = _forward_and_lora_grads(old)
+    out_new, grads_new = _forward_and_lora_grads(new)
+    assert torch.equal(out_old, out_new)
+    assert all(torch.equal(grads_old[n], grads_new[n]) for n in grads_old)
+
+
+def low_bit_targets_of(model, families):
+    from engine.models.low_bit_linear import FAMILIES
+
+    names = {n.removesuffix(".base_layer") for n, m in model.named_modules()
+             if isinstance(m, (Fp8Linear, Int8Linear))}
+    assert all(any(FAMILIES[f].match(n) for f in families) for n in names)
+    return names
+
+
+def test_the_load_holds_at_most_one_bf16_linear_of_the_low_bit_families(tiny_model_dir, monkeypatch):
+    """The host (or GPU) never holds the bf16 model: after every tensor placed, at most one Linear of the chosen
+    families has bf16 weights (the one being read); the others are meta (not read yet) or low-bit already."""
+    import engine.models.loading as loading
+    from engine.models.low_bit_linear import FAMILIES, LowBitSpec
+
+    place, most, model_seen = loading._place, [0], []
+
+    def counting_place(model, name, tensor):
+        place(model, name, tensor)
+        model_seen[:] = [model]
+        pending = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not m.weight.is_meta
+                   and any(FAMILIES[f].match(n) for f in ("self_attn", "cross_attn", "ffn"))]
+        most[0] = max(most[0], len(pending))
+
+    monkeypatch.setattr(loading, "_place", counting_place)
+    model = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16,
+                                                  low_bit=LowBitSpec("int8"))
+    assert most[0] == 1 and model_seen[0] is model
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 10 * len(model.blocks)
+    # Without the spec the same count reaches every Linear of those families: the test sees the difference.
+    most[0] = 0
+    S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
+    assert most[0] == 10 * len(model.blocks)
+
+
+def test_memory_switches_never_quantise_a_low_bit_model_again(tiny_model_dir, tmp_path):
+    from engine.models.low_bit_linear import LowBitSpec
+    from engine.train.switches import UnsupportedSwitch, apply_memory_switches
+
+    config = _low_bit_config(tiny_model_dir, tmp_path, "int8", ("self_attn", "cross_attn", "ffn"))
+    model = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16,
+                                                  low_bit=LowBitSpec("int8"))
+    model.requires_grad_(False)
+    stored = {n: b for n, b in model.named_buffers() if n.endswith("weight_q")}
+    lines = apply_memory_switches(model, config, torch.device("cpu"))
+    assert "40 frozen base Linears in int8 (self_attn, cross_attn, ffn; 40 quantised while loading) on cpu" in lines
+    assert all(b is stored[n] for n, b in model.named_buffers() if n.endswith("weight_q"))  # untouched
+    with pytest.raises(UnsupportedSwitch, match=r'40 int8 Linears, memory.base_weights = "fp8"'):
+        apply_memory_switches(model, with_value(config, "memory.base_weights", "fp8"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("cls", [Fp8Linear, Int8Linear])
+def test_from_linear_quantises_in_row_chunks_to_the_same_bits(cls, monkeypatch):
+    import engine.models.low_bit_linear as lbl
+
+    lin = torch.nn.Linear(40, 23).to(torch.bfloat16)
+    whole = cls.from_linear(lin)
+    q, scale = cls.quantize(lin.weight.detach())
+    assert torch.equal(whole.weight_q, q) and torch.equal(whole.weight_scale, scale)
+    monkeypatch.setattr(lbl, "_QUANTIZE_CHUNK", 40 * 5)  # 5 rows at a time: 4 full chunks and a short one
+    chunked = cls.from_linear(lin)
+    assert torch.equal(chunked.weight_q, q) and torch.equal(chunked.weight_scale, scale)
+    assert torch.equal(chunked.bias, whole.bias) and chunked.source_dtype == torch.bfloat16

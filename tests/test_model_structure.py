@@ -178,3 +178,118 @@ def test_truncated_lora_file_is_named(tmp_path):
     _cut(path, lambda n: n - 16)
     with pytest.raises(CheckpointError, match="my_lora.safetensors: the weights file is truncated"):
         load_lora(path)
+# ---- load hooks (quantised while loading) --------------------------------------------------------------------
+def _scattered_copy(src_dir, dst, shards=3, seed=0):
+    """The tiny transformer in `shards` indexed shards with every tensor in a random one: a Linear's weight and
+    bias often land in different shards, in either order."""
+    sd = {}
+    for f in sorted((src_dir / "transformer").glob("*.safetensors")):
+        sd.update(load_file(f))
+    g = torch.Generator().manual_seed(seed)
+    where = {k: f"part-{int(torch.randint(shards, (1,), generator=g))}.safetensors" for k in sd}
+    dst.mkdir()
+    for name in set(where.values()):
+        save_file({k: v for k, v in sd.items() if where[k] == name}, dst / name)
+    (dst / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": where}))
+    (dst / "config.json").write_text((src_dir / "transformer" / "config.json").read_text())
+    return dst, where
+
+
+def test_a_hook_runs_once_when_its_last_tensor_arrives_whatever_the_shard_order(tiny_model_dir, tmp_path):
+    from engine.models.loading import load_state_into
+    from engine.models.low_bit_linear import LowBitSpec
+
+    folder, where = _scattered_copy(tiny_model_dir, tmp_path / "t")
+    split = [n for n in ("blocks.0.attn1.to_q", "blocks.2.ffn.net.0.proj", "blocks.3.attn2.to_out.0")
+             if where[f"{n}.weight"] != where[f"{n}.bias"]]
+    assert len(split) >= 2  # the seed scatters some Linears over two shards
+    with torch.device("meta"):
+        model = S2VTransformer3DModel(**S2VTransformer3DModel.from_pretrained(tiny_model_dir).config)
+    calls = []
+
+    def hook(model, name):
+        module = model.get_submodule(name)
+        assert not module.weight.is_meta and not module.bias.is_meta  # both placed before the hook
+        calls.append(name)
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    load_state_into(model, folder, None, torch.device("cpu"), {n: hook for n in names})
+    assert sorted(calls) == sorted(names)  # each exactly once
+    # The low-bit load from the scattered shards equals the one from the single-file folder, tensor for tensor.
+    a = S2VTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16, low_bit=LowBitSpec("fp8")).state_dict()
+    b = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16,
+                                              low_bit=LowBitSpec("fp8")).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(k.endswith(".weight_q") for k in a) == 40
+
+
+def test_the_native_layout_loads_to_the_same_low_bit_model(tiny_model_dir, tmp_path):
+    from engine.models.low_bit_linear import LowBitSpec
+
+    spec = LowBitSpec("int8", ("self_attn", "cross_attn", "ffn", "audio_attn"))
+    save_native(S2VTransformer3DModel.from_pretrained(tiny_model_dir), tmp_path / "native", max_shard_bytes=100_000)
+    a = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16, low_bit=spec).state_dict()
+    b = S2VTransformer3DModel.from_pretrained(tmp_path / "native", torch_dtype=torch.bfloat16, low_bit=spec).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(k.endswith(".weight_q") for k in a) == 48
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda sd: sd.pop("blocks.1.ffn.net.2.weight"), r"1 missing tensors: blocks\.1\.ffn\.net\.2\.weight"),
+    (lambda sd: sd.__setitem__("blocks.0.attn1.to_q.weight", sd["blocks.0.attn1.to_q.weight"][:7]),
+     r"blocks\.0\.attn1\.to_q\.weight has shape \[7, 48\], the model needs \[48, 48\]"),
+    (lambda sd: sd.__setitem__("blocks.0.attn1.to_q.extra", torch.zeros(2)),
+     r"unexpected tensors: blocks\.0\.attn1\.to_q\.extra"),
+])
+def test_a_low_bit_load_stays_strict(tiny_model_dir, tmp_path, edit, message):
+    from engine.models.low_bit_linear import LowBitSpec
+
+    folder = _single_file_copy(tiny_model_dir, tmp_path / "t", edit)
+    with pytest.raises(CheckpointError, match=message):
+        S2VTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16, low_bit=LowBitSpec("int8"))
+
+
+def test_a_hook_must_name_a_module_with_tensors(tiny_model_dir):
+    from engine.models.loading import load_state_into, resolve_transformer_dir
+
+    model = S2VTransformer3DModel.from_pretrained(tiny_model_dir)
+    with torch.device("meta"):
+        model = S2VTransformer3DModel(**model.config)
+    for name in ("blocks.0.attn1.nope", "blocks.0.ffn.net.1"):  # no such module; a module without tensors
+        with pytest.raises((ValueError, AttributeError), match="nope|not a module with tensors"):
+            load_state_into(model, resolve_transformer_dir(tiny_model_dir), None, torch.device("cpu"),
+                            {name: lambda m, n: None})
+
+
+def _mapped(folder) -> int:
+    """How many mappings of `folder`'s shard files this process holds (Linux)."""
+    from pathlib import Path
+
+    text = Path("/proc/self/maps").read_text()
+    return sum(str(f) in text for f in folder.glob("*.safetensors"))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_a_low_bit_model_keeps_no_view_of_the_mapped_shards(tiny_model_dir, tmp_path, monkeypatch):
+    """The pages of the Linears made low-bit leave the process: the kept bf16 tensors are copies, and each shard
+    is mapped afresh every REMAP_BYTES; a bf16 CPU load keeps its views of the files (read when used)."""
+    import engine.models.loading as loading
+    from engine.models.low_bit_linear import LowBitSpec
+
+    folder, _ = _scattered_copy(tiny_model_dir, tmp_path / "t")
+    opened = []
+    real_open = loading.safe_open
+    monkeypatch.setattr(loading, "safe_open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    monkeypatch.setattr(loading, "REMAP_BYTES", 20_000)
+    # No dtype: the tensors are placed as stored (fp32), which without `copy` would be views of the files.
+    small = S2VTransformer3DModel.from_pretrained(folder, low_bit=LowBitSpec("int8"))
+    assert _mapped(folder) == 0
+    assert len(opened) > 2 * 3 + 10  # the key listings, then one handle per 20 kB read instead of one per shard
+    plain = S2VTransformer3DModel.from_pretrained(folder)
+    assert _mapped(folder) >= 3  # each shard at least once (mapped afresh every 20 kB, the views keep them all)
+    del plain
+    assert _mapped(folder) == 0
+    monkeypatch.undo()
+    ref = S2VTransformer3DModel.from_pretrained(tiny_model_dir, low_bit=LowBitSpec("int8")).state_dict()
+    got = small.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)

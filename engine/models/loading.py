@@ -5,16 +5,19 @@ diffusers one (`_class_name` WanS2VTransformer3DModel / S2VTransformer3DModel) o
 (`dim`, `num_heads`, `cond_dim`, ...); the tensors are in the diffusers-checkpoint layout or the native layout.
 The model is built on the meta device and each tensor is read, converted to the target dtype and placed on
 the target device one at a time, so host RAM peaks near one model copy in the target dtype (less when the
-target is a GPU), never two. Every missing, unexpected or mis-shaped tensor is reported by name, and loading
-fails: nothing is dropped with a warning.
+target is a GPU), never two. With low-bit base weights (`low_bit`) each chosen Linear is quantised as soon as
+its tensors are in, so the peak is the low-bit model plus one bf16 Linear. Every missing, unexpected or
+mis-shaped tensor is reported by name, and loading fails: nothing is dropped with a warning.
 """
 from __future__ import annotations
 
+import ctypes
 import inspect
 import json
 import logging
 import os
 import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -214,9 +217,85 @@ def _summary(kind: str, names: list[str], limit: int = 20) -> str:
     return f"{len(names)} {kind}: {shown}{more}"
 
 
-def load_state_into(model: nn.Module, folder: Path, dtype: torch.dtype | None, device) -> str:
-    """Fill a meta-initialised model from the shards in `folder`. Returns the detected layout."""
+ModuleHook = Callable[[nn.Module, str], None]
+
+# safetensors maps a whole shard per handle, and its CPU tensors are views of that mapping; every page read stays
+# in the process's RSS (as a file page: reclaimable, but counted) until the mapping goes, which is when the handle
+# is dropped and no tensor read through it is alive. A shard is therefore mapped afresh after this many bytes:
+# when what was read has been copied elsewhere (a GPU, or `copy`) or dropped (a Linear made low-bit), the mapped
+# pages in RSS stay under about one block of the 14B model (0.7 GB) plus one tensor.
+REMAP_BYTES = 1 << 30
+
+
+def _return_free_heap() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim; elsewhere nothing). A load into host
+    memory keeps small copies (norms, biases, row scales) that land between the freed temporaries of the
+    quantisation, and glibc returns only the free memory at the top of its heap: the holes stayed resident, 0.36
+    GiB at 6 blocks of the 14B's width and growing with depth (bench/load_host.py), none after this."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None  # glibc's malloc_trim, looked up on first use (False: not this libc)
+
+
+class _Shard:
+    """Reads the tensors of one shard, mapping it afresh after every REMAP_BYTES read (and then returning the
+    heap's free pages, see _return_free_heap)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._handle, self._read = path, None, 0
+
+    def handle(self):
+        if self._handle is None:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+        return self._handle
+
+    def tensor(self, key: str) -> torch.Tensor:
+        tensor = self.handle().get_tensor(key)
+        self._read += tensor.nbytes
+        if self._read >= REMAP_BYTES:
+            self._handle, self._read = None, 0
+            _return_free_heap()
+        return tensor
+
+
+def _hook_waits(model: nn.Module, expected: dict, hooks: Mapping[str, ModuleHook]) -> tuple[dict, dict]:
+    """(module -> names of its tensors not placed yet, tensor name -> its hooked module) for `hooks`."""
+    waiting, owner = {}, {}
+    for module in hooks:
+        names = {f"{module}.{leaf}" for leaf, _ in model.get_submodule(module).state_dict().items()}
+        if not names or not names <= expected.keys():
+            raise ValueError(f"load hook on {module!r}: not a module with tensors of this model")
+        for name in names:
+            if name in owner:
+                raise ValueError(f"load hooks on {owner[name]!r} and {module!r} share the tensor {name}")
+            owner[name] = module
+        waiting[module] = names
+    return waiting, owner
+
+
+def load_state_into(model: nn.Module, folder: Path, dtype: torch.dtype | None, device,
+                    hooks: Mapping[str, ModuleHook] | None = None, copy: bool = False) -> str:
+    """Fill a meta-initialised model from the shards in `folder`. Returns the detected layout.
+
+    `hooks`: module name -> hook(model, name), called once every tensor of that module has been placed, wherever
+    the shards hold them (keys sort as strings, blocks.1 before blocks.10, and a block may span two shards); the
+    hook may replace the module (engine.models.low_bit_linear.low_bit_load_hooks makes its low-bit copy, so
+    its bf16 weight is dropped as soon as it is complete). A module with a missing or mis-shaped tensor is never
+    hooked and the load fails naming the tensor, as without hooks.
+
+    `copy`: every tensor kept on the CPU is copied out of the mapped shard (a hooked module's tensors are not:
+    the hook drops them), so the pages of dropped tensors leave RSS (REMAP_BYTES). Without it a CPU load keeps
+    views of the mapped files: nothing is read before it is used, and the pages stay reclaimable."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    waiting, owner = _hook_waits(model, expected, hooks or {})
     files = shard_files(folder)
     keys_per_file = {}
     for f in files:
@@ -231,26 +310,37 @@ def load_state_into(model: nn.Module, folder: Path, dtype: torch.dtype | None, d
             return None
 
     unexpected, mismatched, seen = [], [], set()
+    shard = None
     for f, keys in keys_per_file.items():
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
-            for key in keys:
-                name = ours(key)
-                if name is None or name not in expected:
-                    unexpected.append(f"{key} ({f.name})")
-                    continue
-                shape = tuple(handle.get_slice(key).get_shape())
-                if shape != expected[name]:
-                    mismatched.append(f"{key} has shape {list(shape)}, the model needs {list(expected[name])}")
-                    seen.add(name)  # present, so not also "missing"
-                    continue
-                if name in seen:
-                    unexpected.append(f"{key} (duplicate in {f.name})")
-                    continue
-                tensor = handle.get_tensor(key)
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                _place(model, name, tensor.to(device))
-                seen.add(name)
+        shard = _Shard(f)
+        for key in keys:
+            name = ours(key)
+            if name is None or name not in expected:
+                unexpected.append(f"{key} ({f.name})")
+                continue
+            shape = tuple(shard.handle().get_slice(key).get_shape())
+            if shape != expected[name]:
+                mismatched.append(f"{key} has shape {list(shape)}, the model needs {list(expected[name])}")
+                seen.add(name)  # present, so not also "missing"
+                continue
+            if name in seen:
+                unexpected.append(f"{key} (duplicate in {f.name})")
+                continue
+            raw = shard.tensor(key)
+            tensor = raw.to(dtype) if dtype is not None and raw.is_floating_point() else raw
+            tensor = tensor.to(device)
+            module = owner.get(name)
+            if copy and module is None and tensor.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+                tensor = tensor.clone()
+            _place(model, name, tensor)
+            del raw, tensor  # a hook may drop the placed tensor: no reference is left here to keep it alive
+            seen.add(name)
+            if module is not None:
+                waiting[module].discard(name)
+                if not waiting[module]:
+                    hooks[module](model, module)
+    shard = None  # the last mapping goes too
+    _return_free_heap()
     missing = sorted(set(expected) - seen)
     problems = []
     if missing:
@@ -277,7 +367,10 @@ def _mixed_layer_count(folder: Path) -> int:
     raise CheckpointError(f"{folder}: no audio layer-mixing weights ({_MIX_KEYS[0]}) in any shard")
 
 
-def load_transformer(cls, source, subfolder="transformer", torch_dtype=None, device="cpu"):
+def load_transformer(cls, source, subfolder="transformer", torch_dtype=None, device="cpu", low_bit=None):
+    """The transformer of `source`, loaded strictly onto `device`. `low_bit` (a low_bit_linear.LowBitSpec): the
+    Linears of its families are made low-bit on `device` as each is loaded, so neither the host nor `device`
+    ever holds the bf16 model, only the low-bit one and one bf16 Linear beyond it."""
     folder = resolve_transformer_dir(source, subfolder)
     raw = json.loads((folder / CONFIG_NAME).read_text())
     kwargs = config_from_json(raw, str(folder / CONFIG_NAME))
@@ -287,7 +380,16 @@ def load_transformer(cls, source, subfolder="transformer", torch_dtype=None, dev
         kwargs["num_weighted_avg_layers"] = _mixed_layer_count(folder)
     with torch.device("meta"):
         model = cls(**kwargs)
-    layout = load_state_into(model, folder, torch_dtype, torch.device(device))
-    log.info("loaded S2V transformer from %s (%s layout)", folder, layout)
+    device = torch.device(device)
+    hooks = None
+    if low_bit is not None:
+        from engine.models.low_bit_linear import low_bit_load_hooks
+
+        hooks = low_bit_load_hooks(model, low_bit, device)
+    # A low-bit model is loaded to be small: its bf16 remainder is copied out of the mapped shards, so that the
+    # pages of the Linears made low-bit leave the process (see REMAP_BYTES).
+    layout = load_state_into(model, folder, torch_dtype, device, hooks, copy=low_bit is not None)
+    held = f", {len(hooks)} Linears in {low_bit.kind} ({', '.join(low_bit.families)})" if hooks else ""
+    log.info("loaded S2V transformer from %s (%s layout%s)", folder, layout, held)
     model.eval()
     return model

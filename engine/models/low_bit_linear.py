@@ -1,6 +1,12 @@
 """Low-bit frozen base Linears: fp8 (e4m3) or int8 weights, half the memory of bf16.
 
     replaced = quantize_base_linears(model, families=("self_attn", "cross_attn", "ffn"), device=cuda, kind="fp8")
+    model = S2VTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16, device=cuda,
+                                                  low_bit=LowBitSpec("fp8", ("self_attn", "cross_attn", "ffn")))
+
+The second form (what the runner does) quantises each Linear as soon as the loader has read it
+(`low_bit_load_hooks`), so no device ever holds the bf16 model; a LoRA is then added to the low-bit model
+(engine.train.lora.add_lora) and comes out bit for bit as when the base is quantised after the LoRA is added.
 
 Each chosen nn.Linear of the frozen base (also the base_layer inside a peft LoRA layer; the LoRA itself stays in
 its own dtype and keeps its own bf16 path) is replaced, one at a time, by
@@ -34,6 +40,7 @@ left alone by it).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,6 +51,7 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 INT8_MAX = 127.0
 _TINY = 1e-12  # an all-zero row gets a tiny scale instead of a division by zero
+_QUANTIZE_CHUNK = 1 << 22  # weights quantised at a time by from_linear (16 MiB of fp32 per temporary)
 KINDS = ("fp8", "int8")
 
 # Module families of the transformer that may hold low-bit weights, by module name. The audio injectors, the
@@ -206,6 +214,9 @@ class LowBitLinear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device)
                              if has_bias else None)
+        # The dtype of the Linear this one replaced: peft gives a LoRA added later the dtype of its base weight
+        # (engine.train.lora.add_lora), which it would otherwise take from the bf16 Linear.
+        self.source_dtype = torch.bfloat16
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,12 +228,18 @@ class LowBitLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> LowBitLinear:
         device = device or linear.weight.device
-        q, scale = cls.quantize(linear.weight.detach().to(device))
+        weight = linear.weight.detach()
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=device)
-        out.weight_q.copy_(q)
-        out.weight_scale.copy_(scale)
+        # A few rows at a time: the quantisation's fp32 temporaries are three times the weight's size at most, 0.8 GB
+        # for a 14B FFN Linear beside the model being loaded, and each row is quantised on its own anyway.
+        rows = max(1, _QUANTIZE_CHUNK // linear.in_features)
+        for start in range(0, linear.out_features, rows):
+            q, scale = cls.quantize(weight[start:start + rows].to(device))
+            out.weight_q[start:start + rows].copy_(q)
+            out.weight_scale[start:start + rows].copy_(scale)
         if linear.bias is not None:
             out.bias.copy_(linear.bias.detach().to(device, torch.bfloat16))
+        out.source_dtype = linear.weight.dtype
         return out
 
     def dequantized(self) -> torch.Tensor:
@@ -275,32 +292,78 @@ def family_of(name: str, families) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class LowBitSpec:
+    """What to hold in low bit: `kind` (fp8 / int8), the module `families`, and the fp8-only options
+    `fp8_backward` / `fast_accum` (module docstring). Checked when made, so a bad spec fails before any weight
+    is read."""
+
+    kind: str
+    families: tuple[str, ...] = DEFAULT_FAMILIES
+    fp8_backward: bool = False
+    fast_accum: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _MODULES:
+            raise ValueError(f"low-bit kind {self.kind!r}: choose one of {', '.join(KINDS)}")
+        if self.kind != "fp8" and (self.fp8_backward or self.fast_accum is not None):
+            raise ValueError("fp8_backward and fast_accum apply to fp8 base weights only")
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown low-bit module families {unknown}: choose from {', '.join(FAMILIES)}")
+        object.__setattr__(self, "families", tuple(self.families))
+
+    def make(self, linear: nn.Linear, device: torch.device | None = None) -> LowBitLinear:
+        """The low-bit copy of `linear` on `device`, with this spec's options set."""
+        low_bit = _MODULES[self.kind].from_linear(linear, device)
+        if self.kind == "fp8":
+            low_bit.fp8_backward = self.fp8_backward
+            low_bit.fast_accum = True if self.fast_accum is None else self.fast_accum
+        return low_bit
+
+
+def low_bit_targets(model: nn.Module, families) -> list[str]:
+    """Names of the nn.Linear modules of `families` in `model` (a peft LoRA layer's base_layer included)."""
+    names = []
+    for name, module in model.named_modules():
+        # peft wraps a Linear as <name>.base_layer inside a LoRA layer named <name>: match the LoRA layer's name.
+        target_name = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+        if isinstance(module, nn.Linear) and family_of(target_name, families) is not None:
+            names.append(name)
+    return names
+
+
+def held_low_bit(model: nn.Module) -> dict[str, int]:
+    """How many low-bit Linears `model` holds, by kind (empty: none)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        for kind, cls in _MODULES.items():
+            if type(module) is cls:
+                counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def low_bit_load_hooks(model: nn.Module, spec: LowBitSpec, device: torch.device | None = None) -> dict:
+    """For engine.models.loading.load_state_into: module name -> hook that replaces that Linear by its low-bit
+    copy on `device` once the loader has placed its weight and bias, so the bf16 weight is dropped at once and
+    the loaded model never holds more than one of them. `model` is the meta-built model (no LoRA yet)."""
+    def hook(model: nn.Module, name: str) -> None:
+        model.set_submodule(name, spec.make(model.get_submodule(name), device))
+
+    return {name: hook for name in low_bit_targets(model, spec.families)}
+
+
 def quantize_base_linears(model: nn.Module, families=DEFAULT_FAMILIES, device: torch.device | None = None,
                           kind: str = "fp8", fp8_backward: bool = False, fast_accum: bool | None = None) -> int:
     """Replace the frozen Linears of `families` (peft LoRA base layers included) by Fp8Linear or Int8Linear
     (`kind`), one at a time on `device` (so the GPU never holds the bf16 and low-bit copies of more than one
-    layer). `fp8_backward` / `fast_accum`: fp8 only (module docstring). Returns how many."""
-    if kind not in _MODULES:
-        raise ValueError(f"low-bit kind {kind!r}: choose one of {', '.join(KINDS)}")
-    if kind != "fp8" and (fp8_backward or fast_accum is not None):
-        raise ValueError("fp8_backward and fast_accum apply to fp8 base weights only")
-    fast_accum = True if fast_accum is None else fast_accum
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        raise ValueError(f"unknown low-bit module families {unknown}: choose from {', '.join(FAMILIES)}")
-    count = 0
-    for name, module in list(model.named_modules()):
-        # peft wraps a Linear as <name>.base_layer inside a LoRA layer named <name>: match the LoRA layer's name.
-        target_name = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
-        if not isinstance(module, nn.Linear) or family_of(target_name, families) is None:
-            continue
+    layer). `fp8_backward` / `fast_accum`: fp8 only (module docstring). Returns how many; Linears already in low
+    bit are left as they are. A model can also be loaded in low bit (LowBitSpec, loading.load_transformer)."""
+    spec = LowBitSpec(kind, tuple(families), fp8_backward, fast_accum)
+    names = low_bit_targets(model, spec.families)
+    for name in names:
+        module = model.get_submodule(name)
         if any(p.requires_grad for p in module.parameters()):
             raise ValueError(f"{name} is trainable; low-bit storage is for the frozen base only")
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        low_bit = _MODULES[kind].from_linear(module, device)
-        if kind == "fp8":
-            low_bit.fp8_backward, low_bit.fast_accum = fp8_backward, fast_accum
-        setattr(parent, attr, low_bit)
-        count += 1
-    return count
+        model.set_submodule(name, spec.make(module, device))
+    return len(names)

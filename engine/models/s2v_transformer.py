@@ -177,13 +177,14 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = "transformer",
-                        torch_dtype: torch.dtype | None = None, device="cpu", **kwargs):
-        """Load a diffusers-layout or native-layout transformer folder (or hub id) strictly; see loading.py."""
+                        torch_dtype: torch.dtype | None = None, device="cpu", low_bit=None, **kwargs):
+        """Load a diffusers-layout or native-layout transformer folder (or hub id) strictly; see loading.py.
+        `low_bit` (engine.models.low_bit_linear.LowBitSpec): those Linears are quantised as they are loaded."""
         if kwargs:
             raise TypeError(f"unsupported from_pretrained arguments: {sorted(kwargs)}")
         from engine.models.loading import load_transformer
 
-        return load_transformer(cls, pretrained_model_name_or_path, subfolder, torch_dtype, device)
+        return load_transformer(cls, pretrained_model_name_or_path, subfolder, torch_dtype, device, low_bit)
 
     # ---- switches -------------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self, interval: int = 1, offload_inputs: bool = False,

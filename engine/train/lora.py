@@ -13,6 +13,7 @@ tiny test model, among the model's own modules), so a file that ComfyUI would si
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -26,6 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from engine.models.keymap import diffusers_to_native, native_modules_14b, native_to_diffusers
 from engine.models.loading import check_weights_file
+from engine.models.low_bit_linear import LowBitLinear
 from engine.train.fsio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
             "would not apply to the stock model; use init = \"default\" or \"gaussian\""
         )
     pattern = targets_regex(targets)
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LowBitLinear))]
     matched = [n for n in linear_names if re.fullmatch(pattern, n)]
     if not matched:
         raise ValueError(
@@ -74,7 +76,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern,
                      init_lora_weights=_INITS[init])
     # The LoRA init draws from the global torch RNG; a fork keeps it a function of the seed alone.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _low_bit_stand_ins(model, matched):
         torch.manual_seed(seed)
         model.add_adapter(cfg, adapter_name=ADAPTER)
     for name, p in model.named_parameters():
@@ -84,6 +86,36 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     log.info("LoRA rank %d alpha %g on %d modules, %s trainable parameters", rank, alpha, len(matched),
              f"{sum(p.numel() for p in lora_parameters(model)):,}")
     return matched
+
+
+@contextlib.contextmanager
+def _low_bit_stand_ins(model: nn.Module, names: list[str]):
+    """While peft adds the LoRA, each low-bit Linear among `names` (a model loaded in low bit) is an nn.Linear
+    stand-in whose weight has the shape, device and dtype of the bf16 weight it came from and no storage (one
+    element, zero strides): peft wraps only nn.Linear, and sizes, places and casts a LoRA by its base weight's
+    shape, device and dtype alone (the default and gaussian inits do not read the values). Afterwards the
+    low-bit module becomes the LoRA layer's base_layer, as when the base is quantised after the LoRA is added
+    (low_bit_linear.quantize_base_linears): the same LoRA weights bit for bit, the same module tree."""
+    originals = {n: m for n in names if isinstance(m := model.get_submodule(n), LowBitLinear)}
+    stand_ins = {}
+    for name, low_bit in originals.items():
+        with torch.device("meta"):
+            stand_in = nn.Linear(low_bit.in_features, low_bit.out_features, bias=low_bit.bias is not None)
+        empty = torch.empty((), dtype=low_bit.source_dtype, device=low_bit.weight_q.device)
+        stand_in.weight = nn.Parameter(empty.expand(low_bit.out_features, low_bit.in_features), requires_grad=False)
+        stand_in.bias = None if low_bit.bias is None else nn.Parameter(
+            empty.expand(low_bit.out_features), requires_grad=False)
+        model.set_submodule(name, stand_in)
+        stand_ins[name] = stand_in
+    try:
+        yield
+    finally:
+        for name, low_bit in originals.items():
+            wrapped = model.get_submodule(name)
+            if getattr(wrapped, "base_layer", None) is stand_ins[name]:
+                wrapped.base_layer = low_bit
+            else:  # peft failed before wrapping this one: put the low-bit module back where it was
+                model.set_submodule(name, low_bit)
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -294,7 +326,7 @@ def apply_lora_file(model: nn.Module, path: str | Path) -> dict[str, str]:
     state, meta = load_lora(path)
     rank, alpha = lora_rank_alpha(state, meta, str(path))
     modules = lora_module_names(state)
-    known = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    known = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LowBitLinear))}
     unknown = [m for m in modules if m not in known]
     if unknown:
         raise LoraFileError(f"{path}: the LoRA names modules this model lacks (e.g. {unknown[:3]}); it was made "

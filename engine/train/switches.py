@@ -112,14 +112,26 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
 
 
 def _low_bit_base(model: torch.nn.Module, config: Config, device: torch.device) -> str:
-    """The frozen base Linears of memory.low_bit_families in low bit, made on `device`; one line for the log."""
-    from engine.models.low_bit_linear import quantize_base_linears
+    """The frozen base Linears of memory.low_bit_families in low bit. The runner loads them so (quantised as they
+    are read, engine.runner._load_model); a model loaded in bf16 is quantised here, Linear by Linear onto the
+    device. Linears already in low bit are never quantised again; ones in the other kind are an error."""
+    from engine.models.low_bit_linear import held_low_bit, quantize_base_linears
 
     m = config.memory
+    held = held_low_bit(model)
+    other = {kind: n for kind, n in held.items() if kind != m.base_weights}
+    if other:
+        raise UnsupportedSwitch(f"the model holds {', '.join(f'{n} {k}' for k, n in other.items())} Linears, "
+                                f'memory.base_weights = "{m.base_weights}": load it with that kind')
     count = quantize_base_linears(model, tuple(m.low_bit_families), device, kind=m.base_weights,
                                   fp8_backward=m.fp8_input_grad)
+    loaded = held.get(m.base_weights, 0)
+    how = [f"{loaded} quantised while loading"] if loaded else []
+    if count or not loaded:
+        how.append(f"{count} after loading")
     grad = ", input gradients in fp8" if m.fp8_input_grad else ""
-    return f"{count} frozen base Linears in {m.base_weights} ({', '.join(m.low_bit_families)}) on {device.type}{grad}"
+    return (f"{loaded + count} frozen base Linears in {m.base_weights} ({', '.join(m.low_bit_families)}; "
+            f"{', '.join(how)}) on {device.type}{grad}")
 
 
 def cap_gpu_memory(config, device: torch.device) -> str | None:
