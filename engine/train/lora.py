@@ -95,6 +95,11 @@ def _canonical(param_name: str) -> str:
     return param_name.replace(f".{ADAPTER}.", ".")
 
 
+def lora_parameter_names(model: nn.Module) -> list[str]:
+    """The canonical names of the LoRA parameters, in the order of lora_parameters(model)."""
+    return [_canonical(n) for n, _ in model.named_parameters() if ".lora_" in n]
+
+
 def get_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Canonical LoRA state: detached CPU fp32 copies."""
     return {_canonical(n): p.detach().to("cpu", torch.float32, copy=True)
@@ -208,8 +213,14 @@ def lora_metadata(base_model: str, rank: int, alpha: float, steps: int, config_h
 
 def save_lora(path: str | Path, state: Mapping[str, torch.Tensor], layout: str, metadata: Mapping[str, str],
               alpha: float, native_modules: frozenset[str] | None = None) -> Path:
-    """Write `state` in `layout` atomically. A native file needs `native_modules` to check its keys against; a
-    peft file is checked against them too when they are given."""
+    """Write `state` in `layout` atomically (see lora_bytes)."""
+    return atomic_write_bytes(path, lora_bytes(state, layout, metadata, alpha, native_modules))
+
+
+def lora_bytes(state: Mapping[str, torch.Tensor], layout: str, metadata: Mapping[str, str], alpha: float,
+               native_modules: frozenset[str] | None = None) -> bytes:
+    """The safetensors file of `state` in `layout`. A native file needs `native_modules` to check its keys
+    against; a peft file is checked against them too when they are given."""
     if layout == "peft":
         tensors = to_peft_layout(state)
         if native_modules is not None:  # the same manifest check: a key ComfyUI would map must hit a module
@@ -223,7 +234,7 @@ def save_lora(path: str | Path, state: Mapping[str, torch.Tensor], layout: str, 
         raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {**metadata, "layout": layout}
-    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata=meta))
+    return safetensors_bytes(tensors, metadata=meta)
 
 
 def _detect(keys: list[str], path: str) -> str:
