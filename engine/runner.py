@@ -81,11 +81,18 @@ def _resolve_config(config: Config, run_dir: Path, bus: EventBus, write: bool = 
     return resolution.config
 
 
-def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.device, world_size: int = 1) -> None:
+def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.device, world_size: int = 1,
+           fresh: bool = True) -> None:
+    """`fresh`: no checkpoint to resume from, so lora.init_from (if set) is read and checked."""
     from engine.train.distributed import combination_problems
     from engine.train.switches import unsupported_switches
 
-    validate_config(config, "<run config>", require_data=not have_dataset, require_model=not have_dataset)
+    validate_config(config, "<run config>", require_data=not have_dataset, require_model=not have_dataset,
+                    require_init_from=fresh)
+    if fresh and config.lora.init_from:
+        from engine.train.init_lora import check_init_from
+
+        check_init_from(config)
     problems = unsupported_switches(config, device)
     if problems:
         raise RunFailed("this preset asks for memory switches that cannot run here: " + "; ".join(problems))
@@ -194,7 +201,8 @@ def _host_guard(config: Config, gpu_free: int | None):
     return HostMemoryGuard.from_config(config, presets=shipped_presets(), vram_bytes=gpu_free)
 
 
-def _load_model(config: Config, device: torch.device):
+def _load_model(config: Config, device: torch.device, fresh: bool = False):
+    """The transformer with its LoRA added; `fresh` (a run not resumed): the LoRA of lora.init_from, if set."""
     from engine.models.s2v_transformer import S2VTransformer3DModel
     from engine.train.lora import add_lora
     from engine.train.switches import apply_memory_switches
@@ -209,6 +217,10 @@ def _load_model(config: Config, device: torch.device):
     )
     lo = config.lora
     add_lora(model, lo.rank, lo.alpha, lo.dropout, list(lo.targets), lo.init, config.train.seed)
+    if fresh and lo.init_from:
+        from engine.train.init_lora import apply_init_from
+
+        apply_init_from(model, config)
     for line in apply_memory_switches(model, config, device):
         log.info("memory: %s", line)
     return model
@@ -429,7 +441,7 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
         log.info("resuming from %s (step %d)", resume_path, resume_state["step"])
 
     bus.emit(PhaseChanged(phase="check"))
-    _check(config, bus, dataset is not None, device, dist.world_size)
+    _check(config, bus, dataset is not None, device, dist.world_size, fresh=resume_state is None)
     gpu_free = _preflight(config, device)
     host_guard = _host_guard(config, gpu_free)
 
@@ -460,7 +472,8 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
     vset = _validation_set(config, device)
     release_host_memory("the cache phase and the validation set-up")  # before the model's host copies
     # FSDP: each rank loads the whole model to host memory and keeps only its shards on the GPU.
-    model = dist.prepare_model(_load_model(config, torch.device("cpu") if dist.sharded else device))
+    model = dist.prepare_model(_load_model(config, torch.device("cpu") if dist.sharded else device,
+                                           fresh=resume_state is None))
     validator = _validator(config, model, dataset, vset, run_dir, device, stop_event)
     release_host_memory("loading the model")
 

@@ -277,7 +277,8 @@ def _mixed_layer_count(folder: Path) -> int:
     raise CheckpointError(f"{folder}: no audio layer-mixing weights ({_MIX_KEYS[0]}) in any shard")
 
 
-def load_transformer(cls, source, subfolder="transformer", torch_dtype=None, device="cpu"):
+def meta_transformer(cls, source, subfolder="transformer") -> tuple[nn.Module, Path]:
+    """The model of `source` built on the meta device (no weight is read), and its transformer folder."""
     folder = resolve_transformer_dir(source, subfolder)
     raw = json.loads((folder / CONFIG_NAME).read_text())
     kwargs = config_from_json(raw, str(folder / CONFIG_NAME))
@@ -286,7 +287,11 @@ def load_transformer(cls, source, subfolder="transformer", torch_dtype=None, dev
         # mixed; the checkpoint's mixing weights [1, L, 1, 1] do.
         kwargs["num_weighted_avg_layers"] = _mixed_layer_count(folder)
     with torch.device("meta"):
-        model = cls(**kwargs)
+        return cls(**kwargs), folder
+
+
+def load_transformer(cls, source, subfolder="transformer", torch_dtype=None, device="cpu"):
+    model, folder = meta_transformer(cls, source, subfolder)
     layout = load_state_into(model, folder, torch_dtype, torch.device(device))
     log.info("loaded S2V transformer from %s (%s layout)", folder, layout)
     model.eval()

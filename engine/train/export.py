@@ -35,6 +35,8 @@ def lora_files(config: Config, weights: Mapping[str, torch.Tensor], kind: str, m
     against (engine.train.lora.native_reference_modules)."""
     lo = config.lora
     extra = {"ema": str(kind == "ema"), "weights": kind, "identity": config.identity_hash()}
+    if lo.init_from:
+        extra["init_from"] = lo.init_from
     files = {}
     for layout in config.output.formats:
         meta = lora_metadata(config.model.source, lo.rank, lo.alpha, step, config_hash, layout, list(lo.targets),

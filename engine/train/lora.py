@@ -49,6 +49,12 @@ def targets_regex(targets: Iterable[str]) -> str:
     return "|".join(f"(?:{t})" for t in targets)
 
 
+def matched_modules(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """The Linear modules of `model` that `targets` match (as peft matches them: in full)."""
+    pattern = targets_regex(targets)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
+
+
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str], init: str,
              seed: int) -> list[str]:
     """Freeze the base, inject a LoRA into the Linear modules matching `targets`; returns the adapted names.
@@ -62,16 +68,15 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
             f"lora.init = {init!r} is not supported: PiSSA/OLoRA change the base weights, so the exported LoRA "
             "would not apply to the stock model; use init = \"default\" or \"gaussian\""
         )
-    pattern = targets_regex(targets)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    matched = [n for n in linear_names if re.fullmatch(pattern, n)]
+    matched = matched_modules(model, targets)
     if not matched:
         raise ValueError(
             f"lora.targets match no Linear module of the transformer (e.g. {linear_names[:3]}); "
             "check the regexes in [lora] targets, or remove the key to use the defaults"
         )
     model.requires_grad_(False)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern,
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets_regex(targets),
                      init_lora_weights=_INITS[init])
     # The LoRA init draws from the global torch RNG; a fork keeps it a function of the seed alone.
     with torch.random.fork_rng(devices=[]):
@@ -246,6 +251,14 @@ def _detect(keys: list[str], path: str) -> str:
         f"{path}: not a LoRA in a layout this tool reads (e.g. key {keys[:1]}); expected "
         "'transformer.<module>.lora_A.weight' (peft) or 'diffusion_model.<module>.lora_down.weight' (native)"
     )
+
+
+def lora_file_layout(path: str | Path) -> str:
+    """"peft" or "native" from the file's header alone (no tensor is read); LoraFileError (or CorruptWeightsError
+    for a damaged file) says why it is not a LoRA this tool reads."""
+    check_weights_file(Path(path), fix="copy it again, or point at another LoRA file")
+    with safe_open(str(path), framework="pt") as f:
+        return _detect(list(f.keys()), str(path))
 
 
 def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
