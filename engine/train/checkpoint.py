@@ -431,21 +431,22 @@ def find_resume_state(run_dir: str | Path, config_hash: str | None = None, ident
                     reason += f"; it could not be moved aside ({err.strerror or err}) and stays"
             skipped.append(SkippedCheckpoint(path, reason))
             continue
-        skipped += _damaged_loras(path, tidy)
+        if tidy:  # the other ranks of a run neither move files nor report
+            skipped += _damaged_loras(path)
         if keep_last:
             prune_checkpoints(run_dir, keep_last, protect=path)
         return state, path, skipped
     return None, None, skipped
 
 
-def _damaged_loras(path: Path, tidy: bool) -> list[SkippedCheckpoint]:
-    """The LoRA files of the checkpoint resumed from that do not match its record, moved aside (with `tidy`): its
-    state is good, and the trainer writes them again from it (Trainer.complete_checkpoint_loras)."""
+def _damaged_loras(path: Path) -> list[SkippedCheckpoint]:
+    """The LoRA files of the checkpoint resumed from that do not match its record, moved aside: its state is
+    good, and the trainer writes them again from it (Trainer.complete_checkpoint_loras)."""
     found = []
     for layout, problem in lora_problems(path).items():
         file = lora_path(path, layout)
         reason = f"{problem} (checkpoint of step {int(path.stem.split('-')[1])})"
-        if tidy and file.exists():
+        if file.exists():
             try:
                 reason += f"; moved to {reject_file(file, reason).parent}, and written again from the checkpoint"
             except OSError as err:
