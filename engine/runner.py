@@ -81,11 +81,18 @@ def _resolve_config(config: Config, run_dir: Path, bus: EventBus, write: bool = 
     return resolution.config
 
 
-def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.device, world_size: int = 1) -> None:
+def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.device, world_size: int = 1,
+           fresh: bool = True) -> None:
+    """`fresh`: no checkpoint to resume from, so lora.init_from (if set) is read and checked."""
     from engine.train.distributed import combination_problems
     from engine.train.switches import unsupported_switches
 
-    validate_config(config, "<run config>", require_data=not have_dataset, require_model=not have_dataset)
+    validate_config(config, "<run config>", require_data=not have_dataset, require_model=not have_dataset,
+                    require_init_from=fresh)
+    if fresh and config.lora.init_from:
+        from engine.train.init_lora import check_init_from
+
+        check_init_from(config)
     problems = unsupported_switches(config, device)
     if problems:
         raise RunFailed("this preset asks for memory switches that cannot run here: " + "; ".join(problems))
@@ -194,7 +201,8 @@ def _host_guard(config: Config, gpu_free: int | None):
     return HostMemoryGuard.from_config(config, presets=shipped_presets(), vram_bytes=gpu_free)
 
 
-def _load_model(config: Config, device: torch.device):
+def _load_model(config: Config, device: torch.device, fresh: bool = False):
+    """The transformer with its LoRA added; `fresh` (a run not resumed): the LoRA of lora.init_from, if set."""
     from engine.models.low_bit_linear import LowBitSpec
     from engine.models.s2v_transformer import S2VTransformer3DModel
     from engine.train.lora import add_lora
@@ -214,6 +222,10 @@ def _load_model(config: Config, device: torch.device):
     )
     lo = config.lora
     add_lora(model, lo.rank, lo.alpha, lo.dropout, list(lo.targets), lo.init, config.train.seed)
+    if fresh and lo.init_from:
+        from engine.train.init_lora import apply_init_from
+
+        apply_init_from(model, config)
     for line in apply_memory_switches(model, config, device):
         log.info("memory: %s", line)
     return model
@@ -238,65 +250,6 @@ def _validator(config: Config, model, dataset, vset, run_dir: Path, device: torc
 
     return Validator(config, model, dataset, vset, run_dir, device, _AUTOCAST.get(config.train.mixed_precision),
                      stop_event)
-
-
-def _export(config: Config, model, trainer, run_dir: Path, config_hash: str) -> dict[str, str]:
-    from engine.train.lora import lora_metadata, native_reference_modules, save_lora
-
-    if trainer.ema:
-        trainer.ema.swap()  # export the averaged weights
-    if hasattr(trainer.optimizer, "eval"):
-        trainer.optimizer.eval()  # schedule-free: the evaluation weights are the ones to keep
-    state = trainer.dist.lora_state(model)  # every rank: gathering a sharded LoRA is collective
-    if not trainer.dist.is_main:
-        return {}  # rank 0 writes the files
-    lo = config.lora
-    outputs = {}
-    identity = config.identity_hash()
-    for layout in config.output.formats:
-        meta = lora_metadata(config.model.source, lo.rank, lo.alpha, trainer.step, config_hash, layout,
-                             list(lo.targets), {"ema": str(bool(trainer.ema)), "identity": identity})
-        path = run_dir / f"{config.output.name}_{layout}.safetensors"
-        _keep_previous_export(path, trainer.step, identity)
-        modules = native_reference_modules(model)  # both layouts are checked against the module names
-        try:
-            save_lora(path, state, layout, meta, lo.alpha, modules)
-        except OSError as exc:
-            raise RunFailed(_export_failure(path, exc, trainer)) from exc
-        outputs[layout] = str(path)
-        log.info("exported the LoRA (%s layout) to %s", layout, path)
-    return outputs
-
-
-def _export_failure(path: Path, exc: OSError, trainer) -> str:
-    from engine.train.fsio import FIXES, write_error_cause
-
-    cause, text = write_error_cause(exc)
-    saved = trainer.last_checkpoint
-    return (f"training finished but the LoRA could not be exported to {path}: {text} ({FIXES[cause]}). The trained "
-            f"state is safe in the checkpoint of step {trainer.step} ({saved}): run the same command again to "
-            "export it")
-
-
-def _keep_previous_export(path: Path, step: int, identity: str) -> None:
-    """An export already at `path` from another step or configuration (a continued run's earlier end) is moved
-    to NAME.stepN[.HASH].safetensors beside it: an export never overwrites trained state it did not make."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        return
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception:  # unreadable header: keep the file aside rather than judge it
-        meta = {}
-    if meta.get("identity") == identity and meta.get("steps") == str(step):
-        return  # the same LoRA written again (an export retried after a failure)
-    aside = path.with_name(f"{path.stem}.step{meta.get('steps', 'unknown')}{path.suffix}")
-    if aside.exists():
-        aside = aside.with_name(f"{aside.stem}.{meta.get('identity') or meta.get('config_hash', 'other')}{path.suffix}")
-    path.replace(aside)
-    log.info("kept the earlier export %s as %s", path.name, aside.name)
 
 
 # ---- logging plumbing ------------------------------------------------------------------------------------------
@@ -470,7 +423,7 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
         tidy=dist.is_main)
     if dist.is_main:
         dist.barrier()  # the others may now read the frozen config and the checkpoints
-    warnings = [RunWarning(code="checkpoint_skipped", message=f"skipped a checkpoint that cannot be used: {s.reason}")
+    warnings = [RunWarning(code="checkpoint_skipped", message=f"skipped a {s.what} that cannot be used: {s.reason}")
                 for s in skipped]
     short = ckpt.space_shortfall(run_dir, resume_path) if resume_path and dist.is_main else ""
     if dist.any(bool(short)):
@@ -493,7 +446,7 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
         log.info("resuming from %s (step %d)", resume_path, resume_state["step"])
 
     bus.emit(PhaseChanged(phase="check"))
-    _check(config, bus, dataset is not None, device, dist.world_size)
+    _check(config, bus, dataset is not None, device, dist.world_size, fresh=resume_state is None)
     gpu_free = _preflight(config, device)
     host_guard = _host_guard(config, gpu_free)
 
@@ -524,7 +477,8 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
     vset = _validation_set(config, device)
     release_host_memory("the cache phase and the validation set-up")  # before the model's host copies
     # FSDP: each rank loads the whole model to host memory and keeps only its shards on the GPU.
-    model = dist.prepare_model(_load_model(config, torch.device("cpu") if dist.sharded else device))
+    model = dist.prepare_model(_load_model(config, torch.device("cpu") if dist.sharded else device,
+                                           fresh=resume_state is None))
     validator = _validator(config, model, dataset, vset, run_dir, device, stop_event)
     release_host_memory("loading the model")
 
@@ -536,13 +490,19 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
     if outcome.status == "failed":
         reason = outcome.reason
         if outcome.oom:
-            saved = f"the LoRA of step {outcome.step} was saved to {outcome.emergency_lora}; " if outcome.emergency_lora else ""
+            files = " and ".join(str(p) for p in outcome.emergency_loras)
+            saved = f"the LoRA of step {outcome.step} was saved to {files}; " if files else ""
             reason = f"CUDA ran out of memory at step {outcome.step + 1}: {saved}{smaller_preset_hint(config, device)}"
         return RunEnded(status="failed", reason=reason)
     if outcome.status == "stopped":
         return RunEnded(status="stopped", reason=outcome.reason)
 
     bus.emit(PhaseChanged(phase="export", detail=", ".join(config.output.formats)))
-    outputs = _export(config, model, trainer, run_dir, chash)
+    from engine.train.export import ExportFailed, export_final
+
+    try:
+        outputs = export_final(config, trainer, run_dir, chash)
+    except ExportFailed as exc:
+        raise RunFailed(str(exc)) from exc
     bus.emit(PhaseChanged(phase="done"))
     return RunEnded(status="completed", reason=f"trained {outcome.step} steps", outputs=outputs)

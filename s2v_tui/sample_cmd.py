@@ -3,6 +3,10 @@
     s2v-tui sample --model Wan-AI/Wan2.2-S2V-14B --lora run/s2v-lora_native.safetensors \
         --image face.png --audio speech.wav --prompt "a woman talks to the camera" --out talk.mp4
 
+`--lora` also takes a checkpoint of a run, RUN_DIR@STEP (e.g. `--lora runs/s2v-lora@1500`): its LoRA file
+`RUN_DIR/checkpoints/step-00001500_peft.safetensors` (the native one when there is no peft file), checked against
+the checkpoint's SHA-256 record. The terminal app lists a run's checkpoints with this command ready to copy.
+
 The video is 16 fps, 80 frames per chunk (77 for the first), as many chunks as the audio needs (or
 --max-chunks), cut where the audio ends, with the driving audio muxed in (cut where the video ends).
 """
@@ -18,7 +22,8 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s2v-tui sample", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--model", required=True, help="S2V model folder or Hugging Face hub id")
-    p.add_argument("--lora", help="LoRA file to apply (peft/diffusers or native/ComfyUI layout)")
+    p.add_argument("--lora", help="LoRA to apply: a file (peft/diffusers or native/ComfyUI layout), or a checkpoint "
+                   "of a run as RUN_DIR@STEP (e.g. runs/s2v-lora@1500: its LoRA file)")
     p.add_argument("--image", required=True, help="reference image (or a video: its first frame)")
     p.add_argument("--audio", required=True, help="driving speech (audio file, or a video's audio track)")
     p.add_argument("--prompt", required=True, help="text prompt")
@@ -47,9 +52,18 @@ def main(argv: list[str]) -> int:
     if not args.out.lower().endswith(".mp4"):
         print(f"error: --out {args.out}: give a file name ending in .mp4", file=sys.stderr)
         return 2
-    for flag, path in (("--image", args.image), ("--audio", args.audio), ("--lora", args.lora)):
-        if path and not Path(path).exists():
+    for flag, path in (("--image", args.image), ("--audio", args.audio)):
+        if not Path(path).exists():
             print(f"error: {flag} {path} does not exist", file=sys.stderr)
+            return 2
+    lora = None
+    if args.lora:
+        from engine.run_checkpoints import LoraReferenceError, checkpoint_lora
+
+        try:
+            lora = checkpoint_lora(args.lora)
+        except LoraReferenceError as exc:
+            print(f"error: --lora {args.lora}: {exc}", file=sys.stderr)
             return 2
     import torch
 
@@ -66,10 +80,9 @@ def main(argv: list[str]) -> int:
     device = pick_device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     started = time.perf_counter()
-    print(f"loading {args.model} on {device} ({dtype})" + (f" with {args.lora}" if args.lora else ""),
-          file=sys.stderr)
+    print(f"loading {args.model} on {device} ({dtype})" + (f" with {lora}" if lora else ""), file=sys.stderr)
     try:
-        pipe = S2VPipeline.load(args.model, device, dtype, lora=args.lora)
+        pipe = S2VPipeline.load(args.model, device, dtype, lora=lora)
         cond = pipe.prepare(args.image, args.audio, args.prompt, max_area=max_area, max_chunks=args.max_chunks,
                             negative_prompt=NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt)
         print(f"rendering {cond.frame_count()} frames at {cond.width}x{cond.height} ({cond.chunks} chunk(s), "

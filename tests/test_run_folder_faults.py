@@ -22,7 +22,7 @@ from engine.runner import run
 from engine.train import checkpoint as ckpt
 from engine.train.lora import load_lora
 from s2v_tui.headless import EXIT_CONFIG, EXIT_OK, run_headless
-from test_train_run import _config, _kinds, demo_dataset  # tests/ is on sys.path under pytest
+from test_train_run import _config, _kinds, demo_dataset, step_file_names  # tests/ is on sys.path under pytest
 
 NAME = "demo-lora"  # output.name of the demo config
 APPENDED_LOGS = ("events.jsonl", "train.log")  # a refused start appends its end there, and changes nothing else
@@ -364,8 +364,7 @@ def test_bit_flips_in_the_newest_checkpoint_are_rejected_and_the_run_resumes_fro
     skipped = [e for e in _kinds(run_dir, "warning") if e.code == "checkpoint_skipped"]
     assert len(skipped) == 1 and "step-00000004.pt" in skipped[0].message and "SHA-256" in skipped[0].message
     rejected = run_dir / "checkpoints" / "rejected"
-    assert sorted(p.name for p in rejected.iterdir()) == ["step-00000004.json", "step-00000004.pt",
-                                                          "step-00000004.reason.txt"]
+    assert sorted(p.name for p in rejected.iterdir()) == sorted([*step_file_names(4), "step-00000004.reason.txt"])
     assert "SHA-256" in (rejected / "step-00000004.reason.txt").read_text()
     assert _kinds(run_dir, "run_started")[-1].resumed_from_step == 2
     steps = step_ends(run_dir)

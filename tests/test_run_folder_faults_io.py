@@ -19,7 +19,7 @@ from engine.train import checkpoint as ckpt
 from engine.train import fsio
 from s2v_tui.headless import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from test_run_folder_faults import checkpoint_steps, headless, one_line, step_ends, train
-from test_train_run import _config, _kinds, demo_dataset
+from test_train_run import _config, _kinds, demo_dataset, step_file_names
 
 
 # ---- real mounts ------------------------------------------------------------------------------------------------
@@ -106,8 +106,7 @@ def test_checkpoints_failing_with_erofs_stop_the_run_at_once(tiny_model_dir, tmp
     config = _config(tiny_model_dir, tmp_path, optim__max_steps=8, checkpoint__every_steps=2)
     end = train(config, run_dir, [read_only_after_step_2])
     _assert_stopped_read_only(end, run_dir)
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002.json",
-                                                                           "step-00000002.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == step_file_names(2)
 
 
 def _fill(folder: Path, leave: int) -> Path:
@@ -147,8 +146,7 @@ def test_a_small_disk_that_fills_stops_the_run_then_resumes_when_freed(tiny_mode
     reason = one_line(end.reason)
     assert "stopped at step 4" in reason and "no space" in reason and "newest good checkpoint is step 2" in reason
     # Only the checkpoint that stands: no temp file, no record of the step-4 checkpoint that never came.
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002.json",
-                                                                           "step-00000002.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == step_file_names(2)
     assert ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir, 2))["step"] == 2
 
     armed.clear()
@@ -339,9 +337,9 @@ def test_an_export_on_a_full_disk_says_the_training_is_saved(tiny_model_dir, tmp
 
 
 def test_an_export_failing_with_enospc_says_the_training_is_saved(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from engine.train import lora
+    from engine.train import export
 
-    real, full = lora.atomic_write_bytes, []
+    real, full = export.atomic_write_bytes, []
 
     def write(path, data):
         if full:
@@ -352,7 +350,7 @@ def test_an_export_failing_with_enospc_says_the_training_is_saved(tiny_model_dir
         if event.kind == "checkpoint_saved" and event.reason == "final":
             full.append(True)
 
-    monkeypatch.setattr(lora, "atomic_write_bytes", write)
+    monkeypatch.setattr(export, "atomic_write_bytes", write)
     config = _config(tiny_model_dir, tmp_path, optim__max_steps=4, checkpoint__every_steps=2)
     code, _ = _headless_run(config, tmp_path / "run", full_after_the_final_checkpoint)
     err = capsys.readouterr().err

@@ -29,6 +29,12 @@ def _config(model_dir, tmp_path, **overrides):
     return config
 
 
+def step_file_names(*steps: int, formats=("native", "peft")) -> list[str]:
+    """The files of the checkpoints of `steps`: the .pt, its digest record and its LoRA file in each layout."""
+    tails = (".json", ".pt", *(f"_{layout}.safetensors" for layout in formats))
+    return sorted(f"step-{step:08d}{tail}" for step in steps for tail in tails)
+
+
 def _kinds(run_dir, kind):
     return [e for e in read_events(run_dir / EVENTS_FILENAME) if e.kind == kind]
 
@@ -200,7 +206,7 @@ def test_full_disk_during_the_run_stops_at_once_and_resumes(tiny_model_dir, tmp_
     assert end.status == "failed" and "stopped at step 4" in end.reason
     assert "no space left" in end.reason and "step 2" in end.reason and "run the same command again" in end.reason
     assert max(e.step for e in _kinds(run_dir, "step_end")) == 4
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002.json", "step-00000002.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == step_file_names(2)
     assert not list(run_dir.glob("*.safetensors"))  # no export of a run that did not finish
 
     monkeypatch.setattr(ckpt, "atomic_write_bytes", real)  # the disk has room again

@@ -95,6 +95,8 @@ class LoraConfig:
     dropout: float = opt(0.0, "dropout on the LoRA input, 0 <= dropout < 1")
     targets: list[str] = opt(list(DEFAULT_LORA_TARGETS), "full-match regexes of the Linear modules to adapt")
     init: LoraInit = opt("default", "initialisation of the LoRA weights: default, gaussian, pissa or olora")
+    init_from: str = opt("", "LoRA file (peft or native) a new run starts from, of this rank, alpha and targets; "
+                         "'' = none")
 
 
 @dataclass

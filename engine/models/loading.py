@@ -367,10 +367,8 @@ def _mixed_layer_count(folder: Path) -> int:
     raise CheckpointError(f"{folder}: no audio layer-mixing weights ({_MIX_KEYS[0]}) in any shard")
 
 
-def load_transformer(cls, source, subfolder="transformer", torch_dtype=None, device="cpu", low_bit=None):
-    """The transformer of `source`, loaded strictly onto `device`. `low_bit` (a low_bit_linear.LowBitSpec): the
-    Linears of its families are made low-bit on `device` as each is loaded, so neither the host nor `device`
-    ever holds the bf16 model, only the low-bit one and one bf16 Linear beyond it."""
+def meta_transformer(cls, source, subfolder="transformer") -> tuple[nn.Module, Path]:
+    """The model of `source` built on the meta device (no weight is read), and its transformer folder."""
     folder = resolve_transformer_dir(source, subfolder)
     raw = json.loads((folder / CONFIG_NAME).read_text())
     kwargs = config_from_json(raw, str(folder / CONFIG_NAME))
@@ -379,7 +377,14 @@ def load_transformer(cls, source, subfolder="transformer", torch_dtype=None, dev
         # mixed; the checkpoint's mixing weights [1, L, 1, 1] do.
         kwargs["num_weighted_avg_layers"] = _mixed_layer_count(folder)
     with torch.device("meta"):
-        model = cls(**kwargs)
+        return cls(**kwargs), folder
+
+
+def load_transformer(cls, source, subfolder="transformer", torch_dtype=None, device="cpu", low_bit=None):
+    """The transformer of `source`, loaded strictly onto `device`. `low_bit` (a low_bit_linear.LowBitSpec): the
+    Linears of its families are made low-bit on `device` as each is loaded, so neither the host nor `device`
+    ever holds the bf16 model, only the low-bit one and one bf16 Linear beyond it."""
+    model, folder = meta_transformer(cls, source, subfolder)
     device = torch.device(device)
     hooks = None
     if low_bit is not None:

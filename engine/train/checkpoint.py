@@ -6,14 +6,21 @@ generators) and the config hashes. Everything in it is a tensor or a plain Pytho
 `torch.load(weights_only=True)`: reading a checkpoint never runs pickled code.
 
 Beside it, `step-00001234.json` (written first) records its SHA-256, size, whether the state is healthy (every
-LoRA tensor finite and no non-finite step streak running), the identity hash and the resolved config. A
-checkpoint whose bytes no longer match its digest (a bit flip on disk, a torn copy) is never resumed from: it is
-moved to `checkpoints/rejected/` with the reason, so it neither deletes anything nor holds a keep_last slot.
+LoRA tensor finite and no non-finite step streak running), the identity hash and the resolved config; then come
+the checkpoint's LoRA files, one per layout of output.formats (`step-00001234_peft.safetensors`, `..._native`),
+whose SHA-256 and sizes the record lists too; the .pt is written last, so a .pt on disk always has its record and
+its LoRA files. A checkpoint whose bytes no longer match its digest (a bit flip on disk, a torn copy) is never
+resumed from: it is moved to `checkpoints/rejected/` with the reason, so it neither deletes anything nor holds a
+keep_last slot; a damaged LoRA file of the checkpoint resumed from is moved there alone (the trainer writes it
+again from the checkpoint's state).
 
-Writes go through `fsio.atomic_write_bytes` after a free-space check against the checkpoint's exact size; a crash
-mid-write leaves only a temp file (removed at the next start, under the run-folder lock) and the previous
-checkpoint. A failed write raises CheckpointWriteError with its cause. Pruning by keep_last runs only after the new
-checkpoint was read back and verified, and never removes the newest healthy checkpoint.
+Writes go through `fsio.atomic_write_bytes` after a free-space check against the exact size of the checkpoint and
+its LoRA files; a crash mid-write leaves a temp file (removed at the next start, under the run-folder lock) and the
+previous checkpoint. A crash after the LoRA files but before the .pt leaves files of a step without a .pt: they are
+complete, so they are left alone, but nothing counts them (only a .pt makes a checkpoint: they are never resumed
+from, never take a keep_last slot, never listed) and the resumed run writes that step again over them. A failed
+write raises CheckpointWriteError with its cause and removes what it wrote. Pruning by keep_last runs only after
+the new checkpoint was read back and verified, and never removes the newest healthy checkpoint.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import logging
 import os
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +63,11 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 
 def digest_path(path: Path) -> Path:
     return path.with_suffix(".json")
+
+
+def lora_path(path: Path, layout: str) -> Path:
+    """The LoRA file in `layout` of the checkpoint at `path`: step-N_LAYOUT.safetensors, a step file of it."""
+    return path.with_name(f"{path.stem}_{layout}.safetensors")
 
 
 def step_files(path: Path) -> list[Path]:
@@ -141,10 +154,11 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | 
 
 # ---- write ----------------------------------------------------------------------------------------------------
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write `state` (must hold REQUIRED_KEYS) as the checkpoint of its step, verify it, then prune to the newest
-    `keep_last` (keeping the newest healthy one too). `extra`: more fields for the digest record (the resolved
-    config, the loss). Raises CheckpointWriteError; older checkpoints are then untouched."""
+                    extra: dict[str, Any] | None = None, loras: Mapping[str, bytes] | None = None) -> Path:
+    """Write `state` (must hold REQUIRED_KEYS) as the checkpoint of its step with its LoRA files (`loras`: layout
+    -> the bytes of the file, see engine.train.export), verify them, then prune to the newest `keep_last`
+    (keeping the newest healthy one too). `extra`: more fields for the digest record (the resolved config, the
+    loss). Raises CheckpointWriteError; older checkpoints are then untouched."""
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
@@ -155,33 +169,97 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int,
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getbuffer()
+    loras = dict(loras or {})
     record = {"step": int(state["step"]), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
               "healthy": _healthy(state), "identity": state.get("identity", ""),
-              "config_hash": state["config_hash"], **(extra or {})}
+              "config_hash": state["config_hash"], "loras": _lora_records(path, loras), **(extra or {})}
+    written: list[Path] = []
     try:
         path.parent.mkdir(exist_ok=True)
-        free = free_bytes(path.parent)
-        if free is not None and free < len(data) + SPACE_MARGIN:
-            raise CheckpointWriteError(path, "no_space", (
-                f"no space for it: it needs {_size(len(data) + SPACE_MARGIN)} and the disk has {_size(free)} free"))
-        # The digest first: a step-N.pt on disk then always has the record to check it against.
-        atomic_write_bytes(digest_path(path), json.dumps(record, indent=1).encode("utf-8"))
+        _require_space(path, len(data) + sum(len(blob) for blob in loras.values()))
+        # The digest first, the .pt last: a step-N.pt on disk then always has the record to check it against
+        # and its LoRA files.
+        written.append(atomic_write_bytes(digest_path(path), _record_bytes(record)))
+        for layout, blob in loras.items():
+            written.append(atomic_write_bytes(lora_path(path, layout), blob))
         atomic_write_bytes(path, data)
     except CheckpointWriteError:
         raise
     except OSError as exc:
-        if not path.exists():  # the digest of a checkpoint that never came would only mislead a reader
-            try:
-                digest_path(path).unlink(missing_ok=True)
-            except OSError:
-                pass  # a read-only disk: the lone record stays, and nothing reads it without its .pt
+        if not path.exists():  # the files of a checkpoint that never came would only mislead a reader
+            for file in written:
+                try:
+                    file.unlink(missing_ok=True)
+                except OSError:
+                    pass  # a read-only disk: they stay, and nothing counts them without their .pt
         cause, text = write_error_cause(exc)
         raise CheckpointWriteError(path, cause, text, exc.errno or 0) from exc
     del buffer, data
-    if hash_file(path) != record["sha256"]:  # read back: what is pruned below is only ever behind a good one
+    # Read back: what is pruned below is only ever behind a good checkpoint with good LoRA files.
+    if hash_file(path) != record["sha256"]:
         raise CheckpointWriteError(path, "io", "the file read back differs from what was written")
+    problems = lora_problems(path, record)
+    if problems:
+        layout, problem = next(iter(problems.items()))
+        raise CheckpointWriteError(lora_path(path, layout), "io", f"read back: {problem}")
     prune_checkpoints(run_dir, keep_last, protect=path)
     return path
+
+
+def _lora_records(path: Path, loras: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+    return {layout: {"file": lora_path(path, layout).name, "sha256": hashlib.sha256(blob).hexdigest(),
+                     "bytes": len(blob)} for layout, blob in loras.items()}
+
+
+def _record_bytes(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, indent=1).encode("utf-8")
+
+
+def _require_space(path: Path, size: int) -> None:
+    free = free_bytes(path.parent)
+    if free is not None and free < size + SPACE_MARGIN:
+        raise CheckpointWriteError(path, "no_space", (
+            f"no space for it: it needs {_size(size + SPACE_MARGIN)} and the disk has {_size(free)} free"))
+
+
+def lora_problems(path: Path, record: dict[str, Any] | None = None, verify: bool = True) -> dict[str, str]:
+    """layout -> what is wrong with a LoRA file that the record of the checkpoint at `path` lists (missing, another
+    size, other bytes); {} when each is as written. `verify=False` compares sizes only (no file is read)."""
+    record = record if record is not None else (read_digest(path) or {})
+    problems = {}
+    for layout, entry in (record.get("loras") or {}).items():
+        file = lora_path(path, layout)
+        try:
+            size = file.stat().st_size
+        except OSError:
+            problems[layout] = f"{file.name} is missing"
+            continue
+        if size != entry.get("bytes"):
+            problems[layout] = f"{file.name} has {size} bytes, its checkpoint's record says {entry.get('bytes')}"
+        elif verify and hash_file(file) != entry.get("sha256"):
+            problems[layout] = (f"the bytes of {file.name} changed since it was written (its SHA-256 differs from "
+                                "its checkpoint's record): damaged on disk or in a copy")
+    return problems
+
+
+def add_loras(path: Path, loras: Mapping[str, bytes]) -> None:
+    """Write LoRA files for the existing checkpoint at `path` (the layouts it lacks, or one set aside as damaged)
+    and add them to its record. The files come first: a crash before the record is rewritten leaves a file the
+    record does not vouch for, which the next start sets aside and writes again."""
+    record = read_digest(path)
+    if record is None or not loras:
+        return
+    try:
+        _require_space(path, sum(len(blob) for blob in loras.values()))
+        for layout, blob in loras.items():
+            atomic_write_bytes(lora_path(path, layout), blob)
+        record["loras"] = {**(record.get("loras") or {}), **_lora_records(path, loras)}
+        atomic_write_bytes(digest_path(path), _record_bytes(record))
+    except CheckpointWriteError:
+        raise
+    except OSError as exc:
+        cause, text = write_error_cause(exc)
+        raise CheckpointWriteError(path, cause, text, exc.errno or 0) from exc
 
 
 def _size(n: int) -> str:
@@ -229,16 +307,25 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: Path | None 
 
 def reject_checkpoint(path: Path, reason: str) -> Path:
     """Move a checkpoint that cannot be used (and its files) to checkpoints/rejected/, with the reason beside it."""
-    folder = path.parent / REJECTED_DIR
+    return _set_aside(step_files(path), path, path.stem, reason)
+
+
+def reject_file(file: Path, reason: str) -> Path:
+    """Move one damaged file of a good checkpoint (a LoRA file) to checkpoints/rejected/, with the reason."""
+    return _set_aside([file], file, file.name, reason)
+
+
+def _set_aside(files: list[Path], main: Path, name: str, reason: str) -> Path:
+    folder = main.parent / REJECTED_DIR
     folder.mkdir(exist_ok=True)
-    for file in step_files(path):
+    for file in files:
         os.replace(file, folder / file.name)
     try:  # renames need no space; the reason file does, and a full disk must not stop the resume here
-        atomic_write_bytes(folder / f"{path.stem}.reason.txt", (reason + "\n").encode("utf-8"))
+        atomic_write_bytes(folder / f"{name}.reason.txt", (reason + "\n").encode("utf-8"))
     except OSError as exc:
-        log.warning("moved %s to %s but could not write why there (%s): %s", path.name, folder,
+        log.warning("moved %s to %s but could not write why there (%s): %s", main.name, folder,
                     exc.strerror or exc, reason)
-    return folder / path.name
+    return folder / main.name
 
 
 def space_shortfall(run_dir: str | Path, like: Path) -> str:
@@ -249,6 +336,7 @@ def space_shortfall(run_dir: str | Path, like: Path) -> str:
         size = int(record.get("bytes") or like.stat().st_size)
     except OSError:
         return ""
+    size += sum(int(entry.get("bytes", 0)) for entry in (record.get("loras") or {}).values())
     free = free_bytes(checkpoint_dir(run_dir))
     if free is None or free >= size + SPACE_MARGIN:
         return ""
@@ -307,6 +395,7 @@ def load_checkpoint(path: str | Path, config_hash: str | None = None, identity: 
 class SkippedCheckpoint:
     path: Path
     reason: str
+    what: str = "checkpoint"  # or "checkpoint LoRA file": one set aside from the checkpoint resumed from
 
 
 def find_resume_state(run_dir: str | Path, config_hash: str | None = None, identity: str | None = None,
@@ -334,7 +423,25 @@ def find_resume_state(run_dir: str | Path, config_hash: str | None = None, ident
                     reason += f"; it could not be moved aside ({err.strerror or err}) and stays"
             skipped.append(SkippedCheckpoint(path, reason))
             continue
+        if tidy:  # the other ranks of a run neither move files nor report
+            skipped += _damaged_loras(path)
         if keep_last:
             prune_checkpoints(run_dir, keep_last, protect=path)
         return state, path, skipped
     return None, None, skipped
+
+
+def _damaged_loras(path: Path) -> list[SkippedCheckpoint]:
+    """The LoRA files of the checkpoint resumed from that do not match its record, moved aside: its state is
+    good, and the trainer writes them again from it (Trainer.complete_checkpoint_loras)."""
+    found = []
+    for layout, problem in lora_problems(path).items():
+        file = lora_path(path, layout)
+        reason = f"{problem} (checkpoint of step {int(path.stem.split('-')[1])})"
+        if file.exists():
+            try:
+                reason += f"; moved to {reject_file(file, reason).parent}, and written again from the checkpoint"
+            except OSError as err:
+                reason += f"; it could not be moved aside ({err.strerror or err}) and stays"
+        found.append(SkippedCheckpoint(file, reason, what="checkpoint LoRA file"))
+    return found

@@ -6,6 +6,9 @@ resumed run replays the same windows, sigmas and noise as an uninterrupted one (
 
 A step whose loss or gradient is NaN/inf is skipped (no update, counted); `train.nonfinite_max_in_a_row` in a
 row stop the run. A CUDA out-of-memory error saves the LoRA as it stands and ends the run with status failed.
+
+Every checkpoint carries the LoRA files of its step in each layout of output.formats, with the weights and header
+of the final export (engine.train.export): with optim.ema on they hold the EMA average.
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ from engine.train.batches import Batch, BatchSource
 from engine.train.distributed import SINGLE, Distributed
 from engine.train.ema import LoraEma
 from engine.train.host_guard import HostMemoryGuard
-from engine.train.lora import get_lora_state, lora_parameters
+from engine.train.export import emergency_paths, lora_files
+from engine.train.fsio import atomic_write_bytes
+from engine.train.lora import lora_parameter_names, lora_parameters, native_reference_modules
 from engine.train.metrics import LossSmoother, StepTimer, memory_stats
 from engine.train.objective import (flow_loss, noisy_input, sample_sigmas, sigmas_to_timesteps,
                                     velocity_target)
@@ -50,7 +55,7 @@ class TrainOutcome:
     reason: str = ""
     checkpoint: Path | None = None  # the newest checkpoint written by this run, if any
     oom: bool = False
-    emergency_lora: Path | None = None
+    emergency_loras: tuple[Path, ...] = ()  # the LoRA files saved after an out-of-memory error
 
 
 class NonFiniteStop(RuntimeError):
@@ -107,6 +112,8 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.last_checkpoint_step = -1
         self.last_step_skipped = False
+        self.resumed = resume_state is not None
+        self._native_modules: frozenset[str] | None = None
         if resume_state is not None:
             self._restore(resume_state)
 
@@ -173,20 +180,84 @@ class Trainer:
             group["lr"] = base * factor(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
+    # ---- LoRA files ------------------------------------------------------------------------------------------
+    @property
+    def native_modules(self) -> frozenset[str]:
+        """The module names every LoRA file's keys are checked against (see engine.train.lora.save_lora)."""
+        if self._native_modules is None:
+            self._native_modules = native_reference_modules(self.model)
+        return self._native_modules
+
+    def export_weights(self, lora: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+        """The LoRA that the run's LoRA files hold, and which it is: the EMA average ("ema") when optim.ema is on,
+        a schedule-free optimizer's evaluation weights ("schedulefree_eval"), else the trained weights ("trained";
+        `lora`, when given, is that state already gathered). The run's own weights are left as they were, bit for
+        bit, so that a checkpoint's LoRA never changes the training that follows. Every rank calls it."""
+        if self.ema:
+            names = lora_parameter_names(self.model)
+            shadow = self.dist.full(list(self.ema.shadow))
+            return {n: s.detach().to("cpu", torch.float32, copy=True) for n, s in zip(names, shadow, strict=True)}, "ema"
+        if hasattr(self.optimizer, "eval"):
+            # eval() moves the weights to the evaluation point and train() back, but not exactly (floating
+            # point): the trained weights are copied back afterwards.
+            live = [p.detach().clone() for p in self.params]
+            self.optimizer.eval()
+            try:
+                weights = self.dist.lora_state(self.model)
+            finally:
+                self.optimizer.train()
+                with torch.no_grad():
+                    for p, saved in zip(self.params, live, strict=True):
+                        p.copy_(saved)
+            return weights, "schedulefree_eval"
+        return (lora if lora is not None else self.dist.lora_state(self.model)), "trained"
+
+    def _lora_files(self, weights: dict[str, torch.Tensor], kind: str) -> dict[str, bytes]:
+        return lora_files(self.cfg, weights, kind, self.native_modules, self.step, self.config_hash)
+
+    def complete_checkpoint_loras(self) -> None:
+        """Write the LoRA files that the checkpoint resumed from lacks: one set aside as damaged at the start, a
+        layout added to output.formats since it was written, or all of them for a checkpoint of a build before
+        checkpoint LoRAs. The trainer now holds exactly that checkpoint's state, so they are the files it would
+        have had. A write that fails stops the run like a failed checkpoint."""
+        path = self.last_checkpoint if self.resumed else None
+        missing: list[str] = []
+        record = ckpt.read_digest(path) if path is not None and self.dist.is_main else None
+        if record is not None:  # a checkpoint without a record (an early build) has nothing to vouch for them
+            recorded = record.get("loras") or {}
+            missing = [layout for layout in self.cfg.output.formats
+                       if layout not in recorded or not ckpt.lora_path(path, layout).exists()]
+        if not self.dist.any(bool(missing)):
+            return
+        weights, kind = self.export_weights()  # every rank: collective under fsdp
+        error = None
+        if self.dist.is_main:
+            files = {layout: blob for layout, blob in self._lora_files(weights, kind).items() if layout in missing}
+            try:
+                ckpt.add_loras(path, files)
+                log.info("wrote the %s LoRA file(s) of the checkpoint of step %d, which it lacked",
+                         ", ".join(files), self.step)
+            except ckpt.CheckpointWriteError as exc:
+                error = exc
+        if self.dist.any(error is not None):
+            raise CheckpointFailed(self._write_failure(error))
+
     def save_checkpoint(self, reason: str) -> Path:
-        """Write the full state; a write that fails raises CheckpointFailed (on every rank): the run must stop
-        at once rather than train on with nothing saved."""
+        """Write the full state and its LoRA files; a write that fails raises CheckpointFailed (on every rank): the
+        run must stop at once rather than train on with nothing saved."""
         if self.last_checkpoint_step == self.step and self.last_checkpoint is not None:
             return self.last_checkpoint
         state = self.state()  # on every rank: gathering sharded states is collective
+        weights, kind = self.export_weights(state["lora"])
         error = None
         if self.dist.is_main:  # rank 0 alone writes; the others only keep its name
             extra = {"config": resolved_dict(self.cfg), "loss_smooth": self.smoother.current(), "reason": reason}
             try:
-                ckpt.save_checkpoint(self.run_dir, state, self.cfg.checkpoint.keep_last, extra)
+                ckpt.save_checkpoint(self.run_dir, state, self.cfg.checkpoint.keep_last, extra,
+                                     self._lora_files(weights, kind))
             except ckpt.CheckpointWriteError as exc:
                 error = exc
-        del state
+        del state, weights
         if self.dist.any(error is not None):
             raise CheckpointFailed(self._write_failure(error))
         path = ckpt.checkpoint_path(self.run_dir, self.step)
@@ -308,6 +379,7 @@ class Trainer:
         if hasattr(self.optimizer, "train"):  # schedule-free optimizers keep separate train/eval weights
             self.optimizer.train()
         try:
+            self.complete_checkpoint_loras()
             with self.host_guard:  # polls host RAM from a thread: an allocation spike inside a step is what kills
                 return self._train_steps()
         except (NonFiniteStop, CheckpointFailed) as exc:
@@ -379,16 +451,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        from engine.train.lora import save_lora
-
-        path = self.run_dir / f"{self.cfg.output.name}_emergency_step{self.step}.safetensors"
-        saved = None
-        try:
-            meta = {"base_model": self.cfg.model.source, "steps": str(self.step), "config_hash": self.config_hash,
-                    "rank": str(self.cfg.lora.rank), "alpha": repr(self.cfg.lora.alpha)}
-            saved = save_lora(path, get_lora_state(self.model), "peft", meta, self.cfg.lora.alpha)
-            self.emit(CheckpointSaved(step=self.step, path=str(saved), reason="oom"))
-        except OSError as exc:
-            log.error("emergency LoRA save to %s failed: %s", path, exc)
+        saved: list[Path] = []
+        if self.dist.sharded:
+            # Gathering a sharded LoRA needs every process, and the others may be anywhere in their step.
+            log.error("out of memory in a sharded run: no emergency LoRA; %s", self._newest_good())
+        elif self.dist.is_main:
+            paths = emergency_paths(self.cfg, self.run_dir, self.step)
+            try:
+                for layout, blob in self._lora_files(*self.export_weights()).items():
+                    saved.append(atomic_write_bytes(paths[layout], blob))
+                    self.emit(CheckpointSaved(step=self.step, path=str(paths[layout]), reason="oom"))
+            except OSError as exc:
+                log.error("emergency LoRA save to %s failed: %s", self.run_dir, exc)
         return TrainOutcome("failed", self.step, "CUDA out of memory", self.last_checkpoint, oom=True,
-                            emergency_lora=saved)
+                            emergency_loras=tuple(saved))

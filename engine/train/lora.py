@@ -51,6 +51,13 @@ def targets_regex(targets: Iterable[str]) -> str:
     return "|".join(f"(?:{t})" for t in targets)
 
 
+def matched_modules(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """The Linear modules of `model` (low-bit ones too) that `targets` match (as peft matches them: in full)."""
+    pattern = targets_regex(targets)
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, LowBitLinear)) and re.fullmatch(pattern, n)]
+
+
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str], init: str,
              seed: int) -> list[str]:
     """Freeze the base, inject a LoRA into the Linear modules matching `targets`; returns the adapted names.
@@ -64,16 +71,15 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
             f"lora.init = {init!r} is not supported: PiSSA/OLoRA change the base weights, so the exported LoRA "
             "would not apply to the stock model; use init = \"default\" or \"gaussian\""
         )
-    pattern = targets_regex(targets)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LowBitLinear))]
-    matched = [n for n in linear_names if re.fullmatch(pattern, n)]
+    matched = matched_modules(model, targets)
     if not matched:
         raise ValueError(
             f"lora.targets match no Linear module of the transformer (e.g. {linear_names[:3]}); "
             "check the regexes in [lora] targets, or remove the key to use the defaults"
         )
     model.requires_grad_(False)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern,
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets_regex(targets),
                      init_lora_weights=_INITS[init])
     # The LoRA init draws from the global torch RNG; a fork keeps it a function of the seed alone.
     with torch.random.fork_rng(devices=[]), _low_bit_stand_ins(model, matched):
@@ -125,6 +131,11 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def _canonical(param_name: str) -> str:
     # "blocks.0.attn1.to_q.lora_A.default.weight" -> "blocks.0.attn1.to_q.lora_A.weight"
     return param_name.replace(f".{ADAPTER}.", ".")
+
+
+def lora_parameter_names(model: nn.Module) -> list[str]:
+    """The canonical names of the LoRA parameters, in the order of lora_parameters(model)."""
+    return [_canonical(n) for n, _ in model.named_parameters() if ".lora_" in n]
 
 
 def get_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -240,8 +251,14 @@ def lora_metadata(base_model: str, rank: int, alpha: float, steps: int, config_h
 
 def save_lora(path: str | Path, state: Mapping[str, torch.Tensor], layout: str, metadata: Mapping[str, str],
               alpha: float, native_modules: frozenset[str] | None = None) -> Path:
-    """Write `state` in `layout` atomically. A native file needs `native_modules` to check its keys against; a
-    peft file is checked against them too when they are given."""
+    """Write `state` in `layout` atomically (see lora_bytes)."""
+    return atomic_write_bytes(path, lora_bytes(state, layout, metadata, alpha, native_modules))
+
+
+def lora_bytes(state: Mapping[str, torch.Tensor], layout: str, metadata: Mapping[str, str], alpha: float,
+               native_modules: frozenset[str] | None = None) -> bytes:
+    """The safetensors file of `state` in `layout`. A native file needs `native_modules` to check its keys
+    against; a peft file is checked against them too when they are given."""
     if layout == "peft":
         tensors = to_peft_layout(state)
         if native_modules is not None:  # the same manifest check: a key ComfyUI would map must hit a module
@@ -255,7 +272,7 @@ def save_lora(path: str | Path, state: Mapping[str, torch.Tensor], layout: str, 
         raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {**metadata, "layout": layout}
-    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata=meta))
+    return safetensors_bytes(tensors, metadata=meta)
 
 
 def _detect(keys: list[str], path: str) -> str:
@@ -267,6 +284,14 @@ def _detect(keys: list[str], path: str) -> str:
         f"{path}: not a LoRA in a layout this tool reads (e.g. key {keys[:1]}); expected "
         "'transformer.<module>.lora_A.weight' (peft) or 'diffusion_model.<module>.lora_down.weight' (native)"
     )
+
+
+def lora_file_layout(path: str | Path) -> str:
+    """"peft" or "native" from the file's header alone (no tensor is read); LoraFileError (or CorruptWeightsError
+    for a damaged file) says why it is not a LoRA this tool reads."""
+    check_weights_file(Path(path), fix="copy it again, or point at another LoRA file")
+    with safe_open(str(path), framework="pt") as f:
+        return _detect(list(f.keys()), str(path))
 
 
 def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -18,6 +18,7 @@ from s2v_tui.bridge import EventBridge, EventsPending
 from s2v_tui.run_model import RunModel
 from s2v_tui.runs_index import list_runs
 from s2v_tui.screens.base import AppScreen
+from s2v_tui.widgets.checkpoints import CheckpointList
 from s2v_tui.widgets.nav import NavBar
 from s2v_tui.widgets.run_panels import RunPanels
 
@@ -54,6 +55,7 @@ class AttachScreen(AppScreen):
                 table.add_columns("run", "status", "step", "host", "folder")
                 yield table
             yield RunPanels(id="follow-panels")
+        yield CheckpointList(lambda: self.model.snapshot() if self.following else None, id="checkpoints")
         yield Footer()
 
     def on_mount(self) -> None:

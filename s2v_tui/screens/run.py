@@ -23,6 +23,7 @@ from s2v_tui.run_model import RunModel
 from s2v_tui.screens.dialogs import STOP, ConfirmStop
 from s2v_tui.screens.base import AppScreen
 from s2v_tui.services import engine_runner, leave_a_core_for_the_ui
+from s2v_tui.widgets.checkpoints import CheckpointList
 from s2v_tui.widgets.nav import NavBar
 from s2v_tui.widgets.run_panels import RunPanels
 
@@ -51,6 +52,7 @@ class RunScreen(AppScreen):
         yield NavBar("run")
         yield Static("press s to start training with the current config", id="run-hint")
         yield RunPanels(id="panels")
+        yield CheckpointList(lambda: self.model.snapshot(), id="checkpoints")
         yield Footer()
 
     def on_mount(self) -> None:
