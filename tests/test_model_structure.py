@@ -178,6 +178,8 @@ def test_truncated_lora_file_is_named(tmp_path):
     _cut(path, lambda n: n - 16)
     with pytest.raises(CheckpointError, match="my_lora.safetensors: the weights file is truncated"):
         load_lora(path)
+
+
 # ---- load hooks (quantised while loading) --------------------------------------------------------------------
 def _scattered_copy(src_dir, dst, shards=3, seed=0):
     """The tiny transformer in `shards` indexed shards with every tensor in a random one: a Linear's weight and
