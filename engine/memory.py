@@ -22,10 +22,10 @@ allocator hands cached blocks back before it fails (the capped runs reserved the
 
 Host RAM = pinned streamed weights (low-bit Linears at 1 byte a weight + row scales) + pinned saved inputs (those
 offloaded) + the process baseline (a bare bench process; an engine run holds 2 GiB more while it trains); an
-engine run also peaks while it loads the model (5.6 GiB measured straight to the GPU; with low-bit base weights
-the bf16 model the loader holds in host memory before it is quantised, checked at reduced depth on the CPU by
-bench/load_host.py, or with streamed low-bit weights and a loader that quantises as it reads, the low-bit model:
-`low_bit_load_host_bytes`). `HOST_CALIBRATION` holds the measured host peaks.
+engine run also peaks while it loads the model (6.9 GiB measured straight to the GPU, which is also how a low-bit
+base loads: each Linear is quantised on the GPU as it is read; with streamed low-bit weights the low-bit model in
+host memory, measured at reduced depth on the CPU by bench/load_host.py: `low_bit_load_host_bytes`; a loader that
+held the bf16 model first needed it once). `HOST_CALIBRATION` holds the measured host peaks.
 
 How the pinned buffers are counted: the engine keeps both kinds in exact-size slabs (engine.models.pinned_slab:
 each tensor rounded up to 4 KiB, plus one page a slab), so configs are predicted with `pinned="slab"`. Every
@@ -76,13 +76,19 @@ ENGINE_HOST_EXTRA_BYTES = int(2.04 * GIB)
 # Host peak of a run whose model goes straight to the GPU, on the user's path (`s2v-tui --run`, model folder on
 # disk, cache phase, validation on; bench/user_run.py --preset 80gb on the H200, 2026-12-01: 6.88 GiB, the CLI
 # process alone). The engine bench's 5.61 GiB (in-memory samples, no cache phase, no validation) was 18% short.
+# Measured before the loader mapped its shards afresh every engine.models.loading.REMAP_BYTES (a 5 GB shard's pages
+# then stayed in RSS until it was read to the end): it may now be lower.
 ENGINE_LOAD_HOST_BYTES = int(6.88 * GIB)
 # int8's forward dequantises each weight before its bf16 matmul; fp8's does not. Measured at the same weight bytes
 # (BENCHMARKS.md, compiled, first clip, full policy): int8 40.36 GiB against fp8 39.80. The 0.56 GiB is about two
 # fp32 copies (`w_q.float() * w_scale`) of the largest low-bit Linear, an FFN Linear of 70.8 M weights (0.53 GiB).
 INT8_DEQUANT_BYTES = int(0.56 * GIB)
-# Mapped checkpoint pages a quantising loader keeps in RSS while it reads (wt-lowbit's loading.REMAP_BYTES).
-LOADER_WINDOW_BYTES = 1 * GIB
+# What a quantising load into host memory holds in RSS beyond the low-bit model: the mapped checkpoint pages of the
+# stretch being read (at most engine.models.loading.REMAP_BYTES, 1 GiB, and the tensor that crosses it), the
+# quantisation's temporaries and the heap's free pages between two trims. bench/load_host.py --path new at the
+# 14B's width on the CPU (BENCHMARKS.md, 2026-12-01): 0.54 GiB with 6 blocks (whose last shard is 0.57 GB), 1.02
+# GiB with 12, the figure used; no term grows with depth, the 40-block load is not measured.
+LOADER_WINDOW_BYTES = int(1.02 * GIB)
 
 
 PINNED_KINDS = ("slab", "torch")
@@ -338,18 +344,19 @@ def low_bit_load_host_bytes(config) -> int:
     """Host peak of loading a low-bit config (engine.runner._load_model), before training pins anything."""
     mem = config.memory
     process = HOST_BASELINE_BYTES + ENGINE_HOST_EXTRA_BYTES
-    if mem.block_offload and loader_quantises_while_loading():
-        # The low-bit model in host memory (its streamed units as the slab will hold them, the rest in bf16), one
-        # bf16 Linear being quantised and the loader's window of mapped checkpoint pages (wt-lowbit's
-        # REMAP_BYTES, 1 GiB). The streamer then moves the tensors into its slab one by one, freeing each.
+    if loader_quantises_while_loading():
+        if not mem.block_offload:
+            # Quantised on the GPU as it is read (engine.runner._load_model): the host side is that of any load
+            # to the GPU.
+            return ENGINE_LOAD_HOST_BYTES
+        # The low-bit model in host memory (its streamed units as the slab will hold them, the rest in bf16) and
+        # what the loader holds beyond it while it reads (LOADER_WINDOW_BYTES, measured). The streamer then moves
+        # the tensors into its slab one by one, freeing each.
         units = streamed_host_bytes(range(LAYERS), 2.0, "slab", tuple(mem.low_bit_families))
         rest = (PARAMS_TOTAL - sum(_unit_params(i) for i in range(LAYERS))) * 2
         return int(units + rest + LOADER_WINDOW_BYTES + process)
-    # The loader leaves the bf16 model in host memory and the low-bit Linears are made from it one by one: the
-    # host holds the whole bf16 model once, before training pins anything (also when the blocks are then
-    # streamed). bench/load_host.py found the load holds the bf16 model once (0.91x it over the baseline, at the
-    # 14B's width and 6 blocks on the CPU; the 14B load is not measured). The non-streamed case keeps this figure
-    # with a quantising loader too, which then loads onto the GPU: that prediction belongs to the loader's work.
+    # A loader that leaves the bf16 model in host memory, the low-bit Linears made from it one by one: the host
+    # holds the whole bf16 model once, before training pins anything (also when the blocks are then streamed).
     return int(PARAMS_TOTAL * 2 + process)
 
 

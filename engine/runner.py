@@ -211,8 +211,9 @@ def _load_model(config: Config, device: torch.device, fresh: bool = False):
     m = config.memory
     # With block streaming the weights go from disk to host memory and only the non-block part reaches the GPU,
     # so a 24 GB card never holds the whole 32 GB model. Low-bit base weights are quantised Linear by Linear as
-    # they are read, on the training device, so neither the GPU nor the host holds the bf16 model; the LoRA is
-    # then added to the low-bit model (lora.add_lora), the same LoRA as when it was added first.
+    # they are read, where they load (the GPU; host memory when streamed, which the streamer then packs), so no
+    # device holds the bf16 model; the LoRA is then added to the low-bit model (lora.add_lora), the same LoRA as
+    # when it was added first.
     low_bit = (LowBitSpec(m.base_weights, tuple(m.low_bit_families), fp8_backward=m.fp8_input_grad)
                if m.base_weights != "bf16" else None)
     model = S2VTransformer3DModel.from_pretrained(

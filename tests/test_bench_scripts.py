@@ -113,10 +113,18 @@ def test_bench_engine_step_reuses_a_written_model_folder(tmp_path, capsys):
 def test_bench_load_host_tiny_measures_the_low_bit_load_in_a_fresh_process(tmp_path, capsys):
     out = tmp_path / "load_host.jsonl"
     assert load_host.main(["--tiny", "--scratch", str(tmp_path / "s"), "--json", str(out)]) == 0
-    r = _one_line(out, capsys)
-    assert r["tiny"] and r["kind"] == "fp8" and r["linears"] > 0 and r["params"] > 0
-    assert 0 < r["baseline_rss_gib"] <= r["peak_rss_total_gib"] and r["bf16_model_gib"] > 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in rows] == ["old", "new"]  # one fresh process each
+    assert [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:]] == rows
+    for r in rows:
+        assert r["tiny"] and r["kind"] == "fp8" and r["linears"] == 40 and r["params"] > 0
+        assert 0 < r["baseline_rss_gib"] <= r["peak_rss_total_gib"] and 0 < r["low_bit_model_gib"] < 0.01
+        assert 0 < r["peak_rss_anon_gib"] and 0 < r["baseline_rss_file_gib"] <= r["peak_rss_file_gib"]
+        assert 0 < r["baseline_used_gib"] and 0 < r["peak_used_gib"]
+    assert rows[0]["bf16_model_gib"] >= rows[0]["low_bit_model_gib"] == rows[1]["low_bit_model_gib"]
     assert list((tmp_path / "s").iterdir()) == []  # the written model is removed
+    assert load_host.main(["--tiny", "--path", "new", "--scratch", str(tmp_path / "s"), "--json", str(out)]) == 0
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == ["old", "new", "new"]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the answer without CUDA")

@@ -243,3 +243,22 @@ def test_the_loader_is_asked_whether_it_quantises_while_loading():
     from engine.models.loading import load_transformer
 
     assert loader_quantises_while_loading() == ("low_bit" in inspect.signature(load_transformer).parameters)
+
+
+def test_a_low_bit_base_loaded_to_the_gpu_adds_nothing_to_the_host_prediction():
+    """The runner quantises each Linear on the GPU as it is read (engine.models.loading): the host no longer holds
+    the bf16 model, so the 32gb preset plans what training needs, as with a bf16 base (34.2 GiB before)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from engine.config import load_config
+    from engine.memory import ENGINE_LOAD_HOST_BYTES, loader_quantises_while_loading, low_bit_load_host_bytes
+
+    assert loader_quantises_while_loading()
+    cfg = load_config(Path(__file__).resolve().parents[1] / "presets" / "32gb.toml")
+    assert cfg.memory.base_weights == "fp8" and not cfg.memory.block_offload
+    assert low_bit_load_host_bytes(cfg) == ENGINE_LOAD_HOST_BYTES
+    est = estimate(cfg)
+    bf16 = estimate(replace(cfg, memory=replace(cfg.memory, base_weights="bf16", fp8_input_grad=False)))
+    assert "host_load" not in est.parts and est.host_bytes == bf16.host_bytes < 26 * GIB
+    assert est.vram_bytes < bf16.vram_bytes - 12 * GIB  # the low-bit weights still count on the GPU

@@ -178,6 +178,8 @@ def test_truncated_lora_file_is_named(tmp_path):
     _cut(path, lambda n: n - 16)
     with pytest.raises(CheckpointError, match="my_lora.safetensors: the weights file is truncated"):
         load_lora(path)
+
+
 # ---- load hooks (quantised while loading) --------------------------------------------------------------------
 def _scattered_copy(src_dir, dst, shards=3, seed=0):
     """The tiny transformer in `shards` indexed shards with every tensor in a random one: a Linear's weight and
@@ -216,9 +218,9 @@ def test_a_hook_runs_once_when_its_last_tensor_arrives_whatever_the_shard_order(
     load_state_into(model, folder, None, torch.device("cpu"), {n: hook for n in names})
     assert sorted(calls) == sorted(names)  # each exactly once
     # The low-bit load from the scattered shards equals the one from the single-file folder, tensor for tensor.
-    a = S2VTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16, low_bit=LowBitSpec("fp8")).state_dict()
-    b = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16,
-                                              low_bit=LowBitSpec("fp8")).state_dict()
+    spec = LowBitSpec("fp8")
+    a = S2VTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16, low_bit=spec).state_dict()
+    b = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16, low_bit=spec).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sum(k.endswith(".weight_q") for k in a) == 40
 
@@ -229,7 +231,8 @@ def test_the_native_layout_loads_to_the_same_low_bit_model(tiny_model_dir, tmp_p
     spec = LowBitSpec("int8", ("self_attn", "cross_attn", "ffn", "audio_attn"))
     save_native(S2VTransformer3DModel.from_pretrained(tiny_model_dir), tmp_path / "native", max_shard_bytes=100_000)
     a = S2VTransformer3DModel.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16, low_bit=spec).state_dict()
-    b = S2VTransformer3DModel.from_pretrained(tmp_path / "native", torch_dtype=torch.bfloat16, low_bit=spec).state_dict()
+    native = tmp_path / "native"
+    b = S2VTransformer3DModel.from_pretrained(native, torch_dtype=torch.bfloat16, low_bit=spec).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sum(k.endswith(".weight_q") for k in a) == 48
 

@@ -90,9 +90,10 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
     set_attention_backend(m.attention_backend)
     done.append(f"attention backend {m.attention_backend}")
     if m.base_weights != "bf16":
-        # Before anything moves, Linear by Linear from the bf16 model the loader left in host RAM: onto the device
-        # when the whole model goes there (the GPU never holds the bf16 model), onto the CPU when the blocks are
-        # streamed (the streamer then packs the low-bit storage into its host slab).
+        # Before anything moves. The runner's loader made the low-bit Linears as it read them; a model loaded in
+        # bf16 is quantised here Linear by Linear, onto the device when the whole model goes there (the GPU never
+        # holds the bf16 model), onto the CPU when the blocks are streamed (the streamer then packs the low-bit
+        # storage into its host slab).
         done.append(_low_bit_base(model, config, torch.device("cpu") if m.block_offload else device))
     if m.block_offload:
         host = model.enable_block_streaming(resident=m.blocks_resident, device=device)
@@ -112,9 +113,9 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
 
 
 def _low_bit_base(model: torch.nn.Module, config: Config, device: torch.device) -> str:
-    """The frozen base Linears of memory.low_bit_families in low bit. The runner loads them so (quantised as they
-    are read, engine.runner._load_model); a model loaded in bf16 is quantised here, Linear by Linear onto the
-    device. Linears already in low bit are never quantised again; ones in the other kind are an error."""
+    """The frozen base Linears of memory.low_bit_families in low bit; one line for the log. Linears already in low
+    bit (the runner loads them so) are never quantised again, ones in the other kind are an error; the rest are
+    made on `device`, which the line names."""
     from engine.models.low_bit_linear import held_low_bit, quantize_base_linears
 
     m = config.memory
