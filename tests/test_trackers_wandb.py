@@ -149,7 +149,9 @@ def test_offline_run_holds_the_scalars_the_config_and_the_samples_with_audio(tin
     assert records[-1].WhichOneof("record_type") == "exit" and records[-1].exit.exit_code == 0
 
 
-def test_a_resume_continues_the_same_wandb_run(tiny_model_dir, tmp_path, offline):
+def test_a_resume_continues_the_same_wandb_run(tiny_model_dir, tmp_path, offline, monkeypatch):
+    """Without WANDB_DIR wandb's files are in the run folder, whatever an earlier run of this process used."""
+    monkeypatch.delenv("WANDB_DIR")
     run_dir = tmp_path / "run"
     stop = threading.Event()
 
@@ -163,7 +165,7 @@ def test_a_resume_continues_the_same_wandb_run(tiny_model_dir, tmp_path, offline
     end, _ = _run(config, run_dir)
     assert end.status == "completed", end.reason
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    folders = offline_runs(offline)
+    folders = offline_runs(run_dir)
     assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)  # `wandb sync` joins them
     logs = [wandb_records(f / f"run-{run_id}.wandb") for f in folders]
     for records in logs:

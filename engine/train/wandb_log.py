@@ -106,11 +106,12 @@ class WandbTracker:
                 raise RuntimeError("not logged in to W&B: run `wandb login` or set WANDB_API_KEY (or "
                                    "WANDB_MODE=offline, then `wandb sync` later)")
             run_id = read_or_make_run_id(self.run_dir)
-            # wandb's own files go into the run folder unless WANDB_DIR says otherwise.
-            where = {} if os.environ.get("WANDB_DIR") else {"dir": str(self.run_dir)}
+            # wandb's own files go into the run folder unless WANDB_DIR says otherwise. The folder and the mode are
+            # passed on each time: wandb reads the environment once a process, and the TUI runs several runs.
             self.run = wandb.init(
                 project=self.config.logging.wandb_project, id=run_id, resume="allow", name=self.config.output.name,
-                config=logged_config(self.config), settings=wandb.Settings(console="off", silent=True), **where)
+                config=logged_config(self.config), dir=os.environ.get("WANDB_DIR") or str(self.run_dir), mode=mode,
+                settings=wandb.Settings(console="off", silent=True))
         except Exception as exc:  # wandb raises its own error types, and OSError for a bad folder
             self.run = None
             self.emit(TrackerStatus(tracker="wandb", state="failed", detail=str(exc)))
