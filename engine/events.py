@@ -27,6 +27,7 @@ CHECKPOINT_REASONS = ("interval", "stop", "signal", "oom", "final", "host_memory
 # "refused": the job never started (a changed config on an existing run, a run folder in use); nothing was touched.
 RUN_STATUSES = ("completed", "stopped", "failed", "refused")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+TRACKERS = ("wandb", "webhooks", "hub")
 
 EVENTS_FILENAME = "events.jsonl"
 
@@ -179,9 +180,25 @@ class RunEnded(Event):
         _one_of(self.status, RUN_STATUSES, "run status")
 
 
+@dataclass(frozen=True)
+class TrackerStatus(Event):
+    """Where a service outside the run folder stands (engine.train.trackers), for a status line: `state` is a
+    short word ("running", "done", "failed", ...), `detail` the rest (a run id, counts, the command to retry).
+    It may come from a background thread, and after RunEnded while an upload finishes."""
+
+    kind: ClassVar[str] = "tracker_status"
+    tracker: str
+    state: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        _one_of(self.tracker, TRACKERS, "tracker")
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
-    for cls in (RunStarted, PhaseChanged, StepEnd, CheckpointSaved, ValidationDone, RunWarning, LogLine, RunEnded)
+    for cls in (RunStarted, PhaseChanged, StepEnd, CheckpointSaved, ValidationDone, RunWarning, LogLine, RunEnded,
+                TrackerStatus)
 }
 
 
@@ -338,6 +355,8 @@ __all__ = [
     "RunWarning",
     "StepEnd",
     "Subscriber",
+    "TRACKERS",
+    "TrackerStatus",
     "ValidationDone",
     "event_from_dict",
     "event_from_json",

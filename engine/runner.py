@@ -103,10 +103,13 @@ def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.devi
         bus.emit(RunWarning(code="tensorboard_missing", message=(
             "logging.tensorboard is on but the 'tensorboard' package is not installed: metrics are only in "
             "events.jsonl (pip install tensorboard, or set logging.tensorboard = false)")))
-    if config.logging.wandb_project and not _installed("wandb"):
-        bus.emit(RunWarning(code="wandb_missing", message=(
-            "logging.wandb_project is set but the 'wandb' package is not installed: pip install wandb, "
-            "or set wandb_project = \"\"")))
+    from engine.train.trackers import preflight
+
+    errors, warnings = preflight(config)
+    if errors:
+        raise RunFailed("; ".join(errors))
+    for warning in warnings:
+        bus.emit(warning)
 
 
 def _installed(module: str) -> bool:
@@ -299,7 +302,7 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
     bus = EventBus()
     for fn in subscribers if dist.is_main else ():
         bus.subscribe(fn)
-    writer = detach_logging = board = lock = None
+    writer = detach_logging = board = trackers = lock = None
     try:
         if dist.is_main:
             try:
@@ -324,7 +327,10 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
                 end = RunEnded(status="refused", reason=str(exc))
             else:
                 if dist.is_main:  # after the resolve: a resumed run follows its frozen logging settings
+                    from engine.train.trackers import subscribe_trackers
+
                     board = _tensorboard(config, run_dir, bus)
+                    trackers = subscribe_trackers(config, run_dir, bus, stop_event)
                 end = _run_phases(config, bus, stop_event, run_dir, dataset, dev, dist)
         except KeyboardInterrupt:  # a second Ctrl-C outside the training loop (which handles its own)
             # It may come before training or after it (the export): say only what stands.
@@ -335,8 +341,9 @@ def run(config: Config, subscribers: Iterable[Subscriber] = (), stop_event: thre
         bus.emit(end)
         return end
     finally:
-        _close_run([detach_logging, board and board.close, writer and writer.close, lock and lock.release,
-                    dist.close])
+        # The trackers first: their last messages and upload results still reach train.log and events.jsonl.
+        _close_run([trackers and trackers.close, detach_logging, board and board.close, writer and writer.close,
+                    lock and lock.release, dist.close])
 
 
 def _close_run(steps: list[Callable[[], None] | None]) -> None:

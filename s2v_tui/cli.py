@@ -2,7 +2,7 @@
 
     s2v-tui [CONFIG.toml]                 the terminal app
     s2v-tui --run PRESET.toml [--set K=V] the whole job headless (check, cache, train, export)
-    s2v-tui SUBCOMMAND ...                check, cache, presets, attach, sample, demo, tiny-model
+    s2v-tui SUBCOMMAND ...                check, cache, presets, attach, sample, demo, tiny-model, push
 
 Each subcommand owns its arguments (`s2v-tui check --help`). Heavy imports (torch, textual) happen inside the
 command that needs them, so `--help` stays instant.
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "sample": ("s2v_tui.sample_cmd", "render a speech-to-video sample with the official recipe, optionally with a LoRA"),
     "demo": ("s2v_tui.demo", "the whole job on a tiny generated model and synthetic clips, on the CPU"),
     "tiny-model": ("s2v_tui.cli:tiny_model_main", "write a tiny S2V model folder in the real layout"),
+    "push": ("s2v_tui.push_cmd", "upload a run's LoRA, model card and samples to the Hugging Face Hub"),
 }
 
 

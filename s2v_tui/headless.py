@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from engine.events import (CheckpointSaved, Event, LogLine, PhaseChanged, RunEnded, RunStarted, RunWarning,
-                           StepEnd)
+                           StepEnd, TrackerStatus)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -71,6 +71,9 @@ def event_line(e: Event) -> str | None:
         return f"warning: {e.message}"
     if isinstance(e, LogLine):
         return f"{e.level}: {e.message}" if e.level != "info" else e.message
+    if isinstance(e, TrackerStatus):
+        # The routine updates (a webhook sent, an upload begun) would be a line per checkpoint; the rest matter.
+        return None if e.state in ("ok", "uploading") else f"{e.tracker} {e.state}: {e.detail}".rstrip(": ")
     return None
 
 

@@ -10,8 +10,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.events import (CheckpointSaved, Event, LogLine, PhaseChanged, RunEnded, RunStarted, RunWarning,
-                           StepEnd, ValidationDone)
+from engine.events import (TRACKERS, CheckpointSaved, Event, LogLine, PhaseChanged, RunEnded, RunStarted,
+                           RunWarning, StepEnd, TrackerStatus, ValidationDone)
 
 from s2v_tui.fmt import clock, number
 
@@ -52,6 +52,7 @@ class RunSnapshot:
     eval_loss: float | None = None
     outputs: tuple[tuple[str, str], ...] = ()
     warnings: int = 0
+    trackers: tuple[tuple[str, str, str], ...] = ()  # (wandb | webhooks | hub, state, detail), in TRACKERS order
     log: tuple[str, ...] = ()
     log_total: int = 0  # lines ever logged, so a log pane can append only what is new
 
@@ -128,6 +129,12 @@ class RunModel:
         elif isinstance(event, LogLine):
             prefix = "" if event.level == "info" else f"{event.level.upper()} "
             self._say(event.ts, prefix + event.message)
+        elif isinstance(event, TrackerStatus):
+            known = {name: (state, detail) for name, state, detail in f.get("trackers", ())}
+            if known.get(event.tracker, ("",))[0] != event.state:  # the log gets changes, the status line counts
+                self._say(event.ts, f"{event.tracker} {event.state}" + (f": {event.detail}" if event.detail else ""))
+            known[event.tracker] = (event.state, event.detail)
+            f["trackers"] = tuple((name, *known[name]) for name in TRACKERS if name in known)
         elif isinstance(event, RunEnded):
             f.update(status=event.status, reason=event.reason, outputs=tuple(sorted(event.outputs.items())))
             self._say(event.ts, f"run {event.status}" + (f": {event.reason}" if event.reason else ""))

@@ -534,3 +534,17 @@ def test_run_and_cache_paths():
     assert c.run_path() == Path("runs/s2v-lora") and c.cache_path() == Path("runs/cache")
     c.data.cache_dir = "/fast/cache"
     assert c.cache_path() == Path("/fast/cache")
+
+
+def test_tracking_and_upload_keys_leave_the_run_identity_alone():
+    """wandb, webhooks and the Hub upload report a run; no tensor depends on them, so a resume may change them."""
+    base = cf.Config()
+    changed = base
+    for key, value in (("logging.wandb_project", "p"), ("logging.webhooks", ["https://example.org/h"]),
+                       ("logging.webhook_format", "slack"), ("logging.webhook_timeout_s", 3.0),
+                       ("output.push_to_hub", "me/lora"), ("output.push_checkpoints", True),
+                       ("output.hub_private", False)):
+        assert key in cf.REPORTING_KEYS
+        changed = cf.with_value(changed, key, value)
+    assert changed.config_hash() != base.config_hash()
+    assert changed.identity_hash() == base.identity_hash()

@@ -30,6 +30,7 @@ def _one_of_each() -> list[ev.Event]:
         ev.RunWarning(code="cache_missing", message="encoding on the fly"),
         ev.LogLine(level="info", message="hello ✓"),
         ev.RunEnded(status="completed", reason="max_steps", outputs={"peft": "/r/lora.safetensors"}),
+        ev.TrackerStatus(tracker="hub", state="failed", detail="retry: s2v-tui push /r"),
     ]
 
 
@@ -104,6 +105,8 @@ def test_enumerated_fields_are_checked():
         ev.CheckpointSaved(step=1, path="p", reason="whim")
     with pytest.raises(ValueError, match="status"):
         ev.RunEnded(status="ok")
+    with pytest.raises(ValueError, match="tracker"):
+        ev.TrackerStatus(tracker="mlflow", state="running")
 
 
 def test_bus_detaches_a_failing_subscriber_and_keeps_the_others(caplog):

@@ -265,6 +265,36 @@ async def test_run_steps_advance_and_stop_checkpoints(tmp_path, presets_dir):
         assert "checkpoint (stop) at step 7" in "\n".join(snap.log)
 
 
+def _tracked_engine(config, subscribers, stop, run_dir=None):
+    """A run whose wandb, webhooks and Hub upload report, as engine.train.trackers does."""
+    from engine.events import EventBus, RunEnded, RunStarted, TrackerStatus
+
+    bus = EventBus()
+    for fn in subscribers:
+        bus.subscribe(fn)
+    bus.emit(RunStarted(run_dir=str(run_dir), config_hash="h", total_steps=4, name="voice"))
+    bus.emit(TrackerStatus(tracker="wandb", state="running", detail="run k3x9 offline"))
+    bus.emit(TrackerStatus(tracker="webhooks", state="ok", detail="3 sent, 0 failed"))
+    end = RunEnded(status="completed", reason="trained 4 steps")
+    bus.emit(end)
+    bus.emit(TrackerStatus(tracker="hub", state="failed", detail="retry: s2v-tui push runs/voice"))
+    return end
+
+
+async def test_the_run_screen_shows_where_wandb_webhooks_and_the_upload_stand(tmp_path, presets_dir):
+    app = make_app(tmp_path, presets_dir, engine=_tracked_engine, start_mode="run")
+    async with app.run_test(size=SIZE) as pilot:
+        line = app.screen.query_one("#run-trackers")
+        assert not line.display  # nothing to show before a service reports
+        await pilot.press("s")
+        await settle(app, pilot)
+        await pilot.pause(0.6)  # the next paint
+        assert line.display and line.size.height == 3
+        assert str(line.render()).splitlines() == [
+            "wandb running: run k3x9 offline", "webhooks ok: 3 sent, 0 failed",
+            "hub failed: retry: s2v-tui push runs/voice"]
+
+
 async def test_quit_during_run_asks_then_stops_with_checkpoint(tmp_path, presets_dir):
     engine = FakeEngine(steps=100, hold_at_step=3, clock=fixed_clock())
     app = make_app(tmp_path, presets_dir, engine=engine, start_mode="run")

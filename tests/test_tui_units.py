@@ -39,6 +39,27 @@ def test_run_model_accumulates_and_snapshots_are_copies():
     assert later.status == "stopped" and later.checkpoint_step == 5 and later.version > snap.version
 
 
+def test_run_model_keeps_the_last_state_of_each_tracker_and_logs_only_changes():
+    from engine.events import TrackerStatus
+
+    model = RunModel()
+    model.apply(RunStarted(run_dir="runs/a", config_hash="x", total_steps=10, ts=0.0))
+    model.apply(TrackerStatus(tracker="hub", state="uploading", detail="the LoRA of checkpoint 5", ts=0.0))
+    model.apply(TrackerStatus(tracker="webhooks", state="ok", detail="1 sent, 0 failed", ts=0.0))
+    model.apply(TrackerStatus(tracker="webhooks", state="ok", detail="2 sent, 0 failed", ts=0.0))
+    model.apply(TrackerStatus(tracker="wandb", state="running", detail="run abc", ts=0.0))
+    model.apply(RunEnded(status="completed", reason="r", ts=0.0))
+    model.apply(TrackerStatus(tracker="hub", state="failed", detail="retry: s2v-tui push runs/a", ts=0.0))
+    snap = model.snapshot()
+    assert snap.trackers == (("wandb", "running", "run abc"), ("webhooks", "ok", "2 sent, 0 failed"),
+                             ("hub", "failed", "retry: s2v-tui push runs/a"))
+    logged = [line.split(" ", 1)[1] for line in snap.log if "webhooks" in line or "hub" in line]
+    assert logged == ["hub uploading: the LoRA of checkpoint 5", "webhooks ok: 1 sent, 0 failed",
+                      "hub failed: retry: s2v-tui push runs/a"]
+    model.apply(RunStarted(run_dir="runs/b", config_hash="y", total_steps=10, ts=0.0))
+    assert model.snapshot().trackers == ()  # another run: its own services report afresh
+
+
 class _Target:
     """Stands in for a Textual node: collects posted messages, as its queue would before coalescing."""
 
@@ -110,3 +131,14 @@ def test_main_tui_refuses_without_a_tty(capsys, monkeypatch):
     assert tui_main.main_tui([]) == 2
     assert "--run" in capsys.readouterr().err
     assert tui_main.main_attach(["runs/x"]) == 2
+
+
+def test_headless_prints_a_tracker_line_only_when_it_says_something_new():
+    from engine.events import TrackerStatus
+    from s2v_tui.headless import event_line
+
+    assert event_line(TrackerStatus(tracker="webhooks", state="ok", detail="4 sent, 0 failed")) is None
+    assert event_line(TrackerStatus(tracker="hub", state="uploading", detail="the LoRA of checkpoint 5")) is None
+    assert event_line(TrackerStatus(tracker="hub", state="failed", detail="retry: s2v-tui push r")) == \
+        "hub failed: retry: s2v-tui push r"
+    assert event_line(TrackerStatus(tracker="wandb", state="finished")) == "wandb finished"

@@ -13,11 +13,12 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from engine.config.errors import BadValueError, ConfigError, ConflictError
 from engine.config.schema import LOW_BIT_FAMILIES, Config, nonfinite_allowed, schema_key
 from engine.data.windows import window_frame_problems
-from engine.models.source import EXAMPLE_HUB_ID, SOURCE_FIX, source_problem
+from engine.models.source import EXAMPLE_HUB_ID, SOURCE_FIX, is_hub_id, source_problem
 
 # ---- rules on one value alone -----------------------------------------------------------------------------
 # strict.py applies these as each value is read (file, form, --set), so a value that is wrong whatever the rest
@@ -40,9 +41,26 @@ def _model_source(source: str) -> tuple[str, str] | None:
     return None
 
 
+def _hub_repo(repo: str) -> tuple[str, str] | None:
+    if repo and not is_hub_id(repo):
+        return (f"'{repo}' is not a Hugging Face repo id of the form owner/name",
+                'e.g. push_to_hub = "your-name/my-voice-lora", or "" for no upload')
+    return None
+
+
+def _webhook_url(url: str) -> tuple[str, str] | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return ("is not an http:// or https:// URL with a host",
+                'e.g. webhooks = ["https://discord.com/api/webhooks/..."]')
+    return None
+
+
 _STRING_RULES: dict[str, Callable[[str], tuple[str, str] | None]] = {
     "model.source": _model_source,
     "output.name": _folder_name,
+    "output.push_to_hub": _hub_repo,
+    "logging.webhooks": _webhook_url,
 }
 
 
@@ -267,6 +285,10 @@ def _check_output(c: _Checker, cfg: Config) -> None:
     elif len(set(out.formats)) != len(out.formats):
         c.bad("output.formats", "lists a format twice", "list each format once")
     c.at_least("logging.every_steps", cfg.logging.every_steps, 1)
+    c.positive("logging.webhook_timeout_s", cfg.logging.webhook_timeout_s)
+    if out.push_checkpoints and not out.push_to_hub:
+        c.conflict("output.push_checkpoints", "asks to upload checkpoints but output.push_to_hub names no repo",
+                   'set push_to_hub = "owner/name" or push_checkpoints = false')
 
 
 def check_config(

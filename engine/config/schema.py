@@ -31,6 +31,7 @@ ResidualDtype = Literal["fp32", "bf16"]
 CheckpointPolicy = Literal["full", "save_attention"]
 ExportFormat = Literal["peft", "native"]
 DistributedStrategy = Literal["ddp", "fsdp"]
+WebhookFormat = Literal["auto", "json", "discord", "slack"]
 
 # Full-match regexes over the transformer's module names (diffusers layout, see spec/S2V_MODEL.md §2.3):
 # q, k, v, o of self-attention (attn1), text cross-attention (attn2) and the 12 audio injectors.
@@ -200,13 +201,21 @@ class OutputConfig:
     run_dir: str = opt("runs", "folder that holds the run folders")
     name: str = opt("s2v-lora", "this run's folder name under run_dir, also the LoRA file name")
     formats: list[ExportFormat] = opt(["peft", "native"], "LoRA layouts to export: peft (diffusers), native (ComfyUI)")
+    push_to_hub: str = opt(
+        "", "Hugging Face repo (owner/name) that gets the final LoRA files and a model card at the end; '' = off")
+    push_checkpoints: bool = opt(False, "with push_to_hub: upload each checkpoint's LoRA files too, as they are written")
+    hub_private: bool = opt(True, "with push_to_hub: create the repo private (an existing repo keeps its visibility)")
 
 
 @dataclass
 class LoggingConfig:
     every_steps: int = opt(10, "log a metrics line every N steps")
     tensorboard: bool = opt(True, "write TensorBoard scalars under the run folder")
-    wandb_project: str = opt("", "Weights & Biases project; '' = off")
+    wandb_project: str = opt("", "Weights & Biases project (needs the wandb extra); '' = off")
+    webhooks: list[str] = opt([], "URLs sent a message at run start, each checkpoint and validation, and the end")
+    webhook_format: WebhookFormat = opt(
+        "auto", "auto (Discord and Slack webhook URLs get their text form, others JSON), json, discord or slack")
+    webhook_timeout_s: float = opt(10.0, "seconds one webhook request may take before it counts as failed")
 
 
 @dataclass
@@ -267,8 +276,10 @@ LOCATION_KEYS = ("output.run_dir", "output.name", "data.cache_dir")
 CONTINUE_KEYS = ("optim.max_steps",)
 # Keys about what a run reports and keeps, not what it trains (no random draw and no tensor depends on them): a
 # resumed run may change them too (log less often, keep more checkpoints, export another layout).
-REPORTING_KEYS = ("logging.every_steps", "logging.tensorboard", "logging.wandb_project", "checkpoint.every_steps",
-                  "checkpoint.keep_last", "output.formats")
+REPORTING_KEYS = ("logging.every_steps", "logging.tensorboard", "logging.wandb_project", "logging.webhooks",
+                  "logging.webhook_format", "logging.webhook_timeout_s", "checkpoint.every_steps",
+                  "checkpoint.keep_last", "output.formats", "output.push_to_hub", "output.push_checkpoints",
+                  "output.hub_private")
 # Keys that say where tensors live and how the step is scheduled, not what is computed: a run stopped by host or
 # GPU memory resumes on another card or preset with them changed. (Their numerics differ at most by rounding
 # order; the keys that change the base's numerics, base_weights, fp8_input_grad and residual_dtype, are not here.)

@@ -29,6 +29,7 @@ class RunPanels(Widget):
     DEFAULT_CSS = """
     RunPanels { height: 1fr; }
     RunPanels #run-status { height: 1; padding: 0 1; }
+    RunPanels #run-trackers { height: 1; padding: 0 1; display: none; text-wrap: nowrap; text-overflow: ellipsis; }
     RunPanels .row { height: 6; }
     RunPanels .panel { border: round $primary-darken-1; padding: 0 1; height: 6; }
     RunPanels .panel Static { text-wrap: nowrap; text-overflow: ellipsis; height: 1fr; }
@@ -51,6 +52,7 @@ class RunPanels(Widget):
 
     def compose(self) -> ComposeResult:
         yield Static("no run yet", id="run-status", markup=True)
+        yield Static("", id="run-trackers", markup=False)  # wandb, webhooks, Hub upload: shown once one reports
         with Horizontal(classes="row"):
             with Vertical(id="loss-panel", classes="panel") as loss:
                 loss.border_title = "loss"
@@ -98,6 +100,7 @@ class RunPanels(Widget):
         reason = f" ({snap.reason})" if snap.reason and snap.status != "running" else ""
         phase = f"  phase {snap.phase}" if snap.phase else ""
         self._set("run-status", f"[{style}]{snap.status}[/]{reason}{phase}{where}")
+        self._paint_trackers(snap)
         self.query_one("#loss-raw", Sparkline).data = list(snap.losses)
         self.query_one("#loss-smooth", Sparkline).data = list(snap.smoothed)
         self._set("loss-values",
@@ -105,6 +108,15 @@ class RunPanels(Widget):
         self._set("speed", self._speed_text(snap))
         self._set("outputs", self._outputs_text(snap))
         self._paint_log(snap)
+
+    def _paint_trackers(self, s: RunSnapshot) -> None:
+        """One line per service that follows the run; the height changes only when one appears (rare)."""
+        lines = [f"{name} {state}" + (f": {detail}" if detail else "") for name, state, detail in s.trackers]
+        widget = self.query_one("#run-trackers", Static)
+        if widget.display != bool(lines) or (lines and widget.styles.height.value != len(lines)):
+            widget.styles.height = max(1, len(lines))
+            widget.display = bool(lines)
+        self._set("run-trackers", "\n".join(lines))
 
     @staticmethod
     def _speed_text(s: RunSnapshot) -> str:
