@@ -129,7 +129,7 @@ def build_config(args, model_dir: Path, runs_dir: Path):
         settings["distributed.strategy"] = args.strategy
         if args.strategy == "fsdp":
             # FSDP2 re-gathers a block's weights for the recompute; our re-entrant offloaded checkpoint cannot
-            # (engine.train.distributed.combination_problems), so the sharded run keeps block inputs on the GPU.
+            # (engine.train.allowed.setting_problems), so the sharded run keeps block inputs on the GPU.
             settings["memory.offload_checkpoint_inputs"] = False
     for item in args.set:
         key, sep, value = item.partition("=")

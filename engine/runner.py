@@ -84,8 +84,7 @@ def _resolve_config(config: Config, run_dir: Path, bus: EventBus, write: bool = 
 def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.device, world_size: int = 1,
            fresh: bool = True) -> None:
     """`fresh`: no checkpoint to resume from, so lora.init_from (if set) is read and checked."""
-    from engine.train.distributed import combination_problems
-    from engine.train.switches import unsupported_switches
+    from engine.train.allowed import setting_problems
 
     validate_config(config, "<run config>", require_data=not have_dataset, require_model=not have_dataset,
                     require_init_from=fresh)
@@ -93,12 +92,10 @@ def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.devi
         from engine.train.init_lora import check_init_from
 
         check_init_from(config)
-    problems = unsupported_switches(config, device)
+    problems = setting_problems(config, world_size, device)
     if problems:
-        raise RunFailed("this preset asks for memory switches that cannot run here: " + "; ".join(problems))
-    problems = combination_problems(config, world_size)
-    if problems:
-        raise RunFailed(f"these settings do not work with {world_size} processes: " + "; ".join(problems))
+        raise RunFailed(f"these settings cannot run here ({world_size} process(es) on {device.type}): "
+                        + "; ".join(problems))
     if config.logging.tensorboard and not _installed("tensorboard"):
         bus.emit(RunWarning(code="tensorboard_missing", message=(
             "logging.tensorboard is on but the 'tensorboard' package is not installed: metrics are only in "

@@ -105,8 +105,13 @@ def _preset_inputs(path: Path, args: argparse.Namespace) -> tuple[list[DatasetSp
     """The datasets and doctor settings of a run config. Raises ConfigError (file, key, fix) or OSError."""
     from engine.config import load_config
     from engine.data.cache_plan import dataset_specs, doctor_settings
+    from engine.train.allowed import setting_problems
 
     config = load_config(path, require_data=True, require_model=False)  # the check reads data, never the model
+    # The run's own check phase asks the same function; here the device is not known, so its rules are skipped.
+    problems = setting_problems(config)
+    if problems:
+        raise ValueError(f"{path}: these settings cannot run: " + "; ".join(problems))
     # Relative dataset folders resolve against the working directory, as in `s2v-tui cache` and `--run`.
     settings = dataclasses.replace(doctor_settings(config), workers=args.workers, count_tokens=_token_counter(args))
     return dataset_specs(config), settings

@@ -16,7 +16,7 @@ from engine.models.low_bit_linear import (E4M3, Fp8Linear, Int8Linear, fp8_input
                                           quantize_rows, quantize_rows_int8)
 from engine.models.s2v_transformer import S2VTransformer3DModel
 from engine.runner import run
-from engine.train.switches import unsupported_switches
+from engine.train.allowed import setting_problems
 from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.demo import demo_config
 
@@ -186,15 +186,15 @@ def test_low_bit_runs_train_like_bf16_on_synthetic_windows(tiny_model_dir, tmp_p
 
 def test_switch_combinations_and_config_checks():
     config = with_value(with_value(demo_config("m", "r"), "model.dtype", "bf16"), "memory.base_weights", "fp8")
-    assert unsupported_switches(config) == []
+    assert setting_problems(config) == []
     # Low-bit base weights stream as bf16 ones do (tests/test_low_bit_stream.py).
     streamed = config
     for key, value in {"memory.block_offload": True, "memory.gradient_checkpointing": True,
                        "train.mixed_precision": "bf16"}.items():
         streamed = with_value(streamed, key, value)
-    assert unsupported_switches(streamed) == []
-    assert unsupported_switches(with_value(config, "memory.base_weights", "int8")) == []
-    assert unsupported_switches(with_value(streamed, "memory.base_weights", "int8")) == []
+    assert setting_problems(streamed) == []
+    assert setting_problems(with_value(config, "memory.base_weights", "int8")) == []
+    assert setting_problems(with_value(streamed, "memory.base_weights", "int8")) == []
     assert check_config(config) == []
     for bad in (["attention"], []):
         errors = check_config(with_value(config, "memory.low_bit_families", bad))
@@ -248,11 +248,11 @@ def test_a_gpu_without_row_wise_fp8_kernels_is_refused_before_loading(monkeypatc
     monkeypatch.setattr(lbl, "_probe_fp8_kernels", no_kernel)
     monkeypatch.setattr(lbl, "_gpu_label", lambda d: "NVIDIA GeForce RTX 3090, compute capability 8.6")
     config = with_value(with_value(demo_config("m", "r"), "model.dtype", "bf16"), "memory.base_weights", "fp8")
-    problems = unsupported_switches(config, torch.device("cuda", 0))
+    problems = setting_problems(config, device=torch.device("cuda", 0))
     assert len(problems) == 1
     assert "RTX 3090, compute capability 8.6" in problems[0] and 'base_weights = "int8"' in problems[0]
     assert "compute capability >= 9.0" in problems[0] and "more" not in problems[0]
-    assert unsupported_switches(with_value(config, "memory.base_weights", "int8"), torch.device("cuda", 0)) == []
+    assert setting_problems(with_value(config, "memory.base_weights", "int8"), device=torch.device("cuda", 0)) == []
     assert lbl.fp8_kernel_problem("cpu") is None  # the CPU emulates fp8
 
 

@@ -17,7 +17,7 @@ from engine.models.block_stream import frozen_tensors
 from engine.models.low_bit_linear import Int8Linear, LowBitLinear, quantize_base_linears
 from engine.models.pinned_slab import slab_bytes, tensor_bytes, views_bytes
 from engine.models.s2v_transformer import S2VTransformer3DModel
-from engine.train.switches import unsupported_switches
+from engine.train.allowed import setting_problems
 from s2v_tui.demo import demo_config
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -142,12 +142,12 @@ def test_low_bit_with_block_streaming_is_no_longer_refused_but_the_fp8_probe_sti
     config = load_config(PRESETS / "24gb-lowram.toml")
     assert (config.memory.base_weights, config.memory.block_offload) == ("int8", True)
     assert check_config(config) == []
-    assert unsupported_switches(config, torch.device("cuda", 0)) == []
+    assert setting_problems(config, device=torch.device("cuda", 0)) == []
     monkeypatch.setattr(lbl, "_FP8_PROBED", {"cuda:0": "no row-wise fp8 here"})
-    problems = unsupported_switches(with_value(config, "memory.base_weights", "fp8"), torch.device("cuda", 0))
+    problems = setting_problems(with_value(config, "memory.base_weights", "fp8"), device=torch.device("cuda", 0))
     assert problems == ["no row-wise fp8 here"]
     # Streaming itself still needs a GPU in a run.
-    assert any("CUDA GPU" in p for p in unsupported_switches(config, torch.device("cpu")))
+    assert any("CUDA GPU" in p for p in setting_problems(config, device=torch.device("cpu")))
 
 
 def test_apply_memory_switches_quantises_on_the_cpu_then_streams(tiny_model_dir, monkeypatch):
@@ -160,7 +160,7 @@ def test_apply_memory_switches_quantises_on_the_cpu_then_streams(tiny_model_dir,
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS))
     config = with_value(with_value(load_config(PRESETS / "24gb-lowram.toml"), "memory.gpu_saved_inputs", 1),
                         "memory.compile_blocks", False)
-    monkeypatch.setattr(switches, "unsupported_switches", lambda config, device: [])  # the CPU stands in for a GPU
+    monkeypatch.setattr(switches, "setting_problems", lambda config, device: [])  # the CPU stands in for a GPU
     done = switches.apply_memory_switches(model, config, torch.device("cpu"))
     assert any("40 frozen base Linears in int8" in line and "on cpu" in line for line in done), done
     assert any("last 1, kept in GPU memory" in line for line in done), done

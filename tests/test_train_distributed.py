@@ -198,15 +198,15 @@ def test_fsdp2_shards_the_tiny_model_and_trains_the_same_lora(tiny_model_dir, tm
 
 
 def test_settings_that_do_not_combine_fail_with_the_key_and_the_fix(tiny_model_dir, tmp_path):
-    from engine.train.distributed import combination_problems
+    from engine.train.allowed import setting_problems
 
     config = _config(tiny_model_dir, tmp_path)
-    assert combination_problems(with_value(config, "memory.block_offload", True), 1) == []
-    [problem] = combination_problems(with_value(config, "memory.block_offload", True), 2)
+    assert setting_problems(with_value(config, "memory.block_offload", True), 1) == []
+    [problem] = setting_problems(with_value(config, "memory.block_offload", True), 2)
     assert "memory.block_offload" in problem and "fsdp" in problem
     fsdp = with_value(config, "distributed.strategy", "fsdp")
-    assert combination_problems(with_value(config, "memory.offload_checkpoint_inputs", True), 2) == []
-    [problem] = combination_problems(with_value(fsdp, "memory.offload_checkpoint_inputs", True), 4)
+    assert setting_problems(with_value(config, "memory.offload_checkpoint_inputs", True), 2) == []
+    [problem] = setting_problems(with_value(fsdp, "memory.offload_checkpoint_inputs", True), 4)
     assert "offload_checkpoint_inputs = false" in problem
 
 

@@ -47,28 +47,6 @@ def launched_world_size() -> int:
         return 1
 
 
-def combination_problems(config, world_size: int) -> list[str]:
-    """One message per setting that does not work with `world_size` processes (empty: all combine)."""
-    if world_size <= 1:
-        return []
-    m, strategy = config.memory, config.distributed.strategy
-    problems = []
-    if m.block_offload:
-        problems.append(
-            f"memory.block_offload = true streams blocks from one process's pinned host memory; with {world_size} "
-            "processes every rank would pin its own copy of the base. Set block_offload = false and "
-            "distributed.strategy = \"fsdp\" (the base is then sharded across the GPUs)")
-    if strategy == "fsdp" and m.offload_checkpoint_inputs:
-        problems.append(
-            "memory.offload_checkpoint_inputs = true recomputes blocks with a re-entrant checkpoint that FSDP2 "
-            "cannot re-gather weights for; set offload_checkpoint_inputs = false with distributed.strategy = "
-            "\"fsdp\" (it combines with \"ddp\")")
-    if strategy == "fsdp" and m.base_weights != "bf16":
-        problems.append(f"memory.base_weights = \"{m.base_weights}\" is not sharded by FSDP2; set base_weights = "
-                        "\"bf16\" with distributed.strategy = \"fsdp\"")
-    return problems
-
-
 @dataclass
 class Distributed:
     """This process's place in the job. The defaults describe a single process (nothing to share)."""

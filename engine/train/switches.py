@@ -1,7 +1,7 @@
 """The [memory] switches of a preset, applied to the model; a switch the model does not have yet is an error.
 
-`unsupported_switches` runs in the check phase, before any weight is loaded, so a preset asking for block
-offload or int8 base weights fails in a second with a message, instead of training silently without them.
+Which switches may run here is decided by engine.train.allowed.setting_problems, in the check phase before any
+weight is loaded; `apply_memory_switches` asks it again, so a switch it refuses is never applied half-way.
 """
 from __future__ import annotations
 
@@ -12,37 +12,13 @@ import torch
 
 from engine.config import Config
 from engine.models.attention import set_attention_backend
+from engine.train.allowed import setting_problems
 
 log = logging.getLogger(__name__)
 
 
 class UnsupportedSwitch(RuntimeError):
     pass
-
-
-def unsupported_switches(config: Config, device: torch.device | None = None) -> list[str]:
-    """One message per [memory] setting this build cannot honour (empty: all can be applied)."""
-    m = config.memory
-    problems = []
-    if m.block_offload:
-        if not (m.gradient_checkpointing and m.checkpoint_interval == 1):
-            problems.append("memory.block_offload = true needs gradient_checkpointing = true and "
-                            "checkpoint_interval = 1: a streamed block is recomputed in the backward pass")
-        if device is not None and device.type != "cuda":
-            problems.append(f"memory.block_offload = true streams weights to a CUDA GPU; this run is on "
-                            f"{device.type}: set block_offload = false")
-    if m.checkpoint_policy != "full" and (m.offload_checkpoint_inputs or m.block_offload):
-        problems.append("memory.checkpoint_policy = \"save_attention\" keeps tensors on the GPU; it does not "
-                        "combine with offload_checkpoint_inputs or block_offload: set checkpoint_policy = \"full\"")
-    if m.base_weights == "fp8" and device is not None and device.type == "cuda":
-        from engine.models.low_bit_linear import fp8_kernel_problem
-
-        problem = fp8_kernel_problem(device)
-        if problem:
-            problems.append(problem)
-    if m.block_offload and config.train.mixed_precision == "no" and config.model.dtype != "fp32":
-        problems.append("memory.block_offload with train.mixed_precision = \"no\" is not supported; use bf16")
-    return problems
 
 
 def ffn_chunk_tokens(config: Config, patch_size=(1, 2, 2)) -> int | None:
@@ -59,7 +35,7 @@ def ffn_chunk_tokens(config: Config, patch_size=(1, 2, 2)) -> int | None:
 
 def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.device) -> list[str]:
     """Set every [memory] switch on `model` (LoRA already added); returns what was done, one line each."""
-    problems = unsupported_switches(config, device)
+    problems = setting_problems(config, device=device)
     if problems:
         raise UnsupportedSwitch("; ".join(problems))
     m = config.memory
