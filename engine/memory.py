@@ -45,9 +45,7 @@ range (another resolution class, no checkpointing) is predicted by the same term
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from engine.config.schema import LOW_BIT_DEFAULT_FAMILIES
 
@@ -395,117 +393,6 @@ def predict(config) -> tuple[int, int]:
     return est.vram_need_bytes, est.host_bytes
 
 
-class PreflightError(RuntimeError):
-    pass
-
-
-def preflight(config, free_vram_bytes: int | None, host_available_bytes: int | None,
-              presets: dict[str, object] | None = None) -> MemoryEstimate:
-    """Refuse, before any weight is loaded, a config predicted not to fit; name the preset to pick instead."""
-    est = estimate(config)
-    problems = []
-    if free_vram_bytes is not None and est.vram_need_bytes > free_vram_bytes:
-        problems.append(f"needs about {est.vram_need_bytes / GIB:.1f} GiB of GPU memory, "
-                        f"{free_vram_bytes / GIB:.1f} GiB are free")
-    if host_available_bytes is not None and est.host_bytes > host_available_bytes:
-        problems.append(f"needs about {est.host_bytes / GIB:.1f} GiB of host RAM, "
-                        f"{host_available_bytes / GIB:.1f} GiB are available")
-    if problems:
-        hint = ""
-        if presets:
-            choice = choose_preset(preset_needs(presets), free_vram_bytes, host_available_bytes)
-            hint = (f" Pick the preset {choice.best!r} instead (`extends` it in your config)." if choice.best
-                    else f" {choice.why_none[0].upper()}{choice.why_none[1:]}." if choice.why_none
-                    else " No shipped preset fits this machine.")
-        raise PreflightError(f"this config {' and '.join(problems)}.{hint}")
-    return est
-
-
-# ---- which preset: one rule for the pre-flight hint, `s2v-tui presets` and the Presets screen -------------------
-@dataclass(frozen=True)
-class PresetFit:
-    """One preset's predicted needs against a machine. fits_* are None where that side is not known."""
-    name: str
-    gpu_bytes: int  # what the card must have free
-    host_bytes: int
-    fits_gpu: bool | None
-    fits_host: bool | None
-
-    @property
-    def fits(self) -> bool | None:
-        if self.fits_gpu is False or self.fits_host is False:
-            return False
-        return None if self.fits_gpu is None or self.fits_host is None else True
-
-
-@dataclass(frozen=True)
-class PresetChoice:
-    best: str | None  # the preset to pick; None when none fits or the card is not known
-    rows: tuple[PresetFit, ...]
-    short: str = ""  # when none fits: "host" (host RAM) or "gpu" (GPU memory)
-    short_preset: str = ""  # the preset that came closest
-    short_bytes: int = 0  # how much more that preset needs than there is
-    why_none: str = ""  # one sentence saying what is short, for which preset, by how much
-
-
-def card_class_gib(name: str, gpu_bytes: int) -> float:
-    """The card a preset is for, from its name ("24gb", "24gb-lowram": 24); else its own GPU need."""
-    match = re.match(r"(\d+)gb", name)
-    return float(match.group(1)) if match else gpu_bytes / GIB
-
-
-def preset_needs(presets: dict[str, object]) -> list[tuple[str, int, int]]:
-    """(name, GPU bytes, host bytes) of each preset config, from the memory model."""
-    return [(name, *predict(cfg)) for name, cfg in presets.items()]
-
-
-def choose_preset(needs, vram_bytes: int | None, host_bytes: int | None) -> PresetChoice:
-    """Among the presets predicted to fit both the card (`vram_bytes` free) and the host (`host_bytes`
-    available), the one for the largest card class: it keeps the most on the GPU, so it is the fastest. Within a
-    class the one that needs the most host RAM wins (a low-RAM variant trades speed for host memory, so it is
-    only picked where the main one does not fit). `needs`: (name, GPU bytes, host bytes). None for either side
-    means not known: nothing is recommended without the card's size, since every preset would "fit" it."""
-    rows = tuple(PresetFit(name, int(gpu), int(host),
-                           None if vram_bytes is None else gpu <= vram_bytes,
-                           None if host_bytes is None else host <= host_bytes) for name, gpu, host in needs)
-    if vram_bytes is None or not rows:
-        return PresetChoice(None, rows)
-    fitting = [r for r in rows if r.fits is not False]
-    if fitting:
-        best = max(fitting, key=lambda r: (card_class_gib(r.name, r.gpu_bytes), r.host_bytes, r.gpu_bytes))
-        return PresetChoice(best.name, rows)
-    gpu_ok = [r for r in rows if r.fits_gpu]
-    if gpu_ok and host_bytes is not None:
-        r = min(gpu_ok, key=lambda r: r.host_bytes)
-        short = r.host_bytes - host_bytes
-        why = (f"no preset fits: host RAM is short. {r.name} fits this card ({r.gpu_bytes / GIB:.1f} GiB of GPU "
-               f"memory) but needs {r.host_bytes / GIB:.1f} GiB of host RAM, {host_bytes / GIB:.1f} GiB are "
-               f"available: {short / GIB:.1f} GiB short. Free host RAM (close other programs) or use a host with more")
-        return PresetChoice(None, rows, "host", r.name, short, why)
-    r = min(rows, key=lambda r: r.gpu_bytes)
-    short = r.gpu_bytes - vram_bytes
-    why = (f"no preset fits: GPU memory is short. The smallest, {r.name}, needs {r.gpu_bytes / GIB:.1f} GiB of GPU "
-           f"memory, {vram_bytes / GIB:.1f} GiB are free: {short / GIB:.1f} GiB short. Free GPU memory (other "
-           "processes) or train fewer frames / a smaller resolution")
-    return PresetChoice(None, rows, "gpu", r.name, short, why)
-
-
-def recommend(presets: dict[str, object], free_vram_bytes: int | None,
-              host_available_bytes: int | None) -> str | None:
-    """The preset to pick for this card and host (`choose_preset`), or None."""
-    return choose_preset(preset_needs(presets), free_vram_bytes, host_available_bytes).best
-
-
-def less_host_ram_preset(config, presets: dict[str, object], vram_bytes: int | None = None) -> tuple[str, int] | None:
-    """(name, host bytes) of the preset that needs the least host RAM, less than `config` does, among those that
-    fit the card: `vram_bytes` free, or when that is not known, no more GPU memory than `config` needs (so it
-    fits wherever `config` fits). None when no preset needs less."""
-    gpu_need, host_need = predict(config)
-    limit = vram_bytes if vram_bytes is not None else gpu_need
-    lighter = [(host, name) for name, gpu, host in preset_needs(presets) if gpu <= limit and host < host_need]
-    return (min(lighter)[1], min(lighter)[0]) if lighter else None
-
-
 def host_calibration_errors() -> list[tuple[str, float, float]]:
     """(label, predicted GiB, measured GiB) for each host calibration row."""
     rows = []
@@ -514,29 +401,6 @@ def host_calibration_errors() -> list[tuple[str, float, float]]:
                              engine=c.engine, pinned=c.pinned)
         rows.append((c.label, est.host_bytes / GIB, c.peak_rss_gib))
     return rows
-
-
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
-# Every key's default, which the presets extend: a file to start from, not a preset to pick.
-BASE_PRESET = "base.toml"
-
-
-def preset_files(folder: Path = PRESETS_DIR) -> list[Path]:
-    """The preset files of a folder: every TOML file but the base one, by name."""
-    return sorted(p for p in folder.glob("*.toml") if p.name != BASE_PRESET)
-
-
-def shipped_presets(folder: Path = PRESETS_DIR) -> dict:
-    """The presets next to the engine (`preset_files`), loaded; a broken one is left out."""
-    from engine.config import ConfigError, load_config
-
-    presets = {}
-    for path in preset_files(folder):
-        try:
-            presets[path.stem] = load_config(path)
-        except ConfigError:
-            continue
-    return presets
 
 
 def calibration_errors() -> list[tuple[str, float, float]]:

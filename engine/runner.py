@@ -21,6 +21,7 @@ import torch
 from engine.config import Config, ConfigError, read_frozen_config, validate_config
 from engine.events import (EventBus, JsonlEventWriter, LogRecordsToEvents, PhaseChanged, RunEnded, RunStarted,
                            RunWarning, Subscriber)
+from engine.presets import smaller_preset_hint
 from engine.run_folder import ConfigRefused
 from engine.run_logs import HeldRecords, TrainLogHandler
 
@@ -33,7 +34,6 @@ trace_log = logging.getLogger("engine.runner.trace")
 LOG_FILENAME = "train.log"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.mixed_precision -> autocast dtype
-MEMORY_CLASSES_GB = (24, 32, 48, 80)
 
 
 class RunFailed(Exception):
@@ -50,22 +50,6 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} {torch.cuda.get_device_name(device)}"
     return str(device)
-
-
-def smaller_preset_hint(config: Config, device: torch.device) -> str:
-    """Name the VRAM preset one class below the memory this run had."""
-    if config.memory.vram_budget_gb > 0:
-        budget = config.memory.vram_budget_gb
-    elif device.type == "cuda":
-        budget = torch.cuda.get_device_properties(device).total_memory / 1e9
-    else:
-        budget = 0.0
-    current = [c for c in MEMORY_CLASSES_GB if c <= budget + 1]
-    below = [c for c in MEMORY_CLASSES_GB if current and c < current[-1]]
-    if below:
-        return (f"try presets/{below[-1]}gb.toml (the preset one memory class below this {budget:.0f} GB "
-                "budget), or lower data.resolution / optim.batch_size")
-    return "lower data.resolution, optim.batch_size or lora.rank, and keep memory.gradient_checkpointing on"
 
 
 # ---- the phases ------------------------------------------------------------------------------------------------
@@ -164,8 +148,8 @@ def _preflight(config: Config, device: torch.device) -> int | None:
     import json
 
     from engine.gpu import default_probe, host_memory
-    from engine.memory import PreflightError, preflight, shipped_presets
     from engine.models.loading import config_from_json, resolve_transformer_dir
+    from engine.presets import PreflightError, preflight, shipped_presets
 
     if device.type != "cuda":
         return None
@@ -193,7 +177,7 @@ def _preflight(config: Config, device: torch.device) -> int | None:
 
 def _host_guard(config: Config, gpu_free: int | None):
     """The host-RAM guard; where the memory model applies (gpu_free known) its reason names a lighter preset."""
-    from engine.memory import shipped_presets
+    from engine.presets import shipped_presets
     from engine.train.host_guard import HostMemoryGuard
 
     if gpu_free is None:

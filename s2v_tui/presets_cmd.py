@@ -3,7 +3,7 @@
 Needs come from the engine's memory model (calibrated on measured 14B steps, BENCHMARKS.md); free GPU memory
 from NVML (or `--vram-gb` when there is no NVIDIA driver, or to plan for another card); available host RAM from
 the live reading (or `--host-gb`, to plan for another host). The preset to pick is the engine's choice
-(`engine.memory.choose_preset`), the same one the Presets screen and the pre-flight check make.
+(`engine.presets.choose_preset`), the same one the Presets screen and the pre-flight check make.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from engine.gpu import default_probe, host_memory
-    from engine.memory import choose_preset, estimate, shipped_presets
+    from engine.memory import estimate
+    from engine.presets import choose_preset, shipped_presets
 
     probe = default_probe()
     gpus = probe.snapshots() if probe.available else []

@@ -2,16 +2,17 @@
 
 No number is made up here. A preset the memory model has not measured has `need = None` and is shown as
 "not measured yet"; the recommendation only ever comes from measured needs, and the rule that picks it is the
-engine's (`engine.memory.choose_preset`), the same one `s2v-tui presets` and the pre-flight check use.
+engine's (`engine.presets.choose_preset`), the same one `s2v-tui presets` and the pre-flight check use.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import Config, ConfigError, load_config
+from engine.config import Config
 from engine.gpu import GpuSnapshot, HostMemory
-from engine.memory import PresetChoice, choose_preset, preset_files
+# load_presets is the engine's (where presets are and how a broken one is reported); the screen imports it here.
+from engine.presets import PresetChoice, choose_preset, load_presets  # noqa: F401
 
 from s2v_tui.services import MemoryNeed, MemoryPredictor
 
@@ -27,17 +28,6 @@ class PresetRow:
     need: MemoryNeed | None
     fits_gpu: bool | None  # None = unknown (no measurement or no free-memory figure)
     fits_host: bool | None
-
-
-def load_presets(folder: Path) -> list[tuple[str, Path, Config | None, str]]:
-    """Every preset file of `folder` (base.toml is what presets extend, not one to pick), loaded or with its error."""
-    rows = []
-    for path in preset_files(folder):
-        try:
-            rows.append((path.stem, path, load_config(path), ""))
-        except ConfigError as exc:
-            rows.append((path.stem, path, None, str(exc)))
-    return rows
 
 
 def available_vram(gpus: tuple[GpuSnapshot, ...], override_gb: float | None) -> int | None:

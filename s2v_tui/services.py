@@ -92,10 +92,11 @@ def leave_a_core_for_the_ui() -> None:
 
 
 def find_repo_presets() -> Path:
-    """presets/ next to the engine package (a source checkout or an editable install)."""
-    import engine
+    """presets/ next to the engine package (a source checkout or an editable install): the engine's one locator,
+    so the Presets screen and `s2v-tui presets` read the same folder."""
+    from engine.presets import PRESETS_DIR
 
-    return Path(engine.__file__).resolve().parent.parent / "presets"
+    return PRESETS_DIR
 
 
 @dataclass

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, load_config, validate_config, with_value
-from engine.memory import GIB, shipped_presets
+from engine.memory import GIB
+from engine.presets import shipped_presets
 from engine.train.host_guard import HostMemoryGuard, settings_advice
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"

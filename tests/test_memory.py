@@ -2,8 +2,8 @@
 import pytest
 
 from engine.config import Config
-from engine.memory import (CALIBRATION, GIB, PreflightError, calibration_errors, estimate, estimate_parts,
-                           preflight, recommend, sequence_tokens)
+from engine.memory import CALIBRATION, GIB, calibration_errors, estimate, estimate_parts, sequence_tokens
+from engine.presets import PreflightError, preflight, recommend
 
 
 def test_predictions_within_ten_percent_of_every_measured_peak():
@@ -79,7 +79,7 @@ def test_shipped_presets_fit_their_cards_with_five_percent_spare():
 
 
 def test_preflight_says_what_is_short_when_no_preset_fits():
-    from engine.memory import shipped_presets
+    from engine.presets import shipped_presets
 
     small = shipped_presets()["24gb"]
     with pytest.raises(PreflightError,
@@ -89,7 +89,7 @@ def test_preflight_says_what_is_short_when_no_preset_fits():
 
 def test_preflight_on_a_32_gib_host_names_the_lowram_preset(monkeypatch):
     import engine.memory
-    from engine.memory import shipped_presets
+    from engine.presets import shipped_presets
 
     monkeypatch.setattr(engine.memory, "loader_quantises_while_loading", lambda: True)
     with pytest.raises(PreflightError, match=r"GiB of host RAM, 32\.0 GiB are available\. Pick the preset "
@@ -98,7 +98,8 @@ def test_preflight_on_a_32_gib_host_names_the_lowram_preset(monkeypatch):
 
 
 def test_less_host_ram_preset_fits_the_card_it_is_asked_for():
-    from engine.memory import less_host_ram_preset, predict, shipped_presets
+    from engine.memory import predict
+    from engine.presets import less_host_ram_preset, shipped_presets
 
     presets = shipped_presets()
     fp8 = presets["32gb"]
@@ -110,7 +111,7 @@ def test_less_host_ram_preset_fits_the_card_it_is_asked_for():
 
 
 def test_preset_files_leave_out_base_toml(tmp_path):
-    from engine.memory import preset_files
+    from engine.presets import preset_files
 
     for name in ("base.toml", "24gb.toml", "24gb-lowram.toml", "notes.txt"):
         (tmp_path / name).write_text("")

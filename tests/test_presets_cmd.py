@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from engine.memory import GIB, card_class_gib, choose_preset, estimate, shipped_presets
+from engine.memory import GIB, estimate
+from engine.presets import card_class_gib, choose_preset, shipped_presets
 from s2v_tui.presets_cmd import main
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.memory import GIB, predict, preset_files
+from engine.memory import GIB, predict
+from engine.presets import preset_files
 from s2v_tui.app import build_app
 from s2v_tui.screens.dialogs import ConfirmStop
 from s2v_tui.services import Services, engine_memory_predictor, engine_runner, find_repo_presets

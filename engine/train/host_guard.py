@@ -95,13 +95,14 @@ class HostMemoryGuard:
     def from_config(cls, config, read_available: Reader = available_host_bytes, *, presets: dict | None = None,
                     vram_bytes: int | None = None, interval_s: float = POLL_INTERVAL_S) -> HostMemoryGuard:
         """The guard of `config` (memory.host_ram_margin_gb, in GB as vram_budget_gb). With `presets` (name ->
-        config, e.g. engine.memory.shipped_presets(), for the 14B model only: the memory model knows no other) the
+        config, e.g. engine.presets.shipped_presets(), for the 14B model only: the memory model knows no other) the
         reason names the preset that needs the least host RAM and fits the card (`vram_bytes` free, or no more GPU
         memory than `config` needs when None); otherwise the settings to change."""
         margin = int(config.memory.host_ram_margin_gb * 1e9)
         advice = ""
         if presets and margin:
-            from engine.memory import less_host_ram_preset, predict
+            from engine.memory import predict
+            from engine.presets import less_host_ram_preset
 
             lighter = less_host_ram_preset(config, presets, vram_bytes)
             if lighter is not None:
