@@ -111,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("the 14B sample needs a CUDA GPU; use --tiny on a CPU machine")
 
     from engine.data.synth import make_talking_clip
+    from engine.dtypes import AUTOCAST_DTYPES
     from engine.infer.pipeline import S2VPipeline
     from engine.infer.sampler import SampleOptions
     from engine.infer.video_io import write_sample_mp4
-    from engine.runner import _AUTOCAST, _load_model
+    from engine.runner import _load_model
     from engine.train.switches import cap_gpu_memory
     from engine.train.validation import VALIDATION_CHUNKS, prepare_validation
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         stamps: list[float] = []
         t0 = time.perf_counter()
         vset.parts.vae.to(device)
-        pipe = S2VPipeline(model, vset.parts, device, _AUTOCAST.get(config.train.mixed_precision))
+        pipe = S2VPipeline(model, vset.parts, device, AUTOCAST_DTYPES.get(config.train.mixed_precision))
         cond = vset.cases[0]
         frames = pipe.render(cond, options, progress=lambda done, total: stamps.append(time.perf_counter()))
         if device.type == "cuda":

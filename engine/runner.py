@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.config import Config, ConfigError, read_frozen_config, validate_config
+from engine.dtypes import AUTOCAST_DTYPES, TORCH_DTYPES
 from engine.events import (EventBus, JsonlEventWriter, LogRecordsToEvents, PhaseChanged, RunEnded, RunStarted,
                            RunWarning, Subscriber)
 from engine.presets import smaller_preset_hint
@@ -32,8 +33,6 @@ FILE_ONLY_LOGGERS = ("engine.train.metrics", "engine.runner.trace")
 trace_log = logging.getLogger("engine.runner.trace")
 
 LOG_FILENAME = "train.log"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.mixed_precision -> autocast dtype
 
 
 class RunFailed(Exception):
@@ -202,7 +201,7 @@ def _load_model(config: Config, device: torch.device, fresh: bool = False):
                if m.base_weights != "bf16" else None)
     model = S2VTransformer3DModel.from_pretrained(
         config.model.source, subfolder=config.model.transformer_subfolder or "transformer",
-        torch_dtype=_DTYPES[config.model.dtype], device=torch.device("cpu") if m.block_offload else device,
+        torch_dtype=TORCH_DTYPES[config.model.dtype], device=torch.device("cpu") if m.block_offload else device,
         low_bit=low_bit,
     )
     lo = config.lora
@@ -233,7 +232,7 @@ def _validator(config: Config, model, dataset, vset, run_dir: Path, device: torc
         return None
     from engine.train.validation import Validator
 
-    return Validator(config, model, dataset, vset, run_dir, device, _AUTOCAST.get(config.train.mixed_precision),
+    return Validator(config, model, dataset, vset, run_dir, device, AUTOCAST_DTYPES.get(config.train.mixed_precision),
                      stop_event)
 
 

@@ -32,12 +32,12 @@ from engine.data.discover import DatasetSpec
 from engine.data.doctor import DoctorReport, inspect_datasets
 from engine.data.problems import DataError, Problem
 from engine.data.windows import MODEL_FPS, CropPlan, audio_features_per_frame, latent_frames
+from engine.dtypes import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 
 MODEL_SUBFOLDERS = {"vae": ("vae",), "text": ("text_encoder", "tokenizer"),
                     "audio": ("audio_encoder", "audio_processor")}
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DECODE_THREADS = 2
 
 

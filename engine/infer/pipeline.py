@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.dtypes import TORCH_DTYPES
 from engine.infer.audio import encode_driving_audio, load_waveform
 from engine.infer.reference import generation_size, load_reference_image, reference_pixels
 from engine.infer.sampler import Conditioning, SampleOptions, sample_frames
@@ -34,7 +35,6 @@ NEGATIVE_PROMPT = (
     "背景人很多，倒着走"
 )
 DEFAULT_MAX_AREA = 832 * 480
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -81,18 +81,18 @@ class S2VPipeline:
         from engine.models.s2v_transformer import S2VTransformer3DModel
 
         device = torch.device(device)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
         model = S2VTransformer3DModel.from_pretrained(source, subfolder=transformer_subfolder,
-                                                      torch_dtype=_DTYPES[dtype], device=device)
+                                                      torch_dtype=TORCH_DTYPES[dtype], device=device)
         if lora:
             from engine.train.lora import apply_lora_file
 
             apply_lora_file(model, lora)
         model.eval().requires_grad_(False)
-        amp = _DTYPES[dtype] if dtype != "fp32" else None
-        return cls(model, FrozenParts.load(source, device, _DTYPES[dtype] if device.type == "cuda" else torch.float32),
-                   device, amp)
+        amp = TORCH_DTYPES[dtype] if dtype != "fp32" else None
+        parts_dtype = TORCH_DTYPES[dtype] if device.type == "cuda" else torch.float32
+        return cls(model, FrozenParts.load(source, device, parts_dtype), device, amp)
 
     # ---- conditions ------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> torch.Tensor:

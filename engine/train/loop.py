@@ -28,14 +28,15 @@ import numpy as np
 import torch
 
 from engine.config import Config, resolved_dict
+from engine.dtypes import AUTOCAST_DTYPES
 from engine.events import CheckpointSaved, Event, PhaseChanged, RunWarning, StepEnd
 from engine.train import checkpoint as ckpt
 from engine.train.batches import Batch, BatchSource
 from engine.train.distributed import SINGLE, Distributed
 from engine.train.ema import LoraEma
-from engine.train.host_guard import HostMemoryGuard
 from engine.train.export import emergency_paths, lora_files
 from engine.train.fsio import atomic_write_bytes
+from engine.train.host_guard import HostMemoryGuard
 from engine.train.lora import lora_parameter_names, lora_parameters, native_reference_modules
 from engine.train.metrics import LossSmoother, StepTimer, memory_stats
 from engine.train.objective import (flow_loss, noisy_input, sample_sigmas, sigmas_to_timesteps,
@@ -45,7 +46,6 @@ from engine.train.optim import build_optimizer, build_scheduler
 log = logging.getLogger(__name__)
 metrics_log = logging.getLogger("engine.train.metrics")
 
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, o.schedule, o.warmup_steps, o.max_steps, o.optimizer)
         self.ema = LoraEma(self.params, o.ema.decay) if o.ema.enabled else None
         mp = t.mixed_precision
-        self.autocast_dtype = _AUTOCAST.get(mp)
+        self.autocast_dtype = AUTOCAST_DTYPES.get(mp)
         self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" and device.type == "cuda" else None
         motion_drop = config.data.motion_drop_prob if config.data.motion_frames > 0 else 1.0
         # The order is of global batches (every rank draws the same one and keeps its slice), so the data position
