@@ -49,7 +49,7 @@ class FolderUnwritable(ConfigRefused):
 
 
 def _freeze(config: Config, run_dir: Path) -> None:
-    from engine.train.fsio import FIXES, write_error_cause
+    from engine.fsio import FIXES, write_error_cause
 
     try:
         write_frozen_config(config, run_dir)

@@ -346,7 +346,7 @@ def _close_run(steps: list[Callable[[], None] | None]) -> None:
 def _open_run_folder(run_dir: Path):
     """Create the run folder, take its lock and open its event log; returns them with the log records written
     meanwhile (for train.log, once it is open). RunFailed says why the folder cannot be used."""
-    from engine.train.fsio import FIXES, write_error_cause
+    from engine.fsio import FIXES, write_error_cause
     from engine.train.run_lock import RunFolderBusy, RunLockUnsupported, acquire_run_lock
 
     if run_dir.exists() and not run_dir.is_dir():  # mkdir would only say "File exists"
@@ -380,7 +380,7 @@ def _newest_note(run_dir: Path) -> str:
 
 
 def _failure(exc: BaseException, config: Config, device: torch.device) -> RunEnded:
-    from engine.train.fsio import FIXES, write_error_cause
+    from engine.fsio import FIXES, write_error_cause
 
     trace_log.error("run failed: %s\n%s", exc, "".join(traceback.format_exception(exc)))
     if isinstance(exc, torch.OutOfMemoryError):
@@ -415,7 +415,7 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
                 for s in skipped]
     short = ckpt.space_shortfall(run_dir, resume_path) if resume_path and dist.is_main else ""
     if dist.any(bool(short)):
-        from engine.train.fsio import FIXES
+        from engine.fsio import FIXES
 
         for warning in warnings:
             bus.emit(warning)

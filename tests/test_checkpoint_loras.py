@@ -227,7 +227,8 @@ import sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from engine.train import checkpoint as ckpt, fsio
+from engine import fsio
+from engine.train import checkpoint as ckpt
 from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.headless import run_headless
 

@@ -1,7 +1,7 @@
 """The run folder under faults (issue 14), part 2: writes that fail (read-only and full disks).
 
 Each fault comes two ways: for real (a bind mount remounted read-only, a small tmpfs that fills) and injected (an
-OSError from engine.train.fsio, engine.events or a patched free-space reading). The real ones need root (mount);
+OSError from engine.fsio, engine.events or a patched free-space reading). The real ones need root (mount);
 where mounting is not possible they skip, saying why, and the injected variant still runs.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from engine import fsio
 from engine.config import save_config, with_value
 from engine.events import EVENTS_FILENAME, read_events
 from engine.train import checkpoint as ckpt
-from engine.train import fsio
 from s2v_tui.headless import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from test_run_folder_faults import checkpoint_steps, headless, one_line, step_ends, train
 from test_train_run import _config, _kinds, demo_dataset, step_file_names

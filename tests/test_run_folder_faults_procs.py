@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+from engine import fsio
 from engine.config import save_config
 from engine.events import EVENTS_FILENAME, read_events
 from engine.train import checkpoint as ckpt
-from engine.train import fsio
 from s2v_tui.headless import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
 from test_run_folder_faults import checkpoint_steps, headless, one_line, train
 from test_train_run import _config, _kinds
@@ -32,7 +32,8 @@ import sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from engine.train import checkpoint as ckpt, fsio
+from engine import fsio
+from engine.train import checkpoint as ckpt
 from engine.train.loop import Trainer
 from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.headless import run_headless

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from engine import fsio
 from engine.train import checkpoint as ckpt
-from engine.train import fsio
 from engine.train.objective import (flow_loss, noisy_input, per_sample_mse, sample_sigmas, shift_sigmas,
                                     velocity_target)
 from engine.train.optim import OptimizerUnavailable, build_optimizer, build_scheduler, lr_factor

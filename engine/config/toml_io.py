@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import tomllib
 import typing
 from pathlib import Path
@@ -20,6 +19,7 @@ from engine.config.errors import ConfigError, ExtendsError, TomlSyntaxError, Wro
 from engine.config.rules import validate_config
 from engine.config.schema import Config, FieldInfo, config_hash, flatten, resolved_dict, schema_fields
 from engine.config.strict import build
+from engine.fsio import atomic_write_text
 
 FROZEN_FILENAME = "config.resolved.toml"
 EXTENDS_KEY = "extends"
@@ -211,23 +211,9 @@ def save_config(
     for key, value in flatten(resolved_dict(config)).items():
         if full or _has_dotted(doc, key) or inherited.get(key) != value:
             _set_dotted(doc, key, value)
-    _atomic_write(path, tomlkit.dumps(doc))
+    atomic_write_text(path, tomlkit.dumps(doc))
     load_config(path)  # a file we cannot read back is a bug here, not something to leave for the next run
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_frozen_config(config: Config, run_dir: str | os.PathLike[str]) -> Path:
@@ -239,7 +225,7 @@ def write_frozen_config(config: Config, run_dir: str | os.PathLike[str]) -> Path
     for key, value in flatten(resolved_dict(config)).items():
         _set_dotted(doc, key, value)
     path = Path(run_dir) / FROZEN_FILENAME
-    _atomic_write(path, tomlkit.dumps(doc))
+    atomic_write_text(path, tomlkit.dumps(doc))
     return path
 
 

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import torch
 
-from engine.train.fsio import fsync_dir  # one folder-fsync for checkpoints and cache entries
+from engine.fsio import fsync_dir  # one folder-fsync for checkpoints and cache entries
 
 log = logging.getLogger(__name__)
 

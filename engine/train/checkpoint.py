@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from engine.data.cache import hash_file  # SHA-256 of a file, read in chunks
-from engine.train.fsio import FIXES, atomic_write_bytes, free_bytes, remove_stale_temps, write_error_cause
+from engine.fsio import FIXES, atomic_write_bytes, free_bytes, remove_stale_temps, write_error_cause
 
 log = logging.getLogger(__name__)
 

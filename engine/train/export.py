@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from engine.config import Config
-from engine.train.fsio import atomic_write_bytes
+from engine.fsio import FIXES, atomic_write_bytes, write_error_cause
 from engine.train.lora import lora_bytes, lora_metadata
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,6 @@ def export_final(config: Config, trainer, run_dir: Path, config_hash: str) -> di
 
 
 def _export_failure(path: Path, exc: OSError, trainer) -> str:
-    from engine.train.fsio import FIXES, write_error_cause
-
     cause, text = write_error_cause(exc)
     saved = trainer.last_checkpoint
     return (f"training finished but the LoRA could not be exported to {path}: {text} ({FIXES[cause]}). The trained "

@@ -30,12 +30,12 @@ import torch
 from engine.config import Config, resolved_dict
 from engine.dtypes import AUTOCAST_DTYPES
 from engine.events import CheckpointSaved, Event, PhaseChanged, RunWarning, StepEnd
+from engine.fsio import atomic_write_bytes
 from engine.train import checkpoint as ckpt
 from engine.train.batches import Batch, BatchSource
 from engine.train.distributed import SINGLE, Distributed
 from engine.train.ema import LoraEma
 from engine.train.export import emergency_paths, lora_files
-from engine.train.fsio import atomic_write_bytes
 from engine.train.host_guard import HostMemoryGuard
 from engine.train.lora import lora_parameter_names, lora_parameters, native_reference_modules
 from engine.train.metrics import LossSmoother, StepTimer, memory_stats

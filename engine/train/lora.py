@@ -25,10 +25,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from engine.fsio import atomic_write_bytes
 from engine.models.keymap import diffusers_to_native, native_modules_14b, native_to_diffusers
 from engine.models.loading import check_weights_file
 from engine.models.low_bit_linear import LowBitLinear
-from engine.train.fsio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

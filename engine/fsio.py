@@ -1,5 +1,8 @@
 """Crash-safe file writes: temp file in the same folder, fsync, rename over the target, fsync the folder.
 
+At the bottom of the engine (it imports nothing of it): config files, cache entries, checkpoints and exported
+LoRAs are all written here, so each gets the same guarantees and the same error causes.
+
 A reader sees either the old file or the whole new one, never a torn one, even after a power loss or SIGKILL;
 a write that fails (disk full) removes its temp file and leaves the previous file as it was.
 """
@@ -84,6 +87,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """`atomic_write_bytes` of `text` in UTF-8 (config files, manifests)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
