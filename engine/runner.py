@@ -148,13 +148,15 @@ def _preflight(config: Config, device: torch.device) -> int | None:
 
     from engine.gpu import default_probe, host_memory
     from engine.models.loading import config_from_json, resolve_transformer_dir
+    from engine.models.s2v_transformer import S2VTransformer3DModel
     from engine.presets import PreflightError, preflight, shipped_presets
 
     if device.type != "cuda":
         return None
     try:
         folder = resolve_transformer_dir(config.model.source, config.model.transformer_subfolder or "transformer")
-        arch = config_from_json(json.loads((folder / "config.json").read_text()), str(folder))
+        raw = json.loads((folder / "config.json").read_text())
+        arch = config_from_json(raw, str(folder), S2VTransformer3DModel)
     except (OSError, ValueError):
         return None  # the load phase reports an unreadable model with its own message
     if (arch.get("num_layers"), arch.get("num_attention_heads")) != (40, 40):

@@ -121,11 +121,11 @@ def is_native_config(raw: dict) -> bool:
     return "dim" in raw and "num_heads" in raw
 
 
-def config_from_json(raw: dict, source: str) -> dict:
-    """Our constructor kwargs from a diffusers or an official config.json."""
-    from engine.models.s2v_transformer import S2VTransformer3DModel
-
-    known = set(inspect.signature(S2VTransformer3DModel.__init__).parameters) - {"self"}
+def config_from_json(raw: dict, source: str, cls: type) -> dict:
+    """The constructor kwargs of `cls` (the S2V transformer class) from a diffusers or an official config.json.
+    The class is passed in rather than imported: the transformer's from_pretrained calls this module, which
+    therefore sits below it."""
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
     if not is_native_config(raw):
         out, unknown = {}, []
         for key, value in raw.items():
@@ -371,7 +371,7 @@ def meta_transformer(cls, source, subfolder="transformer") -> tuple[nn.Module, P
     """The model of `source` built on the meta device (no weight is read), and its transformer folder."""
     folder = resolve_transformer_dir(source, subfolder)
     raw = json.loads((folder / CONFIG_NAME).read_text())
-    kwargs = config_from_json(raw, str(folder / CONFIG_NAME))
+    kwargs = config_from_json(raw, str(folder / CONFIG_NAME), cls)
     if "num_weighted_avg_layers" not in kwargs:
         # Neither the official config nor the first diffusers config records how many wav2vec2 layers are
         # mixed; the checkpoint's mixing weights [1, L, 1, 1] do.

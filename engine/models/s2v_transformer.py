@@ -36,6 +36,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from engine.models import loading
 from engine.models.offload_checkpoint import HostActivationStore, host_checkpoint
 
 from engine.models.rope import rope_cos_sin, sequence_positions
@@ -182,9 +183,7 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         `low_bit` (engine.models.low_bit_linear.LowBitSpec): those Linears are quantised as they are loaded."""
         if kwargs:
             raise TypeError(f"unsupported from_pretrained arguments: {sorted(kwargs)}")
-        from engine.models.loading import load_transformer
-
-        return load_transformer(cls, pretrained_model_name_or_path, subfolder, torch_dtype, device, low_bit)
+        return loading.load_transformer(cls, pretrained_model_name_or_path, subfolder, torch_dtype, device, low_bit)
 
     # ---- switches -------------------------------------------------------------------------------------
     def enable_gradient_checkpointing(self, interval: int = 1, offload_inputs: bool = False,
