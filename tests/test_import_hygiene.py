@@ -120,3 +120,65 @@ def test_engine_never_prints():
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
     ]
     assert not offenders, f"engine code must log, not print: {offenders}"
+
+
+# ---- the engine's own stack: every import points down (or sideways within a layer) -----------------------------
+# A unit is a subpackage (engine.train) or a top-level module (engine.runner). Lower numbers are lower; a unit may
+# import units of its own layer or below, at module level and inside functions alike (a function-level import is
+# still an arrow, and an upward one makes an import loop as soon as the lower module is imported first).
+LAYERS = {
+    0: ("engine", "engine.config", "engine.events", "engine.event_log", "engine.fsio", "engine.dtypes",
+        "engine.gpu", "engine.gpu_fake"),
+    1: ("engine.models",),
+    2: ("engine.data", "engine.memory", "engine.presets"),
+    3: ("engine.infer",),
+    4: ("engine.train",),  # validation samples through engine.infer
+    5: ("engine.runner", "engine.run_folder", "engine.run_checkpoints", "engine.run_logs"),
+}
+LAYER_OF = {unit: layer for layer, units in LAYERS.items() for unit in units}
+# Upward arrows that exist today, each with where it is; the list may only shrink (issue 18 takes them down).
+KNOWN_UPWARD = {
+    ("engine.config", "engine.data"),  # rules.py: window_frame_problems, the frame geometry of a window
+    ("engine.config", "engine.models"),  # rules.py: model.source checks (engine.models.source, stdlib only)
+    ("engine.config", "engine.train"),  # rules.py: lora.init_from's header, read by engine.train.lora
+    ("engine.infer", "engine.train"),  # pipeline.py: apply_lora_file, LoRA file I/O still in engine.train.lora
+}
+
+
+def unit_of(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "engine" else module
+
+
+def engine_imports():
+    """(place, importing unit, imported unit) for every import of an engine module by an engine file."""
+    for path in sorted(ENGINE.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        source = unit_of(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            targets = imported_names(node)
+            if isinstance(node, ast.ImportFrom) and node.module == "engine":  # from engine import fsio
+                targets = [f"engine.{alias.name}" for alias in node.names]
+            for target in targets:
+                if target.split(".")[0] == "engine" and unit_of(target) != source:
+                    yield f"{path.relative_to(REPO)}:{node.lineno}", source, unit_of(target)
+
+
+def test_every_engine_unit_has_a_layer():
+    units = {unit_of(m) for m in engine_modules()}
+    assert units == set(LAYER_OF), f"give these a layer: {units - set(LAYER_OF)}; gone: {set(LAYER_OF) - units}"
+
+
+def test_engine_imports_never_point_up_the_stack():
+    upward = [(place, src, dst) for place, src, dst in engine_imports() if LAYER_OF[dst] > LAYER_OF[src]]
+    new = [u for u in upward if (u[1], u[2]) not in KNOWN_UPWARD]
+    assert not new, f"imports up the stack (move the shared piece down instead): {new}"
+    assert {(src, dst) for _, src, dst in upward} == KNOWN_UPWARD, "an upward arrow is gone: take it off the list"
+
+
+def test_the_layer_check_sees_function_level_imports():
+    """The check parses the files: an import inside a function is an arrow like one at the top."""
+    tree = ast.parse("def f():\n    from engine.runner import run\n    from engine import fsio\n")
+    found = [name for node in ast.walk(tree) for name in imported_names(node)]
+    assert found == ["engine.runner", "engine"]
