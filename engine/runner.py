@@ -190,7 +190,7 @@ def _load_model(config: Config, device: torch.device, fresh: bool = False):
     """The transformer with its LoRA added; `fresh` (a run not resumed): the LoRA of lora.init_from, if set."""
     from engine.models.low_bit_linear import LowBitSpec
     from engine.models.s2v_transformer import S2VTransformer3DModel
-    from engine.train.lora import add_lora
+    from engine.models.lora import add_lora
     from engine.train.switches import apply_memory_switches
 
     m = config.memory

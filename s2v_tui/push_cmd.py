@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from engine.config import ConfigError, read_frozen_config
-    from engine.models.source import is_hub_id
+    from engine.model_source import is_hub_id
     from engine.train.hub_push import NothingToPush, push_run
 
     run_dir = Path(args.run_dir)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from engine.train import checkpoint as ckpt
-from engine.train.lora import load_lora
+from engine.models.lora import load_lora
 from test_run_folder_faults import checkpoint_steps, copy_of, train
 from test_train_run import _config, _kinds, step_file_names
 

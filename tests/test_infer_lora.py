@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.train.lora import (LoraFileError, add_lora, apply_lora_file, get_lora_state, lora_metadata,
-                               native_reference_modules, save_lora)
+from engine.models.lora import (LoraFileError, add_lora, apply_lora_file, get_lora_state, lora_metadata,
+                                native_reference_modules, save_lora)
 
 
 def _base(model_dir):

@@ -20,7 +20,7 @@ from s2v_tui.demo import demo_config
 
 def _lora_model(model_dir, seed=0):
     from engine.models.s2v_transformer import S2VTransformer3DModel
-    from engine.train.lora import add_lora
+    from engine.models.lora import add_lora
 
     model = S2VTransformer3DModel.from_pretrained(model_dir, torch_dtype=torch.float32)
     add_lora(model, 4, 4.0, 0.0, [r"blocks\.\d+\.attn1\.to_q", r"audio_injector\.injector\.\d+\.to_v"],
@@ -42,7 +42,7 @@ def test_eval_triples_are_fixed_and_cover_the_sigma_range():
 
 
 def test_eval_loss_is_identical_when_recomputed_with_the_same_weights(tiny_model_dir):
-    from engine.train.lora import get_lora_state, set_lora_state
+    from engine.models.lora import get_lora_state, set_lora_state
 
     data = SyntheticLatentDataset(3, latent_frames=4, seed=1)
     triples = make_triples(len(data), 4, seed=0, mode="logit_normal", shift=3.0)
@@ -104,7 +104,7 @@ def test_validation_renders_each_step_the_ema_and_the_base_once(validated_run):
 def test_logged_eval_loss_is_recomputed_exactly_from_the_checkpoint(validated_run, tiny_model_dir):
     from engine.config import read_frozen_config
     from engine.train.checkpoint import find_resume_state
-    from engine.train.lora import add_lora, set_lora_state
+    from engine.models.lora import add_lora, set_lora_state
     from engine.models.s2v_transformer import S2VTransformer3DModel
 
     run_dir, _, events = validated_run

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.config import check_config, with_value
-from engine.train.lora import get_lora_state, load_lora, lora_metadata, native_reference_modules, save_lora
+from engine.models.lora import get_lora_state, load_lora, lora_metadata, native_reference_modules, save_lora
 from test_run_folder_faults import one_line, train
 from test_train_run import _config, _kinds
 

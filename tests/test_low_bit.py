@@ -281,7 +281,7 @@ def _low_bit_config(model_dir, runs, kind, families, fp8_backward=False):
 def _old_low_bit_path(config, device):
     """How the runner loaded a low-bit base before: the bf16 model in full into host memory, the LoRA, then
     quantize_base_linears onto `device` through the memory switches."""
-    from engine.train.lora import add_lora
+    from engine.models.lora import add_lora
     from engine.train.switches import apply_memory_switches
 
     model = S2VTransformer3DModel.from_pretrained(config.model.source, torch_dtype=torch.bfloat16)

@@ -171,7 +171,7 @@ def test_truncated_encoder_weights_are_named(tiny_model_dir, tmp_path, folder, l
 
 
 def test_truncated_lora_file_is_named(tmp_path):
-    from engine.train.lora import load_lora
+    from engine.models.lora import load_lora
 
     path = tmp_path / "my_lora.safetensors"
     save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)}, path)

@@ -20,7 +20,7 @@ from engine.config import save_config, with_value
 from engine.events import EVENTS_FILENAME, read_events
 from engine.runner import run
 from engine.train.checkpoint import list_checkpoints, load_checkpoint
-from engine.train.lora import load_lora
+from engine.models.lora import load_lora
 from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.demo import demo_config
 from s2v_tui.launch import accelerate_command, split_gpus

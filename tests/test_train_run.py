@@ -9,8 +9,8 @@ import torch
 from engine.config import with_value
 from engine.events import EVENTS_FILENAME, read_events
 from engine.runner import run
-from engine.train.lora import (LoraFileError, add_lora, check_native_keys, get_lora_state, load_lora,
-                               native_reference_modules, to_native_layout)
+from engine.models.lora import (LoraFileError, add_lora, check_native_keys, get_lora_state, load_lora,
+                                native_reference_modules, to_native_layout)
 from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.demo import DEMO_STEPS, demo_config, prepare
 

@@ -15,7 +15,7 @@ import torch
 from engine.config import save_config, with_value
 from engine.events import EVENTS_FILENAME, read_events
 from engine.runner import run
-from engine.train.lora import load_lora
+from engine.models.lora import load_lora
 from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.demo import demo_config
 from s2v_tui.headless import EXIT_OK, EXIT_STOPPED

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 from engine.config.errors import BadValueError, ConfigError, ConflictError
 from engine.config.schema import LOW_BIT_FAMILIES, Config, nonfinite_allowed, schema_key
-from engine.data.windows import window_frame_problems
-from engine.models.source import EXAMPLE_HUB_ID, SOURCE_FIX, is_hub_id, source_problem
+from engine.frames import window_frame_problems
+from engine.model_source import EXAMPLE_HUB_ID, SOURCE_FIX, is_hub_id, source_problem
 
 # ---- rules on one value alone -----------------------------------------------------------------------------
 # strict.py applies these as each value is read (file, form, --set), so a value that is wrong whatever the rest
@@ -170,7 +170,7 @@ def _check_init_from(c: _Checker, cfg: Config) -> None:
     elif not file.is_file():
         c.bad("lora.init_from", f"{path} is a folder, not a LoRA file", fix)
     else:
-        from engine.train.lora import lora_file_layout  # torch: only a run about to start gets here
+        from engine.models.lora import lora_file_layout  # torch: only a run about to start gets here
 
         try:
             lora_file_layout(file)

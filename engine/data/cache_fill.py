@@ -62,7 +62,7 @@ class CacheStopped(Exception):
 
 def resolve_model_root(source: str) -> Path:
     """The local S2V model folder (diffusers layout) of model.source, a folder or a hub id."""
-    from engine.models.source import fetch_from_hub, require_source
+    from engine.model_source import fetch_from_hub, require_source
 
     require_source(source)
     path = Path(source).expanduser()

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.frames import MOTION_FRAMES, VAE_TIME_FACTOR, WINDOW_FRAMES, window_frame_problems
+
 MODEL_FPS = 16
-WINDOW_FRAMES = 80
-MOTION_FRAMES = 73
-VAE_TIME_FACTOR = 4
 VAE_SPACE_FACTOR = 8
 WAV2VEC_RATE_HZ = 50
 AUDIO_FEATURE_FPS = 30  # the official pipeline's intermediate rate for wav2vec2 features
@@ -37,29 +36,6 @@ def latent_frames(pixel_frames: int) -> int:
     if pixel_frames <= 0:
         return 0
     return 1 + (pixel_frames - 1) // VAE_TIME_FACTOR
-
-
-def window_frame_problems(frames: int, motion_frames: int) -> list[tuple[str, str, str]]:
-    """Why a window of `frames` new frames after `motion_frames` motion frames cannot be encoded, as
-    (which, what is wrong, fix) with which = "frames" or "motion_frames"; [] when it can.
-
-    The new frames always follow one causal prefix, the reference frame or the 4k+1 motion frames, so they
-    must be whole groups of 4 (one latent each); the frame packer takes at most 19 motion latents (73 frames).
-    The config rules (data.frames, data.motion_frames) and WindowSettings both ask here, so a config that
-    passes its check never fails later in the dataset code.
-    """
-    out = []
-    if frames <= 0 or frames % VAE_TIME_FACTOR:
-        near = max(VAE_TIME_FACTOR, round(frames / VAE_TIME_FACTOR) * VAE_TIME_FACTOR)
-        nearest = f"use {near}, or " if near != WINDOW_FRAMES else "use "
-        out.append(("frames", f"{frames} new frames are not whole latents: valid values are 4, 8, 12, ... "
-                    "(a positive multiple of 4, each 4 frames one latent after the reference or motion frames)",
-                    f"{nearest}{WINDOW_FRAMES} (20 latents, as inference)"))
-    if motion_frames < 0 or motion_frames > MOTION_FRAMES or (motion_frames and (motion_frames - 1) % VAE_TIME_FACTOR):
-        out.append(("motion_frames", f"{motion_frames} motion frames are not whole motion latents: valid values "
-                    f"are 0 (none) or 1, 5, 9, ... {MOTION_FRAMES} (4k+1, at most {MOTION_FRAMES})",
-                    f"use {MOTION_FRAMES} (the official 19 motion latents) or 0 to train first-clip mode only"))
-    return out
 
 
 @dataclass(frozen=True)

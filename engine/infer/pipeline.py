@@ -86,7 +86,7 @@ class S2VPipeline:
         model = S2VTransformer3DModel.from_pretrained(source, subfolder=transformer_subfolder,
                                                       torch_dtype=TORCH_DTYPES[dtype], device=device)
         if lora:
-            from engine.train.lora import apply_lora_file
+            from engine.models.lora import apply_lora_file
 
             apply_lora_file(model, lora)
         model.eval().requires_grad_(False)

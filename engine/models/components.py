@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models.source import require_source
+from engine.model_source import require_source
 
 TEXT_LEN = 512
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from engine.model_source import fetch_from_hub, require_source
 from engine.models.keymap import detect_layout, native_to_diffusers, normalise_diffusers_name
-from engine.models.source import fetch_from_hub, require_source
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 
 The second form (what the runner does) quantises each Linear as soon as the loader has read it
 (`low_bit_load_hooks`), so no device ever holds the bf16 model; a LoRA is then added to the low-bit model
-(engine.train.lora.add_lora) and comes out bit for bit as when the base is quantised after the LoRA is added.
+(engine.models.lora.add_lora) and comes out bit for bit as when the base is quantised after the LoRA is added.
 
 Each chosen nn.Linear of the frozen base (also the base_layer inside a peft LoRA layer; the LoRA itself stays in
 its own dtype and keeps its own bf16 path) is replaced, one at a time, by
@@ -215,7 +215,7 @@ class LowBitLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.bfloat16, device=device)
                              if has_bias else None)
         # The dtype of the Linear this one replaced: peft gives a LoRA added later the dtype of its base weight
-        # (engine.train.lora.add_lora), which it would otherwise take from the bf16 Linear.
+        # (engine.models.lora.add_lora), which it would otherwise take from the bf16 Linear.
         self.source_dtype = torch.bfloat16
 
     @staticmethod

@@ -147,7 +147,7 @@ class Distributed:
         return value
 
     def lora_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        from engine.train.lora import _canonical, get_lora_state
+        from engine.models.lora import _canonical, get_lora_state
 
         if not self.sharded:
             return get_lora_state(model)
@@ -155,14 +155,14 @@ class Distributed:
                 for n, p in model.named_parameters() if ".lora_" in n}
 
     def set_lora_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-        from engine.train.lora import _canonical, set_lora_state
+        from engine.models.lora import _canonical, set_lora_state
 
         if not self.sharded:
             set_lora_state(model, state, source)
             return
         params = {_canonical(n): p for n, p in model.named_parameters() if ".lora_" in n}
         if set(params) != set(state):
-            from engine.train.lora import LoraFileError
+            from engine.models.lora import LoraFileError
 
             raise LoraFileError(f"{source}: LoRA keys do not match the model's adapter; was it trained with other "
                                 "lora.targets or another model?")

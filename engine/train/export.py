@@ -19,7 +19,7 @@ import torch
 
 from engine.config import Config
 from engine.fsio import FIXES, atomic_write_bytes, write_error_cause
-from engine.train.lora import lora_bytes, lora_metadata
+from engine.models.lora import lora_bytes, lora_metadata
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def lora_files(config: Config, weights: Mapping[str, torch.Tensor], kind: str, m
                step: int, config_hash: str) -> dict[str, bytes]:
     """layout -> the bytes of the LoRA file of `weights` (named `kind`: "ema", "trained" or "schedulefree_eval")
     at `step`, for every layout of output.formats; `modules` are the native module names the keys are checked
-    against (engine.train.lora.native_reference_modules)."""
+    against (engine.models.lora.native_reference_modules)."""
     lo = config.lora
     extra = {"ema": str(kind == "ema"), "weights": kind, "identity": config.identity_hash()}
     if lo.init_from:

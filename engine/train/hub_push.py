@@ -125,7 +125,7 @@ def _lora_step(path: Path) -> str:
 
 def model_card(config: Config, run_dir: Path, exports: list[tuple[str, Path]],
                stills: list[tuple[str, bytes]]) -> str:
-    from engine.models.source import is_hub_id
+    from engine.model_source import is_hub_id
 
     src, lo, o = config.model.source, config.lora, config.optim
     base = src if is_hub_id(src) and not Path(src).expanduser().is_dir() else ""

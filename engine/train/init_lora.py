@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from engine.config import BadValueError, Config, ConflictError
 from engine.models.loading import CheckpointError
-from engine.train.lora import (LoraFileError, load_lora, lora_module_names, lora_rank_alpha, matched_modules,
-                               set_lora_state)
+from engine.models.lora import (LoraFileError, load_lora, lora_module_names, lora_rank_alpha, matched_modules,
+                                set_lora_state)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _read(config: Config, origin: str) -> tuple[dict[str, torch.Tensor], dict[st
 def check_init_from(config: Config, origin: str = "<run config>") -> None:
     """Refuse a lora.init_from file that does not fit the [lora] settings on this model (ConfigError). The module
     check needs the model's config.json; when it cannot be read here (a hub id not downloaded yet) the load
-    phase finds a mismatch instead, by name (engine.train.lora.set_lora_state)."""
+    phase finds a mismatch instead, by name (engine.models.lora.set_lora_state)."""
     state, meta, rank, alpha = _read(config, origin)
     lo, path = config.lora, config.lora.init_from
     if rank != lo.rank:

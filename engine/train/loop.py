@@ -31,13 +31,13 @@ from engine.config import Config, resolved_dict
 from engine.dtypes import AUTOCAST_DTYPES
 from engine.events import CheckpointSaved, Event, PhaseChanged, RunWarning, StepEnd
 from engine.fsio import atomic_write_bytes
+from engine.models.lora import lora_parameter_names, lora_parameters, native_reference_modules
 from engine.train import checkpoint as ckpt
 from engine.train.batches import Batch, BatchSource
 from engine.train.distributed import SINGLE, Distributed
 from engine.train.ema import LoraEma
 from engine.train.export import emergency_paths, lora_files
 from engine.train.host_guard import HostMemoryGuard
-from engine.train.lora import lora_parameter_names, lora_parameters, native_reference_modules
 from engine.train.metrics import LossSmoother, StepTimer, memory_stats
 from engine.train.objective import (flow_loss, noisy_input, sample_sigmas, sigmas_to_timesteps,
                                     velocity_target)
@@ -183,7 +183,7 @@ class Trainer:
     # ---- LoRA files ------------------------------------------------------------------------------------------
     @property
     def native_modules(self) -> frozenset[str]:
-        """The module names every LoRA file's keys are checked against (see engine.train.lora.save_lora)."""
+        """The module names every LoRA file's keys are checked against (see engine.models.lora.save_lora)."""
         if self._native_modules is None:
             self._native_modules = native_reference_modules(self.model)
         return self._native_modules
