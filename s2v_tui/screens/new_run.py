@@ -7,6 +7,7 @@ It answers through `dismiss` with the settings to apply ({dotted key: value}), o
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from textual import work
@@ -22,6 +23,7 @@ from engine.models.source import source_problem
 
 DEMO_FOLDER = Path("s2v-demo")
 DEMO_GROUP = "demo-files"
+NOTE_ENTRIES = 400
 
 
 def make_demo_files(folder: Path) -> tuple[Path, Path]:
@@ -42,8 +44,11 @@ def dataset_note(text: str) -> str:
     path = Path(text).expanduser()
     if not path.is_dir():
         return f"{text} is not a folder here (the Dataset screen, 1, checks a folder)"
-    videos = sum(1 for p in path.iterdir() if p.suffix.lower() in (".mp4", ".mov", ".mkv", ".webm", ".avi"))
-    return f"{videos} video file{'s' * (videos != 1)} in {text}; check them on the Dataset screen (1)"
+    # Counted on the UI thread as the name is typed: only the first entries, so a huge or slow folder never stalls it.
+    entries = list(itertools.islice(path.iterdir(), NOTE_ENTRIES))
+    videos = sum(1 for p in entries if p.suffix.lower() in (".mp4", ".mov", ".mkv", ".webm", ".avi"))
+    more = "+" if len(entries) == NOTE_ENTRIES else ""  # stopped counting
+    return f"{videos}{more} video file{'s' * (videos != 1)} in {text}; check them on the Dataset screen (1)"
 
 
 class NewRunDialog(ModalScreen[dict | None]):
