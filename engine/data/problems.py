@@ -44,7 +44,8 @@ KINDS: dict[str, ProblemKind] = _kinds(
     ProblemKind("too-few-frames", BLOCKING, "the clip is shorter than one training window",
                 "use clips of at least 5 s (80 frames at 16 fps), or move this one out"),
     ProblemKind("tiny-resolution", BLOCKING, "the video is too small for the smallest bucket",
-                "use a higher-resolution source, or lower the minimum side if this is intended"),
+                "use a higher-resolution source, or, if this size is intended, lower data.resolution in the run "
+                "config (the smallest side accepted follows it; `s2v-tui check DIR --min-side PX` for a folder)"),
     ProblemKind("extreme-aspect-ratio", WARNING, "a large part of the frame will be cropped away",
                 "crop the clip around the speaker before training"),
     ProblemKind("caption-missing", BLOCKING, "no caption for this clip",

@@ -366,7 +366,7 @@ class Trainer:
             loss_smooth=self.smoother.update(mean_loss), lr=lr, grad_norm=grad_norm,
             samples_per_s=(o.batch_size * o.grad_accum * dist.world_size / self.timer.s_per_step)
             if self.timer.s_per_step else 0.0,
-            s_per_step=self.timer.s_per_step, eta_s=self.timer.eta(o.max_steps - self.step),
+            s_per_step=self.timer.s_per_step, eta_s=self.timer.eta(o.max_steps - self.step), step_s=elapsed,
             peak_alloc_bytes=peak_alloc, peak_reserved_bytes=peak_reserved, host_rss_bytes=rss,
             skipped_nonfinite=self.skipped,
             rank_peak_alloc_bytes=tuple(r[0] for r in ranks), rank_peak_reserved_bytes=tuple(r[1] for r in ranks),
