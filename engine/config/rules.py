@@ -134,6 +134,11 @@ def _check_data(c: _Checker, cfg: Config) -> None:
             c.bad(f"{key}.path", "is empty", "give the folder of the clips")
         c.at_least(f"{key}.repeats", ds.repeats, 1)
         c.positive(f"{key}.weight", ds.weight)
+        if ds.caption_prefix != ds.caption_prefix.strip():
+            # Captions are stripped when read; a prefix with edge spaces would silently differ from the
+            # trigger word written at sampling time.
+            c.bad(f"{key}.caption_prefix", f"{ds.caption_prefix!r} starts or ends with whitespace",
+                  "put the spacing in caption_separator instead")
     width, height = d.resolution
     if width <= 0 or height <= 0 or width % 16 or height % 16:
         fix = f"use multiples of 16, e.g. [{max(16, round(width / 16) * 16)}, {max(16, round(height / 16) * 16)}]"

@@ -71,6 +71,10 @@ class DatasetEntry:
     audio_dir: str = opt("", "folder of separate audio files of the same names; '' = audio track of the clip")
     repeats: int = opt(1, "how many times each clip counts per epoch")
     weight: float = opt(1.0, "relative sampling weight against the other datasets")
+    caption_prefix: str = opt("", "trigger word put before every caption of this dataset; '' = none")
+    caption_separator: str = opt(", ", "text between caption_prefix and the caption")
+    default_caption: str = opt("", "caption of the clips that have no caption file (a warning, not a block); "
+                               "'' = such clips are refused")
 
 
 @dataclass
