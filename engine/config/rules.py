@@ -231,6 +231,12 @@ def _check_validation(c: _Checker, cfg: Config) -> None:
     c.at_least("validation.steps", v.steps, 1, "40 as the official inference")
     c.at_least("validation.cfg_scale", v.cfg_scale, 1, "4.5 as the official inference; 1 = no guidance")
     c.at_least("validation.eval_loss.num_triples", v.eval_loss.num_triples, 1)
+    c.at_least("validation.chunks", v.chunks, 1, "1 = 77 frames (4.8 s), as before")
+    names = [f"{s:g}" for s in v.lora_scales]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            # Two equal scales would render into the same case-NN-scale-S.mp4 file.
+            c.bad(f"validation.lora_scales[{i}]", f"{name} is listed twice", "list each strength once")
     for i, case in enumerate(v.cases):
         for name in ("reference", "audio"):
             if not getattr(case, name):

@@ -33,6 +33,17 @@ ExportFormat = Literal["peft", "native"]
 DistributedStrategy = Literal["ddp", "fsdp"]
 WebhookFormat = Literal["auto", "json", "discord", "slack"]
 
+# The official S2V negative prompt (wan/configs/wan_s2v_14B.py, sample_neg_prompt): blurry picture, worst
+# quality, blurred details, violent emotions, fast shaking hands, subtitles, ugly, mutilated, extra fingers,
+# badly drawn hands and face, deformed, disfigured limbs, fused fingers, a still picture, cluttered background,
+# three legs, many people in the background, walking backwards. It lives here, not in engine.infer, so the
+# config (which loads without torch) can offer it as a default.
+OFFICIAL_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，"
+    "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，"
+    "背景人很多，倒着走"
+)
+
 # Full-match regexes over the transformer's module names (diffusers layout, see spec/S2V_MODEL.md §2.3):
 # q, k, v, o of self-attention (attn1), text cross-attention (attn2) and the 12 audio injectors.
 # Module families that base_weights = "fp8" or "int8" can quantise (engine.models.low_bit_linear.FAMILIES names
@@ -164,6 +175,13 @@ class ValidationConfig:
     steps: int = opt(40, "sampling steps per validation sample")
     cfg_scale: float = opt(4.5, "classifier-free guidance scale")
     solver: Solver = opt("unipc", "sampler: unipc (as the official inference) or euler")
+    negative_prompt: str = opt(OFFICIAL_NEGATIVE_PROMPT, "negative prompt of the unconditional pass (default: the "
+                               "official one, in Chinese); '' = an empty prompt")
+    chunks: int = opt(1, "length of each sample in 80-frame chunks (1 = 77 frames, 4.8 s; n = 80 n - 3 frames), "
+                      "capped by the case's audio")
+    lora_scale: float = opt(1.0, "strength of the LoRA in the samples (0 = the base model, 1 = as trained)")
+    lora_scales: list[float] = opt([], "a strength sweep: each case also rendered at each of these scales, as "
+                                   "case-NN-scale-S.mp4; [] = none")
     eval_loss: EvalLossConfig = opt(EvalLossConfig(), "fixed-noise evaluation loss")
 
 
@@ -279,11 +297,14 @@ LOCATION_KEYS = ("output.run_dir", "output.name", "data.cache_dir")
 # Keys a finished or stopped run may change and still continue from its checkpoints (engine.run_folder).
 CONTINUE_KEYS = ("optim.max_steps",)
 # Keys about what a run reports and keeps, not what it trains (no random draw and no tensor depends on them): a
-# resumed run may change them too (log less often, keep more checkpoints, export another layout).
+# resumed run may change them too (log less often, keep more checkpoints, export another layout). The validation
+# keys here only shape the samples: validation forks the RNG and puts the LoRA strength back exactly
+# (tests/test_infer_validation.py trains the same losses with and without it).
 REPORTING_KEYS = ("logging.every_steps", "logging.tensorboard", "logging.wandb_project", "logging.webhooks",
                   "logging.webhook_format", "logging.webhook_timeout_s", "checkpoint.every_steps",
                   "checkpoint.keep_last", "output.formats", "output.push_to_hub", "output.push_checkpoints",
-                  "output.hub_private")
+                  "output.hub_private", "validation.negative_prompt", "validation.chunks", "validation.lora_scale",
+                  "validation.lora_scales")
 # Keys that say where tensors live and how the step is scheduled, not what is computed: a run stopped by host or
 # GPU memory resumes on another card or preset with them changed. (Their numerics differ at most by rounding
 # order; the keys that change the base's numerics, base_weights, fp8_input_grad and residual_dtype, are not here.)
