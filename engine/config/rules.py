@@ -212,6 +212,8 @@ def _check_optim(c: _Checker, cfg: Config, dataset_size: int | None) -> None:
             f"set batch_size to at most {max(1, dataset_size)} and raise optim.grad_accum instead",
         )
     c.at_least("optim.max_grad_norm", o.max_grad_norm, 0, "0 turns clipping off")
+    c.at_least("optim.max_grad_value", o.max_grad_value, 0, "0 turns clipping off")
+    c.at_least("optim.ema.update_every", o.ema.update_every, 1, "1 = every optimizer step")
     if not 0.0 < o.ema.decay < 1.0:
         c.bad("optim.ema.decay", f"must be between 0 and 1 (exclusive), got {o.ema.decay:g}", "e.g. 0.999")
 

@@ -21,6 +21,7 @@ CropMode = Literal["center", "random"]
 ReferenceChoice = Literal["first", "random", "outside"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora"]
 OptimizerName = Literal["adamw", "adamw8bit", "lion", "prodigy", "schedulefree"]
+GradClip = Literal["norm", "value"]
 ScheduleName = Literal["constant", "cosine", "linear"]
 MixedPrecision = Literal["bf16", "fp16", "no"]
 SigmaSampling = Literal["logit_normal", "uniform"]
@@ -118,7 +119,8 @@ class LoraConfig:
 @dataclass
 class EmaConfig:
     enabled: bool = opt(False, "keep an exponential moving average of the LoRA weights and export it")
-    decay: float = opt(0.999, "EMA decay per optimizer step, 0 < decay < 1")
+    decay: float = opt(0.999, "EMA decay per EMA update, 0 < decay < 1")
+    update_every: int = opt(1, "update the EMA every N optimizer steps (1 = every step)")
 
 
 @dataclass
@@ -133,7 +135,10 @@ class OptimConfig:
     max_steps: int = opt(2000, "optimizer steps of the whole run")
     batch_size: int = opt(1, "windows per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_grad_norm: float = opt(1.0, "clip the gradient norm to this; 0 = no clipping")
+    grad_clip: GradClip = opt("norm", "gradient clipping: norm (scale the whole gradient to max_grad_norm) or "
+                              "value (clamp each element to +-max_grad_value)")
+    max_grad_norm: float = opt(1.0, "with grad_clip = norm: clip the gradient norm to this; 0 = no clipping")
+    max_grad_value: float = opt(1.0, "with grad_clip = value: clamp each gradient element to +-this; 0 = no clipping")
     ema: EmaConfig = opt(EmaConfig(), "EMA of the LoRA weights")
 
 
