@@ -104,3 +104,31 @@ def test_sample_command_refuses_a_non_finite_lora_scale(inputs, tmp_path, capsys
     rc = main(["--model", "x", "--image", str(inputs / "face.png"), "--audio", str(inputs / "long.wav"),
                "--prompt", "p", "--out", str(tmp_path / "o.mp4"), "--lora-scale", "nan"])
     assert rc == 2 and "--lora-scale" in capsys.readouterr().err
+
+
+def _frames(path) -> list[np.ndarray]:
+    import av
+
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+
+
+def test_sample_command_lora_scale_zero_is_the_base_model(lora_pipe, tiny_model_dir, inputs, tmp_path, capsys):
+    from engine.train.lora import get_lora_state, lora_metadata, save_lora
+    from s2v_tui.sample_cmd import main
+
+    targets = [r"blocks\.\d+\.attn1\.to_q", r"blocks\.\d+\.attn2\.to_v"]
+    lora = save_lora(tmp_path / "l_peft.safetensors", get_lora_state(lora_pipe.model), "peft",
+                     lora_metadata(str(tiny_model_dir), 4, 4.0, 1, "0" * 16, "peft", targets), 4.0)
+    common = ["--model", str(tiny_model_dir), "--image", str(inputs / "face.png"), "--audio", str(inputs / "long.wav"),
+              "--prompt", "a man talks", "--device", "cpu", "--steps", "2", "--size", "64x64", "--max-chunks", "1",
+              "--solver", "euler"]
+    outs = {}
+    for name, extra in (("base", []), ("zero", ["--lora", str(lora), "--lora-scale", "0"]),
+                        ("full", ["--lora", str(lora)])):
+        outs[name] = tmp_path / f"{name}.mp4"
+        assert main([*common, *extra, "--out", str(outs[name])]) == 0, capsys.readouterr().err
+    base, zero, full = (_frames(outs[n]) for n in ("base", "zero", "full"))
+    assert len(base) == len(zero) and all(np.array_equal(a, b) for a, b in zip(base, zero))
+    assert not all(np.array_equal(a, b) for a, b in zip(base, full))
+    assert "LoRA at 0" in capsys.readouterr().err
