@@ -13,8 +13,8 @@ from engine.config import Config, check_config, with_value
 from engine.runner import run
 from engine.train.distributed import SINGLE
 from engine.train.ema import LoraEma
-from engine.train.lora import load_lora
 from engine.train.loop import Trainer
+from engine.train.lora import load_lora
 from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.demo import demo_config
 
@@ -104,6 +104,6 @@ def test_grad_clip_value_trains_and_the_rules_refuse_bad_values(tiny_model_dir, 
     wa, _ = load_lora(a.outputs["peft"])
     wb, _ = load_lora(b.outputs["peft"])
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
-    keys = lambda c: {e.key for e in check_config(c)}  # noqa: E731
+    keys = lambda c: {e.key for e in check_config(c)}
     assert "optim.max_grad_value" in keys(with_value(config, "optim.max_grad_value", -1.0))
     assert "optim.ema.update_every" in keys(with_value(config, "optim.ema.update_every", 0))

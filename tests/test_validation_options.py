@@ -60,9 +60,8 @@ def test_lora_scale_zero_renders_the_base_model_and_the_scale_is_restored(lora_p
     assert torch.equal(zero, base)
     assert not torch.equal(full, base) and not torch.equal(half, full) and not torch.equal(half, base)
     assert _scalings(pipe.model) == before  # restored exactly, also after an exception inside the block
-    with pytest.raises(RuntimeError):
-        with lora_scaled(pipe.model, 3.0):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), lora_scaled(pipe.model, 3.0):
+        raise RuntimeError("boom")
     assert _scalings(pipe.model) == before
 
 
@@ -92,7 +91,7 @@ def test_config_rules_for_the_validation_keys(tiny_model_dir, tmp_path):
     from engine.config import check_config
 
     config = demo_config(tiny_model_dir, tmp_path / "runs")
-    keys = lambda c: {e.key for e in check_config(c)}  # noqa: E731
+    keys = lambda c: {e.key for e in check_config(c)}
     assert "validation.chunks" in keys(with_value(config, "validation.chunks", 0))
     assert "validation.lora_scales[2]" in keys(with_value(config, "validation.lora_scales", [0.5, 1.0, 0.50]))
     assert not keys(with_value(config, "validation.lora_scales", [0.0, 0.5, 1.5]))
