@@ -50,6 +50,8 @@ KINDS: dict[str, ProblemKind] = _kinds(
                 "crop the clip around the speaker before training"),
     ProblemKind("caption-missing", BLOCKING, "no caption for this clip",
                 "write <stem>.txt next to the clip, or add a row to metadata.jsonl / metadata.csv"),
+    ProblemKind("caption-default", WARNING, "no caption file: the dataset's default_caption is used",
+                "write <stem>.txt next to the clip if this clip needs its own words"),
     ProblemKind("caption-empty", WARNING, "the caption is empty",
                 "write a caption, or leave it empty on purpose (the clip then trains unconditioned on text)"),
     ProblemKind("caption-undecodable", BLOCKING, "the caption is not valid UTF-8 text",
