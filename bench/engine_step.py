@@ -63,7 +63,7 @@ from engine.config.toml_io import load_config  # noqa: E402
 from engine.train.synthetic import SyntheticLatentDataset  # noqa: E402
 
 WARMUP_STEPS = 2  # step 1 compiles the no-grad forward, step 2 can still hit the recompute's compile
-MAX_STEPS = 20  # the trainer's StepTimer window: per-step times are exact up to this many steps
+MAX_STEPS = 20  # a short measurement: the step time settles after the warm-up
 
 # 832x480 at 16 fps, 80-frame windows: 20 latents of 60x104, 19 motion latents; UMT5-XXL and wav2vec2-large.
 FULL_SAMPLE = dict(latent_frames=20, height=60, width=104, text_dim=4096, audio_layers=25, audio_dim=1024,

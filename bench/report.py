@@ -8,9 +8,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-# engine.train.metrics.StepTimer's default window: StepEnd.s_per_step is the mean over the last this many steps.
-STEP_TIMER_WINDOW = 20
-
 
 def emit_result(result: dict, json_path: str | None) -> None:
     """Print a bench result as one JSON line, and append it to `json_path` when given."""
@@ -38,17 +35,9 @@ def check_host_budget(result: dict, budget_gib: float) -> bool:
     return within
 
 
-def step_durations(events: Sequence, window: int = STEP_TIMER_WINDOW) -> list[float]:
-    """Each step's own duration, recovered from the StepEnd events of one run (a running mean over the trainer's
-    last `window` steps): the window's sum changes by the new step minus the one that left it."""
-    out: list[float] = []
-    prev_sum = 0.0
-    for k, e in enumerate(events, start=1):
-        window_sum = min(k, window) * e.s_per_step
-        left = out[k - 1 - window] if k > window else 0.0
-        out.append(window_sum - prev_sum + left)
-        prev_sum = window_sum
-    return out
+def step_durations(events: Sequence) -> list[float]:
+    """Each step's own duration, from the StepEnd events of one run (StepEnd.s_per_step is a recent median)."""
+    return [e.step_s for e in events]
 
 
 # ---- a process tree's memory while it runs ---------------------------------------------------------------------

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.infer.video_io import write_sample_mp4
     from engine.runner import _load_model
     from engine.train.switches import cap_gpu_memory
-    from engine.train.validation import VALIDATION_CHUNKS, prepare_validation
+    from engine.train.validation import prepare_validation
 
     device = torch.device("cpu" if args.tiny else "cuda")
     scratch = Path(tempfile.mkdtemp(prefix=".sample-speed-", dir=args.scratch or (None if args.tiny else str(REPO))))
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         facts = mp4_facts(out)
         result = {
             "bench": "sample_speed", "preset": args.preset, "tiny": args.tiny, "cap": cap,
-            "steps": v.steps, "cfg_scale": v.cfg_scale, "solver": v.solver, "chunks": VALIDATION_CHUNKS,
+            "steps": v.steps, "cfg_scale": v.cfg_scale, "solver": v.solver, "chunks": v.chunks,
             "size": [cond.width, cond.height], **{k: round(t, 1) for k, t in times.items()},
             "denoise_s": round(denoise_end - t0, 1),
             # The last progress call comes after the last model call; decode and mp4 writing follow it.

@@ -114,8 +114,9 @@ class StepEnd(Event):
     lr: float
     grad_norm: float | None = None
     samples_per_s: float = 0.0
-    s_per_step: float = 0.0
-    eta_s: float | None = None
+    s_per_step: float = 0.0  # the recent median, warm-up left out (engine.train.metrics.StepTimer)
+    eta_s: float | None = None  # None until a step after the warm-up has been timed
+    step_s: float = 0.0  # this step's own duration
     peak_alloc_bytes: int | None = None
     peak_reserved_bytes: int | None = None
     host_rss_bytes: int | None = None

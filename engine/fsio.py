@@ -49,6 +49,35 @@ def free_bytes(folder: str | os.PathLike[str]) -> int | None:
         return None
 
 
+def _umask() -> int:
+    """The process umask, read where Linux shows it (os.umask can only read it by setting it, which races with
+    other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def mkstemp_shared(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """tempfile.mkstemp, but the file gets the mode a plain open() would give it (0666 less the umask).
+
+    mkstemp makes every file 0600 because a temp file may be secret; ours are renamed into place as the run's
+    outputs (checkpoints, LoRAs, configs, cache entries), which the user's group and other tools must read too.
+    """
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError:
+        pass  # a filesystem without modes (some mounts): the file stays as mkstemp made it
+    return fd, name
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     """Write every byte to `fd` (os.write may write less than asked). Tests patch this to simulate ENOSPC."""
     view = memoryview(data)
@@ -74,7 +103,7 @@ def fsync_dir(folder: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, tmp = mkstemp_shared(path.parent, f".{path.name}.", TEMP_SUFFIX)
     try:
         try:
             _write_all(fd, data)

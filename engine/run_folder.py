@@ -65,6 +65,10 @@ class Resolution:
     config: Config
     action: str  # "new", "resume", "continue" or "replace"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # What a face asks the user about before it starts (resolve with write=False): the keys a continuation
+    # changes, and the step the folder is trained to (-1: no checkpoint).
+    changes: tuple[ConfigChange, ...] = ()
+    step: int = -1
 
 
 def exported_loras(run_dir: Path) -> list[Path]:
@@ -160,7 +164,7 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
             notes.append(f"{FROZEN_FILENAME} restored from the newest checkpoint's record")
             if write:
                 _freeze(use, run_dir)
-        return Resolution(use, "resume", tuple(notes))
+        return Resolution(use, "resume", tuple(notes), step=step)
     if all(c.key in RESUMABLE for c in changes):
         new_steps = requested.optim.max_steps
         if new_steps < step:
@@ -185,7 +189,7 @@ def resolve(given: Config, run_dir: Path, write: bool = True) -> Resolution:
         elif new_steps != reference.optim.max_steps:
             notes.append(f"continuing the run from step {step}: optim.max_steps {reference.optim.max_steps} -> "
                          f"{new_steps} ({source}); the learning-rate schedule is re-planned over {new_steps} steps")
-        return Resolution(use, "continue", tuple(notes))
+        return Resolution(use, "continue", tuple(notes), tuple(changes), step)
     undo = (f"undo the edit of {run_dir / FROZEN_FILENAME}" if requested is not given else
             f"undo those changes, or run `s2v-tui --run {run_dir / FROZEN_FILENAME}`")
     raise ConfigRefused(

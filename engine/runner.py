@@ -79,6 +79,8 @@ def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.devi
     if problems:
         raise RunFailed(f"these settings cannot run here ({world_size} process(es) on {device.type}): "
                         + "; ".join(problems))
+    if not have_dataset:
+        _check_model_folder(config)
     if config.logging.tensorboard and not _installed("tensorboard"):
         bus.emit(RunWarning(code="tensorboard_missing", message=(
             "logging.tensorboard is on but the 'tensorboard' package is not installed: metrics are only in "
@@ -90,6 +92,23 @@ def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.devi
         raise RunFailed("; ".join(errors))
     for warning in warnings:
         bus.emit(warning)
+
+
+def _check_model_folder(config: Config) -> None:
+    """A local model folder must hold the transformer (its config and whole weight files) before the cache phase
+    runs: that phase can take hours, and a folder without a transformer was found only at the load phase after it.
+    Only headers are read here; a hub id is fetched in the load phase, so only its form is checked."""
+    from engine.models.loading import CheckpointError, resolve_transformer_dir, shard_files
+    from engine.model_source import require_source
+
+    source = config.model.source
+    try:
+        require_source(source)
+        if not Path(source).expanduser().exists():
+            return
+        shard_files(resolve_transformer_dir(source, config.model.transformer_subfolder or "transformer"))
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise RunFailed(f"model.source is not a usable model folder: {exc}. Nothing was cached or loaded") from None
 
 
 def _installed(module: str) -> bool:

@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from textual.app import App, SystemCommand
+from textual.app import App
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
+from engine.config import ConfigError, with_value
 from engine.events import RunEnded
 from engine.gpu import GpuSnapshot, HostMemory
 
+from s2v_tui.commands import S2VCommands
 from s2v_tui.screens.attach import AttachScreen
 from s2v_tui.screens.config_form import ConfigScreen
 from s2v_tui.screens.dataset import DatasetScreen
 from s2v_tui.screens.dialogs import STOP, ConfirmQuit, ErrorReport
+from s2v_tui.screens.entries import EntryListDialog
+from s2v_tui.screens.new_run import NewRunDialog
 from s2v_tui.screens.presets import PresetsScreen
 from s2v_tui.screens.run import RunScreen
 from s2v_tui.services import Services
@@ -53,9 +55,21 @@ class WorkerContext:
     extra: dict = field(default_factory=dict)
 
 
+# Focus that reads without colour too (NO_COLOR, a monochrome terminal): the border's glyphs change on focus, not
+# only its tint, and a one-line text box gets a bar at its left (the form's rows draw it, see config_form.py).
+FOCUS_CSS = """
+Input:focus { border: double $accent; }
+Input.-textual-compact:focus { border: none; text-style: bold; }
+DataTable { border-left: blank; }
+DataTable:focus { border-left: outer $accent; }
+"""
+
+
 class S2VApp(App[int]):
     TITLE = "s2v-tui"
     SUB_TITLE = "Wan 2.2 S2V LoRA"
+    CSS = FOCUS_CSS
+    COMMANDS = App.COMMANDS | {S2VCommands}
     MODES = {"dataset": DatasetScreen, "presets": PresetsScreen, "config": ConfigScreen, "run": RunScreen,
              "attach": AttachScreen}
     BINDINGS = [
@@ -68,6 +82,8 @@ class S2VApp(App[int]):
         Binding("4", "switch_mode('run')", "Run", show=False, id="go.run", tooltip="Start and watch training"),
         Binding("5", "switch_mode('attach')", "Runs", show=False, id="go.attach",
                 tooltip="Follow a run started elsewhere"),
+        Binding("n", "new_run", "New run", show=False, id="app.new_run",
+                tooltip="Set up a run: model, dataset folder and name, or a tiny demo"),
         Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True,
                 tooltip="Quit; asks first while a run started here is training"),
     ]
@@ -194,19 +210,53 @@ class S2VApp(App[int]):
         log.warning("terminal hung up; the UI exits, a run started here continues headless")
         self.exit(0)
 
-    # -- command palette: every action of the screen and the app ----------------------------------------
+    # -- editing the config from any screen ----------------------------------------------------------------
 
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
-        seen: set[str] = set()
-        for key, active in screen.active_bindings.items():
-            binding = active.binding
-            if not binding.description or binding.action in seen or binding.action in ("quit", "command_palette"):
-                continue
-            seen.add(binding.action)
-            help_text = binding.tooltip or binding.description
-            yield SystemCommand(f"{binding.description} ({key})", help_text,
-                                lambda node=active.node, action=binding.action: self.run_action(action, node))
+    def config_file(self) -> str:
+        return str(self.session.config_path or "<app>")
+
+    def apply_settings(self, settings: dict) -> str:
+        """Set each {dotted key: value} on the session's config, checked as a file would be; the error, or ""."""
+        config = self.session.config
+        try:
+            for key, value in settings.items():
+                config = with_value(config, key, value, self.config_file())
+        except ConfigError as exc:
+            return str(exc)
+        self.session.config = config
+        changed = getattr(self.screen, "config_changed", None)
+        if changed is not None:
+            changed()
+        return ""
+
+    def action_new_run(self) -> None:
+        def answered(settings: dict | None) -> None:
+            if settings is None:
+                return
+            error = self.apply_settings(settings)
+            if error:
+                self.notify(error, title="Not applied", severity="error", timeout=10)
+            else:
+                self.notify(f"Run {settings['output.name']} set up: check the clips on the Dataset screen (1), "
+                            "then start it on the Run screen (4).", timeout=8)
+
+        self.push_screen(NewRunDialog(self.session.config), answered)
+
+    def action_edit_list(self, key: str) -> None:
+        """Add, remove and edit the entries of [[data.datasets]] or [[validation.cases]]."""
+        def answered(entries: list | None) -> None:
+            if entries is not None:
+                error = self.apply_settings({key: entries})
+                if error:
+                    self.notify(error, title="Not applied", severity="error", timeout=10)
+
+        add = self._typed_folder() if key == "data.datasets" else ""
+        self.push_screen(EntryListDialog(self.session.config, key, self.config_file(), add_path=add), answered)
+
+    def _typed_folder(self) -> str:
+        """The Dataset screen's folder box, offered as the path of a new dataset entry."""
+        folder = getattr(self.screen, "typed_folder", None)
+        return folder() if folder is not None else ""
 
 
 def build_app(services: Services, session: Session, start_mode: str = "dataset",

@@ -29,7 +29,9 @@ PRESET_SUFFIX = ".toml"
 DATA_OPTIONS = {"audio_dir": "data.datasets[].audio_dir", "allow_silent_audio": "data.allow_silent_audio",
                 "min_side": "data.resolution", "max_area": "data.resolution", "bucket": "data.bucket",
                 "crop": "data.crop", "reference": "data.reference", "stride": "data.frames",
-                "max_windows": "data.windows_per_clip"}
+                "max_windows": "data.windows_per_clip", "caption_prefix": "data.datasets[].caption_prefix",
+                "caption_separator": "data.datasets[].caption_separator",
+                "default_caption": "data.datasets[].default_caption"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=WindowSettings.stride, metavar="FRAMES",
                    help="frames between window starts at 16 fps (default %(default)s)")
     p.add_argument("--max-windows", type=int, metavar="N", help="at most N windows per clip")
+    p.add_argument("--caption-prefix", default="", metavar="TEXT",
+                   help="trigger word put before every caption, as data.datasets.caption_prefix (default none)")
+    p.add_argument("--caption-separator", default=", ", metavar="TEXT",
+                   help="text between the prefix and the caption (default ', ')")
+    p.add_argument("--default-caption", metavar="TEXT",
+                   help="caption of clips without a caption file (a warning instead of blocking)")
     p.add_argument("--tokenizer", type=Path, metavar="DIR",
                    help="count caption tokens exactly with this tokenizer folder (default: an estimate)")
     p.add_argument("--workers", type=int, metavar="N", help="parallel readers (default min(8, CPUs))")
@@ -129,6 +137,11 @@ def _summary_line(report: DoctorReport) -> str:
             f"{len(report.blocking)} blocking, {len(report.warnings)} warnings; {report.elapsed_s:.2f} s")
 
 
+def _caption_shown(c) -> str:
+    """The caption the model is given (prefix and default caption applied), quoted; '-' when there is none."""
+    return "-" if c.clip.caption is None else json.dumps(c.clip.caption, ensure_ascii=False)
+
+
 def _print_plain(report: DoctorReport, out: TextIO, verbose: bool) -> None:
     if verbose or len(report.clips) <= CLIP_TABLE_LIMIT:
         for c in report.clips:
@@ -138,28 +151,29 @@ def _print_plain(report: DoctorReport, out: TextIO, verbose: bool) -> None:
             pl = c.plan
             print(f"clip {c.clip.video}: {pl.width}x{pl.height} -> {pl.bucket}; {pl.fps_conversion}; {pl.length}, "
                   f"{len(pl.windows)} windows ({sum(w.has_motion for w in pl.windows)} with motion frames); "
-                  f"reference {pl.reference}; audio {pl.audio_source}", file=out)
+                  f"reference {pl.reference}; audio {pl.audio_source}; caption {_caption_shown(c)}", file=out)
     for p in report.all_problems:
         print(f"{p.severity.upper()} {p.code} {p.path}: {p.message} (fix: {p.fix})", file=out)
     print(_summary_line(report), file=out)
 
 
 def _print_rich(report: DoctorReport, console, verbose: bool) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     if verbose or len(report.clips) <= CLIP_TABLE_LIMIT:
         clips = Table(title="Clips", show_lines=False)
-        for col in ("clip", "size -> bucket", "frame rate", "length", "windows", "reference", "audio"):
+        for col in ("clip", "size -> bucket", "frame rate", "length", "windows", "reference", "audio", "caption"):
             clips.add_column(col, overflow="fold")
         for c in report.clips:
             pl = c.plan
             name = c.clip.video.name if c.usable else f"[red]{c.clip.video.name}[/]"
             if pl is None:
-                clips.add_row(name, "-", "-", "-", "-", "-", "-")
+                clips.add_row(name, "-", "-", "-", "-", "-", "-", escape(_caption_shown(c)))
                 continue
             clips.add_row(name, f"{pl.width}x{pl.height} -> {pl.bucket}", pl.fps_conversion, pl.length,
                           f"{len(pl.windows)} ({sum(w.has_motion for w in pl.windows)} with motion)",
-                          pl.reference, pl.audio_source)
+                          pl.reference, pl.audio_source, escape(_caption_shown(c)))
         console.print(clips)
     if report.all_problems:
         table = Table(title="Problems", show_lines=True)
@@ -185,7 +199,9 @@ def main(argv: list[str]) -> int:
             specs, settings = _preset_inputs(preset, args)
         else:
             settings = _settings(args)
-            specs = [DatasetSpec(path=d, audio_dir=args.audio_dir) for d in args.datasets]
+            specs = [DatasetSpec(path=d, audio_dir=args.audio_dir, caption_prefix=args.caption_prefix,
+                                 caption_separator=args.caption_separator, default_caption=args.default_caption)
+                     for d in args.datasets]
     except OSError as exc:
         print(f"s2v-tui check: cannot read {exc.filename or args.datasets[0]}: {exc.strerror}; pass the path of a "
               "preset file or a dataset folder", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 For Pilot tests, snapshots and trying the UI without a GPU. It behaves like the engine's contract says:
 every event goes to the subscribers and to `run_dir/events.jsonl`, `stop_event` is checked at each step
-boundary, and a stop writes a checkpoint before returning. Numbers are deterministic (seeded losses, fixed
+boundary, a stop writes a checkpoint before returning, and the run folder's config is resolved (frozen, or
+refused when it differs from a trained run's) by the engine's own `engine.run_folder.resolve`.
+Numbers are deterministic (seeded losses, fixed
 speeds, an injectable clock) so snapshots do not change from run to run.
 """
 from __future__ import annotations
@@ -45,6 +47,16 @@ class FakeEngine:
     def __call__(self, config: Config, subscribers: Sequence[Subscriber], stop_event: threading.Event,
                  run_dir: str | Path | None = None) -> RunEnded:
         run_dir = Path(run_dir) if run_dir is not None else config.run_path()
+        run_dir.mkdir(parents=True, exist_ok=True)  # before the import below (torch): a follower waits for it
+        from engine.run_folder import ConfigRefused, resolve
+
+        try:
+            config = resolve(config, run_dir).config
+        except ConfigRefused as exc:
+            end = RunEnded(status="refused", reason=str(exc))
+            for fn in subscribers:
+                fn(end)
+            return end
         writer = JsonlEventWriter(run_dir)
         bus = EventBus()
         bus.subscribe(writer)

@@ -90,11 +90,55 @@ def exit_code(end: RunEnded) -> int:
     return {"completed": EXIT_OK, "stopped": EXIT_STOPPED, "refused": EXIT_CONFIG}.get(end.status, EXIT_FAILED)
 
 
+class LosableStream:
+    """A stream whose reader may go away: `s2v-tui --run ... | tee log` over SSH loses tee with the session, and
+    every later write raised BrokenPipeError inside the engine's event bus, whose tracebacks filled train.log.
+    After the first failed write it writes nothing more (the run goes on, events.jsonl has everything), and points
+    the file descriptor at /dev/null so the interpreter's last flush at exit is quiet too."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.lost = False
+
+    def _lose(self) -> None:
+        self.lost = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass  # not a file with a descriptor (a test's StringIO): nothing will flush it at exit
+
+    def write(self, text: str) -> int:
+        if not self.lost:
+            try:
+                return self.stream.write(text)
+            except OSError:  # BrokenPipeError, EIO of a terminal that went away
+                self._lose()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.lost:
+            try:
+                self.stream.flush()
+            except OSError:
+                self._lose()
+
+    def isatty(self) -> bool:
+        try:
+            return not self.lost and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno, ... of the real stream
+        return getattr(self.stream, name)
+
+
 class PlainReporter:
     """Piped output: one line per event that matters and one per `every` steps (and the first and last)."""
 
     def __init__(self, stream: IO[str], every: int = 10) -> None:
-        self.stream = stream
+        self.stream = stream if isinstance(stream, LosableStream) else LosableStream(stream)
         self.every = max(1, every)
 
     def __call__(self, event: Event) -> None:
@@ -125,7 +169,7 @@ class RichReporter:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = Console(file=stream)
+        self.console = Console(file=stream if isinstance(stream, LosableStream) else LosableStream(stream))
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
             console=self.console, refresh_per_second=4, transient=False,
@@ -234,6 +278,7 @@ def run_config_headless(config, stream: IO[str], *, run_dir: str | None = None, 
     from engine.runner import run
 
     stop = stop_event or threading.Event()
+    stream = stream if isinstance(stream, LosableStream) else LosableStream(stream)
     reporter = make_reporter(stream, config.logging.every_steps)
 
     def notify(message: str) -> None:

@@ -77,6 +77,7 @@ class RunModel:
     fields: dict = field(default_factory=dict)
     losses: deque = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY))
     smoothed: deque = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY))
+    loss_steps: deque = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY))  # the step of each loss
     log: deque = field(default_factory=lambda: deque(maxlen=LOG_HISTORY))
     log_total: int = 0
     min_loss: float | None = None
@@ -89,14 +90,45 @@ class RunModel:
         self.log.append(f"{clock(ts)} {text}")
         self.log_total += 1
 
+    def _add_loss(self, step: int, loss: float, smoothed: float) -> None:
+        if math.isfinite(loss):  # a skipped NaN step is counted, not drawn
+            self.losses.append(loss)
+            self.smoothed.append(smoothed)
+            self.loss_steps.append(step)
+            self.min_loss = loss if self.min_loss is None else min(self.min_loss, loss)
+
+    def _losses_until(self, step: int) -> list[tuple[int, float, float]]:
+        """The losses of steps up to `step`: what a run resumed at `step` keeps of the curve (later steps of an
+        earlier process are trained again, from the checkpoint)."""
+        return [(s, loss, smooth) for s, loss, smooth in zip(self.loss_steps, self.losses, self.smoothed) if s <= step]
+
+    def load_history(self, events: list[Event]) -> None:
+        """The loss curve of the earlier processes of a run folder (its events.jsonl), before a run resumes there,
+        so the chart shows the whole run and not only the resumed part."""
+        self.version += 1
+        for event in events:
+            if isinstance(event, RunStarted):
+                kept = self._losses_until(event.resumed_from_step) if event.resumed_from_step else []
+                for history in (self.losses, self.smoothed, self.loss_steps):
+                    history.clear()
+                self.min_loss = None
+                for point in kept:
+                    self._add_loss(*point)
+            elif isinstance(event, StepEnd):
+                self._add_loss(event.step, event.loss, event.loss_smooth)
+
     def apply(self, event: Event) -> None:
         self.version += 1
         f = self.fields
         if isinstance(event, RunStarted):
-            # A new run in the same folder (or a resume) starts its panels afresh, keeping the log.
+            # A new run in the same folder starts its panels afresh, keeping the log; a resumed one keeps the
+            # loss curve up to the step it resumes from.
             log, total = self.log, self.log_total
+            kept = self._losses_until(event.resumed_from_step) if event.resumed_from_step else []
             self.reset()
             self.log, self.log_total, f = log, total, self.fields
+            for point in kept:
+                self._add_loss(*point)
             f.update(status="running", run_dir=event.run_dir, name=event.name, device=event.device,
                      pid=event.pid, host=event.host, total_steps=event.total_steps,
                      step=event.resumed_from_step)
@@ -110,10 +142,7 @@ class RunModel:
             for name in ("peak_alloc_bytes", "peak_reserved_bytes", "host_rss_bytes"):
                 if getattr(event, name) is not None:
                     f[name] = getattr(event, name)
-            if math.isfinite(event.loss):  # a skipped NaN step is counted, not drawn
-                self.losses.append(event.loss)
-                self.smoothed.append(event.loss_smooth)
-                self.min_loss = event.loss if self.min_loss is None else min(self.min_loss, event.loss)
+            self._add_loss(event.step, event.loss, event.loss_smooth)
         elif isinstance(event, PhaseChanged):
             f.update(phase=event.phase, phase_detail=event.detail)
             self._say(event.ts, f"phase {event.phase}" + (f": {event.detail}" if event.detail else ""))
@@ -136,13 +165,15 @@ class RunModel:
             known[event.tracker] = (event.state, event.detail)
             f["trackers"] = tuple((name, *known[name]) for name in TRACKERS if name in known)
         elif isinstance(event, RunEnded):
-            f.update(status=event.status, reason=event.reason, outputs=tuple(sorted(event.outputs.items())))
+            # No ETA once the run has ended, however it ended: a stopped run is not on its way anywhere.
+            f.update(status=event.status, reason=event.reason, outputs=tuple(sorted(event.outputs.items())),
+                     eta_s=None)
             self._say(event.ts, f"run {event.status}" + (f": {event.reason}" if event.reason else ""))
 
     def fail(self, reason: str) -> None:
         """The worker died without a RunEnded (an exception in the engine or the follower)."""
         self.version += 1
-        self.fields.update(status="failed", reason=reason)
+        self.fields.update(status="failed", reason=reason, eta_s=None)
         self.log.append(f"FAILED {reason}")
         self.log_total += 1
 

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", required=True, help="driving speech (audio file, or a video's audio track)")
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default=None, help="default: the official S2V negative prompt")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="strength of the LoRA (default 1 = as trained; 0 = the base model; may exceed 1)")
     p.add_argument("--out", required=True, help="output .mp4")
     p.add_argument("--steps", type=int, default=40, help="sampling steps (default 40)")
     p.add_argument("--cfg", type=float, default=4.5, help="guidance scale (default 4.5; <= 1 turns CFG off)")
@@ -56,6 +58,9 @@ def main(argv: list[str]) -> int:
         if not Path(path).exists():
             print(f"error: {flag} {path} does not exist", file=sys.stderr)
             return 2
+    if not math.isfinite(args.lora_scale):
+        print(f"error: --lora-scale {args.lora_scale}: give a finite number", file=sys.stderr)
+        return 2
     lora = None
     if args.lora:
         from engine.run_checkpoints import LoraReferenceError, checkpoint_lora
@@ -86,9 +91,10 @@ def main(argv: list[str]) -> int:
         cond = pipe.prepare(args.image, args.audio, args.prompt, max_area=max_area, max_chunks=args.max_chunks,
                             negative_prompt=NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt)
         print(f"rendering {cond.frame_count()} frames at {cond.width}x{cond.height} ({cond.chunks} chunk(s), "
-              f"{args.steps} {args.solver} steps, cfg {args.cfg}, seed {args.seed})", file=sys.stderr)
+              f"{args.steps} {args.solver} steps, cfg {args.cfg}, seed {args.seed}"
+              + (f", LoRA at {args.lora_scale:g}" if lora and args.lora_scale != 1.0 else "") + ")", file=sys.stderr)
         options = SampleOptions(steps=args.steps, cfg_scale=args.cfg, solver=args.solver, shift=args.shift,
-                                seed=args.seed)
+                                seed=args.seed, lora_scale=args.lora_scale)
         with torch.inference_mode():
             frames = pipe.render(cond, options, progress=_progress)
         # Chunks are whole (80 frames); the video ends with the speech, as the user's audio asks.

@@ -23,9 +23,12 @@ class Session:
 
     @property
     def dataset_blocking(self) -> bool:
-        """True when the last check found a problem that blocks training (or the check was cancelled)."""
+        """True when the last check, of a folder the config trains on, found a problem that blocks training (or
+        was cancelled). A report about a folder no longer in the config says nothing about this run."""
         report = self.report
-        return report is not None and (bool(report.blocking) or bool(report.cancelled))  # type: ignore[attr-defined]
+        if report is None or self.report_folder not in [d.path for d in self.config.data.datasets]:
+            return False
+        return bool(report.blocking) or bool(report.cancelled)  # type: ignore[attr-defined]
 
     def preset_config(self) -> Config:
         if self.preset_path is None:

@@ -26,3 +26,24 @@ def tiny_model_dir(tmp_path_factory):
     from engine.models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+# -- the app's Pilot tests (tests/test_tui_*.py) ------------------------------------------------------------------
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"  # anyio's pytest plugin runs the async tests (no pytest-asyncio needed)
+
+
+@pytest.fixture
+def presets_dir(tmp_path):
+    """A presets folder of the base preset and two small presets told apart by one memory switch each."""
+    import shutil
+    from pathlib import Path
+
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "presets" / "base.toml", folder / "base.toml")
+    (folder / "24gb.toml").write_text('extends = "base.toml"\n[memory]\nblock_offload = true\n')
+    (folder / "80gb.toml").write_text('extends = "base.toml"\n[memory]\ngradient_checkpointing = false\n')
+    return folder

@@ -548,3 +548,27 @@ def test_tracking_and_upload_keys_leave_the_run_identity_alone():
         changed = cf.with_value(changed, key, value)
     assert changed.config_hash() != base.config_hash()
     assert changed.identity_hash() == base.identity_hash()
+
+
+def test_save_keeps_the_comments_of_an_array_of_tables_and_the_default_file_mode(tmp_path):
+    import os
+
+    from engine.config import load_config, save_config, with_value
+
+    (tmp_path / "base.toml").write_text((REPO / "presets" / "base.toml").read_text())
+    path = tmp_path / "mine.toml"
+    path.write_text('extends = "base.toml"\n\n# my clips\n[[data.datasets]]\n# the main folder\npath = "clips"  # 64x64\n'
+                    'repeats = 2\n')
+    config = with_value(load_config(path), "data.datasets", [{"path": "clips", "repeats": 3}, {"path": "more"}])
+    save_config(config, path)
+    text = path.read_text()
+    assert "# my clips" in text and "# the main folder" in text and 'path = "clips"  # 64x64' in text
+    assert "repeats = 3" in text and 'path = "more"' in text
+    assert "weight" not in text and "audio_dir" not in text  # defaults are not spelled out
+    assert [d.path for d in load_config(path).data.datasets] == ["clips", "more"]
+    config = with_value(config, "data.datasets", [{"path": "clips", "repeats": 3}])
+    save_config(config, path)
+    assert 'path = "more"' not in path.read_text() and "# the main folder" in path.read_text()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600

@@ -71,6 +71,7 @@ def validated_run(tiny_model_dir, tmp_path_factory):
         "optim.max_steps": 3, "optim.warmup_steps": 0, "optim.ema.enabled": True, "optim.ema.decay": 0.5,
         "checkpoint.every_steps": 0, "validation.every_steps": 2, "validation.steps": 2,
         "validation.eval_loss.enabled": True, "validation.eval_loss.num_triples": 2,
+        "validation.lora_scale": 0.75, "validation.lora_scales": [0.5, 1.5],
         "validation.cases": [{"reference": str(tmp / "face.png"), "audio": str(tmp / "speech.wav"),
                               "prompt": "a person talks", "seed": 11}],
     }
@@ -88,8 +89,11 @@ def test_validation_renders_each_step_the_ema_and_the_base_once(validated_run):
     done = [e for e in events if e.kind == "validation_done"]
     assert [e.step for e in done] == [2, 3]  # every 2 steps and at the end
     names = [[p.split("samples/")[1] for p in e.sample_paths] for e in done]
-    assert names[0] == ["base/case-00.mp4", "step-00002/case-00.mp4", "step-00002/case-00-ema.mp4"]
-    assert names[1] == ["step-00003/case-00.mp4", "step-00003/case-00-ema.mp4"]  # the base only once
+    # The strength sweep renders one more file per scale, named with it.
+    assert names[0] == ["base/case-00.mp4", "step-00002/case-00.mp4", "step-00002/case-00-scale-0.5.mp4",
+                        "step-00002/case-00-scale-1.5.mp4", "step-00002/case-00-ema.mp4"]
+    assert names[1] == ["step-00003/case-00.mp4", "step-00003/case-00-scale-0.5.mp4",
+                        "step-00003/case-00-scale-1.5.mp4", "step-00003/case-00-ema.mp4"]  # the base only once
     import av
 
     with av.open(str(run_dir / "samples" / "step-00003" / "case-00.mp4")) as c:
@@ -122,7 +126,8 @@ def test_logged_eval_loss_is_recomputed_exactly_from_the_checkpoint(validated_ru
 
 
 def test_validation_does_not_change_training(validated_run, tiny_model_dir, tmp_path):
-    """The same run without validation trains the same losses (validation forks the RNG, draws nothing)."""
+    """The same run without validation trains the same losses (validation forks the RNG, draws nothing, and
+    puts the LoRA strength of its sweep back exactly)."""
     run_dir, _, events = validated_run
     from engine.config import read_frozen_config
 

@@ -50,3 +50,23 @@ def test_empty_dataset_fails_the_run_naming_the_folder(tmp_path, tiny_model_dir,
     assert end.status == "failed"
     assert str(tmp_path / "clips") in end.reason and "no usable training window" in end.reason
     assert "traceback" not in end.reason  # written for a person, as a config problem is
+
+
+def test_model_folder_without_a_transformer_fails_the_check_phase_before_the_cache(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    shutil.rmtree(model / "transformer")
+    (tmp_path / "clips").mkdir()
+    config = Config()
+    config.model.source = str(model)
+    config.data.datasets = [DatasetEntry(path=str(tmp_path / "clips"))]
+    config.output.run_dir = str(tmp_path / "runs")
+    config.logging.tensorboard = False
+    events = []
+    end = run(config, [events.append], threading.Event(), device="cpu")
+    assert end.status == "failed"
+    assert "model.source" in end.reason and "config.json" in end.reason and str(model) in end.reason
+    assert [e.phase for e in events if e.kind == "phase_changed"] == ["check"]
+    assert not config.cache_path().exists()

@@ -150,14 +150,18 @@ def test_a_run_uploads_each_checkpoint_then_the_lora_card_and_stills(tiny_model_
     assert not [e for e in events if isinstance(e, RunWarning) and e.code.startswith("hub")]
 
 
-def test_checkpoints_without_lora_files_upload_nothing_and_the_end_still_does(tiny_model_dir, tmp_path, hub):
+def test_each_checkpoints_lora_files_go_up_as_written_and_the_end_still_does(tiny_model_dir, tmp_path, hub):
+    """Every checkpoint now writes its LoRA files (checkpoints/step-N_<layout>.safetensors) before its
+    CheckpointSaved event: with push_checkpoints each goes up as one commit, then the final files and card."""
     config = _config(tiny_model_dir, tmp_path, **{"output.push_checkpoints": True, "output.hub_private": False})
     end, _ = _run(config, tmp_path / "run")
     assert end.status == "completed", end.reason
+    steps = sorted(int(p.name[5:13]) for p in (tmp_path / "run" / "checkpoints").glob("step-*.pt"))
     assert [sorted(c["files"]) for c in hub.commits] == [
-        ["README.md", "demo-lora_native.safetensors", "demo-lora_peft.safetensors"]]
+        [f"checkpoints/step-{step:08d}_native.safetensors", f"checkpoints/step-{step:08d}_peft.safetensors"]
+        for step in steps] + [["README.md", "demo-lora_native.safetensors", "demo-lora_peft.safetensors"]]
     assert hub.created[0]["visibility"] == "public"
-    card = hub.commits[0]["files"]["README.md"].decode()
+    card = hub.commits[-1]["files"]["README.md"].decode()
     assert "## Samples" not in card  # no validation, no stills
 
 

@@ -160,3 +160,20 @@ def test_stale_temp_files_are_removed(tmp_path):
 def test_lr_factor_is_finite_everywhere():
     for schedule in ("constant", "cosine", "linear"):
         assert all(math.isfinite(lr_factor(s, schedule, 3, 10)) for s in range(15))
+
+
+def test_step_timer_is_a_recent_median_without_the_warm_up():
+    from engine.train.metrics import StepTimer
+
+    timer = StepTimer(window=10, warmup=2)
+    timer.add(40.0)  # compile
+    assert timer.s_per_step == 40.0 and timer.eta(99) is None  # no ETA from a warm-up step
+    timer.add(20.0)
+    assert timer.eta(98) is None
+    for seconds in (12.0, 11.8, 13.5, 12.2, 30.0):  # one slow step (a checkpoint) does not move a median
+        timer.add(seconds)
+    assert timer.s_per_step == 12.2
+    assert timer.eta(10) == 122.0 and timer.eta(0) == 0.0
+    for _ in range(10):
+        timer.add(10.0)
+    assert timer.s_per_step == 10.0  # only the last ten count

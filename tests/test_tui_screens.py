@@ -1,7 +1,6 @@
 """Pilot tests of each screen at 80x24 with fake NVML, a fixed host reading and the fast fake engine."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ import pytest
 from engine.config import load_config, with_value
 from engine.gpu_fake import GIB
 from s2v_tui.app import build_app
+from s2v_tui.commands import S2VCommands
 from s2v_tui.fake_engine import FakeEngine, fixed_clock
 from s2v_tui.screens.dialogs import ConfirmQuit, ConfirmStop, ErrorReport
 from s2v_tui.session import start_session
@@ -18,21 +18,6 @@ from s2v_tui.testing import fake_services, fixed_doctor
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (80, 24)
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs the async tests (no pytest-asyncio needed)
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def presets_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "presets"
-    folder.mkdir()
-    shutil.copy(REPO / "presets" / "base.toml", folder / "base.toml")
-    (folder / "24gb.toml").write_text('extends = "base.toml"\n[memory]\nblock_offload = true\n')
-    (folder / "80gb.toml").write_text('extends = "base.toml"\n[memory]\ngradient_checkpointing = false\n')
-    return folder
 
 
 def make_app(tmp_path: Path, presets_dir: Path, *, datasets: bool = True, start_mode: str = "dataset", **kw):
@@ -350,13 +335,24 @@ async def test_hangup_leaves_run_going(tmp_path, presets_dir):
         run_screen.stop_event.set()  # let the held fake engine finish so the test ends
 
 
-async def test_command_palette_lists_screen_actions(tmp_path, presets_dir):
-    app = make_app(tmp_path, presets_dir, start_mode="run")
+async def test_command_palette_lists_screens_and_actions_with_the_folder_box_focused(tmp_path, presets_dir):
+    """The system commands left out every key the focused text box takes as text: no screen at all."""
+    app = make_app(tmp_path, presets_dir, datasets=False)
     async with app.run_test(size=SIZE) as pilot:
+        app.screen.query_one("#folder").focus()
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.3)
+        await pilot.press(*"runs screen")
+        await pilot.pause(0.5)
+        commands = app.screen.query_one("CommandList")
+        prompts = [str(commands.get_option_at_index(i).prompt) for i in range(commands.option_count)]
+        assert any("Go to the Runs screen (5)" in p for p in prompts), prompts
+        await pilot.press("enter")
         await pilot.pause()
-        titles = [c.title for c in app.get_system_commands(app.screen)]
-        assert any(t.startswith("Start") for t in titles)
-        assert any(t.startswith("Dataset") for t in titles) and any(t.startswith("Runs") for t in titles)
+        assert app.current_mode == "attach"
+        titles = [title for title, _, _ in S2VCommands(app.screen)._commands()]
+        assert "Start training" in titles and any("New run" in t for t in titles)
+        assert any(t.startswith("Runs: Refresh") for t in titles)  # the shown screen's own actions
 
 
 def test_animation_off_and_no_color_respected(tmp_path, presets_dir, monkeypatch):
@@ -364,3 +360,41 @@ def test_animation_off_and_no_color_respected(tmp_path, presets_dir, monkeypatch
     app = make_app(tmp_path, presets_dir)
     assert app.animation_level == "none"
     assert app.no_color
+
+
+async def test_the_log_follows_new_lines_after_a_resize(tmp_path, presets_dir):
+    engine = FakeEngine(steps=100, hold_at_step=4, clock=fixed_clock())
+    app = make_app(tmp_path, presets_dir, engine=engine, start_mode="run")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("s")
+        assert engine.started.wait(10)
+        screen = app.screen
+        for i in range(40):
+            screen.model._say(0, f"line {i} " + "x" * (100 if i % 3 else 10))
+        screen.model.version += 1
+        await pilot.pause(0.8)
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.3)
+        screen.model._say(0, "the newest line")
+        screen.model.version += 1
+        await pilot.pause(0.8)
+        log = screen.query_one("#run-log")
+        assert log.scroll_y == log.max_scroll_y > 0
+        screen.stop_event.set()
+        await settle(app, pilot)
+
+
+async def test_a_negative_vram_size_is_refused_with_a_reason(tmp_path, presets_dir):
+    app = make_app(tmp_path, presets_dir, no_driver=True, start_mode="presets")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        app.screen.repaint()
+        app.screen.query_one("#vram").focus()
+        await pilot.press("-", "3")
+        await pilot.pause()
+        assert app.session.vram_override_gb is None
+        assert "VRAM '-3' is not a size from 1 to 1024 GiB" in str(app.screen.query_one("#preset-note").render())
+        await pilot.press("backspace", "backspace", "2", "4")
+        await pilot.pause()
+        assert app.session.vram_override_gb == 24.0
+        assert "is not a size" not in str(app.screen.query_one("#preset-note").render())

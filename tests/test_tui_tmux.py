@@ -186,3 +186,36 @@ def test_no_color_and_idle_screen_is_quiet(tmp_path):
         assert term.wait_exit(15) == 0
     # 1 Hz host-RAM readings may repaint a number; a blinking cursor or an animation would write far more.
     assert written.stat().st_size < 2000, written.read_bytes()[:400]
+
+
+def test_a_new_user_goes_from_an_empty_folder_to_a_running_training_without_editing_a_file(tmp_path):
+    """What a newcomer does over SSH at 80x24: open the app in an empty folder, press n (the first screen says
+    so), make the tiny demo model and clips, use them, check the clips (64x64 with a 64x64 fixed bucket: not
+    blocked, as `s2v-tui check` agrees), train. No file is written by hand and no screen key misfires."""
+    steps = re.compile(r"step (\d+)/120")
+    with TmuxApp([installed_app()], tmp_path, width=80, height=24, env={"OMP_NUM_THREADS": "1"}) as term:
+        term.wait_for("press n for a new run", 30, "the first screen's hint")
+        term.send("n")
+        term.wait_for("Tiny demo makes", 10, "the New run dialog")
+        term.send("Tab", "Tab", "Tab")  # model, dataset, name: then the Tiny demo button
+        term.send("Enter")
+        term.wait_for("Tiny demo ready", 60, "the tiny model and clips")
+        term.send("Enter")  # Use has the focus now
+        term.wait_for("Run demo-lora set up", 10, "the config to take the demo")
+        term.send("C-r")
+        term.wait_for("2 clips, 2 usable, 4 windows/epoch; 0 blocking", 60, "a passing dataset check")
+        term.send("C-t")
+        term.wait_for("training in runs/demo-lora", 10, "the Run screen")
+        first = term.wait_for(lambda s: (m := steps.search(s)) and int(m.group(1)) >= 3 and int(m.group(1)), 90,
+                              "three training steps")
+        term.send("x")
+        term.wait_for("Stop training?", 10, "the stop question")
+        term.send("BTab")
+        term.send("Enter")
+        term.wait_for("run stopped|run completed", 60, "the run to stop")
+        term.send("C-q")
+        assert term.wait_exit(15) == 0
+    run_dir = tmp_path / "runs" / "demo-lora"
+    assert (tmp_path / "s2v-demo" / "model" / "transformer").is_dir() and first >= 3
+    assert list((run_dir / "checkpoints").glob("step-*")), "the stop wrote no checkpoint"
+    assert not list(tmp_path.glob("*.toml"))  # nothing to edit, nothing written by hand

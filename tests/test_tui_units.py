@@ -142,3 +142,56 @@ def test_headless_prints_a_tracker_line_only_when_it_says_something_new():
     assert event_line(TrackerStatus(tracker="hub", state="failed", detail="retry: s2v-tui push r")) == \
         "hub failed: retry: s2v-tui push r"
     assert event_line(TrackerStatus(tracker="wandb", state="finished")) == "wandb finished"
+
+
+def test_the_eta_goes_when_the_run_stops():
+    model = RunModel()
+    model.apply(RunStarted(run_dir="runs/a", config_hash="x", total_steps=100, ts=0.0))
+    model.apply(step(3))
+    assert model.snapshot().eta_s == 194.0
+    model.apply(RunEnded(status="stopped", reason="stopped at step 3", ts=0.0))
+    assert model.snapshot().eta_s is None
+
+
+def test_a_resumed_run_keeps_the_loss_curve_up_to_its_checkpoint():
+    """Followed from events.jsonl (or resumed in the app), the chart showed only the resumed part."""
+    def started(resumed: int) -> RunStarted:
+        return RunStarted(run_dir="runs/a", config_hash="x", total_steps=100, resumed_from_step=resumed, ts=0.0)
+
+    first_process = [started(0), *(step(n, loss=1.0 / n) for n in range(1, 8)), RunEnded(status="stopped", ts=0.0)]
+    model = RunModel()
+    for event in first_process:  # steps 1-7; the checkpoint it left is of step 5
+        model.apply(event)
+    model.apply(started(5))
+    model.apply(step(6, loss=0.1))
+    snap = model.snapshot()
+    assert snap.losses == (1.0, 0.5, 1 / 3, 0.25, 0.2, 0.1) and snap.min_loss == 0.1
+    fresh = RunModel()  # the Run screen of a new app: the history comes from the folder's event log first
+    fresh.load_history(first_process)
+    fresh.apply(started(5))
+    assert fresh.snapshot().losses == (1.0, 0.5, 1 / 3, 0.25, 0.2)
+    fresh.apply(started(0))  # a new run in the folder starts a new curve
+    assert fresh.snapshot().losses == ()
+
+
+def test_a_reader_gone_with_the_ssh_session_stops_the_output_not_the_run():
+    """`s2v-tui --run ... | tee log` after the session dropped: BrokenPipeError tracebacks filled train.log."""
+    from s2v_tui.headless import PlainReporter
+
+    class Gone:
+        writes = 0
+
+        def write(self, text):
+            Gone.writes += 1
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def isatty(self):
+            return False
+
+    reporter = PlainReporter(Gone(), every=1)
+    reporter(step(1))  # no exception: the event bus would log it with its traceback
+    reporter(step(2))
+    assert reporter.stream.lost and Gone.writes == 1

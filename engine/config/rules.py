@@ -134,6 +134,11 @@ def _check_data(c: _Checker, cfg: Config) -> None:
             c.bad(f"{key}.path", "is empty", "give the folder of the clips")
         c.at_least(f"{key}.repeats", ds.repeats, 1)
         c.positive(f"{key}.weight", ds.weight)
+        if ds.caption_prefix != ds.caption_prefix.strip():
+            # Captions are stripped when read; a prefix with edge spaces would silently differ from the
+            # trigger word written at sampling time.
+            c.bad(f"{key}.caption_prefix", f"{ds.caption_prefix!r} starts or ends with whitespace",
+                  "put the spacing in caption_separator instead")
     width, height = d.resolution
     if width <= 0 or height <= 0 or width % 16 or height % 16:
         fix = f"use multiples of 16, e.g. [{max(16, round(width / 16) * 16)}, {max(16, round(height / 16) * 16)}]"
@@ -207,6 +212,8 @@ def _check_optim(c: _Checker, cfg: Config, dataset_size: int | None) -> None:
             f"set batch_size to at most {max(1, dataset_size)} and raise optim.grad_accum instead",
         )
     c.at_least("optim.max_grad_norm", o.max_grad_norm, 0, "0 turns clipping off")
+    c.at_least("optim.max_grad_value", o.max_grad_value, 0, "0 turns clipping off")
+    c.at_least("optim.ema.update_every", o.ema.update_every, 1, "1 = every optimizer step")
     if not 0.0 < o.ema.decay < 1.0:
         c.bad("optim.ema.decay", f"must be between 0 and 1 (exclusive), got {o.ema.decay:g}", "e.g. 0.999")
 
@@ -226,6 +233,12 @@ def _check_validation(c: _Checker, cfg: Config) -> None:
     c.at_least("validation.steps", v.steps, 1, "40 as the official inference")
     c.at_least("validation.cfg_scale", v.cfg_scale, 1, "4.5 as the official inference; 1 = no guidance")
     c.at_least("validation.eval_loss.num_triples", v.eval_loss.num_triples, 1)
+    c.at_least("validation.chunks", v.chunks, 1, "1 = 77 frames (4.8 s), as before")
+    names = [f"{s:g}" for s in v.lora_scales]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            # Two equal scales would render into the same case-NN-scale-S.mp4 file.
+            c.bad(f"validation.lora_scales[{i}]", f"{name} is listed twice", "list each strength once")
     for i, case in enumerate(v.cases):
         for name in ("reference", "audio"):
             if not getattr(case, name):

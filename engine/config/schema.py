@@ -21,6 +21,7 @@ CropMode = Literal["center", "random"]
 ReferenceChoice = Literal["first", "random", "outside"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora"]
 OptimizerName = Literal["adamw", "adamw8bit", "lion", "prodigy", "schedulefree"]
+GradClip = Literal["norm", "value"]
 ScheduleName = Literal["constant", "cosine", "linear"]
 MixedPrecision = Literal["bf16", "fp16", "no"]
 SigmaSampling = Literal["logit_normal", "uniform"]
@@ -32,6 +33,17 @@ CheckpointPolicy = Literal["full", "save_attention"]
 ExportFormat = Literal["peft", "native"]
 DistributedStrategy = Literal["ddp", "fsdp"]
 WebhookFormat = Literal["auto", "json", "discord", "slack"]
+
+# The official S2V negative prompt (wan/configs/wan_s2v_14B.py, sample_neg_prompt): blurry picture, worst
+# quality, blurred details, violent emotions, fast shaking hands, subtitles, ugly, mutilated, extra fingers,
+# badly drawn hands and face, deformed, disfigured limbs, fused fingers, a still picture, cluttered background,
+# three legs, many people in the background, walking backwards. It lives here, not in engine.infer, so the
+# config (which loads without torch) can offer it as a default.
+OFFICIAL_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，"
+    "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，"
+    "背景人很多，倒着走"
+)
 
 # Full-match regexes over the transformer's module names (diffusers layout, see spec/S2V_MODEL.md §2.3):
 # q, k, v, o of self-attention (attn1), text cross-attention (attn2) and the 12 audio injectors.
@@ -71,6 +83,10 @@ class DatasetEntry:
     audio_dir: str = opt("", "folder of separate audio files of the same names; '' = audio track of the clip")
     repeats: int = opt(1, "how many times each clip counts per epoch")
     weight: float = opt(1.0, "relative sampling weight against the other datasets")
+    caption_prefix: str = opt("", "trigger word put before every caption of this dataset; '' = none")
+    caption_separator: str = opt(", ", "text between caption_prefix and the caption")
+    default_caption: str = opt("", "caption of the clips that have no caption file (a warning, not a block); "
+                               "'' = such clips are refused")
 
 
 @dataclass
@@ -103,7 +119,8 @@ class LoraConfig:
 @dataclass
 class EmaConfig:
     enabled: bool = opt(False, "keep an exponential moving average of the LoRA weights and export it")
-    decay: float = opt(0.999, "EMA decay per optimizer step, 0 < decay < 1")
+    decay: float = opt(0.999, "EMA decay per EMA update, 0 < decay < 1")
+    update_every: int = opt(1, "update the EMA every N optimizer steps (1 = every step)")
 
 
 @dataclass
@@ -118,7 +135,10 @@ class OptimConfig:
     max_steps: int = opt(2000, "optimizer steps of the whole run")
     batch_size: int = opt(1, "windows per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_grad_norm: float = opt(1.0, "clip the gradient norm to this; 0 = no clipping")
+    grad_clip: GradClip = opt("norm", "gradient clipping: norm (scale the whole gradient to max_grad_norm) or "
+                              "value (clamp each element to +-max_grad_value)")
+    max_grad_norm: float = opt(1.0, "with grad_clip = norm: clip the gradient norm to this; 0 = no clipping")
+    max_grad_value: float = opt(1.0, "with grad_clip = value: clamp each gradient element to +-this; 0 = no clipping")
     ema: EmaConfig = opt(EmaConfig(), "EMA of the LoRA weights")
 
 
@@ -160,6 +180,13 @@ class ValidationConfig:
     steps: int = opt(40, "sampling steps per validation sample")
     cfg_scale: float = opt(4.5, "classifier-free guidance scale")
     solver: Solver = opt("unipc", "sampler: unipc (as the official inference) or euler")
+    negative_prompt: str = opt(OFFICIAL_NEGATIVE_PROMPT, "negative prompt of the unconditional pass (default: the "
+                               "official one, in Chinese); '' = an empty prompt")
+    chunks: int = opt(1, "length of each sample in 80-frame chunks (1 = 77 frames, 4.8 s; n = 80 n - 3 frames), "
+                      "capped by the case's audio")
+    lora_scale: float = opt(1.0, "strength of the LoRA in the samples (0 = the base model, 1 = as trained)")
+    lora_scales: list[float] = opt([], "a strength sweep: each case also rendered at each of these scales, as "
+                                   "case-NN-scale-S.mp4; [] = none")
     eval_loss: EvalLossConfig = opt(EvalLossConfig(), "fixed-noise evaluation loss")
 
 
@@ -275,11 +302,14 @@ LOCATION_KEYS = ("output.run_dir", "output.name", "data.cache_dir")
 # Keys a finished or stopped run may change and still continue from its checkpoints (engine.run_folder).
 CONTINUE_KEYS = ("optim.max_steps",)
 # Keys about what a run reports and keeps, not what it trains (no random draw and no tensor depends on them): a
-# resumed run may change them too (log less often, keep more checkpoints, export another layout).
+# resumed run may change them too (log less often, keep more checkpoints, export another layout). The validation
+# keys here only shape the samples: validation forks the RNG and puts the LoRA strength back exactly
+# (tests/test_infer_validation.py trains the same losses with and without it).
 REPORTING_KEYS = ("logging.every_steps", "logging.tensorboard", "logging.wandb_project", "logging.webhooks",
                   "logging.webhook_format", "logging.webhook_timeout_s", "checkpoint.every_steps",
                   "checkpoint.keep_last", "output.formats", "output.push_to_hub", "output.push_checkpoints",
-                  "output.hub_private")
+                  "output.hub_private", "validation.negative_prompt", "validation.chunks", "validation.lora_scale",
+                  "validation.lora_scales")
 # Keys that say where tensors live and how the step is scheduled, not what is computed: a run stopped by host or
 # GPU memory resumes on another card or preset with them changed. (Their numerics differ at most by rounding
 # order; the keys that change the base's numerics, base_weights, fp8_input_grad and residual_dtype, are not here.)

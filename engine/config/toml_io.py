@@ -163,13 +163,61 @@ def _toml_value(value: Any) -> Any:
     return value
 
 
-def _set_dotted(doc: Any, dotted: str, value: Any) -> None:
+def _item_defaults(dotted: str) -> dict[str, Any] | None:
+    """The default values of one table of the array of tables at `dotted` (e.g. data.datasets); None otherwise."""
+    info = next((f for f in schema_fields() if f.key == dotted), None)
+    if info is None or not _is_table_array(info.type):
+        return None
+    return resolved_dict(typing.get_args(info.type)[0]())
+
+
+def _short_item(item: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A table of an array with only what differs from its defaults (its first key always: a dataset's path)."""
+    first = next(iter(item), None)
+    return {k: v for k, v in item.items() if k == first or defaults.get(k, object()) != v}
+
+
+def _plain_value(item: Any) -> Any:
+    return item.unwrap() if hasattr(item, "unwrap") else item
+
+
+def _update_tables(aot: Any, items: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
+    """Bring an array of tables of the file to `items` in place, so the comments in and between its tables stay:
+    keys already written get their new values, other keys only when they differ from the defaults."""
+    for i, item in enumerate(items):
+        if i >= len(aot):
+            aot.append(_short_item(item, defaults))
+            continue
+        table = aot[i]
+        for key, value in item.items():
+            if key in table:
+                if _plain_value(table[key]) != value:
+                    table[key] = _toml_value(value)
+            elif defaults.get(key, object()) != value:
+                table[key] = _toml_value(value)
+    while len(aot) > len(items):
+        del aot[len(aot) - 1]
+
+
+def _set_dotted(doc: Any, dotted: str, value: Any, full: bool = True) -> None:
+    """Set `dotted` in the TOML document. Unless `full`, a value equal to the one written is left as it is (its
+    formatting and trailing comment with it) and arrays of tables are updated in place (see _update_tables)."""
     *tables, leaf = dotted.split(".")
     node = doc
     for name in tables:
         if name not in node:
             node[name] = tomlkit.table()
         node = node[name]
+    defaults = None if full else _item_defaults(dotted)
+    if not full and leaf in node:
+        existing = node[leaf]
+        if _plain_value(existing) == value:
+            return
+        if defaults is not None and isinstance(existing, tomlkit.items.AoT) and isinstance(value, list) and value:
+            _update_tables(existing, value, defaults)
+            return
+    if defaults is not None and isinstance(value, list):
+        value = [_short_item(item, defaults) for item in value]
     node[leaf] = _toml_value(value)
 
 
@@ -210,7 +258,7 @@ def save_config(
         inherited = flatten(resolved_dict(Config()))
     for key, value in flatten(resolved_dict(config)).items():
         if full or _has_dotted(doc, key) or inherited.get(key) != value:
-            _set_dotted(doc, key, value)
+            _set_dotted(doc, key, value, full)
     atomic_write_text(path, tomlkit.dumps(doc))
     load_config(path)  # a file we cannot read back is a bug here, not something to leave for the next run
     return path

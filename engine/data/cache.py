@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
-from engine.fsio import fsync_dir  # one folder-fsync for checkpoints and cache entries
+from engine.fsio import fsync_dir, mkstemp_shared  # one folder-fsync and file mode for checkpoints and cache
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def write_temp(folder: Path, data: bytes) -> Path:
     """Write `data` to a new temporary file in `folder` and fsync it; the caller renames it into place."""
-    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=folder)
+    fd, name = mkstemp_shared(folder, TEMP_PREFIX, ".part")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -42,6 +42,16 @@ class DatasetSpec:
     repeats: int = 1  # times each clip appears per epoch
     weight: float = 1.0  # relative sampling weight among datasets
     name: str | None = None
+    caption_prefix: str = ""  # trigger word put before every caption of this dataset
+    caption_separator: str = ", "
+    default_caption: str | None = None  # caption of clips without one; None = such clips are refused
+
+    def caption_text(self, caption: str) -> str:
+        """The text the model is given for `caption`: the prefix, the separator, then the caption. An empty
+        caption keeps the prefix alone, so the trigger word never trails a stray separator."""
+        if not self.caption_prefix:
+            return caption
+        return self.caption_prefix + (self.caption_separator + caption if caption else "")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -282,6 +292,13 @@ def discover_dataset(spec: DatasetSpec) -> Discovery:
             found.append(make_problem("duplicate-stem", video, "same stem as " + ", ".join(str(t) for t in twins)))
         row = rows.get(video.resolve())
         caption, caption_source, cap_problems = _caption_for(video, row)
+        if caption is None and caption_source is None and spec.default_caption is not None:
+            # A missing caption (not an unreadable one) takes the dataset's default, and says so.
+            caption = spec.default_caption
+            cap_problems = [make_problem("caption-default", video, f"no caption file; default_caption "
+                                         f"{spec.default_caption!r} is used")]
+        if caption is not None:
+            caption = spec.caption_text(caption)
         found += cap_problems
         audio = None
         if row is not None and row.audio is not None:

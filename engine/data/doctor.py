@@ -102,7 +102,7 @@ class ClipReport:
     def to_dict(self) -> dict:
         c = self.clip
         return {"video": str(c.video), "dataset": c.dataset, "usable": self.usable,
-                "caption_source": str(c.caption_source) if c.caption_source else None,
+                "caption": c.caption, "caption_source": str(c.caption_source) if c.caption_source else None,
                 "audio": str(c.audio_path), "reference_image": str(c.reference_image) if c.reference_image
                 else None, "repeats": c.repeats, "weight": c.weight,
                 "plan": self.plan.to_dict() if self.plan else None,

@@ -133,6 +133,12 @@ def caption_missing(root: Path) -> BrokenCase:
     return BrokenCase("caption-missing", d, clip.video)
 
 
+def caption_default(root: Path) -> BrokenCase:
+    d = _ds(root)
+    clip = good_clip(d, "nocap", caption=None)
+    return BrokenCase("caption-default", d, clip.video, args=(*BASE_ARGS, "--default-caption", "a person talking"))
+
+
 def caption_empty(root: Path) -> BrokenCase:
     d = _ds(root)
     clip = good_clip(d, "blank", caption="")
@@ -244,6 +250,7 @@ MAKERS: dict[str, Callable[[Path], BrokenCase]] = {
     "tiny-resolution": tiny_resolution,
     "extreme-aspect-ratio": extreme_aspect_ratio,
     "caption-missing": caption_missing,
+    "caption-default": caption_default,
     "caption-empty": caption_empty,
     "caption-undecodable": caption_undecodable,
     "caption-too-long": caption_too_long,

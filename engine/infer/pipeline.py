@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# The official negative prompt, defined once in the config schema (which the config offers as a default).
+from engine.config.schema import OFFICIAL_NEGATIVE_PROMPT as NEGATIVE_PROMPT
 from engine.dtypes import TORCH_DTYPES
 from engine.infer.audio import encode_driving_audio, load_waveform
 from engine.infer.reference import generation_size, load_reference_image, reference_pixels
@@ -25,15 +27,6 @@ from engine.infer.sampler import Conditioning, SampleOptions, sample_frames
 from engine.models.components import (encode_text, encode_video, load_audio_encoder, load_text_encoder,
                                       load_vae)
 
-# The official S2V negative prompt (wan/configs/wan_s2v_14B.py, sample_neg_prompt): blurry picture, worst
-# quality, blurred details, violent emotions, fast shaking hands, subtitles, ugly, mutilated, extra fingers,
-# badly drawn hands and face, deformed, disfigured limbs, fused fingers, a still picture, cluttered background,
-# three legs, many people in the background, walking backwards.
-NEGATIVE_PROMPT = (
-    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，"
-    "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，"
-    "背景人很多，倒着走"
-)
 DEFAULT_MAX_AREA = 832 * 480
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,7 @@ class SampleOptions:
     solver: str = "unipc"
     shift: float = DEFAULT_SHIFT
     seed: int = 0
+    lora_scale: float = 1.0  # multiplies each LoRA layer's alpha / rank for this render (1 = as trained)
 
 
 @dataclass
@@ -130,9 +131,34 @@ def sample_frames(model, vae, cond: Conditioning, options: SampleOptions, device
     was_training = model.training
     model.eval()
     try:
-        return _sample_frames(model, vae, cond, options, device, autocast_dtype, progress, stop)
+        with lora_scaled(model, options.lora_scale):
+            return _sample_frames(model, vae, cond, options, device, autocast_dtype, progress, stop)
     finally:
         model.train(was_training)
+
+
+@contextmanager
+def lora_scaled(model, scale: float):
+    """Every peft LoRA layer of `model` at `scale` times its trained strength for the block, restored after.
+
+    The saved scalings are put back as they were (not divided back), so the model trains on bit-for-bit
+    unchanged after a validation at another strength. A model without LoRA layers ignores the scale."""
+    if scale == 1.0:
+        yield
+        return
+    saved = []
+    for module in model.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and hasattr(module, "lora_A"):
+            saved.append((module, dict(scaling)))
+            for name in scaling:
+                scaling[name] = scaling[name] * scale
+    try:
+        yield
+    finally:
+        for module, values in saved:
+            module.scaling.clear()
+            module.scaling.update(values)
 
 
 def _sample_frames(model, vae, cond, options, device, autocast_dtype, progress, stop):

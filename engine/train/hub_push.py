@@ -166,7 +166,7 @@ def model_card(config: Config, run_dir: Path, exports: list[tuple[str, Path]],
         lines += ["", "## Samples", "", "A frame of each validation sample (`samples/base`: the model without the LoRA).",
                   ""]
         for name, _ in stills:
-            prompt = prompts.get(Path(name).stem.removesuffix("-ema"), "")
+            prompt = prompts.get(Path(name).stem[:len("case-00")], "")  # -ema, -scale-S
             lines += [f"![{name}]({name})", f"*{name}*" + (f": {prompt}" if prompt else ""), ""]
     peft = next((n for n, _ in exports if n.endswith("_peft.safetensors")), exports[0][0] if exports else "LORA")
     lines += ["", "## Use", "", "```bash",

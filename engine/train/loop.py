@@ -95,7 +95,7 @@ class Trainer:
         self.params = lora_parameters(model)
         self.optimizer = build_optimizer(self.params, o.optimizer, o.lr, o.betas, o.weight_decay, o.eps)
         self.scheduler = build_scheduler(self.optimizer, o.schedule, o.warmup_steps, o.max_steps, o.optimizer)
-        self.ema = LoraEma(self.params, o.ema.decay) if o.ema.enabled else None
+        self.ema = LoraEma(self.params, o.ema.decay, o.ema.update_every) if o.ema.enabled else None
         mp = t.mixed_precision
         self.autocast_dtype = AUTOCAST_DTYPES.get(mp)
         self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" and device.type == "cuda" else None
@@ -301,9 +301,16 @@ class Trainer:
         return flow_loss(prediction, velocity_target(x0, noise))
 
     def _grad_norm(self) -> float:
-        max_norm = self.cfg.optim.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
-        return float(self.dist.full(norm))  # FSDP: the norm of the sharded gradients is itself a DTensor
+        """Clip the gradients as optim.grad_clip says; returns their norm before clipping (the logged one)."""
+        o = self.cfg.optim
+        by_norm = o.grad_clip == "norm" and o.max_grad_norm > 0
+        norm = torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm if by_norm else float("inf"))
+        norm = float(self.dist.full(norm))  # FSDP: the norm of the sharded gradients is itself a DTensor
+        if o.grad_clip == "value" and o.max_grad_value > 0 and math.isfinite(norm):
+            # Element-wise, after the gradients are complete (reduced over ranks, unscaled), so every rank clips
+            # the same numbers; the norm stays the unclipped one, which is what says a step was unusual.
+            torch.nn.utils.clip_grad_value_(self.params, o.max_grad_value)
+        return norm
 
     def train_step(self) -> StepEnd:
         o = self.cfg.optim
@@ -348,7 +355,7 @@ class Trainer:
         else:
             self.in_a_row = 0
             if self.ema:
-                self.ema.update()
+                self.ema.after_optimizer_step()
         with warnings.catch_warnings():
             # A skipped update still advances the schedule (it is tied to the step count); torch warns about
             # exactly that order, which is intended here.
@@ -366,7 +373,7 @@ class Trainer:
             loss_smooth=self.smoother.update(mean_loss), lr=lr, grad_norm=grad_norm,
             samples_per_s=(o.batch_size * o.grad_accum * dist.world_size / self.timer.s_per_step)
             if self.timer.s_per_step else 0.0,
-            s_per_step=self.timer.s_per_step, eta_s=self.timer.eta(o.max_steps - self.step),
+            s_per_step=self.timer.s_per_step, eta_s=self.timer.eta(o.max_steps - self.step), step_s=elapsed,
             peak_alloc_bytes=peak_alloc, peak_reserved_bytes=peak_reserved, host_rss_bytes=rss,
             skipped_nonfinite=self.skipped,
             rank_peak_alloc_bytes=tuple(r[0] for r in ranks), rank_peak_reserved_bytes=tuple(r[1] for r in ranks),

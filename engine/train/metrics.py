@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import math
+import statistics
 
 import torch
 
@@ -36,19 +37,34 @@ class LossSmoother:
 
 
 class StepTimer:
-    """Seconds per step over the last `window` steps (the first step, with its warm-up, drops out quickly)."""
+    """Seconds per step as every face shows it: the median of this process's last `window` steps, its first
+    `warmup` steps left out.
 
-    def __init__(self, window: int = 20) -> None:
+    The first steps of a process compile kernels, grow the allocator and warm the caches (on a 14B run step 1 took
+    several times a later step), so a mean that includes them overstates s/step and the ETA for the whole run;
+    a median also ignores the odd slow step (a checkpoint write, a validation) that a mean of ten would carry.
+    During the warm-up only the latest step's own time is known: s/step is that, and there is no ETA yet.
+    """
+
+    def __init__(self, window: int = 10, warmup: int = 2) -> None:
+        self.warmup = warmup
         self.durations: collections.deque[float] = collections.deque(maxlen=window)
+        self.seen = 0
+        self.last = 0.0
 
     def add(self, seconds: float) -> None:
-        self.durations.append(seconds)
+        self.seen += 1
+        self.last = seconds
+        if self.seen > self.warmup:
+            self.durations.append(seconds)
 
     @property
     def s_per_step(self) -> float:
-        return sum(self.durations) / len(self.durations) if self.durations else 0.0
+        return statistics.median(self.durations) if self.durations else self.last
 
     def eta(self, steps_left: int) -> float | None:
+        if steps_left <= 0:
+            return 0.0
         return self.s_per_step * steps_left if self.durations else None
 
 

@@ -24,6 +24,7 @@ def step_scalars(event: StepEnd) -> dict[str, float]:
         "train/loss_smooth": event.loss_smooth,
         "train/lr": event.lr,
         "speed/s_per_step": event.s_per_step,
+        "speed/step_s": event.step_s,
         "speed/samples_per_s": event.samples_per_s,
     }
     optional = {

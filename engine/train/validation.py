@@ -8,16 +8,19 @@ every `validation.every_steps` steps and at the end:
     run_dir/samples/base/case-NN.mp4         the base model (LoRA disabled), once per run
     run_dir/samples/step-XXXXX/case-NN.mp4   the LoRA being trained
     run_dir/samples/step-XXXXX/case-NN-ema.mp4   its EMA weights, when optim.ema is on
+    run_dir/samples/step-XXXXX/case-NN-scale-S.mp4   the LoRA at strength S, for each S of validation.lora_scales
 
-with validation.steps / cfg_scale / solver, flow shift train.flow_shift, the case's seed (so samples of
-different steps differ only by the weights), at the area of data.resolution. A validation sample is the first
-80-frame chunk (77 frames, 4.8 s) of its audio, with that much audio muxed in: longer renders cost a multiple
-of the time at every validation, and `s2v-tui sample` renders the whole audio with the exported LoRA.
+with validation.steps / cfg_scale / solver / negative_prompt, flow shift train.flow_shift, the case's seed (so
+samples of different steps differ only by the weights), at the area of data.resolution, the LoRA at
+validation.lora_scale. A validation sample is the first validation.chunks 80-frame chunks of its audio (1 by
+default: 77 frames, 4.8 s), with that much audio muxed in: each chunk costs the whole sampling time again at every
+validation, and `s2v-tui sample` renders the whole audio with the exported LoRA.
 Validation draws no number from the training generators (it forks the global RNG), so a run with validation
 trains exactly as one without.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -37,7 +40,6 @@ log = logging.getLogger(__name__)
 metrics_log = logging.getLogger("engine.train.metrics")
 
 SAMPLES_DIR = "samples"
-VALIDATION_CHUNKS = 1
 
 
 def samples_dir(run_dir: Path, step: int | None) -> Path:
@@ -68,7 +70,7 @@ def prepare_validation(config: Config, device: torch.device) -> ValidationSet:
     for i, case in enumerate(v.cases):
         try:
             cases.append(pipe.prepare(case.reference, case.audio, case.prompt, max_area=width * height,
-                                      max_chunks=VALIDATION_CHUNKS))
+                                      max_chunks=v.chunks, negative_prompt=v.negative_prompt))
         except (OSError, ValueError) as exc:
             raise ValueError(f"validation.cases[{i}]: {exc}") from exc
         log.info("validation case %d: %dx%d, %s, seed %d", i, cases[-1].width, cases[-1].height,
@@ -86,7 +88,9 @@ class Validator:
         v = config.validation
         self.every = v.every_steps
         self.options = [SampleOptions(steps=v.steps, cfg_scale=v.cfg_scale, solver=v.solver,
-                                      shift=config.train.flow_shift, seed=seed) for seed in vset.seeds]
+                                      shift=config.train.flow_shift, seed=seed, lora_scale=v.lora_scale)
+                        for seed in vset.seeds]
+        self.sweep = list(v.lora_scales)
         self.vset = vset
         self.model = model
         self.dataset = dataset
@@ -132,6 +136,8 @@ class Validator:
         try:
             paths = self._base_samples()
             paths += self._render_all(samples_dir(self.run_dir, step), "")
+            for scale in self.sweep:
+                paths += self._render_all(samples_dir(self.run_dir, step), f"-scale-{scale:g}", scale)
             if ema is not None:
                 ema.swap()
                 try:
@@ -154,10 +160,12 @@ class Validator:
         finally:
             self.model.enable_adapters()
 
-    def _render_all(self, folder: Path, suffix: str) -> list[Path]:
+    def _render_all(self, folder: Path, suffix: str, lora_scale: float | None = None) -> list[Path]:
         pipe = S2VPipeline(self.model, self.vset.parts, self.device, self.autocast_dtype)
         out = []
         for i, (cond, options) in enumerate(zip(self.vset.cases, self.options, strict=True)):
+            if lora_scale is not None:
+                options = dataclasses.replace(options, lora_scale=lora_scale)
             frames = pipe.render(cond, options, stop=self.stop_event)
             seconds = frames.shape[0] / 16
             audio = cond.audio.waveform[: round(seconds * SAMPLE_RATE)]

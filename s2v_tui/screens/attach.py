@@ -70,7 +70,7 @@ class AttachScreen(AppScreen):
             return self.following is not None
         if action == "refresh_runs":
             return self.following is None
-        return True
+        return super().check_action(action, parameters)
 
     def action_refresh_runs(self) -> None:
         runs_dir = self.app.services.runs_dir  # type: ignore[attr-defined]

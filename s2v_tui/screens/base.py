@@ -7,16 +7,27 @@ from __future__ import annotations
 
 from textual.binding import Binding
 from textual.screen import Screen
+from textual.widgets import Input
 from textual.worker import Worker
 
 
 class AppScreen(Screen):
-    # Digits switch screens, but a text box takes them as text: Escape leaves the box first.
-    BINDINGS = [Binding("escape", "leave_field", "Leave field", show=False, id="screen.leave_field",
-                        tooltip="Move focus out of the text box so the screen keys (1-5) work")]
+    # The screen keys (digits, letters) are bindings that a focused text box takes as text first (Textual's
+    # check_consume_key), so typing a path never switches screens or starts anything. Escape leaves the box,
+    # and the footer says so while one is focused.
+    BINDINGS = [Binding("escape", "leave_field", "Leave field", id="screen.leave_field",
+                        tooltip="Move focus out of the text box so the screen keys (1-5, letters) work")]
 
     def action_leave_field(self) -> None:
         self.set_focus(None)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "leave_field":
+            return isinstance(self.focused, Input)  # False: neither shown nor bound (Esc is free elsewhere)
+        return True
+
+    def config_changed(self) -> None:
+        """The session's config was changed from outside this screen (a dialog): show it. Screens override."""
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         self.app.handle_worker_state(event)  # type: ignore[attr-defined]

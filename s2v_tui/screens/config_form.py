@@ -24,12 +24,19 @@ class ConfigScreen(AppScreen):
     BINDINGS = [
         Binding("ctrl+s", "save", "Save", id="config.save", tooltip="Write the config to the TOML file"),
         Binding("ctrl+d", "show_diff", "Diff", id="config.diff", tooltip="What differs from the chosen preset"),
+        Binding("n", "app.new_run", "New run", id="config.new_run",
+                tooltip="Model, dataset folder and run name in one dialog (or a tiny demo to try the app)"),
     ]
     DEFAULT_CSS = """
     ConfigScreen #save-row { height: 1; margin: 0 1; }
     ConfigScreen #save-path { width: 1fr; }
     ConfigScreen #save { min-width: 8; }
-    ConfigScreen .field { height: auto; padding: 0 1; }
+    ConfigScreen .field { height: auto; padding: 0 1 0 0; border-left: blank; }
+    ConfigScreen .field:focus-within { border-left: outer $accent; }
+    ConfigScreen .switch-row, ConfigScreen .list-row { height: auto; }
+    ConfigScreen .switch-state { width: auto; padding: 0 1; }
+    ConfigScreen .list-row Static { width: 1fr; padding: 0 1 0 0; }
+    ConfigScreen .list-row Button { min-width: 10; }
     ConfigScreen #topics { height: 1fr; }
     ConfigScreen TabPane { height: 1fr; padding: 0; }
     ConfigScreen TabPane > VerticalScroll { height: 1fr; }
@@ -75,9 +82,15 @@ class ConfigScreen(AppScreen):
             yield Static(f"[b]{info.key}[/]  [dim]{info.help}[/]", classes="field-label")
             wid = widget_id(info.key)
             if is_table_list(info):
-                yield Static(self._table_list_text(info.key), id=wid, markup=False)
+                with Horizontal(classes="list-row"):
+                    yield Static(self._table_list_text(info.key), id=wid, markup=False)
+                    yield Button("Edit...", id=f"edit-{wid}", compact=True,
+                                 tooltip=f"Add, remove and edit the [[{info.key}]] entries")
             elif info.type is bool:
-                yield Switch(bool(value), id=wid, tooltip=info.help)
+                with Horizontal(classes="switch-row"):
+                    yield Switch(bool(value), id=wid, tooltip=info.help)
+                    # The switch's position is a colour change only: the word keeps it readable under NO_COLOR.
+                    yield Static(_on_off(bool(value)), id=f"state-{wid}", classes="switch-state")
             elif info.choices and not isinstance(info.default, list):
                 yield Select([(c, c) for c in info.choices], value=value, allow_blank=False, id=wid,
                              compact=True, tooltip=info.help)
@@ -92,16 +105,24 @@ class ConfigScreen(AppScreen):
         return node
 
     def _table_list_text(self, key: str) -> str:
-        items = self._value(key)
-        where = "the Dataset screen sets the first; " if key == "data.datasets" else ""
-        paths = ", ".join(getattr(i, "path", "") or getattr(i, "reference", "") for i in items) or "none"
-        return f"{len(items)}: {paths}  ({where}edit more in the TOML file)"
+        from s2v_tui.screens.entries import entries_of, entry_summary
+
+        items = [entry_summary(key, e) for e in entries_of(self.app.session.config, key)]  # type: ignore[attr-defined]
+        return f"{len(items)}: {', '.join(items)}" if items else "none yet"
 
     def on_mount(self) -> None:
         self.validate_all()
 
+    @on(Button.Pressed, ".list-row Button")
+    def _edit_list(self, event: Button.Pressed) -> None:
+        key = key_of((event.button.id or "").removeprefix("edit-"))
+        self.app.action_edit_list(key)  # type: ignore[attr-defined]
+
+    def config_changed(self) -> None:
+        self.on_screen_resume()
+
     def on_screen_resume(self) -> None:
-        """Another screen may have changed the config (a preset, the dataset folder): show its values."""
+        """Another screen or a dialog may have changed the config (a preset, the datasets): show its values."""
         self._syncing = True
         try:
             for key, info in self._infos.items():
@@ -109,6 +130,7 @@ class ConfigScreen(AppScreen):
                 value = self._value(key)
                 if isinstance(widget, Switch):
                     widget.value = bool(value)
+                    self.query_one(f"#state-{widget_id(key)}", Static).update(_on_off(bool(value)))
                 elif isinstance(widget, Select):
                     widget.value = value
                 elif isinstance(widget, Input):
@@ -131,6 +153,8 @@ class ConfigScreen(AppScreen):
             return
         key = key_of(widget.id)
         info = self._infos[key]
+        if isinstance(widget, Switch):
+            self.query_one(f"#state-{widget.id}", Static).update(_on_off(bool(event.value)))
         session = self.app.session  # type: ignore[attr-defined]
         file = str(session.config_path or "<form>")
         value = event.value
@@ -194,7 +218,7 @@ class ConfigScreen(AppScreen):
         extends = None
         if not path.exists() and session.preset_path is not None:
             # A new file records only what differs from its preset, so it stays short and readable.
-            extends = _relative(session.preset_path, path.parent)
+            extends = extends_path(session.preset_path, path.parent)
         try:
             save_config(session.config, path, extends=extends)
         except (ConfigError, OSError) as exc:
@@ -204,7 +228,13 @@ class ConfigScreen(AppScreen):
         self.notify(f"Saved {path}")
 
 
-def _relative(target: Path, start: Path) -> str:
-    import os
+def _on_off(value: bool) -> str:
+    return "on" if value else "off"
 
-    return os.path.relpath(target.resolve(), start.resolve())
+
+def extends_path(preset: Path, folder: Path) -> str:
+    """How a new config file in `folder` names its preset: relative when the preset lies in that folder's tree
+    (the two move together), else absolute: a relative path climbing into the install's presets/ broke as soon as
+    the file or the install moved."""
+    preset, folder = preset.resolve(), folder.resolve()
+    return str(preset.relative_to(folder)) if preset.is_relative_to(folder) else str(preset)

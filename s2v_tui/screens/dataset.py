@@ -1,10 +1,16 @@
 """Dataset: pick a folder (or take it from the config), run the doctor in a thread worker, show every clip
-and the problems grouped by code with their fix. A blocking problem disables Start."""
+and the problems grouped by code with their fix. A blocking problem disables Train (which says why).
+
+The check uses the engine's doctor settings for the run config (engine.data.cache_plan.doctor_settings: windows,
+buckets, smallest side, seed), the same as `s2v-tui check CONFIG.toml` and the run's cache phase, so the three
+never disagree about a clip. The folder can go into the config's [[data.datasets]] with or without a check
+(a warning says what is known), and the whole list is edited in a dialog (e).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
@@ -12,10 +18,8 @@ from textual.message import Message
 from textual.widgets import Button, DataTable, Footer, Input, ProgressBar, Static
 from textual.worker import Worker, get_current_worker
 
-from engine.config import with_value
 from engine.data.discover import DatasetSpec
-from engine.data.doctor import DoctorReport, DoctorSettings, problems_by_code
-from engine.data.windows import BucketSettings, WindowSettings
+from engine.data.doctor import DoctorReport, problems_by_code
 
 from s2v_tui.screens.base import AppScreen
 from s2v_tui.widgets.nav import NavBar
@@ -35,15 +39,23 @@ class DoctorProgress(Message):
         return isinstance(message, DoctorProgress)
 
 
-def doctor_settings(config) -> DoctorSettings:
-    """The doctor checks what this config will train: its window length, crop, reference and audio rule."""
-    d = config.data
-    windows = WindowSettings(frames=d.frames, motion_frames=d.motion_frames,
-                             max_windows=d.windows_per_clip or None)
-    w, h = d.resolution
-    buckets = BucketSettings(max_area=w * h, fixed=f"{w}x{h}" if d.bucket == "fixed" else None)
-    return DoctorSettings(windows=windows, buckets=buckets, crop=d.crop, reference=d.reference,
-                          allow_silent_audio=d.allow_silent_audio)
+def dataset_spec(config, folder: str) -> DatasetSpec:
+    """The folder as the run would read it: with the audio folder of its [[data.datasets]] entry, if it has one."""
+    entry = next((d for d in config.data.datasets if d.path == folder), None)
+    audio = Path(entry.audio_dir).expanduser() if entry is not None and entry.audio_dir else None
+    return DatasetSpec(Path(folder).expanduser(), audio_dir=audio)
+
+
+def datasets_line(config, folder: str) -> str:
+    """The config's datasets in one line, the folder in the box marked when it is one of them."""
+    from s2v_tui.screens.entries import entry_summary
+
+    entries = [vars(d) for d in config.data.datasets]
+    if not entries:
+        return "[yellow]the run config has no dataset yet[/]: a adds this folder, e edits the list"
+    names = [("[b]" + entry_summary("data.datasets", e) + "[/]") if e["path"] == folder
+             else entry_summary("data.datasets", e) for e in entries]
+    return f"in the run config: {', '.join(names)}  [dim](a: add this folder, e: edit the list)[/]"
 
 
 def _audio_label(source: str) -> str:
@@ -102,39 +114,49 @@ def problems_text(report: DoctorReport, root: Path | None) -> str:
 class DatasetScreen(AppScreen):
     BINDINGS = [
         Binding("ctrl+r", "check", "Check", id="dataset.check", tooltip="Run the dataset doctor on the folder"),
+        Binding("a", "add_folder", "Add", id="dataset.add",
+                tooltip="Put the folder into the run config's datasets (a check is not required)"),
+        Binding("e", "app.edit_list('data.datasets')", "Datasets", id="dataset.edit",
+                tooltip="Add, remove and edit the run config's [[data.datasets]] entries"),
         Binding("ctrl+t", "train", "Train", id="dataset.train",
-                tooltip="Use this folder and start training (needs a check without blocking problems)"),
+                tooltip="Train on the run config with this folder in it (needs a check without blocking problems)"),
         Binding("ctrl+c", "cancel_check", "Cancel check", show=False, id="dataset.cancel",
                 tooltip="Stop a running check"),
     ]
     DEFAULT_CSS = """
     DatasetScreen #folder-row { height: 3; }
     DatasetScreen #folder { width: 1fr; }
-    DatasetScreen #folder-row Button { min-width: 9; }
+    DatasetScreen #folder-row Button { min-width: 7; }
     DatasetScreen #check-progress { height: 1; padding: 0 1; }
     DatasetScreen #summary { height: 1; padding: 0 1; }
     DatasetScreen #clips { height: 1fr; min-height: 4; }
     DatasetScreen #problems-box { height: 1fr; min-height: 4; border: round $primary-darken-1; padding: 0 1; }
+    DatasetScreen #in-config { height: 1; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
     """
+    PATH_STARTS = "/~."  # typed outside a text box, these begin a path: they go into the folder box
 
     def compose(self) -> ComposeResult:
         yield NavBar("dataset")
         with Horizontal(id="folder-row"):
-            yield Input(placeholder="dataset folder (clips + captions)", id="folder",
+            # No select-on-focus: a path typed from outside the box (on_key) would replace its own first character.
+            yield Input(placeholder="dataset folder (type / or ~ to start one)", id="folder", select_on_focus=False,
                         tooltip="Folder of video clips, each with <stem>.txt or a metadata.jsonl row")
             yield Button("Check", id="check", variant="primary", tooltip="Run the dataset doctor (ctrl+r)")
+            yield Button("Add", id="add", tooltip="Put the folder into the run config (a)")
             yield Button("Train", id="train", variant="success", disabled=True,
-                         tooltip="Start training on this folder (ctrl+t)")
+                         tooltip="Start training with this folder in the run config (ctrl+t)")
         yield ProgressBar(id="check-progress", show_eta=False)
-        yield Static("no check yet", id="summary")
+        yield Static("no check yet: type a folder, or press n for a new run (a tiny demo included)", id="summary")
         table = DataTable(id="clips", cursor_type="row", zebra_stripes=True)
         table.add_columns(*CLIP_COLUMNS)
         yield table
         with VerticalScroll(id="problems-box") as box:
             box.border_title = "problems"
             yield Static("", id="problems")
+        yield Static("", id="in-config")
         yield Footer()
 
+    # Not the folder box: the screen keys must work when it opens (a focused box takes "2" as text).
     AUTO_FOCUS = "#clips"
 
     def on_mount(self) -> None:
@@ -144,20 +166,54 @@ class DatasetScreen(AppScreen):
         report = self.app.session.report  # type: ignore[attr-defined]
         if report is not None:
             self.show_report(report, self.app.session.report_folder)  # type: ignore[attr-defined]
-        if not self.query_one("#folder", Input).value:
-            self.query_one("#folder", Input).focus()
+        self.config_changed()
+
+    def typed_folder(self) -> str:
+        return self.query_one("#folder", Input).value.strip()
+
+    def config_changed(self) -> None:
+        datasets = self.app.session.config.data.datasets  # type: ignore[attr-defined]
+        box = self.query_one("#folder", Input)
+        if not box.value.strip() and datasets and datasets[0].path:
+            box.value = datasets[0].path  # a new run's folder (the New run dialog) is what one checks next
+        self.query_one("#in-config", Static).update(
+            datasets_line(self.app.session.config, self.typed_folder()))  # type: ignore[attr-defined]
+        self._sync_train_button()
+
+    def on_screen_resume(self) -> None:
+        self.config_changed()
+
+    def on_key(self, event: events.Key) -> None:
+        """A path typed while the folder box is not focused goes into it, instead of firing the keys it holds
+        ("2" and "5" of /data/clips256 switched screens)."""
+        if event.character and event.character in self.PATH_STARTS and not isinstance(self.focused, Input):
+            event.stop()
+            event.prevent_default()
+            box = self.query_one("#folder", Input)
+            box.value = event.character
+            box.cursor_position = len(box.value)
+            box.focus()
 
     # -- actions -------------------------------------------------------------------------------------------
 
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "train":
-            return True if self._can_train() else None  # None: shown, greyed out
-        return True
+    def _train_refusal(self) -> str:
+        """Why Train cannot start from here, in words ("" when it can)."""
+        session = self.app.session  # type: ignore[attr-defined]
+        folder = self.typed_folder()
+        report = session.report
+        if not folder:
+            return "Type the dataset folder first."
+        if report is None or session.report_folder != folder:
+            return f"Check {folder} first (ctrl+r); or add it without a check (a) and start on the Run screen (4)."
+        if report.cancelled:
+            return "The check was cancelled: run it again (ctrl+r)."
+        if report.blocking:
+            return (f"The check found {len(report.blocking)} blocking problem(s) in {folder}: fix those clips (or "
+                    "move them out) and check again. Each problem above says its fix.")
+        return ""
 
     def _can_train(self) -> bool:
-        session = self.app.session  # type: ignore[attr-defined]
-        return session.report is not None and not session.dataset_blocking and \
-            session.report_folder == self.query_one("#folder", Input).value.strip()
+        return not self._train_refusal()
 
     @on(Button.Pressed, "#check")
     @on(Input.Submitted, "#folder")
@@ -175,14 +231,18 @@ class DatasetScreen(AppScreen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="doctor", name="dataset doctor")
     def run_doctor(self, folder: str) -> tuple[str, DoctorReport]:
+        # Imported here, in the worker: the cache planning module brings torch, which the app's start avoids.
+        from engine.data.cache_plan import doctor_settings
+
         worker = get_current_worker()
-        settings = doctor_settings(self.app.session.config)  # type: ignore[attr-defined]
+        config = self.app.session.config  # type: ignore[attr-defined]
         inspect = self.app.services.doctor()  # type: ignore[attr-defined]
 
         def progress(done: int, total: int, _path: Path) -> None:
             self.post_message(DoctorProgress(done, total))
 
-        report = inspect([DatasetSpec(Path(folder))], settings, progress=progress, stop=worker.cancelled_event)
+        report = inspect([dataset_spec(config, folder)], doctor_settings(config), progress=progress,
+                         stop=worker.cancelled_event)
         return folder, report
 
     def action_cancel_check(self) -> None:
@@ -221,18 +281,53 @@ class DatasetScreen(AppScreen):
         self._sync_train_button()
 
     @on(Input.Changed, "#folder")
+    def _folder_typed(self) -> None:
+        self.query_one("#in-config", Static).update(
+            datasets_line(self.app.session.config, self.typed_folder()))  # type: ignore[attr-defined]
+        self._sync_train_button()
+
     def _sync_train_button(self) -> None:
         self.query_one("#train", Button).disabled = not self._can_train()
-        self.refresh_bindings()
+
+    def _add(self, folder: str) -> bool:
+        """The folder into the config's datasets (kept as it is when already there); False when nothing to add."""
+        app = self.app
+        entries = [vars(d).copy() for d in app.session.config.data.datasets]  # type: ignore[attr-defined]
+        if any(e["path"] == folder for e in entries):
+            return False
+        error = app.apply_settings({"data.datasets": [*entries, {"path": folder}]})  # type: ignore[attr-defined]
+        if error:
+            self.notify(error, title="Not added", severity="error", timeout=10)
+            return False
+        return True
+
+    @on(Button.Pressed, "#add")
+    def action_add_folder(self) -> None:
+        folder = self.typed_folder()
+        if not folder:
+            self.notify("Type the dataset folder first.", severity="warning")
+            return
+        session = self.app.session  # type: ignore[attr-defined]
+        if not self._add(folder):
+            if any(d.path == folder for d in session.config.data.datasets):
+                self.notify(f"{folder} is already in the run config (e edits its entry).")
+            return
+        report = session.report if session.report_folder == folder else None
+        if report is None:
+            self.notify(f"Added {folder} without a check: ctrl+r checks it; the run's own check phase will too.",
+                        severity="warning", timeout=8)
+        elif report.blocking:
+            self.notify(f"Added {folder}, but its check found {len(report.blocking)} blocking problem(s): those "
+                        "clips must be fixed or moved out before the run can start.", severity="warning", timeout=10)
+        else:
+            self.notify(f"Added {folder} to the run config's datasets.")
 
     @on(Button.Pressed, "#train")
     async def action_train(self) -> None:
-        if not self._can_train():
-            self.notify("Check the folder first; blocking problems must be fixed before training.",
-                        severity="warning")
+        refusal = self._train_refusal()
+        if refusal:
+            self.notify(refusal, title="Not training yet", severity="warning", timeout=10)
             return
-        session = self.app.session  # type: ignore[attr-defined]
-        folder = session.report_folder
-        session.config = with_value(session.config, "data.datasets", [{"path": folder}])
+        self._add(self.typed_folder())
         await self.app.switch_mode("run")
         self.app.screen.action_start()  # type: ignore[attr-defined]

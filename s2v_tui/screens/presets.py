@@ -23,6 +23,8 @@ PRESET_COLUMNS = ("", "preset", "VRAM need", "host need", "fits")
 GIB = 2**30
 # A host RAM size the field accepts, in GiB: a typo of a few zeros is refused rather than planned for.
 HOST_GIB_RANGE = (1.0, 65536.0)
+# Likewise the free GPU memory typed when NVML cannot tell (no card has less than 1 GiB or more than 1 TiB).
+VRAM_GIB_RANGE = (1.0, 1024.0)
 
 
 def _fits(row: PresetRow) -> str:
@@ -60,6 +62,9 @@ class PresetsScreen(AppScreen):
     PresetsScreen #preset-note { height: auto; padding: 0 1; color: $text-muted; }
     """
 
+    # The table, not the host RAM box: a focused box would take the screen keys ("3") as text.
+    AUTO_FOCUS = "#presets"
+
     def __init__(self) -> None:
         super().__init__()
         self._presets: list = []
@@ -67,6 +72,7 @@ class PresetsScreen(AppScreen):
         self._rows: list[PresetRow] = []
         self._host_live_text = ""  # what the host field was last filled with from the live reading
         self._host_problem = ""
+        self._vram_problem = ""
 
     def compose(self) -> ComposeResult:
         yield NavBar("presets")
@@ -77,6 +83,7 @@ class PresetsScreen(AppScreen):
         with Horizontal(id="vram-row"):
             yield Label("VRAM of the GPU you will train on (GB):")
             yield Input(placeholder="e.g. 80", id="vram", type="number",
+                        validators=[Number(minimum=VRAM_GIB_RANGE[0], maximum=VRAM_GIB_RANGE[1])],
                         tooltip="Used instead of NVML readings to pick a preset")
         with Horizontal(id="host-row"):
             yield Static("", id="host")
@@ -164,15 +171,15 @@ class PresetsScreen(AppScreen):
         else:
             note = f"{choice.why_none[0].upper()}{choice.why_none[1:]}. " if choice.why_none else ""
         self.query_one("#preset-note", Static).update(
-            self._host_problem + note + "Enter or u: use the highlighted preset.")
+            self._vram_problem + self._host_problem + note + "Enter or u: use the highlighted preset.")
 
     @on(Input.Changed, "#vram")
     def _vram_typed(self, event: Input.Changed) -> None:
-        try:
-            value = float(event.value)
-        except ValueError:
-            value = None
-        self.app.session.vram_override_gb = value if value and value > 0 else None  # type: ignore[attr-defined]
+        text = event.value.strip()
+        valid = bool(text) and (event.validation_result is None or event.validation_result.is_valid)
+        self._vram_problem = "" if valid or not text else (
+            f"VRAM {text!r} is not a size from {VRAM_GIB_RANGE[0]:g} to {VRAM_GIB_RANGE[1]:g} GiB. ")
+        self.app.session.vram_override_gb = float(text) if valid else None  # type: ignore[attr-defined]
         self._painted_version = -1
         self.repaint()
 

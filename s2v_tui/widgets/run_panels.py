@@ -73,6 +73,10 @@ class RunPanels(Widget):
         log.border_title = "log"
         yield log
 
+    def on_resize(self) -> None:
+        # A smaller terminal leaves the log's view above its last line: bring the newest lines back into view.
+        self.query_one("#run-log", Log).scroll_end(animate=False)
+
     def reset(self) -> None:
         """Forget what was painted (another run is about to be shown)."""
         self._painted = -1
@@ -164,5 +168,8 @@ class RunPanels(Widget):
                 log.write_lines(s.log)
                 self._log_seen = s.log_total
             return
-        log.write_lines(s.log[-min(new, len(s.log)):])
+        # Scroll after the next refresh, not at once: right after a resize the log's scrollable height is still
+        # the old one, and an immediate scroll to the end stopped short (the log no longer followed new lines).
+        log.write_lines(s.log[-min(new, len(s.log)):], scroll_end=False)
+        log.scroll_end(animate=False)
         self._log_seen = s.log_total
