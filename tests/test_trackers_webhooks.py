@@ -128,7 +128,9 @@ def test_a_slow_endpoint_never_slows_the_steps(tiny_model_dir, tmp_path, quick_r
     assert end.status == "completed", end.reason
     steps = [e for e in events if isinstance(e, StepEnd)]
     gaps = [b.ts - a.ts for a, b in zip(steps, steps[1:], strict=False)]
-    assert max(gaps) < 1.5, gaps  # a step with its checkpoint takes ~0.3 s here
+    # A step with its checkpoint takes ~0.3 s on a quiet machine (more on a loaded one); a sender on the training
+    # thread adds at least 3 s (3 tries of the 1 s timeout): measured 3.4 s gaps with one.
+    assert max(gaps) < 2.5, gaps
     assert wall < 20, wall
     codes = [e.code for e in events if isinstance(e, RunWarning)]
     assert "webhook_failed" in codes
