@@ -19,7 +19,7 @@ from textual.widgets import Button, Input, Static
 from textual.worker import Worker, WorkerState
 
 from engine.config import Config
-from engine.models.source import source_problem
+from engine.model_source import source_problem
 
 DEMO_FOLDER = Path("s2v-demo")
 DEMO_GROUP = "demo-files"
