@@ -23,6 +23,17 @@ from s2v_tui.demo import demo_config
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+
+def tiny_batch(model) -> dict:
+    """One fixed window of inputs for the tiny model (5 latent frames of 8x12, motion latents, 20 audio frames)."""
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    return dict(hidden_states=torch.randn(1, 16, 5, 8, 12, generator=g), timestep=torch.tensor([640.0]),
+                encoder_hidden_states=torch.randn(1, 9, cfg.text_dim, generator=g),
+                ref_latents=torch.randn(1, 16, 1, 8, 12, generator=g),
+                audio_features=torch.randn(1, cfg.num_weighted_avg_layers, cfg.audio_dim, 20, generator=g),
+                motion_latents=torch.randn(1, 16, 19, 8, 12, generator=g))
+
 def test_row_quantisation_keeps_e4m3_relative_precision():
     w = torch.randn(64, 96) * torch.logspace(-3, 2, 64).unsqueeze(1)  # rows of very different size
     q, scale = quantize_rows(w)
@@ -144,13 +155,7 @@ def test_tiny_model_loss_and_lora_gradients_stay_close_to_bf16(tiny_model_dir, k
     for n, p in model.named_parameters():
         if ".lora_B" in n:  # a non-zero B, so that the LoRA gradients depend on the whole block
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(n)))
-    g = torch.Generator().manual_seed(0)
-    cfg = model.config
-    batch = dict(hidden_states=torch.randn(1, 16, 5, 8, 12, generator=g), timestep=torch.tensor([640.0]),
-                 encoder_hidden_states=torch.randn(1, 9, cfg.text_dim, generator=g),
-                 ref_latents=torch.randn(1, 16, 1, 8, 12, generator=g),
-                 audio_features=torch.randn(1, cfg.num_weighted_avg_layers, cfg.audio_dim, 20, generator=g),
-                 motion_latents=torch.randn(1, 16, 19, 8, 12, generator=g))
+    batch = tiny_batch(model)
     loss_ref, grads_ref = _loss_and_lora_grads(model, batch)
     model.zero_grad(set_to_none=True)
     # q k v o twice and two FFN Linears a block
@@ -299,13 +304,7 @@ def _forward_and_lora_grads(model, device):
         if ".lora_B" in n:
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
-    g = torch.Generator().manual_seed(0)
-    cfg = model.config
-    batch = dict(hidden_states=torch.randn(1, 16, 5, 8, 12, generator=g), timestep=torch.tensor([640.0]),
-                 encoder_hidden_states=torch.randn(1, 9, cfg.text_dim, generator=g),
-                 ref_latents=torch.randn(1, 16, 1, 8, 12, generator=g),
-                 audio_features=torch.randn(1, cfg.num_weighted_avg_layers, cfg.audio_dim, 20, generator=g),
-                 motion_latents=torch.randn(1, 16, 19, 8, 12, generator=g))
+    batch = tiny_batch(model)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         out = model(**{k: v.to(device) for k, v in batch.items()})
     out.float().square().mean().backward()

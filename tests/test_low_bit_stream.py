@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_low_bit import tiny_batch  # tests/ is on sys.path under pytest
 from peft import LoraConfig
 
 from engine.config import check_config, load_config, with_value
@@ -39,13 +40,7 @@ def _int8_model(folder, kind="int8", dtype=torch.bfloat16, dropout=0.1):
 
 
 def _batches(model):
-    g = torch.Generator().manual_seed(0)
-    cfg = model.config
-    full = dict(hidden_states=torch.randn(1, 16, 5, 8, 12, generator=g), timestep=torch.tensor([640.0]),
-                encoder_hidden_states=torch.randn(1, 9, cfg.text_dim, generator=g),
-                ref_latents=torch.randn(1, 16, 1, 8, 12, generator=g),
-                audio_features=torch.randn(1, cfg.num_weighted_avg_layers, cfg.audio_dim, 20, generator=g),
-                motion_latents=torch.randn(1, 16, 19, 8, 12, generator=g))
+    full = tiny_batch(model)
     short = {**full, "hidden_states": full["hidden_states"][:, :, :3], "audio_features": full["audio_features"][..., :12]}
     return [short, full, {**short, "drop_motion_frames": True}]  # a bucket change, and the first-clip mode
 
