@@ -5,7 +5,6 @@ from `default_services()`; tests pass fakes (FakeNvml, the fake engine, a fixed 
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,17 +38,9 @@ def _no_prediction(config: Config) -> MemoryNeed | None:
 
 
 def engine_memory_predictor() -> MemoryPredictor:
-    """`engine.memory.predict(config) -> (vram_bytes, host_bytes) | None` when that module exists.
-
-    The memory model is another issue's work; until it lands every preset shows "not measured yet".
-    """
-    try:
-        memory = importlib.import_module("engine.memory")
-    except ImportError:
-        return _no_prediction
-    predict = getattr(memory, "predict", None)
-    if predict is None:
-        return _no_prediction
+    """`engine.memory.predict(config) -> (vram_bytes, host_bytes)` as the picker's MemoryNeed (imported here, not at
+    the top: the memory model is imported only when the Presets screen first asks)."""
+    from engine.memory import predict
 
     def adapter(config: Config) -> MemoryNeed | None:
         try:
@@ -65,13 +56,12 @@ def engine_memory_predictor() -> MemoryPredictor:
     return adapter
 
 
-def engine_runner() -> Runner | None:
-    """The real training entry point, or None while `engine.runner` is not installed."""
-    try:
-        module = importlib.import_module("engine.runner")
-    except ImportError:
-        return None
-    return getattr(module, "run", None)
+def engine_runner() -> Runner:
+    """The real training entry point (imported on first use: engine.runner brings torch, which the first paint of
+    the app does not need)."""
+    from engine.runner import run
+
+    return run
 
 
 def leave_a_core_for_the_ui() -> None:
