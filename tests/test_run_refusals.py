@@ -8,13 +8,19 @@ from engine.runner import run
 from s2v_tui.headless import EXIT_CONFIG, run_headless
 
 
-def test_missing_model_folder_fails_the_check_phase_before_any_cache_work(tmp_path):
+def _empty_clips_config(tmp_path, source: str) -> Config:
+    """A config of `source` over an empty clips folder, its runs under tmp_path, no TensorBoard."""
     (tmp_path / "clips").mkdir()
     config = Config()
-    config.model.source = str(tmp_path / "models" / "wan-s2v")
+    config.model.source = source
     config.data.datasets = [DatasetEntry(path=str(tmp_path / "clips"))]
     config.output.run_dir = str(tmp_path / "runs")
     config.logging.tensorboard = False
+    return config
+
+
+def test_missing_model_folder_fails_the_check_phase_before_any_cache_work(tmp_path):
+    config = _empty_clips_config(tmp_path, str(tmp_path / "models" / "wan-s2v"))
     events = []
     end = run(config, [events.append], threading.Event(), device="cpu")
     assert end.status == "failed"
@@ -40,12 +46,7 @@ def test_empty_dataset_fails_the_run_naming_the_folder(tmp_path, tiny_model_dir,
         raise AssertionError("an encoder was loaded for an empty dataset")
 
     monkeypatch.setattr(components, "load_text_encoder", refuse)
-    (tmp_path / "clips").mkdir()
-    config = Config()
-    config.model.source = str(tiny_model_dir)
-    config.data.datasets = [DatasetEntry(path=str(tmp_path / "clips"))]
-    config.output.run_dir = str(tmp_path / "runs")
-    config.logging.tensorboard = False
+    config = _empty_clips_config(tmp_path, str(tiny_model_dir))
     end = run(config, [], threading.Event(), device="cpu")
     assert end.status == "failed"
     assert str(tmp_path / "clips") in end.reason and "no usable training window" in end.reason
@@ -58,12 +59,7 @@ def test_model_folder_without_a_transformer_fails_the_check_phase_before_the_cac
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     shutil.rmtree(model / "transformer")
-    (tmp_path / "clips").mkdir()
-    config = Config()
-    config.model.source = str(model)
-    config.data.datasets = [DatasetEntry(path=str(tmp_path / "clips"))]
-    config.output.run_dir = str(tmp_path / "runs")
-    config.logging.tensorboard = False
+    config = _empty_clips_config(tmp_path, str(model))
     events = []
     end = run(config, [events.append], threading.Event(), device="cpu")
     assert end.status == "failed"
