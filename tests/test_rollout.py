@@ -238,3 +238,77 @@ def test_rollout_defaults_are_off_with_the_seeds_basic_setup():
     r = cf.Config().rollout
     assert (r.enabled, r.probability, r.max_step_offset) == (False, 1.0, 10)
     assert cf.check_config(with_value(cf.Config(), "rollout.enabled", True)) == []
+
+
+def _rollout_loss_and_grads(model, batch, sigmas, noise):
+    from engine.train.objective import flow_loss, velocity_target
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    config = RolloutConfig(enabled=True, probability=1.0, max_step_offset=3)
+    predict = _predict(model, batch)
+    x_t = training_input(config, torch.Generator().manual_seed(0), predict, batch.latents, noise, sigmas)
+    loss = flow_loss(predict(x_t, sigmas), velocity_target(batch.latents, noise))
+    loss.backward()
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return float(loss.detach()), grads
+
+
+@pytest.mark.timeout(300)
+def test_rollout_runs_through_streamed_blocks_offloaded_inputs_and_compiled_blocks(tiny_model_dir, tmp_path):
+    """The no-grad forwards meet the 24gb preset's switches (block streaming, saved inputs in host slots, part of
+    them kept in place) and compiled blocks: the same loss and gradients as the plainly checkpointed model, and
+    the compiled blocks make their no-grad graphs once, not once per step. (On the CPU the streamer's copies are
+    plain copies; dynamo's eager backend: tracing and guards without inductor's compile time.)"""
+    from engine.runner import _load_model
+
+    assert draw_offsets(1, torch.Generator().manual_seed(0), 1.0, 3).item() == 3  # three no-grad forwards
+    config = _config(tiny_model_dir, tmp_path)
+    plain = _load_model(config, torch.device("cpu"))
+    streamed = _load_model(config, torch.device("cpu"))
+    streamed.enable_gradient_checkpointing(1, offload_inputs=True, gpu_saved_inputs=1)
+    streamed.enable_block_streaming(resident=1, device=torch.device("cpu"))
+    source = SyntheticLatentDataset(1)
+    from engine.train.batches import collate
+
+    batch = collate([source[0]], [False], False)
+    gen = torch.Generator().manual_seed(4)
+    sigmas = sample_sigmas(1, gen)
+    noise = torch.randn(batch.latents.shape, generator=gen)
+    for model in (plain, streamed):
+        model.train()
+    ref_loss, ref_grads = _rollout_loss_and_grads(plain, batch, sigmas, noise)
+    loss, grads = _rollout_loss_and_grads(streamed, batch, sigmas, noise)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+    torch._dynamo.reset()
+    streamed.compile_blocks(backend="eager")
+    torch._dynamo.utils.counters.clear()
+    first = _rollout_loss_and_grads(streamed, batch, sigmas, noise)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2
+    again = _rollout_loss_and_grads(streamed, batch, sigmas, noise)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile per step
+    assert first[0] == pytest.approx(ref_loss, rel=1e-6) and again[0] == first[0]
+    torch._dynamo.reset()
+
+
+def test_the_bench_counts_the_forwards_of_each_rolled_out_micro_batch():
+    from bench.engine_step import RolloutForwards
+
+    config = RolloutConfig(enabled=True, probability=1.0, max_step_offset=4)
+    calls = []
+
+    def predict(x, s):
+        calls.append(1)
+        return -x
+
+    x0, noise, sigmas = torch.zeros(2, 3), torch.ones(2, 3), torch.tensor([0.3, 0.6])
+    with RolloutForwards() as forwards:
+        for seed in range(3):
+            training_input(config, torch.Generator().manual_seed(seed), predict, x0, noise, sigmas)
+    expected = [int(draw_offsets(2, torch.Generator().manual_seed(s), 1.0, 4).max()) for s in range(3)]
+    assert forwards.counts == expected and sum(expected) == len(calls) > 0

@@ -23,8 +23,10 @@ path and by 1000 for the model; here both use the model's scale, t = timestep / 
 Cost: a window with offset k costs k extra forward passes without grad (no activations are kept: with grad off the
 transformer runs its blocks plainly, never through a checkpoint or the host store). The batch is stepped as a whole
 max(k) times over the global batch, samples already at t kept as they are, so every step's forward has the same
-shape (compile: one extra no-grad graph per block kind, made once) and every rank runs the same number of forwards
-(FSDP gathers the weights of each block in each of them). At batch 1, uniform offsets of 0..10 average 5 extra
+shape and every rank runs the same number of forwards (FSDP gathers the weights of each block in each of them).
+Compiled blocks (memory.compile_blocks) make one more graph per compiled module kind for the no-grad forward, once
+(4 -> 7 unique graphs on the tiny model; dynamo guards on grad mode), never one per step. So it combines with
+every memory switch and both strategies, and engine.train.allowed refuses nothing for it. At batch 1, uniform offsets of 0..10 average 5 extra
 forwards a rolled-out step; a training step with checkpointing is about four forwards' work, so this roughly
 doubles the step time at probability 1.
 
@@ -35,12 +37,15 @@ input is the plain noising, bit for bit.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from engine.config import RolloutConfig
 from engine.train.objective import noisy_input
+
+log = logging.getLogger(__name__)
 
 TIMESTEP = 1.0 / 1000  # one step of the model's timestep scale (engine.train.objective.sigmas_to_timesteps)
 
@@ -98,6 +103,9 @@ def training_input(config: RolloutConfig, generator: torch.Generator, predict: P
     if not config.enabled or config.probability == 0.0:
         return noisy_input(x0, noise, sigmas)
     offsets = draw_offsets(global_size or x0.shape[0], generator, config.probability, config.max_step_offset)
-    if not bool(offsets.any()):
+    steps = int(offsets.max())
+    # One line per micro-batch at debug level: bench/engine_step.py reads the forwards of each step from it.
+    log.debug("rollout: %d no-grad forwards (offsets %s)", steps, offsets.tolist())
+    if steps == 0:
         return noisy_input(x0, noise, sigmas)
-    return rollout_input(predict, x0, noise, sigmas, offsets[part], steps=int(offsets.max()))
+    return rollout_input(predict, x0, noise, sigmas, offsets[part], steps=steps)
