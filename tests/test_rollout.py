@@ -312,3 +312,30 @@ def test_the_bench_counts_the_forwards_of_each_rolled_out_micro_batch():
             training_input(config, torch.Generator().manual_seed(seed), predict, x0, noise, sigmas)
     expected = [int(draw_offsets(2, torch.Generator().manual_seed(s), 1.0, 4).max()) for s in range(3)]
     assert forwards.counts == expected and sum(expected) == len(calls) > 0
+
+
+@pytest.mark.timeout(600)
+def test_two_fsdp_processes_with_rollout_train_the_lora_of_one_process_of_batch_2(tiny_model_dir, tmp_path):
+    """FSDP2 gathers each block in every forward, so both ranks must run as many rollout forwards even where one
+    rank's own windows need fewer (steps 1 and 3 below): with the global batch's draws they do, and the LoRA is
+    that of one process training both windows."""
+    from test_train_distributed import CLIPS, _config as dist_config, _launch, _lora_matches
+
+    settings = {"rollout.enabled": True, "rollout.probability": 0.5, "rollout.max_step_offset": 3}
+    assert dist_config(tiny_model_dir, tmp_path / "runs").train.seed == 42
+    # The draws of the run (noise generator seed + 1; sigmas and noise of 2 windows, then the rollout's), to show
+    # that the case is met: per step [rank 0's offset, rank 1's offset].
+    gen, seen = torch.Generator().manual_seed(43), []
+    for _ in range(4):
+        sample_sigmas(2, gen)
+        torch.randn((2, 16, 20, 8, 8), generator=gen)
+        seen.append(draw_offsets(2, gen, 0.5, 3).tolist())
+    assert seen == [[1, 0], [3, 3], [0, 3], [2, 2]]
+
+    single = dist_config(tiny_model_dir, tmp_path / "runs", **{"optim.batch_size": 2, **settings})
+    end = run(single, [], threading.Event(), run_dir=tmp_path / "single", dataset=SyntheticLatentDataset(CLIPS),
+              device="cpu")
+    assert end.status == "completed", end.reason
+    config = dist_config(tiny_model_dir, tmp_path / "runs", **{"distributed.strategy": "fsdp", **settings})
+    run_dir, _ = _launch(tmp_path, config, "fsdp")
+    _lora_matches(run_dir, tmp_path / "single")
