@@ -319,7 +319,8 @@ def test_two_fsdp_processes_with_rollout_train_the_lora_of_one_process_of_batch_
     """FSDP2 gathers each block in every forward, so both ranks must run as many rollout forwards even where one
     rank's own windows need fewer (steps 1 and 3 below): with the global batch's draws they do, and the LoRA is
     that of one process training both windows."""
-    from test_train_distributed import CLIPS, _config as dist_config, _launch, _lora_matches
+    from test_train_distributed import CLIPS, _launch, _lora_matches
+    from test_train_distributed import _config as dist_config
 
     settings = {"rollout.enabled": True, "rollout.probability": 0.5, "rollout.max_step_offset": 3}
     assert dist_config(tiny_model_dir, tmp_path / "runs").train.seed == 42
