@@ -34,6 +34,10 @@ Each rank trains batch optim.batch_size on its own slice of the global batch; ra
 samples per second of the whole job and every rank's peak memory (StepEnd.rank_*). `--model-dir` reuses a
 folder (never removed); `--scratch` is then required so that every rank writes into the same run folder.
 
+The cost of [rollout] (scheduled sampling): the same command with `--set rollout.enabled=true --set
+rollout.probability=1.0 --steps 12`, against the preset without it; the result's `rollout_forwards` lists the
+no-grad forwards of each step (its largest offset, 0..rollout.max_step_offset), to set beside `s_all`.
+
 `--tiny` runs the same path with engine.models.tiny and tiny samples on the CPU (a test of this script).
 """
 from __future__ import annotations

@@ -340,3 +340,11 @@ def test_two_fsdp_processes_with_rollout_train_the_lora_of_one_process_of_batch_
     config = dist_config(tiny_model_dir, tmp_path / "runs", **{"distributed.strategy": "fsdp", **settings})
     run_dir, _ = _launch(tmp_path, config, "fsdp")
     _lora_matches(run_dir, tmp_path / "single")
+
+
+def test_the_config_form_shows_the_rollout_keys():
+    from s2v_tui.config_fields import topic_fields
+
+    shown = {info.key: title for title, infos in topic_fields() for info in infos}
+    assert {shown[k] for k in ("rollout.enabled", "rollout.probability", "rollout.max_step_offset")} == {
+        "Optimisation"}

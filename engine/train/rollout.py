@@ -21,14 +21,20 @@ models with rollout): here the loss stays the plain MSE to eps - x0. The seed di
 path and by 1000 for the model; here both use the model's scale, t = timestep / 1000.
 
 Cost: a window with offset k costs k extra forward passes without grad (no activations are kept: with grad off the
-transformer runs its blocks plainly, never through a checkpoint or the host store). The batch is stepped as a whole
-max(k) times over the global batch, samples already at t kept as they are, so every step's forward has the same
-shape and every rank runs the same number of forwards (FSDP gathers the weights of each block in each of them).
-Compiled blocks (memory.compile_blocks) make one more graph per compiled module kind for the no-grad forward, once
-(4 -> 7 unique graphs on the tiny model; dynamo guards on grad mode), never one per step. So it combines with
-every memory switch and both strategies, and engine.train.allowed refuses nothing for it. At batch 1, uniform offsets of 0..10 average 5 extra
-forwards a rolled-out step; a training step with checkpointing is about four forwards' work, so this roughly
-doubles the step time at probability 1.
+transformer runs its blocks plainly, never through a checkpoint or the host store). At batch 1, offsets uniform in
+0..10 average 5 extra forwards a step at probability 1; a checkpointed training step is about four forwards' work
+(forward, recompute, backward twice that), so the step takes about 9/4 of its time: an estimate until
+bench/engine_step.py measures it at 14B (it reports each step's forwards beside its time).
+
+The batch is stepped as a whole max(k) times over the global batch, samples already at t kept as they are, so
+every step's forward has the same shape and every rank runs the same number of forwards (FSDP gathers the weights
+of each block in each of them). Compiled blocks (memory.compile_blocks) make one more graph per compiled module
+kind for the no-grad forward, once (4 -> 7 unique graphs on the tiny model; dynamo guards on grad mode), never one
+per step. So rollout combines with every memory switch and both strategies, and engine.train.allowed refuses
+nothing for it.
+
+The model stays in training mode for the rollout, as in the seed: the same modules and numerics as the training
+forward (with lora.dropout > 0 its dropout applies there too, drawing from torch's RNG, which checkpoints keep).
 
 Randomness: the probability and offset draws come from the loop's noise generator, after the sigmas and noise of
 the micro-batch and for the whole global batch, two draws per window whatever comes out, so a resumed run draws
@@ -74,8 +80,8 @@ def rollout_input(predict: Predict, x0: torch.Tensor, noise: torch.Tensor, sigma
     `steps`: how many forwards to run (at least max(offsets)); several processes pass the global batch's maximum
     so that all run the same number. A window whose offset is used up is carried unchanged, and one of offset 0
     is exactly noisy_input(x0, noise, sigmas). No autograd graph is built (the result is a constant input)."""
+    most = int(offsets.max())  # before the move: no device sync for it
     offsets = offsets.to(sigmas.device)
-    most = int(offsets.max())
     steps = most if steps is None else steps
     if steps < most:
         raise ValueError(f"a rollout of {steps} steps cannot cover an offset of {most} timesteps")
