@@ -227,6 +227,15 @@ def _check_train(c: _Checker, cfg: Config) -> None:
     c.at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1, "keep at least 1 to be able to resume")
 
 
+def _check_rollout(c: _Checker, cfg: Config) -> None:
+    r = cfg.rollout
+    c.probability("rollout.probability", r.probability)
+    # The model's timestep scale is sigma * 1000: an offset past 1000 would start every rollout from pure noise.
+    if not 1 <= r.max_step_offset <= 1000:
+        c.bad("rollout.max_step_offset", f"must be between 1 and 1000 timesteps, got {r.max_step_offset}",
+              "e.g. 10 (the seed recommends 5 to 10; each step is one more forward pass)")
+
+
 def _check_validation(c: _Checker, cfg: Config) -> None:
     v = cfg.validation
     c.at_least("validation.every_steps", v.every_steps, 0)
@@ -335,6 +344,7 @@ def check_config(
         _check_init_from(c, cfg)
     _check_optim(c, cfg, dataset_size)
     _check_train(c, cfg)
+    _check_rollout(c, cfg)
     _check_validation(c, cfg)
     _check_memory(c, cfg)
     _check_output(c, cfg)

@@ -154,6 +154,16 @@ class TrainConfig:
 
 
 @dataclass
+class RolloutConfig:
+    enabled: bool = opt(False, "scheduled sampling: some windows are trained on the model's own denoising from a "
+                        "higher noise level instead of the exact noising (one no-grad forward per rollout step)")
+    probability: float = opt(1.0, "with enabled: the chance that a window is rolled out, drawn per window")
+    max_step_offset: int = opt(
+        10, "with enabled: a rollout starts 0..this many timesteps (of 1000) above the trained one, one Euler step "
+        "per timestep")
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = opt(250, "write a checkpoint every N steps; 0 = only on stop, signal and end")
     keep_last: int = opt(3, "checkpoints kept; older ones are deleted")
@@ -252,6 +262,7 @@ class Config:
     lora: LoraConfig = opt(LoraConfig(), "the adapter")
     optim: OptimConfig = opt(OptimConfig(), "optimizer, schedule and batch")
     train: TrainConfig = opt(TrainConfig(), "objective and numerics")
+    rollout: RolloutConfig = opt(RolloutConfig(), "scheduled sampling (rollout) against exposure bias")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints")
     validation: ValidationConfig = opt(ValidationConfig(), "validation samples and loss")
     memory: MemoryConfig = opt(MemoryConfig(), "memory switches (set by the VRAM presets)")
