@@ -206,3 +206,15 @@ def test_sample_command_refuses_a_backend_that_cannot_run_before_loading(tmp_pat
                             str(tmp_path / "o.mp4"), "--device", "cpu", "--attention", "sage"])
     err = capsys.readouterr().err
     assert code == 2 and "--attention sage" in err and "CUDA GPUs only" in err and "loading" not in err
+
+
+def test_the_trial_passes_a_right_kernel_and_catches_a_wrong_one(monkeypatch):
+    attn._trial("math", torch.device("cpu"))  # SDPA against the math kernel: passes, forward and backward
+    assert attn.get_attention_backend() == "auto"  # the trial puts the backend back
+    real = attn.attention
+    monkeypatch.setattr(attn, "attention", lambda q, k, v: real(q, k, v) * 1.1)
+    with pytest.raises(RuntimeError, match="its output is off by 0.1"):
+        attn._trial("math", torch.device("cpu"))
+    monkeypatch.setattr(attn, "attention", lambda q, k, v: real(q, k.detach(), v))
+    with pytest.raises(RuntimeError, match="its dk is missing"):
+        attn._trial("math", torch.device("cpu"))

@@ -186,6 +186,13 @@ def _probe_backend(name: str, device: torch.device) -> None:
                                f"GPUs; this one is {label}")
     elif major < 8:
         raise RuntimeError(f"it needs an Ampere or newer GPU (compute capability 8.0+); this one is {label}")
+    _trial(name, device)
+
+
+def _trial(name: str, device: torch.device) -> None:
+    """A small attention through `name` against the math kernel in fp32 (forward, and backward where the backend
+    has one); raise when a result is missing or off. (On the CPU every backend name but fa4 and sage runs SDPA, so
+    the trial's own code is testable there.)"""
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, 256, 2, 128, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
     backward = name not in FORWARD_ONLY
@@ -195,11 +202,13 @@ def _probe_backend(name: str, device: torch.device) -> None:
     try:
         with torch.set_grad_enabled(backward):
             out = attention(*inputs)
+            if out.shape != q.shape:
+                raise RuntimeError(f"its output has shape {tuple(out.shape)}, not {tuple(q.shape)}")
             if backward:
                 out.float().square().sum().backward()
     finally:
         _state["backend"] = previous
-    ref_in = [t.float().transpose(1, 2).requires_grad_(backward) for t in (q, k, v)]
+    ref_in = [t.float().transpose(1, 2).contiguous().requires_grad_(backward) for t in (q, k, v)]
     with torch.set_grad_enabled(backward), sdpa_kernel([SDPBackend.MATH]):
         ref = F.scaled_dot_product_attention(*ref_in).transpose(1, 2)
         if backward:
@@ -211,7 +220,8 @@ def _probe_backend(name: str, device: torch.device) -> None:
     for what, got, want in pairs:
         if got is None or got.shape != want.shape:
             raise RuntimeError(f"its {what} is missing or has the wrong shape")
-        err = float((got.float() - want.detach()).norm() / want.detach().norm())
+        got, want = got.detach().float(), want.detach()
+        err = float((got - want).norm() / want.norm())
         if not err < tol:
             raise RuntimeError(f"its {what} is off by {err:.3g} (relative L2) from the math kernel")
 
