@@ -1,8 +1,15 @@
 """Time and check every attention kernel at the 14B step's shape: forward, forward+backward and numerics.
 
-Usage (on the GPU; the FA4, SageAttention and cuDNN-frontend wheels installed by bench/gpu_wheels.sh):
+Usage on the GPU machine, after installing flash-attn-4, SageAttention and the cuDNN frontend there. Their wheels
+(113.8 MB, the 92 MB nvidia-cutlass-dsl-libs-cu13 one split in two: `split -b 50M`) are over one call's 64 MiB, so
+they travel in two calls of one warm machine: in the repo, `.whl1/` = the cutlass wheel's part-aa and the
+cudnn-frontend wheel (61 MiB), `.whl/` = every other wheel and part-ab (47 MiB), both in .git/info/exclude;
 
-    python3 bench/attention_backends.py --out $OUT/attention_backends.jsonl
+    call 1, carry [".whl1"]:  mkdir -p /tmp/wp && cp .whl1/* /tmp/wp/
+    call 2, carry [".whl"]:   bash bench/gpu_wheels.sh /tmp/wp .whl /tmp/site &&
+                              export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages &&
+                              python3 bench/attention_backends.py --compile-check --out $OUT/attention_backends.jsonl
+
     python3 bench/attention_backends.py --tokens 4096 --heads 8 --backends sdpa_cudnn,fa4 --out x.jsonl
 
 The shape defaults to one 832x480, 81-frame window with its reference frame: batch 1, 40 heads, 34,320 tokens,
@@ -42,7 +49,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the engine, for engine_fa4
 
-BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "fa4", "sage", "cudnn_fp8", "engine_fa4")
+BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "fa4", "sage", "cudnn_fp8", "engine_fa4", "sdpa_math")
+DEFAULT_BACKENDS = BACKENDS[:-1]  # the math kernel holds the whole S x S score matrix: small shapes only
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -65,7 +73,7 @@ def _sdpa(kind):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
-               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[kind]
+               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}[kind]
 
     def run(q, k, v):
         with sdpa_kernel([backend]):
@@ -232,13 +240,24 @@ class CudnnFp8:
 
 # ----- timing ---------------------------------------------------------------------------------------------------
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_ms(fn, warmup: int, iters: int) -> tuple[float, float]:
-    """Median and spread (max - min) in ms of `fn` over `iters` calls, CUDA events around each."""
+    """Median and spread (max - min) in ms of `fn` over `iters` calls, CUDA events around each (the host clock
+    on a machine without CUDA: the CPU proof of this script)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(iters):
+        if not torch.cuda.is_available():
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -262,7 +281,7 @@ def run_autograd_backend(fn, q, k, v, do, args, has_backward: bool) -> tuple[dic
     t0 = time.perf_counter()
     with torch.no_grad():
         o = fn(q, k, v)
-    torch.cuda.synchronize()
+    _sync()
     result = {"first_call_s": time.perf_counter() - t0}
     with torch.no_grad():
         result["fwd_ms"], result["fwd_spread_ms"] = time_ms(lambda: fn(q, k, v), args.warmup, args.iters)
@@ -309,7 +328,8 @@ def reference(q, k, v, do) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     qf, kf, vf = (t.detach().float().transpose(1, 2).requires_grad_(True) for t in (q, k, v))
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+    # (the math kernel on the CPU proof's small shapes: the CPU has no memory-efficient kernel)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION if q.is_cuda else SDPBackend.MATH]):
         o = F.scaled_dot_product_attention(qf, kf, vf)
     o.backward(do.float().transpose(1, 2))
     return {"o": o.detach().transpose(1, 2), "dq": qf.grad.transpose(1, 2), "dk": kf.grad.transpose(1, 2),
@@ -332,36 +352,41 @@ def compile_check(q, k, v) -> dict:
         return {"compile_fullgraph": False, "compile_error": f"{type(exc).__name__}: {str(exc)[:400]}"}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=40)
     ap.add_argument("--tokens", type=int, default=34320)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated, of: " + ", ".join(BACKENDS))
+    ap.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                    help="comma-separated, of: " + ", ".join(BACKENDS) + " (default: all but sdpa_math)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reference", action="store_true", help="skip the fp32 reference (numerics vs cuDNN only)")
     ap.add_argument("--compile-check", action="store_true", help="torch.compile the engine's fa4 attention")
     ap.add_argument("--out", required=True, help="JSON lines file to append to")
-    args = ap.parse_args()
+    ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (the script's own CPU proof)")
+    args = ap.parse_args(argv)
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BACKENDS))
     if unknown:
         ap.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
-    if not torch.cuda.is_available():
-        raise SystemExit("attention_backends.py times CUDA kernels; no CUDA device is visible")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("attention_backends.py times CUDA kernels; no CUDA device is visible (--device cpu runs "
+                         "its CPU proof)")
 
-    dev = torch.device("cuda")
     b, h, s, d = args.batch, args.heads, args.tokens, args.head_dim
     g = torch.Generator(device=dev).manual_seed(args.seed)
     q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
     flops = fwd_flops(b, h, s, d)
     header = {"kind": "header", "shape": [b, s, h, d], "dtype": "bfloat16", "fwd_flops": flops,
-              "bwd_flops_factor": 2.5, "gpu": torch.cuda.get_device_name(dev),
-              "capability": ".".join(map(str, torch.cuda.get_device_capability(dev))), "torch": torch.__version__,
+              "bwd_flops_factor": 2.5, "device": str(dev), "torch": torch.__version__,
               "cudnn": torch.backends.cudnn.version()}
+    if dev.type == "cuda":
+        header.update(gpu=torch.cuda.get_device_name(dev),
+                      capability=".".join(map(str, torch.cuda.get_device_capability(dev))))
     lines = [header]
     refs = {}
     if not args.no_reference:
@@ -417,7 +442,8 @@ def main() -> None:
         err = line.get("vs_fp32_o_rel_l2", line.get("vs_cudnn_o_rel_l2", float("nan")))
         print(f"{line['backend']:>15}  fwd {line['fwd_ms']:8.2f} ms {line['fwd_tflops']:6.0f} TF/s  {bwd}  "
               f"out rel_l2 {err:.2e}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

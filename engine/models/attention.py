@@ -33,8 +33,7 @@ BACKENDS = ("auto", *_SDPA_BACKENDS, "fa4", "flash_attn", "sage")
 FORWARD_ONLY = ("sage",)  # no backward pass: samples only
 PROBED = ("fa4", "sage", "flash_attn")  # packages of their own: tried on the device before a run uses them
 _PACKAGES = {"fa4": "flash_attn", "flash_attn": "flash_attn", "sage": "sageattention"}
-_INSTALL = {"fa4": "pip install --pre flash-attn-4 (it brings nvidia-cutlass-dsl; bench/gpu_wheels.sh installs "
-                   "carried wheels)",
+_INSTALL = {"fa4": "pip install --pre flash-attn-4, which brings nvidia-cutlass-dsl",
             "flash_attn": "pip install flash-attn", "sage": "pip install sageattention==1.0.6"}
 
 _state = {"backend": "auto"}
