@@ -2,8 +2,9 @@
 
 Usage on the GPU machine, after installing flash-attn-4, SageAttention and the cuDNN frontend there. Their wheels
 (113.8 MB, the 92 MB nvidia-cutlass-dsl-libs-cu13 one split in two: `split -b 50M`) are over one call's 64 MiB, so
-they travel in two calls of one warm machine: in the repo, `.whl1/` = the cutlass wheel's part-aa and the
-cudnn-frontend wheel (61 MiB), `.whl/` = every other wheel and part-ab (47 MiB), both in .git/info/exclude;
+they travel in two calls of one warm machine: in the repo, `.whl1/` = the cutlass wheel's part-aa with the
+apache-tvm-ffi, nvidia-cutlass-dsl-libs-base/-core and torch-c-dlpack-ext wheels (58.5 MiB), `.whl/` = part-ab and
+every other wheel (50.0 MiB), both in .git/info/exclude;
 
     call 1, carry [".whl1"]:  mkdir -p /tmp/wp && cp .whl1/* /tmp/wp/
     call 2, carry [".whl"]:   bash bench/gpu_wheels.sh /tmp/wp .whl /tmp/site &&
