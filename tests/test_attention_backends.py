@@ -218,3 +218,17 @@ def test_the_trial_passes_a_right_kernel_and_catches_a_wrong_one(monkeypatch):
     monkeypatch.setattr(attn, "attention", lambda q, k, v: real(q, k.detach(), v))
     with pytest.raises(RuntimeError, match="its dk is missing"):
         attn._trial("math", torch.device("cpu"))
+
+
+def test_memory_switches_select_and_report_the_backend_or_refuse_it_before_applying_any(tiny_model_dir):
+    from engine.models.s2v_transformer import S2VTransformer3DModel
+    from engine.train.switches import UnsupportedSwitch, apply_memory_switches
+
+    cpu = torch.device("cpu")
+    model = S2VTransformer3DModel.from_pretrained(tiny_model_dir)
+    config = with_value(demo_config(tiny_model_dir, "r"), "memory.attention_backend", "math")
+    assert "attention backend math" in apply_memory_switches(model, config, cpu)
+    assert attn.get_attention_backend() == "math"
+    with pytest.raises(UnsupportedSwitch, match='memory.attention_backend = "fa4": .*CUDA GPUs only'):
+        apply_memory_switches(model, with_value(config, "memory.attention_backend", "fa4"), cpu)
+    assert attn.get_attention_backend() == "math"  # the refused switch set nothing
