@@ -10,8 +10,8 @@ every `validation.every_steps` steps and at the end:
     run_dir/samples/step-XXXXX/case-NN-ema.mp4   its EMA weights, when optim.ema is on
     run_dir/samples/step-XXXXX/case-NN-scale-S.mp4   the LoRA at strength S, for each S of validation.lora_scales
 
-with validation.steps / cfg_scale / solver / negative_prompt / attention_backend, flow shift train.flow_shift, the case's seed (so
-samples of different steps differ only by the weights), at the area of data.resolution, the LoRA at
+with validation.steps / cfg_scale / solver / negative_prompt / attention_backend, flow shift train.flow_shift, the
+case's seed (so samples of different steps differ only by the weights), at the area of data.resolution, the LoRA at
 validation.lora_scale. A validation sample is the first validation.chunks 80-frame chunks of its audio (1 by
 default: 77 frames, 4.8 s), with that much audio muxed in: each chunk costs the whole sampling time again at every
 validation, and `s2v-tui sample` renders the whole audio with the exported LoRA.
