@@ -287,6 +287,14 @@ def _check_memory(c: _Checker, cfg: Config) -> None:
             f"{m.base_weights} base weights compute in bf16, but model.dtype is {cfg.model.dtype}",
             'set model.dtype = "bf16" or base_weights = "bf16"',
         )
+    if m.attention_backend == "sage":
+        c.bad("memory.attention_backend", "sage (SageAttention) has no backward pass, so it cannot train",
+              'set attention_backend = "cudnn" or "fa4"; for faster samples set validation.attention_backend = "sage"')
+    fa4_keys = [k for k, name in (("memory.attention_backend", m.attention_backend),
+                                  ("validation.attention_backend", cfg.validation.attention_backend)) if name == "fa4"]
+    if fa4_keys and cfg.model.dtype == "fp32":
+        c.conflict(fa4_keys[0], "fa4 (FlashAttention 4) takes bf16 or fp16 tensors, but model.dtype is fp32",
+                   f'set model.dtype = "bf16" or {fa4_keys[0]} = "cudnn"')
     if m.fp8_input_grad and m.base_weights != "fp8":
         c.conflict("memory.fp8_input_grad", f"needs fp8 base weights, but base_weights = \"{m.base_weights}\"",
                    'set base_weights = "fp8" or fp8_input_grad = false')
