@@ -36,7 +36,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from engine.models import loading
+from engine.models import loading, tread
 from engine.models.offload_checkpoint import HostActivationStore, host_checkpoint
 
 from engine.models.rope import rope_cos_sin, sequence_positions
@@ -248,6 +248,12 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         Fuses the fp32 norm / modulation / RoPE element-wise work that otherwise dominates the step's memory
         traffic; compile time stays in seconds because only one block-sized graph is traced.
+
+        With TREAD routing the routed blocks see a shorter sequence (and the injectors fewer tokens per frame):
+        dynamo compiles the full length first and, at the second length, one graph with the sequence length
+        dynamic (automatic dynamic shapes), which then serves every later length too. So per module kind: one
+        static graph for the full sequence plus one dynamic graph, not one per token count (the count is the
+        same every step for a given bucket anyway).
         """
         for block in self.blocks:
             block.compile(**compile_kwargs)
@@ -311,7 +317,10 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         motion_frames=(73, 19),
         add_last_motion: int = 2,
         drop_motion_frames: bool = False,
+        route: tread.TokenRoute | None = None,
     ) -> torch.Tensor:
+        """`route`: TREAD token routing of this training forward (engine/models/tread.py); None runs every token
+        through every block, as sampling always does."""
         cfg = self.config
         b, _, t, h, w = hidden_states.shape
         pt, ph, pw = cfg.patch_size
@@ -366,7 +375,8 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         context = self.condition_embedder.text_embedder(context)
 
-        x = self._run_blocks(x, (e0, n_video, rope, context, residual_dtype, audio_local, audio_global))
+        routing = self._routing(route, grid, x.device)
+        x = self._run_blocks(x, (e0, n_video, rope, context, residual_dtype, audio_local, audio_global), routing)
 
         x = x[:, :n_video]
         shift, scale = (self.scale_shift_table.float() + e[:, None]).chunk(2, dim=1)
@@ -378,7 +388,19 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, cfg.out_channels, gt * pt, gh * ph, gw * pw)
 
-    def _run_blocks(self, x, rest):
+    def _routing(self, route: tread.TokenRoute | None, grid, device):
+        """(first routed block, last routed block, kept video token indices) for `route`, or None."""
+        if route is None:
+            return None
+        if not self.training:
+            raise RuntimeError("a TREAD route was passed to a model in eval mode: token routing is for training "
+                               "only (sampling and the eval loss run every token through every block)")
+        first, last = tread.resolve_span(route.start, route.end, len(self.blocks))
+        frames, gh, gw = grid
+        kept = tread.draw_kept(frames, gh * gw, route.selection_ratio, route.generator)
+        return first, last, kept.to(device)
+
+    def _run_blocks(self, x, rest, routing=None):
         streamer = self._streamer
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         if streamer is not None and torch.is_grad_enabled() and not (recompute and self.checkpoint_interval == 1):
@@ -389,8 +411,19 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if recompute and streamer is not None and store is None:
             store = self._inplace_store = getattr(self, "_inplace_store", None) or HostActivationStore(offload=False)
         if recompute and store is not None:
+            # Routed blocks save smaller inputs; the store's slots are sized by bytes and a smaller input fills part
+            # of its slot, so the slots of a full-length step hold a routed one too.
             store.begin_step(saves=-(-len(self.blocks) // self.checkpoint_interval))
+        first, last, kept = routing if routing is not None else (-1, -1, None)
+        full_rest, saved_video = rest, None
         for i in range(len(self.blocks)):
+            if i == first:
+                # Outside any checkpointed function: the gather and the scatter below are cheap, and the recompute
+                # of a routed block then sees only its own (shorter) input. The saved video part stays on the GPU
+                # for the span's forward (one [B, N_video, D] tensor); autograd keeps nothing of it.
+                x, saved_video = tread.route_in(x, kept, rest[1])
+                e0, n_video, rope, *others = rest
+                rest = (e0, kept.shape[0], tread.routed_rope(rope, kept, n_video), *others)
             if streamer is not None:
                 streamer.ensure(i)
                 streamer.fetch(i + 1)
@@ -410,6 +443,8 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 x = self._block_and_injector(i, x, *rest)
             if streamer is not None:
                 streamer.release(i)
+            if i == last:
+                x, rest, saved_video = tread.route_out(x, saved_video, kept), full_rest, None
         return x
 
     def _stream_in_for_backward(self, i: int) -> None:
