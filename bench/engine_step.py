@@ -34,11 +34,20 @@ Each rank trains batch optim.batch_size on its own slice of the global batch; ra
 samples per second of the whole job and every rank's peak memory (StepEnd.rank_*). `--model-dir` reuses a
 folder (never removed); `--scratch` is then required so that every rank writes into the same run folder.
 
+TREAD token routing (config [tread], issue 20), against the same preset without it (the first command above):
+
+    (same preamble) python3 bench/engine_step.py --preset 80gb --mode first --steps 6 --set tread.enabled=true --set tread.selection_ratio=0.25 --json $OUT/engine_step.jsonl
+    (same preamble) python3 bench/engine_step.py --preset 80gb --mode first --steps 6 --set tread.enabled=true --set tread.selection_ratio=0.5 --json $OUT/engine_step.jsonl
+
+The JSON line's "tread" field holds the settings of the row (span: tread.start_layer_idx / end_layer_idx, default
+2 and -2, blocks 2..38 of the 40).
+
 `--tiny` runs the same path with engine.models.tiny and tiny samples on the CPU (a test of this script).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -284,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 "compile_blocks", "residual_dtype", "attention_backend", "vram_budget_gb", "checkpoint_policy",
                 "base_weights", "fp8_input_grad")},
             "overrides": args.set,
+            # TREAD's settings (config [tread]): off, or the ratio and span a timing row was taken with.
+            "tread": dataclasses.asdict(config.tread),
             "lora_rank": config.lora.rank, "resolution": list(config.data.resolution),
             "world_size": world, "strategy": args.strategy if world > 1 else "single",
             "batch_per_rank": config.optim.batch_size,

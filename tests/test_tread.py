@@ -252,13 +252,17 @@ def test_routed_step_with_a_low_bit_base(tiny_model_dir):
 
 
 @pytest.mark.timeout(300)
-def test_compiled_blocks_make_one_more_graph_for_the_routed_length_then_none(model):
+@pytest.mark.parametrize("policy", ["full+host-offload", "save_attention"])
+def test_compiled_blocks_make_one_more_graph_for_the_routed_length_then_none(model, policy):
     """The graph count stated in compile_blocks: the routed length adds graphs once (dynamic shapes), and later
     steps, other subsets or another ratio, compile nothing."""
     torch._dynamo.reset()
     params = _with_lora(model, dropout=0.0)
     batch = _inputs(model)
-    model.enable_gradient_checkpointing(offload_inputs=True)
+    if policy == "save_attention":
+        model.enable_gradient_checkpointing(policy="save_attention")
+    else:
+        model.enable_gradient_checkpointing(offload_inputs=True)
     ref = _loss_and_grads(model, batch, params, _route())
     model.compile_blocks(backend="aot_eager")
     torch._dynamo.utils.counters.clear()
