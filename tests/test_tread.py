@@ -341,3 +341,25 @@ def test_a_span_outside_the_model_fails_before_the_first_step(tiny_model_dir, tm
     end = run(config, [], threading.Event(), run_dir=tmp_path / "run", dataset=demo_dataset(), device="cpu")
     assert end.status == "failed" and "tread.end_layer_idx = 9" in end.reason and "4 blocks" in end.reason
     assert _kinds(tmp_path / "run", "step_end") == []
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_route_one_subset_per_global_batch(tiny_model_dir, tmp_path, strategy):
+    """2 processes of batch 1 train the LoRA of one process of batch 2, with TREAD on: every rank draws the same
+    subset, the one the single process draws for its batch of 2 (the distributed tests' launcher and tolerance)."""
+    import threading
+
+    from test_train_distributed import CLIPS, _config, _launch, _lora_matches
+
+    from engine.runner import run
+    from engine.train.synthetic import SyntheticLatentDataset
+
+    tread_on = {"tread.enabled": True, "tread.selection_ratio": 0.5, "tread.start_layer_idx": 1}
+    single = _config(tiny_model_dir, tmp_path / "runs", **{"optim.batch_size": 2}, **tread_on)
+    end = run(single, [], threading.Event(), run_dir=tmp_path / "single", dataset=SyntheticLatentDataset(CLIPS),
+              device="cpu")
+    assert end.status == "completed", end.reason
+    run_dir, _ = _launch(tmp_path, _config(tiny_model_dir, tmp_path / "runs", **{"distributed.strategy": strategy},
+                                           **tread_on), strategy)
+    _lora_matches(run_dir, tmp_path / "single")
