@@ -297,7 +297,13 @@ def test_tread_keys_are_checked():
 def test_a_resumed_tread_run_equals_an_uninterrupted_one(tiny_model_dir, tmp_path):
     import threading
 
-    from test_train_run import _config, _kinds, _losses, demo_dataset  # tests/ is on sys.path under pytest
+    from test_train_run import (  # tests/ is on sys.path
+        _config,
+        _kinds,
+        _losses,
+        demo_dataset,
+        stop_then_resume,
+    )
 
     from engine.models.lora import load_lora
     from engine.runner import run
@@ -312,15 +318,8 @@ def test_a_resumed_tread_run_equals_an_uninterrupted_one(tiny_model_dir, tmp_pat
     assert all(first[s] != v for s, v in _losses(tmp_path / "ref").items())  # routing is really on
     assert untouched.status == "completed"
 
-    stop = threading.Event()
-
-    def stop_at_5(event):
-        if event.kind == "step_end" and event.step == 5:
-            stop.set()
-
-    stopped = run(config, [stop_at_5], stop, run_dir=tmp_path / "resumed", dataset=demo_dataset(), device="cpu")
+    stopped, resumed = stop_then_resume(config, tmp_path / "resumed", 5)
     assert stopped.status == "stopped", stopped.reason
-    resumed = run(config, [], threading.Event(), run_dir=tmp_path / "resumed", dataset=demo_dataset(), device="cpu")
     assert resumed.status == "completed", resumed.reason
     assert [e.resumed_from_step for e in _kinds(tmp_path / "resumed", "run_started")] == [0, 5]
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "ref")
