@@ -328,6 +328,17 @@ def test_a_resumed_tread_run_equals_an_uninterrupted_one(tiny_model_dir, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_span_outside_the_model_folder_fails_in_the_check_phase(tiny_model_dir, tmp_path):
+    from engine import runner
+
+    config = with_value(with_value(Config(), "model.source", str(tiny_model_dir)), "tread.enabled", True)
+    runner._check_model_folder(config)  # 2..-2 of the tiny model's 4 blocks: block 2
+    config = with_value(config, "tread.start_layer_idx", -5)
+    with pytest.raises(runner.RunFailed, match=r"tread.start_layer_idx = -5 .* 4 blocks.*Nothing was cached"):
+        runner._check_model_folder(config)
+    runner._check_model_folder(with_value(config, "tread.enabled", False))  # off: the span is not used
+
+
 def test_a_span_outside_the_model_fails_before_the_first_step(tiny_model_dir, tmp_path):
     import threading
 

@@ -10,7 +10,8 @@ each refuses the same settings, with the same message, before a weight is loaded
 [tread] (token routing) has no refusal here: it gathers and scatters tokens between blocks, outside every
 checkpointed, streamed, sharded or compiled unit, so it runs with each memory switch and process count
 (tests/test_tread.py trains it under each switch). Its own rules are the config's (rules.py) and, for a span
-with mixed-sign indices, the model's block count (checked by the trainer before the first step).
+with mixed-sign indices, the model's block count (checked in the check phase for a local model folder, and by the
+trainer before the first step).
 """
 from __future__ import annotations
 
