@@ -21,16 +21,16 @@ def model(tiny_model_dir):
     return S2VTransformer3DModel.from_pretrained(tiny_model_dir)
 
 
-def _inputs(model, seed=0):
+def _inputs(model, seed=0, frames=T, height=H):
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     return {
-        "hidden_states": torch.randn(B, 16, T, H, W, generator=g),
+        "hidden_states": torch.randn(B, 16, frames, height, W, generator=g),
         "timestep": torch.tensor([640.0] * B),
         "encoder_hidden_states": torch.randn(B, 9, cfg.text_dim, generator=g),
-        "ref_latents": torch.randn(B, 16, 1, H, W, generator=g),
-        "audio_features": torch.randn(B, cfg.num_weighted_avg_layers, cfg.audio_dim, 4 * T, generator=g),
-        "motion_latents": torch.randn(B, 16, 19, H, W, generator=g),
+        "ref_latents": torch.randn(B, 16, 1, height, W, generator=g),
+        "audio_features": torch.randn(B, cfg.num_weighted_avg_layers, cfg.audio_dim, 4 * frames, generator=g),
+        "motion_latents": torch.randn(B, 16, 19, height, W, generator=g),
     }
 
 
@@ -277,6 +277,15 @@ def test_compiled_blocks_make_one_more_graph_for_the_routed_length_then_none(mod
     _loss_and_grads(model, batch, params, _route(seed=8))
     _loss_and_grads(model, batch, params, _route(0.25))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == with_routed
+    # A bucket of another size: only the modules that had seen one shape so far (the injectors, both outside the
+    # span here) get their dynamic graph; the blocks have theirs already.
+    other = _inputs(model, frames=3, height=16)
+    _loss_and_grads(model, other, params, _route())
+    bucket = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert bucket > with_routed
+    _loss_and_grads(model, other, params)
+    _loss_and_grads(model, batch, params, _route(0.75))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == bucket
     torch._dynamo.reset()
 
 

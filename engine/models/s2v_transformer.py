@@ -249,11 +249,12 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Fuses the fp32 norm / modulation / RoPE element-wise work that otherwise dominates the step's memory
         traffic; compile time stays in seconds because only one block-sized graph is traced.
 
-        With TREAD routing the routed blocks see a shorter sequence (and the injectors fewer tokens per frame):
-        dynamo compiles the full length first and, at the second length, one graph with the sequence length
-        dynamic (automatic dynamic shapes), which then serves every later length too. So per module kind: one
-        static graph for the full sequence plus one dynamic graph, not one per token count (the count is the
-        same every step for a given bucket anyway).
+        Graph count: dynamo compiles a module's first input shape statically and, at its second shape, one graph
+        with the changed sizes dynamic (automatic dynamic shapes), which serves every later shape. So each kind
+        (block, injector attention, AdaLN; the no-grad forward and the recompute apart) compiles at most twice,
+        whatever the buckets and TREAD's token counts. TREAD's routed blocks see a shorter sequence (and routed
+        injectors fewer tokens per frame), so the second, dynamic graph comes at the first step instead of at the
+        first bucket change; a later subset, ratio or bucket compiles nothing (tests/test_tread.py).
         """
         for block in self.blocks:
             block.compile(**compile_kwargs)
