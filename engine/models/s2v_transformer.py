@@ -412,16 +412,17 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if recompute and streamer is not None and store is None:
             store = self._inplace_store = getattr(self, "_inplace_store", None) or HostActivationStore(offload=False)
         if recompute and store is not None:
-            # Routed blocks save smaller inputs; the store's slots are sized by bytes and a smaller input fills part
-            # of its slot, so the slots of a full-length step hold a routed one too.
+            # TREAD: slot n holds the n-th saved input of every step, so a routed block's slot is sized by its own
+            # shorter input (slots go by bytes; one grows once if a later input outgrows it, as at a bucket change).
             store.begin_step(saves=-(-len(self.blocks) // self.checkpoint_interval))
         first, last, kept = routing if routing is not None else (-1, -1, None)
         full_rest, saved_video = rest, None
         for i in range(len(self.blocks)):
             if i == first:
                 # Outside any checkpointed function: the gather and the scatter below are cheap, and the recompute
-                # of a routed block then sees only its own (shorter) input. The saved video part stays on the GPU
-                # for the span's forward (one [B, N_video, D] tensor); autograd keeps nothing of it.
+                # of a routed block then sees only its own (shorter) input. The pre-route hidden states stay on the
+                # GPU through the span's forward (one [B, S, D] tensor, what the skipped tokens come back as);
+                # autograd keeps nothing of them (the gather and the scatter save only the indices).
                 x, saved_video = tread.route_in(x, kept, rest[1])
                 e0, n_video, rope, *others = rest
                 rest = (e0, kept.shape[0], tread.routed_rope(rope, kept, n_video), *others)
