@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--steps must be in {WARMUP_STEPS + 1}..{MAX_STEPS}")
     if not args.tiny and not torch.cuda.is_available():
         ap.error("the 14B run needs a CUDA GPU; use --tiny on a CPU machine")
+    if args.bare and build_config(args, REPO, REPO).tread.enabled:  # the settings alone, before minutes of work
+        # model_step.py has no token routing: its row would be the step without TREAD, under a TREAD label.
+        ap.error("--bare times bench/model_step.py, which does not route tokens: leave --bare out of a TREAD run")
 
     from engine.runner import run
 

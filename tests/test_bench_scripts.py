@@ -79,6 +79,12 @@ def test_host_budget_check_records_the_budget_and_the_verdict():
                                                   "host_within_budget": False}
 
 
+def test_bench_engine_step_refuses_bare_with_tread(capsys):
+    with pytest.raises(SystemExit):
+        engine_step.main(["--tiny", "--bare", "--steps", "4", "--set", "tread.enabled=true"])
+    assert "does not route tokens" in capsys.readouterr().err
+
+
 def test_bench_engine_step_bare_command_carries_the_speed_switches():
     config = engine_step.build_config(argparse.Namespace(
         preset="32gb", mode="first", steps=3, vram_budget_gb=0, strategy=None, tiny=False,
