@@ -38,11 +38,20 @@ The cost of [rollout] (scheduled sampling): the same command with `--set rollout
 rollout.probability=1.0 --steps 12`, against the preset without it; the result's `rollout_forwards` lists the
 no-grad forwards of each step (its largest offset, 0..rollout.max_step_offset), to set beside `s_all`.
 
+TREAD token routing (config [tread], issue 20), against the same preset without it (the first command above):
+
+    (same preamble) python3 bench/engine_step.py --preset 80gb --mode first --steps 6 --set tread.enabled=true --set tread.selection_ratio=0.25 --json $OUT/engine_step.jsonl
+    (same preamble) python3 bench/engine_step.py --preset 80gb --mode first --steps 6 --set tread.enabled=true --set tread.selection_ratio=0.5 --json $OUT/engine_step.jsonl
+
+The JSON line's "tread" field holds the settings of the row (span: tread.start_layer_idx / end_layer_idx, default
+2 and -2, blocks 2..38 of the 40).
+
 `--tiny` runs the same path with engine.models.tiny and tiny samples on the CPU (a test of this script).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -261,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--steps must be in {WARMUP_STEPS + 1}..{MAX_STEPS}")
     if not args.tiny and not torch.cuda.is_available():
         ap.error("the 14B run needs a CUDA GPU; use --tiny on a CPU machine")
+    if args.bare and build_config(args, REPO, REPO).tread.enabled:  # the settings alone, before minutes of work
+        # model_step.py has no token routing: its row would be the step without TREAD, under a TREAD label.
+        ap.error("--bare times bench/model_step.py, which does not route tokens: leave --bare out of a TREAD run")
 
     from engine.runner import run
 
@@ -319,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             "overrides": args.set,
             # [rollout]: the no-grad forwards of each micro-batch (its largest offset), to set beside s_all.
             "rollout_forwards": forwards.counts,
+            # TREAD's settings (config [tread]): off, or the ratio and span a timing row was taken with.
+            "tread": dataclasses.asdict(config.tread),
             "lora_rank": config.lora.rank, "resolution": list(config.data.resolution),
             "world_size": world, "strategy": args.strategy if world > 1 else "single",
             "batch_per_rank": config.optim.batch_size,

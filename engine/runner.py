@@ -106,9 +106,31 @@ def _check_model_folder(config: Config) -> None:
         require_source(source)
         if not Path(source).expanduser().exists():
             return
-        shard_files(resolve_transformer_dir(source, config.model.transformer_subfolder or "transformer"))
+        folder = resolve_transformer_dir(source, config.model.transformer_subfolder or "transformer")
+        shard_files(folder)
     except (FileNotFoundError, CheckpointError) as exc:
         raise RunFailed(f"model.source is not a usable model folder: {exc}. Nothing was cached or loaded") from None
+    if config.tread.enabled:
+        _check_tread_span(config, folder)
+
+
+def _check_tread_span(config: Config, folder: Path) -> None:
+    """The TREAD span against the model's block count, before the cache phase (the trainer checks it again, for a
+    hub id or a caller's dataset). Both config layouts name the count num_layers; without it the model is built
+    with the class default (the 14B's 40 blocks), which is therefore the count."""
+    import inspect
+    import json
+
+    from engine.models.loading import CONFIG_NAME
+    from engine.models.s2v_transformer import S2VTransformer3DModel
+    from engine.models.tread import resolve_span
+
+    default = inspect.signature(S2VTransformer3DModel.__init__).parameters["num_layers"].default
+    layers = json.loads((folder / CONFIG_NAME).read_text()).get("num_layers", default)
+    try:
+        resolve_span(config.tread.start_layer_idx, config.tread.end_layer_idx, layers)
+    except ValueError as exc:
+        raise RunFailed(f"{exc} ({folder}). Nothing was cached or loaded") from None
 
 
 def _installed(module: str) -> bool:

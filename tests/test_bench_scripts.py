@@ -24,7 +24,8 @@ def _one_line(path, capsys) -> dict:
 def test_bench_engine_step_tiny_trains_through_the_runner(tmp_path, capsys):
     out = tmp_path / "engine_step.jsonl"
     code = engine_step.main(["--tiny", "--preset", "24gb", "--mode", "continuation", "--steps", "4",
-                             "--json", str(out), "--scratch", str(tmp_path), "--host-budget-gib", "0.01"])
+                             "--json", str(out), "--scratch", str(tmp_path), "--host-budget-gib", "0.01",
+                             "--set", "tread.enabled=true", "--set", "tread.selection_ratio=0.5"])
     r = _one_line(out, capsys)
     # It trained, but the process took more than the 10 MiB host budget: the check says so and the exit code fails.
     assert code == 2 and r["status"] == "completed", r["reason"]
@@ -32,6 +33,7 @@ def test_bench_engine_step_tiny_trains_through_the_runner(tmp_path, capsys):
     assert r["steps"] == 4 and len(r["s_all"]) == 4 and all(t > 0 for t in r["s_all"])
     assert r["s_per_step"] > 0 and r["peak_host_rss_gib"] > 0
     assert r["switches"]["residual_dtype"] == "bf16" and not r["switches"]["block_offload"]  # CPU overrides
+    assert r["tread"] == {"enabled": True, "selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}
     assert list(tmp_path.iterdir()) == [out]  # the scratch model and run folder are gone
 
 
@@ -75,6 +77,12 @@ def test_host_budget_check_records_the_budget_and_the_verdict():
     assert check_host_budget(r, 24) and r["host_within_budget"] is True
     assert not check_host_budget(r, 16) and r == {"peak_host_rss_gib": 22.05, "host_budget_gib": 16,
                                                   "host_within_budget": False}
+
+
+def test_bench_engine_step_refuses_bare_with_tread(capsys):
+    with pytest.raises(SystemExit):
+        engine_step.main(["--tiny", "--bare", "--steps", "4", "--set", "tread.enabled=true"])
+    assert "does not route tokens" in capsys.readouterr().err
 
 
 def test_bench_engine_step_bare_command_carries_the_speed_switches():

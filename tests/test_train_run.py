@@ -44,6 +44,20 @@ def _losses(run_dir) -> dict[int, float]:
     return {e.step: e.loss for e in _kinds(run_dir, "step_end")}
 
 
+def stop_then_resume(config, run_dir, at_step: int):
+    """Run `config` into `run_dir`, stopped by its stop event after step `at_step`, then run it again (the resume);
+    returns (the stopped run's outcome, the resumed one's)."""
+    stop = threading.Event()
+
+    def stop_at(event):
+        if event.kind == "step_end" and event.step == at_step:
+            stop.set()
+
+    stopped = run(config, [stop_at], stop, run_dir=run_dir, dataset=demo_dataset(), device="cpu")
+    resumed = run(config, [], threading.Event(), run_dir=run_dir, dataset=demo_dataset(), device="cpu")
+    return stopped, resumed
+
+
 @pytest.fixture(scope="module")
 def demo_run(tiny_model_dir, tmp_path_factory):
     """The demo's job (its clips, cache, settings and step budget), once for the tests that read its results."""
@@ -152,18 +166,10 @@ def test_stop_event_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_mod
     reference = run(config, [], threading.Event(), run_dir=tmp_path / "ref", dataset=demo_dataset(), device="cpu")
     assert reference.status == "completed"
 
-    stop = threading.Event()
-
-    def stop_at_6(event):
-        if event.kind == "step_end" and event.step == 6:
-            stop.set()
-
-    stopped = run(config, [stop_at_6], stop, run_dir=tmp_path / "resumed", dataset=demo_dataset(), device="cpu")
+    stopped, resumed = stop_then_resume(config, tmp_path / "resumed", 6)
     assert stopped.status == "stopped" and "step 6" in stopped.reason
     saved = _kinds(tmp_path / "resumed", "checkpoint_saved")
-    assert [(e.step, e.reason) for e in saved] == [(4, "interval"), (6, "stop")]
-
-    resumed = run(config, [], threading.Event(), run_dir=tmp_path / "resumed", dataset=demo_dataset(), device="cpu")
+    assert [(e.step, e.reason) for e in saved] == [(4, "interval"), (6, "stop"), (8, "interval"), (10, "final")]
     assert resumed.status == "completed"
     starts = _kinds(tmp_path / "resumed", "run_started")
     assert [e.resumed_from_step for e in starts] == [0, 6]

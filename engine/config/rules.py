@@ -306,6 +306,18 @@ def _check_memory(c: _Checker, cfg: Config) -> None:
               'list at least one family, e.g. ["self_attn", "cross_attn", "ffn"], or set base_weights = "bf16"')
 
 
+def _check_tread(c: _Checker, cfg: Config) -> None:
+    tr = cfg.tread
+    # 1 would route every video token around the span: nothing of the video would pass through it.
+    c.probability("tread.selection_ratio", tr.selection_ratio, allow_one=False)
+    # Two indices of the same sign can be compared without the model's block count; a span of mixed signs is
+    # resolved against it when the trainer starts (engine.models.tread.resolve_span).
+    if (tr.start_layer_idx < 0) == (tr.end_layer_idx < 0) and tr.start_layer_idx > tr.end_layer_idx:
+        c.conflict("tread.start_layer_idx",
+                   f"{tr.start_layer_idx} comes after tread.end_layer_idx = {tr.end_layer_idx}: the span is empty",
+                   "choose start_layer_idx <= end_layer_idx (both inclusive), e.g. 2 and -2")
+
+
 def _check_output(c: _Checker, cfg: Config) -> None:
     out = cfg.output
     if not out.run_dir:
@@ -355,6 +367,7 @@ def check_config(
     _check_rollout(c, cfg)
     _check_validation(c, cfg)
     _check_memory(c, cfg)
+    _check_tread(c, cfg)
     _check_output(c, cfg)
     return c.errors
 

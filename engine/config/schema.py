@@ -233,6 +233,16 @@ class MemoryConfig:
 
 
 @dataclass
+class TreadConfig:
+    enabled: bool = opt(False, "TREAD token routing in training: a random part of the video tokens skips a span of "
+                        "blocks and rejoins after it (sampling never routes)")
+    selection_ratio: float = opt(0.5, "fraction of each latent frame's video tokens that skip the routed blocks, "
+                                 "0 <= ratio < 1")
+    start_layer_idx: int = opt(2, "first routed block (negative: counted from the end, -1 = the last)")
+    end_layer_idx: int = opt(-2, "last routed block, inclusive (negative: counted from the end)")
+
+
+@dataclass
 class DistributedConfig:
     strategy: DistributedStrategy = opt(
         "ddp", "several GPUs: ddp = each holds the whole model, LoRA gradients averaged; fsdp = base sharded per block")
@@ -271,6 +281,7 @@ class Config:
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints")
     validation: ValidationConfig = opt(ValidationConfig(), "validation samples and loss")
     memory: MemoryConfig = opt(MemoryConfig(), "memory switches (set by the VRAM presets)")
+    tread: TreadConfig = opt(TreadConfig(), "TREAD token routing (training speed-up, off by default)")
     distributed: DistributedConfig = opt(DistributedConfig(), "several GPUs under accelerate launch; one process ignores it")
     output: OutputConfig = opt(OutputConfig(), "where results go")
     logging: LoggingConfig = opt(LoggingConfig(), "metrics")

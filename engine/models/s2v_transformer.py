@@ -36,7 +36,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from engine.models import loading
+from engine.models import loading, tread
 from engine.models.attention import is_self_attention_kernel
 from engine.models.offload_checkpoint import HostActivationStore, host_checkpoint
 
@@ -241,6 +241,13 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         Fuses the fp32 norm / modulation / RoPE element-wise work that otherwise dominates the step's memory
         traffic; compile time stays in seconds because only one block-sized graph is traced.
+
+        Graph count: dynamo compiles a module's first input shape statically and, at its second shape, one graph
+        with the changed sizes dynamic (automatic dynamic shapes), which serves every later shape. So each kind
+        (block, injector attention, AdaLN; the no-grad forward and the recompute apart) compiles at most twice,
+        whatever the buckets and TREAD's token counts. TREAD's routed blocks see a shorter sequence (and routed
+        injectors fewer tokens per frame), so the second, dynamic graph comes at the first step instead of at the
+        first bucket change; a later subset, ratio or bucket compiles nothing (tests/test_tread.py).
         """
         for block in self.blocks:
             block.compile(**compile_kwargs)
@@ -304,7 +311,10 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         motion_frames=(73, 19),
         add_last_motion: int = 2,
         drop_motion_frames: bool = False,
+        route: tread.TokenRoute | None = None,
     ) -> torch.Tensor:
+        """`route`: TREAD token routing of this training forward (engine/models/tread.py); None runs every token
+        through every block, as sampling always does."""
         cfg = self.config
         b, _, t, h, w = hidden_states.shape
         pt, ph, pw = cfg.patch_size
@@ -359,7 +369,8 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         context = self.condition_embedder.text_embedder(context)
 
-        x = self._run_blocks(x, (e0, n_video, rope, context, residual_dtype, audio_local, audio_global))
+        routing = self._routing(route, grid, x.device)
+        x = self._run_blocks(x, (e0, n_video, rope, context, residual_dtype, audio_local, audio_global), routing)
 
         x = x[:, :n_video]
         shift, scale = (self.scale_shift_table.float() + e[:, None]).chunk(2, dim=1)
@@ -371,7 +382,19 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, cfg.out_channels, gt * pt, gh * ph, gw * pw)
 
-    def _run_blocks(self, x, rest):
+    def _routing(self, route: tread.TokenRoute | None, grid, device):
+        """(first routed block, last routed block, kept video token indices) for `route`, or None."""
+        if route is None:
+            return None
+        if not self.training:
+            raise RuntimeError("a TREAD route was passed to a model in eval mode: token routing is for training "
+                               "only (sampling and the eval loss run every token through every block)")
+        first, last = tread.resolve_span(route.start, route.end, len(self.blocks))
+        frames, gh, gw = grid
+        kept = tread.draw_kept(frames, gh * gw, route.selection_ratio, route.generator)
+        return first, last, kept.to(device)
+
+    def _run_blocks(self, x, rest, routing=None):
         streamer = self._streamer
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         if streamer is not None and torch.is_grad_enabled() and not (recompute and self.checkpoint_interval == 1):
@@ -382,8 +405,20 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if recompute and streamer is not None and store is None:
             store = self._inplace_store = getattr(self, "_inplace_store", None) or HostActivationStore(offload=False)
         if recompute and store is not None:
+            # TREAD: slot n holds the n-th saved input of every step, so a routed block's slot is sized by its own
+            # shorter input (slots go by bytes; one grows once if a later input outgrows it, as at a bucket change).
             store.begin_step(saves=-(-len(self.blocks) // self.checkpoint_interval))
+        first, last, kept = routing if routing is not None else (-1, -1, None)
+        full_rest, saved_video = rest, None
         for i in range(len(self.blocks)):
+            if i == first:
+                # Outside any checkpointed function: the gather and the scatter below are cheap, and the recompute
+                # of a routed block then sees only its own (shorter) input. The pre-route hidden states stay on the
+                # GPU through the span's forward (one [B, S, D] tensor, what the skipped tokens come back as);
+                # autograd keeps nothing of them (the gather and the scatter save only the indices).
+                x, saved_video = tread.route_in(x, kept, rest[1])
+                e0, n_video, rope, *others = rest
+                rest = (e0, kept.shape[0], tread.routed_rope(rope, kept, n_video), *others)
             if streamer is not None:
                 streamer.ensure(i)
                 streamer.fetch(i + 1)
@@ -403,6 +438,8 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 x = self._block_and_injector(i, x, *rest)
             if streamer is not None:
                 streamer.release(i)
+            if i == last:
+                x, rest, saved_video = tread.route_out(x, saved_video, kept), full_rest, None
         return x
 
     def _stream_in_for_backward(self, i: int) -> None:

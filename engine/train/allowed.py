@@ -7,6 +7,12 @@ fa4 and sage attention backends their package and a GPU they run on), the
 number of processes (what the FSDP2 and DDP paths cannot share), and the switch combinations the model cannot
 apply together. The runner's check phase, `s2v-tui check PRESET.toml` and the screens ask this function, so
 each refuses the same settings, with the same message, before a weight is loaded.
+
+[tread] (token routing) has no refusal here: it gathers and scatters tokens between blocks, outside every
+checkpointed, streamed, sharded or compiled unit, so it runs with each memory switch and process count
+(tests/test_tread.py trains it under each switch). Its own rules are the config's (rules.py) and, for a span
+with mixed-sign indices, the model's block count (checked in the check phase for a local model folder, and by the
+trainer before the first step).
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ from engine.dtypes import AUTOCAST_DTYPES
 from engine.events import CheckpointSaved, Event, PhaseChanged, RunWarning, StepEnd
 from engine.fsio import atomic_write_bytes
 from engine.models.lora import lora_parameter_names, lora_parameters, native_reference_modules
+from engine.models.tread import TokenRoute, resolve_span
 from engine.train import checkpoint as ckpt
 from engine.train.batches import Batch, BatchSource
 from engine.train.distributed import SINGLE, Distributed
@@ -91,6 +92,10 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.noise_gen = torch.Generator().manual_seed(t.seed + 1)
         self.data_gen = torch.Generator().manual_seed(t.seed + 2)
+        # TREAD's token subsets: a generator of their own, so routing changes no other draw of the run.
+        self.route_gen = torch.Generator().manual_seed(t.seed + 3) if config.tread.enabled else None
+        if self.route_gen is not None:  # fails before the first step, naming the keys
+            resolve_span(config.tread.start_layer_idx, config.tread.end_layer_idx, len(model.blocks))
 
         self.params = lora_parameters(model)
         self.optimizer = build_optimizer(self.params, o.optimizer, o.lr, o.betas, o.weight_decay, o.eps)
@@ -119,7 +124,10 @@ class Trainer:
 
     # ---- state -----------------------------------------------------------------------------------------------
     def _generators(self) -> dict[str, torch.Generator]:
-        return {"noise": self.noise_gen, "data": self.data_gen}
+        gens = {"noise": self.noise_gen, "data": self.data_gen}
+        if self.route_gen is not None:
+            gens["route"] = self.route_gen
+        return gens
 
     def state(self) -> dict:
         return {
@@ -291,16 +299,23 @@ class Trainer:
                                t.logit_std)[part].to(self.device)
         noise = torch.randn((n, *x0.shape[1:]), generator=self.noise_gen)[part].to(self.device)
 
-        def predict(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        route = None
+        if self.route_gen is not None:
+            tr = self.cfg.tread
+            route = TokenRoute(tr.selection_ratio, tr.start_layer_idx, tr.end_layer_idx, self.route_gen)
+
+        def predict(x: torch.Tensor, s: torch.Tensor, route: TokenRoute | None = None) -> torch.Tensor:
             amp = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                    else nullcontext())
+            extra = {"route": route} if route is not None else {}
             with amp:
                 return self.model(x, sigmas_to_timesteps(s), batch.text, batch.ref_latents, batch.audio,
-                                  motion_latents=batch.motion_latents, drop_motion_frames=batch.drop_motion)
+                                  motion_latents=batch.motion_latents, drop_motion_frames=batch.drop_motion, **extra)
 
         # [rollout] off: the plain noising; on, some windows get the model's own no-grad Euler steps from higher up.
+        # Those forwards imitate sampling, so they never route ([tread] routes only the trained forward).
         x_t = training_input(self.cfg.rollout, self.noise_gen, predict, x0, noise, sigmas, n, part)
-        prediction = predict(x_t, sigmas)
+        prediction = predict(x_t, sigmas, route)
         return flow_loss(prediction, velocity_target(x0, noise))
 
     def _grad_norm(self) -> float:
