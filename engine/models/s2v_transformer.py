@@ -175,6 +175,10 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self._host_store: HostActivationStore | None = None
         self._streamer = None
         self._rope_cache: dict = {}
+        # CREPA (engine.train.crepa): the output of block `capture_block` is kept, as the video tokens per latent
+        # frame [B, T, h, w, D], in `captured` after each forward; -1 = nothing kept.
+        self.capture_block = -1
+        self.captured: torch.Tensor | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = "transformer",
@@ -366,7 +370,10 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         context = self.condition_embedder.text_embedder(context)
 
+        self.captured = None
         x = self._run_blocks(x, (e0, n_video, rope, context, residual_dtype, audio_local, audio_global))
+        if self.captured is not None:  # the video tokens come first in the sequence, in (t, h, w) order
+            self.captured = self.captured[:, :n_video].unflatten(1, grid)
 
         x = x[:, :n_video]
         shift, scale = (self.scale_shift_table.float() + e[:, None]).chunk(2, dim=1)
@@ -410,6 +417,10 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 x = self._block_and_injector(i, x, *rest)
             if streamer is not None:
                 streamer.release(i)
+            if i == self.capture_block:
+                # The block's output as the next block receives it (the checkpointed blocks save it as their
+                # input anyway), so keeping it adds no memory unless those inputs are offloaded to the host.
+                self.captured = x
         return x
 
     def _stream_in_for_backward(self, i: int) -> None:
