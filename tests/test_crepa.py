@@ -97,13 +97,15 @@ def _forward(model, sample, sigma=0.6):
 
 def test_keeping_the_hidden_state_changes_no_prediction(tiny_model_dir, tmp_path):
     _, model, sample = _model_and_batch(tiny_model_dir, tmp_path)
-    with torch.no_grad():
-        plain = _forward(model, sample)
-        model.capture_block = 1
-        kept = _forward(model, sample)
+    plain = _forward(model, sample)
+    model.capture_block = 1
+    kept = _forward(model, sample)
     assert torch.equal(plain, kept)
     t, h, w = sample["latents"].shape[1], sample["latents"].shape[2] // 2, sample["latents"].shape[3] // 2
     assert model.captured.shape == (1, t, h, w, model.inner_dim)  # video tokens only, per latent frame
+    with torch.no_grad():  # validation samples and the eval loss keep nothing
+        _forward(model, sample)
+    assert model.captured is None
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -223,3 +225,18 @@ def test_a_crepa_checkpoint_without_a_projector_is_refused(tiny_model_dir, tmp_p
     with pytest.raises(ValueError, match="no CREPA projector"):
         Trainer(config, model, crepa_dataset(), tmp_path / "run", lambda e: None, threading.Event(),
                 torch.device("cpu"), config.config_hash(), resume_state=state)
+
+
+def test_checkpointed_and_offloaded_blocks_give_the_same_crepa_run(tiny_model_dir, tmp_path):
+    """The kept hidden state is the block output whatever the recompute scheme: plain, checkpointed, and
+    checkpointed with the saved inputs in host memory train the same losses."""
+    losses = []
+    for name, switches in {"plain": {"memory__gradient_checkpointing": False},
+                           "ckpt": {"memory__gradient_checkpointing": True},
+                           "host": {"memory__gradient_checkpointing": True,
+                                    "memory__offload_checkpoint_inputs": True}}.items():
+        config = crepa_config(tiny_model_dir, tmp_path, optim__max_steps=3, **switches)
+        end = run(config, [], None, run_dir=tmp_path / name, dataset=crepa_dataset(), device="cpu")
+        assert end.status == "completed", end.reason
+        losses.append(_losses(tmp_path / name))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] == pytest.approx(losses[2], rel=1e-5)

@@ -176,7 +176,7 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self._streamer = None
         self._rope_cache: dict = {}
         # CREPA (engine.train.crepa): the output of block `capture_block` is kept, as the video tokens per latent
-        # frame [B, T, h, w, D], in `captured` after each forward; -1 = nothing kept.
+        # frame [B, T, h, w, D], in `captured` after each forward with grad enabled; -1 = nothing kept.
         self.capture_block = -1
         self.captured: torch.Tensor | None = None
 
@@ -417,9 +417,10 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 x = self._block_and_injector(i, x, *rest)
             if streamer is not None:
                 streamer.release(i)
-            if i == self.capture_block:
+            if i == self.capture_block and torch.is_grad_enabled():
                 # The block's output as the next block receives it (the checkpointed blocks save it as their
                 # input anyway), so keeping it adds no memory unless those inputs are offloaded to the host.
+                # Training forwards only: validation and the eval loss run without grad and keep nothing.
                 self.captured = x
         return x
 
