@@ -174,10 +174,12 @@ def test_crepa_is_part_of_the_run_identity(tiny_model_dir, tmp_path):
 # ---- whole runs -----------------------------------------------------------------------------------------------
 
 
-def test_resumed_crepa_run_equals_an_uninterrupted_one_and_exports_no_projector(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "schedulefree"])  # schedule-free: checkpoints visit its eval point
+def test_resumed_crepa_run_equals_an_uninterrupted_one_and_exports_no_projector(tiny_model_dir, tmp_path, optimizer):
     from engine.train.checkpoint import find_resume_state
 
-    config = crepa_config(tiny_model_dir, tmp_path, optim__max_steps=8, checkpoint__every_steps=3)
+    config = crepa_config(tiny_model_dir, tmp_path, optim__max_steps=8, checkpoint__every_steps=3,
+                          optim__optimizer=optimizer, optim__schedule="constant")
     reference = run(config, [], threading.Event(), run_dir=tmp_path / "ref", dataset=crepa_dataset(), device="cpu")
     assert reference.status == "completed", reference.reason
     plain = run(with_value(config, "crepa.enabled", False), [], threading.Event(), run_dir=tmp_path / "plain",

@@ -214,14 +214,14 @@ class Trainer:
         if hasattr(self.optimizer, "eval"):
             # eval() moves the weights to the evaluation point and train() back, but not exactly (floating
             # point): the trained weights are copied back afterwards.
-            live = [p.detach().clone() for p in self.params]
+            live = [p.detach().clone() for p in self.trainable]  # the CREPA projector moves with the LoRA
             self.optimizer.eval()
             try:
                 weights = self.dist.lora_state(self.model)
             finally:
                 self.optimizer.train()
                 with torch.no_grad():
-                    for p, saved in zip(self.params, live, strict=True):
+                    for p, saved in zip(self.trainable, live, strict=True):
                         p.copy_(saved)
             return weights, "schedulefree_eval"
         return (lora if lora is not None else self.dist.lora_state(self.model)), "trained"
