@@ -94,3 +94,25 @@ def test_an_encoder_that_is_not_dinov2_is_refused_by_its_key(tiny_model_dir):
         crepa_features.feature_dim(str(tiny_model_dir / "text_encoder"))
     with pytest.raises(FileNotFoundError, match="crepa.encoder"):
         crepa_features.feature_dim(str(tiny_model_dir / "nothing-here"))
+
+
+def test_cache_prune_keeps_the_features_a_crepa_config_uses_and_drops_them_without_crepa(crepa_cache, tmp_path,
+                                                                                         capsys):
+    import shutil
+
+    from engine.config import save_config
+    from s2v_tui.cache_cmd import main
+
+    config, plan = crepa_cache
+    shutil.copytree(config.cache_path(), tmp_path / "cache")
+    config = with_value(config, "data.cache_dir", str(tmp_path / "cache"))
+    store = CacheStore(tmp_path / "cache")
+    used = {r.crepa_key for r in plan.records}
+    extra = store.keys("crepa") - used  # features of another encoder (an earlier test) go with --prune
+    assert main([str(save_config(config, tmp_path / "on.toml")), "--device", "cpu", "--prune"]) == 0
+    assert f"pruned {len(extra)} entries" in capsys.readouterr().out
+    assert store.keys("crepa") == used
+    off = with_value(config, "crepa.enabled", False)
+    assert main([str(save_config(off, tmp_path / "off.toml")), "--device", "cpu", "--prune"]) == 0
+    assert f"pruned {len(used)} entries" in capsys.readouterr().out
+    assert store.keys("crepa") == set() and store.keys("window")
