@@ -197,6 +197,7 @@ def test_resumed_crepa_run_equals_an_uninterrupted_one_and_exports_no_projector(
     resumed = run(config, [], threading.Event(), run_dir=tmp_path / "resumed", dataset=crepa_dataset(), device="cpu")
     assert resumed.status == "completed", resumed.reason
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "ref")
+    assert "CREPA similarity" in (tmp_path / "ref" / "train.log").read_text()
 
     ref_state, _, _ = find_resume_state(tmp_path / "ref")
     res_state, _, _ = find_resume_state(tmp_path / "resumed")

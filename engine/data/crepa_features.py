@@ -6,8 +6,9 @@ What one `crepa` cache entry holds: `features` [T, gh, gw, E] for the window's T
   frame is latent 0, dropped). Its features are the mean of those four frames' DINOv2 patch features.
 - Space: the transformer's video tokens form a grid of (H/16, W/16) (VAE 8x, patch 2). DINOv2 sees each frame
   (already cropped to the bucket) resized, without a crop, to a patch grid of half that on each side, rounded up
-  (`feature_grid`), so its patches cover exactly the areas of 2x2 token blocks; the loss average-pools the token
-  grid to the same (gh, gw) (adaptive pooling, so odd token grids work too). Half, not the full token grid: the
+  (`feature_grid`), so its patches cover the areas of 2x2 token blocks; the loss average-pools the token grid to
+  the same (gh, gw) (adaptive pooling: exact 2x2 blocks for an even token side, slightly overlapping windows that
+  still span the whole frame for an odd one). Half, not the full token grid: the
   full grid would store 4x the bytes (96 MB per 80-frame window at 832x480 with DINOv2-giant, against 24 MB).
 - Values: the last hidden state after DINOv2's final layer norm, patch tokens only (the CLS token dropped), from
   frames scaled to [0, 1] and normalised with the ImageNet mean and std that DINOv2 was trained with.

@@ -79,7 +79,7 @@ class CrepaTerm:
         self.weight, self.distance, self.decay = r.weight, r.adjacent_distance, r.temporal_decay
         self.block_index = r.block_index
         self.projector = CrepaProjector(dim, feature_dim, config.train.seed + 3).to(device)
-        self.last_similarity: float | None = None
+        self.last_similarity = float("nan")  # logged with the metrics (engine.train.loop)
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.projector.parameters())

@@ -443,6 +443,9 @@ class Trainer:
                                  self.step, o.max_steps, event.loss, event.loss_smooth, event.lr,
                                  "-" if event.grad_norm is None else f"{event.grad_norm:.3g}",
                                  event.s_per_step)
+                if self.crepa:
+                    metrics_log.info("step %d CREPA similarity %.4f (of its last micro-batch; 1 = aligned)", self.step,
+                                     self.crepa.last_similarity)
             if self.last_step_skipped:
                 log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", self.step,
                             self.in_a_row)
