@@ -46,6 +46,13 @@ TREAD token routing (config [tread], issue 20), against the same preset without 
 The JSON line's "tread" field holds the settings of the row (span: tread.start_layer_idx / end_layer_idx, default
 2 and -2, blocks 2..38 of the 40).
 
+CREPA (`--set crepa.enabled=true`): the samples also carry DINOv2-giant-shaped features [20, 15, 26, 1536] (random,
+like the other inputs; in a real run the cache phase computes them and the encoder is never held while training).
+Training reads only the encoder's config.json (its feature width), so unless crepa.encoder names an existing folder
+the bench writes the DINOv2-giant configuration (no weights) to <model>/dinov2 and points crepa.encoder there:
+
+    (same preamble) python3 bench/engine_step.py --preset 80gb --mode first --steps 6 --set crepa.enabled=true --json $OUT/engine_step.jsonl
+
 `--tiny` runs the same path with engine.models.tiny and tiny samples on the CPU (a test of this script).
 """
 from __future__ import annotations
@@ -138,15 +145,36 @@ def write_model(folder: Path, tiny: bool) -> float:
     return time.perf_counter() - t0
 
 
-def make_dataset(tiny: bool, mode: str) -> SyntheticLatentDataset:
+# facebook/dinov2-giant's configuration (its config.json): what crepa.encoder names by default.
+DINOV2_GIANT = {"hidden_size": 1536, "num_hidden_layers": 40, "num_attention_heads": 24, "mlp_ratio": 4,
+                "patch_size": 14, "image_size": 518, "use_swiglu_ffn": True, "layerscale_value": 1.0}
+
+
+def crepa_encoder(config, model_dir: Path):
+    """With crepa.enabled: point crepa.encoder at a DINOv2 folder (the tiny model's own, or the giant's config
+    written here) unless it already names an existing folder. Returns the config and the feature width."""
+    from engine.data.crepa_features import feature_dim
+
+    if not Path(config.crepa.encoder).expanduser().is_dir():
+        folder = model_dir / "dinov2"
+        if not (folder / "config.json").is_file():
+            from transformers import Dinov2Config
+
+            Dinov2Config(**DINOV2_GIANT).save_pretrained(folder)
+        config = with_value(config, "crepa.encoder", str(folder), file="<engine_step>")
+    return config, feature_dim(config.crepa.encoder)
+
+
+def make_dataset(tiny: bool, mode: str, crepa_dim: int = 0) -> SyntheticLatentDataset:
     # Motion latents are kept in first mode too: the batcher drops them (motion_drop_prob 1.0), as with real data.
-    ds = SyntheticLatentDataset(2, **({} if tiny else FULL_SAMPLE), with_motion=True, seed=0)
+    ds = SyntheticLatentDataset(2, **({} if tiny else FULL_SAMPLE), with_motion=True, seed=0, crepa_dim=crepa_dim)
     if not tiny:
         # The cache stores text and audio features in bf16 (cache_plan.CacheSettings.feature_store); the batcher
         # moves samples as they come, so this keeps the host-to-device copies the real run has.
         for s in ds.samples:
-            for key in ("text", "text_empty", "audio"):
-                s[key] = s[key].to(torch.bfloat16)
+            for key in ("text", "text_empty", "audio", "crepa"):
+                if key in s:
+                    s[key] = s[key].to(torch.bfloat16)
     return ds
 
 
@@ -291,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(args.model_dir) if args.model_dir else scratch / "model"
         write_s = 0.0 if args.model_dir else write_model(model_dir, args.tiny)
         config = build_config(args, model_dir, scratch / "runs")
-        dataset = make_dataset(args.tiny, args.mode)
+        crepa_dim = 0
+        if config.crepa.enabled:
+            config, crepa_dim = crepa_encoder(config, model_dir)
+        dataset = make_dataset(args.tiny, args.mode, crepa_dim)
         events = []
         phase_at: dict[str, float] = {}
 
@@ -333,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             "rollout_forwards": forwards.counts,
             # TREAD's settings (config [tread]): off, or the ratio and span a timing row was taken with.
             "tread": dataclasses.asdict(config.tread),
+            "crepa": {"enabled": config.crepa.enabled, "block_index": config.crepa.block_index,
+                      "feature_dim": crepa_dim},
             "lora_rank": config.lora.rank, "resolution": list(config.data.resolution),
             "world_size": world, "strategy": args.strategy if world > 1 else "single",
             "batch_per_rank": config.optim.batch_size,

@@ -123,12 +123,14 @@ def _check_tread_span(config: Config, folder: Path) -> None:
 
     from engine.models.loading import CONFIG_NAME
     from engine.models.s2v_transformer import S2VTransformer3DModel
-    from engine.models.tread import resolve_span
+    from engine.models.tread import check_capture_outside, resolve_span
 
     default = inspect.signature(S2VTransformer3DModel.__init__).parameters["num_layers"].default
     layers = json.loads((folder / CONFIG_NAME).read_text()).get("num_layers", default)
     try:
-        resolve_span(config.tread.start_layer_idx, config.tread.end_layer_idx, layers)
+        first, last = resolve_span(config.tread.start_layer_idx, config.tread.end_layer_idx, layers)
+        if config.crepa.enabled:
+            check_capture_outside(first, last, config.crepa.block_index)
     except ValueError as exc:
         raise RunFailed(f"{exc} ({folder}). Nothing was cached or loaded") from None
 

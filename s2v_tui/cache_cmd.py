@@ -131,7 +131,8 @@ def main(argv: list[str]) -> int:
 
         live = {"window": {r.window_key for r in plan.records}, "reference": {r.reference_key for r in plan.records},
                 "audio": {r.audio_key for r in plan.records},
-                "text": {r.text_key for r in plan.records} | {plan.empty_text_key}}
+                "text": {r.text_key for r in plan.records} | {plan.empty_text_key},
+                "crepa": {r.crepa_key for r in plan.records if r.crepa_key}}  # none at all with crepa off
         print(f"pruned {CacheStore(plan.root).prune(live)} entries this config does not use", file=out)
     if not plan.records or not plan.complete or (args.strict and plan.skipped):
         return EXIT_PROBLEMS

@@ -38,6 +38,24 @@ def test_bench_engine_step_tiny_trains_through_the_runner(tmp_path, capsys):
 
 
 @pytest.mark.timeout(120)
+def test_bench_engine_step_trains_with_crepa(tmp_path, capsys):
+    out = tmp_path / "engine_step.jsonl"
+    code = engine_step.main(["--tiny", "--preset", "24gb", "--steps", "3", "--json", str(out), "--scratch",
+                             str(tmp_path), "--set", "crepa.enabled=true", "--set", "crepa.block_index=1"])
+    r = _one_line(out, capsys)
+    assert code == 0 and r["status"] == "completed", r["reason"]
+    assert r["crepa"] == {"enabled": True, "block_index": 1, "feature_dim": 16}  # the tiny model's own DINOv2
+
+
+def test_bench_writes_the_dinov2_giant_configuration_for_crepa(tmp_path):
+    from engine.config import Config, with_value
+
+    config, dim = engine_step.crepa_encoder(with_value(Config(), "crepa.enabled", True), tmp_path)
+    assert dim == 1536 and config.crepa.encoder == str(tmp_path / "dinov2")
+    assert [p.name for p in (tmp_path / "dinov2").iterdir()] == ["config.json"]  # the features are the bench's own
+
+
+@pytest.mark.timeout(120)
 def test_bench_cache_speed_tiny_fills_a_cache_with_timed_passes(tmp_path, capsys):
     out = tmp_path / "cache_speed.jsonl"
     code = cache_speed.main(["--tiny", "--json", str(out), "--scratch", str(tmp_path)])

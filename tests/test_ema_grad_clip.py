@@ -76,7 +76,7 @@ def _clip(config: Config, grads: list[torch.Tensor]) -> tuple[float, list[torch.
     params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    norm = Trainer._grad_norm(SimpleNamespace(cfg=config, params=params, dist=SINGLE))
+    norm = Trainer._grad_norm(SimpleNamespace(cfg=config, params=params, trainable=params, dist=SINGLE))
     return norm, [p.grad for p in params]
 
 

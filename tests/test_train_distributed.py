@@ -41,7 +41,7 @@ CHILD = r"""
 import builtins, json, os, sys
 import torch
 torch.set_num_threads(1)
-preset, run_dir, clips, witness = sys.argv[1:5]
+preset, run_dir, clips, witness, crepa_dim = sys.argv[1:6]
 rank = int(os.environ["RANK"])
 writes = []
 real_open, real_os_open = builtins.open, os.open
@@ -59,7 +59,8 @@ def spy_os_open(path, flags, *args, **kwargs):
 builtins.open, os.open = spy_open, spy_os_open
 from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.headless import run_headless
-code = run_headless(preset, run_dir=run_dir, dataset=SyntheticLatentDataset(int(clips)), device="cpu")
+code = run_headless(preset, run_dir=run_dir, dataset=SyntheticLatentDataset(int(clips), crepa_dim=int(crepa_dim)),
+                    device="cpu")
 real_open(f"{witness}/rank{rank}.json", "w").write(json.dumps({"code": code, "writes": writes}))
 sys.exit(code)
 """
@@ -84,7 +85,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path: Path, config, name: str) -> tuple[Path, dict[int, dict]]:
+def _launch(tmp_path: Path, config, name: str, crepa_dim: int = 0) -> tuple[Path, dict[int, dict]]:
     preset = save_config(config, tmp_path / f"{name}.toml")
     run_dir, witness = tmp_path / name, tmp_path / f"{name}-witness"
     witness.mkdir()
@@ -92,7 +93,7 @@ def _launch(tmp_path: Path, config, name: str) -> tuple[Path, dict[int, dict]]:
     script.write_text(CHILD)
     launcher = accelerate_command(2, [])[:-2]  # without "-m s2v_tui.cli": the child script instead
     command = [*launcher, "--main_process_port", str(_free_port()), str(script), str(preset), str(run_dir),
-               str(CLIPS), str(witness)]
+               str(CLIPS), str(witness), str(crepa_dim)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -218,3 +219,19 @@ def test_gpus_option_becomes_an_accelerate_launch_of_the_same_command():
     assert command[command.index("--num_processes") + 1] == "4"
     assert command[-6:] == ["-m", "s2v_tui.cli", "--run", "p.toml", "--set", "optim.lr=1e-5"]
     assert split_gpus(["--gpus=2", "--run", "p.toml"]) == (2, ["--run", "p.toml"])
+
+
+def test_ddp_with_crepa_trains_the_lora_and_projector_of_one_process(tiny_model_dir, tmp_path):
+    """The projector's gradient is averaged with the LoRA's: 2 processes of batch 1 = 1 process of batch 2."""
+    from engine.train.checkpoint import find_resume_state
+
+    crepa = {"crepa.enabled": True, "crepa.block_index": 1, "crepa.encoder": str(Path(tiny_model_dir) / "dinov2")}
+    single = _config(tiny_model_dir, tmp_path / "runs", **{"optim.batch_size": 2, **crepa})
+    end = run(single, [], threading.Event(), run_dir=tmp_path / "single",
+              dataset=SyntheticLatentDataset(CLIPS, crepa_dim=16), device="cpu")
+    assert end.status == "completed", end.reason
+    run_dir, _ = _launch(tmp_path, _config(tiny_model_dir, tmp_path / "runs", **crepa), "ddp-crepa", crepa_dim=16)
+    _lora_matches(run_dir, tmp_path / "single")
+    got, want = find_resume_state(run_dir)[0]["crepa"], find_resume_state(tmp_path / "single")[0]["crepa"]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], **TOLERANCE, msg=lambda m, k=k: f"projector {k}: {m}")

@@ -382,3 +382,39 @@ def test_two_processes_route_one_subset_per_global_batch(tiny_model_dir, tmp_pat
     run_dir, _ = _launch(tmp_path, _config(tiny_model_dir, tmp_path / "runs", **{"distributed.strategy": strategy},
                                            **tread_on), strategy)
     _lora_matches(run_dir, tmp_path / "single")
+
+
+def test_crepa_block_inside_the_routed_span_is_refused_before_anything_runs(tiny_model_dir, tmp_path):
+    """CREPA reads one block's output per latent frame: inside the span it holds only the kept tokens, so the
+    check phase refuses it (a model folder) and so does the trainer (a hub id or a caller's dataset)."""
+    import threading
+
+    from test_train_run import _config, _kinds, demo_dataset
+
+    from engine import runner
+
+    config = with_value(with_value(Config(), "model.source", str(tiny_model_dir)), "tread.enabled", True)
+    config = with_value(with_value(config, "crepa.enabled", True), "crepa.encoder", str(tiny_model_dir / "dinov2"))
+    config = with_value(with_value(config, "tread.start_layer_idx", 0), "tread.end_layer_idx", 2)
+    for block in (0, 1):  # inside 0..2 (block 2 hands back every token)
+        with pytest.raises(runner.RunFailed, match=rf"crepa.block_index = {block} lies inside the TREAD span"):
+            runner._check_model_folder(with_value(config, "crepa.block_index", block))
+    runner._check_model_folder(with_value(config, "crepa.block_index", 2))
+    runner._check_model_folder(with_value(config, "crepa.block_index", 3))
+
+    run_config = _config(tiny_model_dir, tmp_path, tread__enabled=True, tread__start_layer_idx=1,
+                         tread__end_layer_idx=3, crepa__enabled=True, crepa__block_index=1,
+                         crepa__encoder=str(tiny_model_dir / "dinov2"))
+    end = runner.run(run_config, [], threading.Event(), run_dir=tmp_path / "run", dataset=demo_dataset(),
+                     device="cpu")
+    assert end.status == "failed" and "crepa.block_index = 1 lies inside the TREAD span" in end.reason
+    assert _kinds(tmp_path / "run", "step_end") == []
+
+
+def test_the_model_refuses_to_keep_a_routed_block_for_crepa():
+    from engine.models.tread import check_capture_outside
+
+    check_capture_outside(1, 3, 0)
+    check_capture_outside(1, 3, 3)
+    with pytest.raises(ValueError, match="crepa.block_index = 2 lies inside"):
+        check_capture_outside(1, 3, 2)

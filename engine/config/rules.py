@@ -236,6 +236,19 @@ def _check_rollout(c: _Checker, cfg: Config) -> None:
               "e.g. 10 (the seed recommends 5 to 10; each step is one more forward pass)")
 
 
+def _check_crepa(c: _Checker, cfg: Config) -> None:
+    r = cfg.crepa
+    # Checked whether CREPA is on or not: a value set wrong while off would surprise when it is switched on.
+    c.at_least("crepa.block_index", r.block_index, 0, "0 = the first block's output")
+    c.at_least("crepa.weight", r.weight, 0, "e.g. 0.5 (the seed's default)")
+    c.at_least("crepa.adjacent_distance", r.adjacent_distance, 0, "0 = only the same frame, 1 = its neighbours")
+    c.positive("crepa.temporal_decay", r.temporal_decay)
+    if r.enabled:
+        problem = source_problem(r.encoder)
+        if problem:
+            c.bad("crepa.encoder", problem, 'give a DINOv2 hub id or folder, e.g. encoder = "facebook/dinov2-giant"')
+
+
 def _check_validation(c: _Checker, cfg: Config) -> None:
     v = cfg.validation
     c.at_least("validation.every_steps", v.every_steps, 0)
@@ -365,6 +378,7 @@ def check_config(
     _check_optim(c, cfg, dataset_size)
     _check_train(c, cfg)
     _check_rollout(c, cfg)
+    _check_crepa(c, cfg)
     _check_validation(c, cfg)
     _check_memory(c, cfg)
     _check_tread(c, cfg)

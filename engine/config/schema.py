@@ -165,6 +165,20 @@ class RolloutConfig:
 
 
 @dataclass
+class CrepaConfig:
+    enabled: bool = opt(False, "CREPA: align one block's video hidden states to DINOv2 features of the clip's frames "
+                        "and their neighbours (an extra loss term; the features are cached)")
+    block_index: int = opt(8, "the transformer block (0-based) whose output hidden states are aligned")
+    weight: float = opt(0.5, "weight of the alignment term: loss = flow loss + weight * (1 - mean similarity)")
+    adjacent_distance: int = opt(1, "neighbouring latent frames within this distance are aligned too; 0 = only "
+                                 "the same frame")
+    temporal_decay: float = opt(1.0, "a neighbour at distance d counts exp(-d / temporal_decay) against 1 for "
+                                "the same frame")
+    encoder: str = opt("facebook/dinov2-giant", "hub id or local folder of the DINOv2 model (transformers layout) "
+                       "that makes the features")
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = opt(250, "write a checkpoint every N steps; 0 = only on stop, signal and end")
     keep_last: int = opt(3, "checkpoints kept; older ones are deleted")
@@ -278,6 +292,7 @@ class Config:
     optim: OptimConfig = opt(OptimConfig(), "optimizer, schedule and batch")
     train: TrainConfig = opt(TrainConfig(), "objective and numerics")
     rollout: RolloutConfig = opt(RolloutConfig(), "scheduled sampling (rollout) against exposure bias")
+    crepa: CrepaConfig = opt(CrepaConfig(), "CREPA temporal regularisation (off by default)")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints")
     validation: ValidationConfig = opt(ValidationConfig(), "validation samples and loss")
     memory: MemoryConfig = opt(MemoryConfig(), "memory switches (set by the VRAM presets)")

@@ -1,7 +1,7 @@
 """Fill the cache for a run config: plan every entry, then one pass per encoder over the missing ones.
 
-Each encoder (VAE, wav2vec2, UMT5) is loaded onto the device only for its own pass and released after it
-(with torch.cuda.empty_cache on CUDA), so the peak is one encoder, never three: the 24 GB preset can cache
+Each encoder (VAE, wav2vec2, UMT5, and DINOv2 with crepa.enabled) is loaded onto the device only for its own
+pass and released after it (with torch.cuda.empty_cache on CUDA), so the peak is one encoder: the 24 GB preset can cache
 too. No encoder is loaded when its entries all exist, so a second run over a filled cache only hashes
 changed files and checks headers. Decoding (PyAV, CPU) runs in two threads ahead of the encoder, so the
 device is not left waiting for frames. Progress goes to a callback; the engine logs, it never prints.
@@ -25,9 +25,9 @@ import torch
 from engine.config.errors import ConflictError
 from engine.data import media
 from engine.data.cache import CacheStore
-from engine.data.cache_plan import (AUDIO_RATE, TEXT_LEN, AudioJob, CachePlan, CacheSettings, ModelIdentity,
-                                    PlannedWork, ReferenceJob, ReferenceSource, TextJob, WindowJob, dataset_specs,
-                                    doctor_settings, fit_image_transform, plan_work)
+from engine.data.cache_plan import (AUDIO_RATE, TEXT_LEN, AudioJob, CachePlan, CacheSettings, CrepaJob,
+                                    ModelIdentity, PlannedWork, ReferenceJob, ReferenceSource, TextJob, WindowJob,
+                                    dataset_specs, doctor_settings, fit_image_transform, plan_work)
 from engine.data.discover import DatasetSpec
 from engine.data.doctor import DoctorReport, inspect_datasets
 from engine.data.problems import DataError, Problem
@@ -43,7 +43,7 @@ _DECODE_THREADS = 2
 
 @dataclass(frozen=True)
 class CacheProgress:
-    phase: str  # "check" (doctor), "vae", "audio", "text"
+    phase: str  # "check" (doctor), "vae", "audio", "text", "crepa"
     done: int
     total: int
     detail: str = ""
@@ -277,6 +277,35 @@ def _audio_pass(jobs: Sequence[AudioJob], root: Path, device: torch.device, p: _
             p.wrote(len(batch), f"audio @ frame {batch[-1].window.start}")
 
 
+def _crepa_pass(jobs: Sequence[CrepaJob], folder: Path, device: torch.device, p: _Pass) -> None:
+    from engine.data.crepa_features import load_encoder, window_features
+
+    store_dtype = TORCH_DTYPES[p.settings.feature_store]
+    encoder = load_encoder(folder, device)
+    log.info("DINOv2 (CREPA) on %s: %d windows", device, len(jobs))
+
+    def load(batch: list[CrepaJob]) -> list[np.ndarray]:
+        # The new frames only (no motion, no reference prefix): those are what the target latents encode.
+        return [media.decode_frames(j.video, j.window.frame_times_s(MODEL_FPS, with_motion=False), j.transform)
+                for j in batch]
+
+    for batch, frames in _prefetched(_batches(jobs, lambda j: j.grid, 1), load):
+        p.check_stop()
+        for job, pixels in zip(batch, frames):
+            feats = window_features(encoder, pixels, job.grid)
+            p.store.write("crepa", job.key, {"features": feats.to(store_dtype)}, job.recipe)
+        p.wrote(len(batch), f"{batch[-1].video.name} @ frame {batch[-1].window.start}")
+
+
+def _crepa_folder(config) -> Path | None:
+    """The DINOv2 folder of crepa.encoder when CREPA is on (fetched when a hub id), else None."""
+    if not config.crepa.enabled:
+        return None
+    from engine.data.crepa_features import resolve_encoder
+
+    return resolve_encoder(config.crepa.encoder)
+
+
 def _text_pass(jobs: Sequence[TextJob], root: Path, device: torch.device, p: _Pass) -> None:
     from engine.models.components import encode_text, load_text_encoder
 
@@ -322,7 +351,11 @@ def plan_cache(config, progress_cb: ProgressCallback | None = None, *, settings:
             _log_skipped(clip.clip.video, [p for p in clip.problems if p.blocking])
         raise no_windows_error(specs, report)
     root = resolve_model_root(config.model.source)
-    work = plan_work(list(report.clips), specs, dsettings, store, model_identity(store, root), settings)
+    ident = model_identity(store, root)
+    crepa = _crepa_folder(config)
+    if crepa is not None:
+        ident = replace(ident, crepa=store.folder_identity(crepa)[:24])
+    work = plan_work(list(report.clips), specs, dsettings, store, ident, settings)
     for skip in work.plan.skipped:
         _log_skipped(skip.video, skip.problems)
     return work, store, root
@@ -368,11 +401,13 @@ def fill_cache(config, progress_cb: ProgressCallback | None = None, device: str 
     except CacheStopped:  # stopped during the dataset check: nothing planned, nothing written
         return CachePlan(root=Path(config.cache_path()), records=(), empty_text_key="", complete=False)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    log.info("cache %s: %d windows; to compute: %d reference, %d window, %d audio, %d text entries", store.root,
-             len(work.plan.records), len(work.references), len(work.windows), len(work.audio), len(work.texts))
+    log.info("cache %s: %d windows; to compute: %d reference, %d window, %d audio, %d text, %d crepa entries",
+             store.root, len(work.plan.records), len(work.references), len(work.windows), len(work.audio),
+             len(work.texts), len(work.crepa))
     passes = (("vae", len(work.references) + len(work.windows), lambda p: _vae_pass(work, root, dev, p)),
               ("audio", len(work.audio), lambda p: _audio_pass(work.audio, root, dev, p)),
-              ("text", len(work.texts), lambda p: _text_pass(work.texts, root, dev, p)))
+              ("text", len(work.texts), lambda p: _text_pass(work.texts, root, dev, p)),
+              ("crepa", len(work.crepa), lambda p: _crepa_pass(work.crepa, _crepa_folder(config), dev, p)))
     complete = True
     for phase, total, run in passes:
         if not total:

@@ -2,7 +2,7 @@
 
 Planning runs the dataset doctor (discovery, pairing, probing, window arithmetic, bucket and crop) so the
 cache, `s2v-tui check` and training always agree on which clips and windows exist. Then every window gets
-four entries (kinds of `CacheStore`), each named by the hash of its recipe (see cache.py):
+four entries (five with CREPA; kinds of `CacheStore`), each named by the hash of its recipe (see cache.py):
 
 - window:    target latents [16, F/4, h, w] (+ motion latents [16, 19, h, w] when it has the 73 frames before
              it). Frame semantics, following the official speech2video generate loop (spec §4.1, §5):
@@ -23,6 +23,9 @@ four entries (kinds of `CacheStore`), each named by the hash of its recipe (see 
              motion frames + window (so the window's features have context), features are mapped to one
              vector per 16 fps frame over that span (windows.audio_features_per_frame), and the window's F
              columns are kept. Clips allowed to train without audio get zeros (the model's "no audio").
+- crepa:     with crepa.enabled only: DINOv2 patch features of the window's new frames, one grid per target
+             latent [T, gh, gw, E] (engine.data.crepa_features says which frames and grid); keyed by the clip
+             window, the crop and the encoder's identity like the latents.
 - text:      UMT5 states of the caption trimmed to its true token length (padded back to 512 on read), and
              one entry for the empty caption used by caption dropout.
 
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.data.cache import CacheStore, recipe_key
+from engine.data.crepa_features import FRAMES_PER_LATENT, feature_grid
 from engine.data.discover import ClipSource, DatasetSpec
 from engine.data.doctor import ClipReport, DoctorSettings
 from engine.data.problems import Problem
@@ -46,7 +50,7 @@ from engine.data.windows import (MODEL_FPS, Bucket, BucketSettings, CropPlan, Wi
 
 TEXT_LEN = 512
 AUDIO_RATE = 16000
-KINDS = ("window", "reference", "audio", "text")
+KINDS = ("window", "reference", "audio", "text", "crepa")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -80,6 +84,7 @@ class ModelIdentity:
     vae: str
     text: str
     audio: str
+    crepa: str = ""  # the DINOv2 folder of crepa.encoder; "" = CREPA off, no crepa entries planned
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ class WindowRecord:
     reference_key: str
     audio_key: str
     text_key: str
+    crepa_key: str = ""  # "" when CREPA is off
 
     @property
     def group(self) -> tuple[int, int, bool]:
@@ -150,6 +156,16 @@ class AudioJob:
 
 
 @dataclass(frozen=True)
+class CrepaJob:
+    key: str
+    recipe: dict[str, Any] = field(compare=False)
+    video: Path
+    window: Window
+    transform: CropPlan
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class TextJob:
     key: str
     recipe: dict[str, Any] = field(compare=False)
@@ -184,6 +200,7 @@ class PlannedWork:
     windows: tuple[WindowJob, ...]
     audio: tuple[AudioJob, ...]
     texts: tuple[TextJob, ...]
+    crepa: tuple[CrepaJob, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,6 +280,7 @@ def plan_work(reports: list[ClipReport], specs: list[DatasetSpec], settings: Doc
     wins: dict[str, WindowJob] = {}
     auds: dict[str, AudioJob] = {}
     texts: dict[str, TextJob] = {}
+    creps: dict[str, CrepaJob] = {}
 
     def want_text(caption: str) -> str:
         recipe = text_recipe(caption, ident, cache)
@@ -316,10 +334,20 @@ def plan_work(reports: list[ClipReport], specs: list[DatasetSpec], settings: Doc
             aud_key = recipe_key(aud_recipe)
             auds.setdefault(aud_key, AudioJob(aud_key, aud_recipe, None if silent else clip.audio_path, window))
 
+            crepa_key = ""
+            if ident.crepa:
+                grid = feature_grid(*size)
+                crepa_recipe = {"kind": "crepa", "encoder": ident.crepa, "video_sha256": video_sha, "fps": MODEL_FPS,
+                                "transform": _crop_list(transform), "start": window.start, "frames": window.frames,
+                                "grid": list(grid), "frames_per_latent": FRAMES_PER_LATENT,
+                                "store": cache.feature_store}
+                crepa_key = recipe_key(crepa_recipe)
+                creps.setdefault(crepa_key, CrepaJob(crepa_key, crepa_recipe, clip.video, window, transform, grid))
+
             records.append(WindowRecord(clip_id=clip_id, dataset=clip.dataset, video=clip.video, window=window,
                                         bucket=size, reference=source, repeats=clip.repeats, weight=clip.weight,
                                         window_key=win_key, reference_key=ref_key, audio_key=aud_key,
-                                        text_key=text_key))
+                                        text_key=text_key, crepa_key=crepa_key))
     store.files.save()
 
     def missing(kind: str, jobs: dict[str, Any]) -> tuple:
@@ -328,7 +356,7 @@ def plan_work(reports: list[ClipReport], specs: list[DatasetSpec], settings: Doc
     plan = CachePlan(root=store.root, records=tuple(records), empty_text_key=empty_key, skipped=tuple(skipped),
                      warnings=tuple(warnings))
     return PlannedWork(plan=plan, references=missing("reference", refs), windows=missing("window", wins),
-                       audio=missing("audio", auds), texts=missing("text", texts))
+                       audio=missing("audio", auds), texts=missing("text", texts), crepa=missing("crepa", creps))
 
 
 def fit_image_transform(width: int, height: int, size: tuple[int, int]) -> CropPlan:

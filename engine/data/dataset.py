@@ -13,6 +13,7 @@ The sample dict (one window; tensors on the CPU, dtypes as cached: latents fp32,
     text            [512, D]          UMT5 states of the caption, zero rows after its true length
     text_empty      [512, D]          the same for "" (caption dropout picks it)
     audio           [L, A, F]         wav2vec2 layers x channels x one vector per new frame
+    crepa           [F/4, gh, gw, E]  DINOv2 features per target latent (only with crepa.enabled)
     clip_id         str               "<dataset>/<path inside the dataset>"
     window          windows.Window    start, frames, motion_frames (16 fps frame numbers)
 Random training choices (drop motion with data.motion_drop_prob, empty caption with data.caption_dropout)
@@ -111,6 +112,8 @@ class CachedWindowDataset(torch.utils.data.Dataset):
                   "ref_latents": reference["ref_latents"], "text": self._text(r.text_key, r),
                   "text_empty": self._empty_text, "audio": audio["audio"], "clip_id": r.clip_id,
                   "window": r.window}
+        if r.crepa_key:
+            sample["crepa"] = self._read("crepa", r.crepa_key, r)[0]["features"]
         if isinstance(item, SampleRef):
             sample["position"] = DataPosition(item.epoch, item.batch)
         return sample
@@ -123,7 +126,8 @@ class CachedDataset(CachedWindowDataset):
     def __init__(self, config, plan: CachePlan | None = None) -> None:
         if plan is None:
             work, _, _ = plan_cache(config)
-            missing = len(work.references) + len(work.windows) + len(work.audio) + len(work.texts)
+            missing = (len(work.references) + len(work.windows) + len(work.audio) + len(work.texts)
+                       + len(work.crepa))
             if missing:
                 raise ValueError(f"the cache in {config.cache_path()} lacks {missing} entries for this config; "
                                  f"run `s2v-tui cache PRESET.toml` first")
@@ -145,6 +149,8 @@ def collate_windows(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                                                      "audio")}
     out["motion_latents"] = None if samples[0]["motion_latents"] is None else torch.stack(
         [s["motion_latents"] for s in samples])
+    if "crepa" in samples[0]:
+        out["crepa"] = torch.stack([s["crepa"] for s in samples])
     out["clip_id"] = [s["clip_id"] for s in samples]
     out["window"] = [s["window"] for s in samples]
     if "position" in samples[0]:

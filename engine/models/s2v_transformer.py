@@ -168,6 +168,10 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self._host_store: HostActivationStore | None = None
         self._streamer = None
         self._rope_cache: dict = {}
+        # CREPA (engine.train.crepa): the output of block `capture_block` is kept, as the video tokens per latent
+        # frame [B, T, h, w, D], in `captured` after each forward with grad enabled; -1 = nothing kept.
+        self.capture_block = -1
+        self.captured: torch.Tensor | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = "transformer",
@@ -370,7 +374,10 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         context = self.condition_embedder.text_embedder(context)
 
         routing = self._routing(route, grid, x.device)
+        self.captured = None
         x = self._run_blocks(x, (e0, n_video, rope, context, residual_dtype, audio_local, audio_global), routing)
+        if self.captured is not None:  # the video tokens come first in the sequence, in (t, h, w) order
+            self.captured = self.captured[:, :n_video].unflatten(1, grid)
 
         x = x[:, :n_video]
         shift, scale = (self.scale_shift_table.float() + e[:, None]).chunk(2, dim=1)
@@ -440,6 +447,12 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 streamer.release(i)
             if i == last:
                 x, rest, saved_video = tread.route_out(x, saved_video, kept), full_rest, None
+            if i == self.capture_block and torch.is_grad_enabled():
+                tread.check_capture_outside(first, last, i)  # the trainer checked it; a caller may not have
+                # The block's output as the next block receives it (the checkpointed blocks save it as their
+                # input anyway), so keeping it adds no memory unless those inputs are offloaded to the host.
+                # Training forwards only: validation, the eval loss and rollout forwards run without grad.
+                self.captured = x
         return x
 
     def _stream_in_for_backward(self, i: int) -> None:

@@ -3,6 +3,7 @@
 Same classes and folder layout as the diffusers S2V repository (`transformer/`, `vae/`, `text_encoder/`,
 `tokenizer/`, `audio_encoder/`, `audio_processor/`, `scheduler/`, `model_index.json`), tiny widths, every
 structural feature kept: several blocks, two audio injectors, framepack motion, AdaLN audio, the fp32 paths.
+Beside them `dinov2/`, a tiny DINOv2 (transformers Dinov2Model) that crepa.encoder can name in tests.
 Weights are deterministic for a seed. The tokenizer comes from a committed fixture so token ids do not depend on
 the installed `tokenizers` release.
 """
@@ -105,6 +106,20 @@ def _write_vae(out: Path, seed: int) -> None:
     AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).save_pretrained(out / "vae")
 
 
+TINY_DINOV2_DIM = 16
+
+
+def write_tiny_dinov2(folder: Path, seed: int = 0, hidden_size: int = TINY_DINOV2_DIM) -> Path:
+    """A random DINOv2 of tiny widths (patch 14, as the real ones) in the transformers layout."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed + 4)
+    cfg = Dinov2Config(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                       patch_size=14, image_size=28)
+    Dinov2Model(cfg).save_pretrained(folder)
+    return Path(folder)
+
+
 def _write_scheduler(out: Path) -> None:
     from diffusers import UniPCMultistepScheduler
 
@@ -145,5 +160,6 @@ def write_tiny_model(out_dir, seed: int = 0, layout: str = "diffusers") -> Path:
     _write_audio(out, seed)
     _write_vae(out, seed)
     _write_scheduler(out)
+    write_tiny_dinov2(out / "dinov2", seed)
     (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
     return out

@@ -53,6 +53,16 @@ def resolve_span(start: int, end: int, num_layers: int) -> tuple[int, int]:
     return first, last
 
 
+def check_capture_outside(first: int, last: int, block: int) -> None:
+    """CREPA reads one block's output per latent frame; inside the routed span [first, last) that output holds only
+    the kept tokens (the span's last block already hands back every token), so such a block is refused."""
+    if first <= block < last:
+        raise ValueError(
+            f"crepa.block_index = {block} lies inside the TREAD span (blocks {first}..{last}), where the block's "
+            f"output holds only the kept video tokens: set crepa.block_index below {first} or to {last} or later, "
+            f"or tread.start_layer_idx past {block}")
+
+
 def kept_per_frame(per_frame: int, ratio: float) -> int:
     """Tokens of one latent frame that go through the span: the frame's count less ratio of it, rounded."""
     keep = per_frame - int(ratio * per_frame + 0.5)

@@ -29,7 +29,8 @@ SAVE_ATTENTION_CONFLICT = ("memory.checkpoint_policy = \"save_attention\" keeps 
 def setting_problems(config: Config, world_size: int = 1, device: torch.device | None = None) -> list[str]:
     """One message per setting of `config` that cannot run with `world_size` processes on `device` (None: the
     device is not known yet, so only the rules that do not depend on it are applied). Empty: all can run."""
-    return _switch_problems(config, device) + _process_problems(config, world_size)
+    return (_switch_problems(config, device) + _process_problems(config, world_size)
+            + _crepa_problems(config, world_size))
 
 
 def _switch_problems(config: Config, device: torch.device | None) -> list[str]:
@@ -94,4 +95,39 @@ def _process_problems(config: Config, world_size: int) -> list[str]:
     if strategy == "fsdp" and m.base_weights != "bf16":
         problems.append(f"memory.base_weights = \"{m.base_weights}\" is not sharded by FSDP2; set base_weights = "
                         "\"bf16\" with distributed.strategy = \"fsdp\"")
+    return problems
+
+
+def _model_blocks(config: Config) -> int | None:
+    """The block count of a local model.source's transformer (its config.json); None when it cannot be read here
+    (a hub id not fetched yet): the trainer checks crepa.block_index against the loaded model again."""
+    import json
+    from pathlib import Path
+
+    from engine.models.loading import resolve_transformer_dir
+
+    if not Path(config.model.source).expanduser().is_dir():
+        return None
+    try:
+        folder = resolve_transformer_dir(config.model.source, config.model.transformer_subfolder or "transformer")
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the load phase reports an unreadable model with its own message
+    return int(raw.get("num_layers", 40))
+
+
+def _crepa_problems(config: Config, world_size: int) -> list[str]:
+    r = config.crepa
+    if not r.enabled:
+        return []
+    problems = []
+    blocks = _model_blocks(config)
+    if blocks is not None and r.block_index >= blocks:
+        problems.append(f"crepa.block_index = {r.block_index}, but the transformer of model.source has {blocks} "
+                        f"blocks (0 .. {blocks - 1}): choose one of them (the seed uses 8)")
+    if world_size > 1 and config.distributed.strategy == "fsdp":
+        # Under FSDP the gradients are reduced inside the sharded backward, which the projector is no part of.
+        problems.append("crepa.enabled = true trains a projector that FSDP does not shard or reduce; use "
+                        "distributed.strategy = \"ddp\" (its gradients are averaged with the LoRA's there) or "
+                        "crepa.enabled = false")
     return problems

@@ -7,7 +7,8 @@ brings its own batch sampler, which keeps each batch within one bucket; any othe
 
 Sample dict contract (engine/data/dataset.py):
     latents [16, T, h, w], motion_latents [16, 19, h, w] or None, ref_latents [16, 1, h, w],
-    text [512, D], text_empty [512, D], audio [L, A, 4T], clip_id, window
+    text [512, D], text_empty [512, D], audio [L, A, 4T], clip_id, window; with crepa.enabled also
+    crepa [T, gh, gw, E] (engine.data.crepa_features)
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class Batch:
     audio: torch.Tensor
     drop_motion: bool
     clip_ids: list[str]
+    crepa_features: torch.Tensor | None = None  # [B, T, gh, gw, E] DINOv2 targets; None when CREPA is off
     # Several processes: this rank's slice [offset, offset + B) of a global batch of `global_size` windows, and
     # its share of the global loss (0 for a rank that got no window and trains a stand-in at zero weight).
     offset: int = 0
@@ -65,7 +67,8 @@ class Batch:
             return None if t is None else t.to(device, torch.float32, non_blocking=True)
 
         return Batch(move(self.latents), move(self.motion_latents), move(self.ref_latents), move(self.text),
-                     move(self.audio), self.drop_motion, self.clip_ids, self.offset, self.global_size, self.share)
+                     move(self.audio), self.drop_motion, self.clip_ids, move(self.crepa_features), self.offset,
+                     self.global_size, self.share)
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -104,6 +107,7 @@ def collate(samples: Sequence[dict[str, Any]], caption_drop: Sequence[bool], mot
         audio=_stack(samples, "audio"),
         drop_motion=bool(motion_drop or not has_motion),
         clip_ids=[str(s.get("clip_id", "")) for s in samples],
+        crepa_features=_stack(samples, "crepa") if "crepa" in samples[0] else None,
     )
 
 

@@ -7,6 +7,9 @@ resumed run replays the same windows, sigmas and noise as an uninterrupted one (
 A step whose loss or gradient is NaN/inf is skipped (no update, counted); `train.nonfinite_max_in_a_row` in a
 row stop the run. A CUDA out-of-memory error saves the LoRA as it stands and ends the run with status failed.
 
+With crepa.enabled the loss gains CREPA's alignment term (engine.train.crepa): its projector trains with the LoRA in
+the same optimizer and is saved and restored with the checkpoints, never exported.
+
 Every checkpoint carries the LoRA files of its step in each layout of output.formats, with the weights and header
 of the final export (engine.train.export): with optim.ema on they hold the EMA average.
 """
@@ -32,9 +35,10 @@ from engine.dtypes import AUTOCAST_DTYPES
 from engine.events import CheckpointSaved, Event, PhaseChanged, RunWarning, StepEnd
 from engine.fsio import atomic_write_bytes
 from engine.models.lora import lora_parameter_names, lora_parameters, native_reference_modules
-from engine.models.tread import TokenRoute, resolve_span
+from engine.models.tread import TokenRoute, check_capture_outside, resolve_span
 from engine.train import checkpoint as ckpt
 from engine.train.batches import Batch, BatchSource
+from engine.train.crepa import crepa_term
 from engine.train.distributed import SINGLE, Distributed
 from engine.train.ema import LoraEma
 from engine.train.export import emergency_paths, lora_files
@@ -95,10 +99,16 @@ class Trainer:
         # TREAD's token subsets: a generator of their own, so routing changes no other draw of the run.
         self.route_gen = torch.Generator().manual_seed(t.seed + 3) if config.tread.enabled else None
         if self.route_gen is not None:  # fails before the first step, naming the keys
-            resolve_span(config.tread.start_layer_idx, config.tread.end_layer_idx, len(model.blocks))
+            first, last = resolve_span(config.tread.start_layer_idx, config.tread.end_layer_idx, len(model.blocks))
+            if config.crepa.enabled:
+                check_capture_outside(first, last, config.crepa.block_index)
 
         self.params = lora_parameters(model)
-        self.optimizer = build_optimizer(self.params, o.optimizer, o.lr, o.betas, o.weight_decay, o.eps)
+        self.crepa = crepa_term(config, model, device)
+        # What the optimizer updates and the clipping sees: the LoRA, and CREPA's projector when it is on (the EMA
+        # and the LoRA files stay the LoRA's alone).
+        self.trainable = self.params + (self.crepa.parameters() if self.crepa else [])
+        self.optimizer = build_optimizer(self.trainable, o.optimizer, o.lr, o.betas, o.weight_decay, o.eps)
         self.scheduler = build_scheduler(self.optimizer, o.schedule, o.warmup_steps, o.max_steps, o.optimizer)
         self.ema = LoraEma(self.params, o.ema.decay, o.ema.update_every) if o.ema.enabled else None
         mp = t.mixed_precision
@@ -146,11 +156,17 @@ class Trainer:
             "data": self.batches.order.state_dict(),
             "counters": {"skipped": self.skipped, "in_a_row": self.in_a_row},
             "metrics": self.smoother.state_dict(),
+            "crepa": self.crepa.state_dict() if self.crepa else {},
             "world_size": self.dist.world_size,  # informative: the data position is global whatever it was
         }
 
     def _restore(self, state: dict) -> None:
         self.dist.set_lora_state(self.model, state["lora"], source=f"checkpoint of step {state['step']}")
+        if self.crepa:
+            if not state.get("crepa"):
+                raise ValueError(f"the checkpoint of step {state['step']} has no CREPA projector although "
+                                 "crepa.enabled is on; it belongs to another configuration")
+            self.crepa.load_state_dict(state["crepa"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.dist.shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -208,14 +224,14 @@ class Trainer:
         if hasattr(self.optimizer, "eval"):
             # eval() moves the weights to the evaluation point and train() back, but not exactly (floating
             # point): the trained weights are copied back afterwards.
-            live = [p.detach().clone() for p in self.params]
+            live = [p.detach().clone() for p in self.trainable]  # the CREPA projector moves with the LoRA
             self.optimizer.eval()
             try:
                 weights = self.dist.lora_state(self.model)
             finally:
                 self.optimizer.train()
                 with torch.no_grad():
-                    for p, saved in zip(self.params, live, strict=True):
+                    for p, saved in zip(self.trainable, live, strict=True):
                         p.copy_(saved)
             return weights, "schedulefree_eval"
         return (lora if lora is not None else self.dist.lora_state(self.model)), "trained"
@@ -316,18 +332,22 @@ class Trainer:
         # Those forwards imitate sampling, so they never route ([tread] routes only the trained forward).
         x_t = training_input(self.cfg.rollout, self.noise_gen, predict, x0, noise, sigmas, n, part)
         prediction = predict(x_t, sigmas, route)
-        return flow_loss(prediction, velocity_target(x0, noise))
+        loss = flow_loss(prediction, velocity_target(x0, noise))
+        if self.crepa:  # the one auxiliary term; the model kept the block's hidden states for it
+            hidden, self.model.captured = self.model.captured, None
+            loss = loss + self.crepa.loss(hidden, batch.crepa_features)
+        return loss
 
     def _grad_norm(self) -> float:
         """Clip the gradients as optim.grad_clip says; returns their norm before clipping (the logged one)."""
         o = self.cfg.optim
         by_norm = o.grad_clip == "norm" and o.max_grad_norm > 0
-        norm = torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm if by_norm else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, o.max_grad_norm if by_norm else float("inf"))
         norm = float(self.dist.full(norm))  # FSDP: the norm of the sharded gradients is itself a DTensor
         if o.grad_clip == "value" and o.max_grad_value > 0 and math.isfinite(norm):
             # Element-wise, after the gradients are complete (reduced over ranks, unscaled), so every rank clips
             # the same numbers; the norm stays the unclipped one, which is what says a step was unusual.
-            torch.nn.utils.clip_grad_value_(self.params, o.max_grad_value)
+            torch.nn.utils.clip_grad_value_(self.trainable, o.max_grad_value)
         return norm
 
     def train_step(self) -> StepEnd:
@@ -354,7 +374,7 @@ class Trainer:
             *losses, flag = dist.sum_floats([*losses, float(bad)])
             bad = flag > 0 or not all(math.isfinite(v) for v in losses)
             if not bad:
-                dist.reduce_gradients(self.params)
+                dist.reduce_gradients(self.trainable)
         grad_norm = None
         if not bad:
             if self.scaler:
@@ -443,6 +463,9 @@ class Trainer:
                                  self.step, o.max_steps, event.loss, event.loss_smooth, event.lr,
                                  "-" if event.grad_norm is None else f"{event.grad_norm:.3g}",
                                  event.s_per_step)
+                if self.crepa:
+                    metrics_log.info("step %d CREPA similarity %.4f (of its last micro-batch; 1 = aligned)", self.step,
+                                     self.crepa.last_similarity)
             if self.last_step_skipped:
                 log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", self.step,
                             self.in_a_row)

@@ -2,6 +2,8 @@
 
 Each clip has fixed latents, reference, text and audio (a function of the seed), so a LoRA can overfit it: the
 loss of a few clips must fall. Shapes follow the model it is made for (text_dim, audio layers and width).
+`crepa_dim` > 0 adds CREPA targets of that width on the feature grid of engine.data.crepa_features (half the
+token grid per side, rounded up), as the cache gives them with crepa.enabled.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 class SyntheticLatentDataset:
     def __init__(self, clips: int = 2, *, latent_frames: int = 20, height: int = 8, width: int = 8,
                  text_dim: int = 32, audio_layers: int = 3, audio_dim: int = 32, text_tokens: int = 8,
-                 with_motion: bool = True, seed: int = 0) -> None:
+                 with_motion: bool = True, seed: int = 0, crepa_dim: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.samples = []
         for i in range(clips):
@@ -34,6 +36,9 @@ class SyntheticLatentDataset:
                 "clip_id": f"synthetic-{i}",
                 "window": 0,
             })
+            if crepa_dim:
+                grid = (-(-height // 4), -(-width // 4))  # latent / 2 = tokens, tokens / 2 rounded up
+                self.samples[-1]["crepa"] = rnd(latent_frames, *grid, crepa_dim)
 
     def __len__(self) -> int:
         return len(self.samples)
