@@ -74,7 +74,7 @@ def test_every_float_field_round_trips_non_finite_values_as_strict_json(value):
 
 
 def test_a_nan_loss_still_formats_after_the_round_trip():
-    from s2v_tui import fmt
+    from s2v_tui.app_logic import fmt
 
     step = ev.StepEnd(step=1, total_steps=2, epoch=0, loss=math.nan, loss_smooth=math.inf, lr=0.0)
     back = ev.event_from_json(step.to_json())

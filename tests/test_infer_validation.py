@@ -13,7 +13,7 @@ from engine.events import EVENTS_FILENAME, read_events
 from engine.runner import run
 from engine.train.eval_loss import evaluation_loss, make_triples, quantile_sigmas
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 
 

@@ -10,11 +10,11 @@ import torch
 
 from engine.config import with_value
 from engine.train.allowed import SAVE_ATTENTION_CONFLICT, setting_problems
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 REPO = Path(__file__).resolve().parents[1]
 OLD_NAMES = ("unsupported_switches", "combination_problems")
-CALLERS = ("engine/runner.py", "engine/train/switches.py", "s2v_tui/check_cmd.py")
+CALLERS = ("engine/runner.py", "engine/train/switches.py", "s2v_tui/commands/check.py")
 
 
 def _names_defined_or_used(path: Path) -> set[str]:
@@ -60,7 +60,7 @@ def test_device_and_world_size_rules_come_from_the_same_call():
 
 
 def test_check_command_refuses_a_preset_that_cannot_run(tmp_path, capsys):
-    from s2v_tui import check_cmd
+    from s2v_tui.commands import check as check_cmd
 
     (tmp_path / "clips").mkdir()
     preset = tmp_path / "p.toml"

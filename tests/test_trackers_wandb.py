@@ -17,7 +17,7 @@ from engine.events import EVENTS_FILENAME, RunWarning, StepEnd, TrackerStatus, V
 from engine.runner import run
 from engine.train.synthetic import SyntheticLatentDataset
 from engine.train.tensorboard import step_scalars
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 pytest.importorskip("wandb")  # the dev extra installs it; `pip install -e .` alone does not
 

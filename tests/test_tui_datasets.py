@@ -9,7 +9,7 @@ from test_tui_screens import SIZE, make_app, settle
 
 from engine.config import load_config, save_config, with_value
 from s2v_tui.screens.entries import EntryDialog, EntryListDialog
-from s2v_tui.testing import fixed_doctor
+from s2v_tui.testing.fakes import fixed_doctor
 
 pytestmark = pytest.mark.anyio
 
@@ -22,7 +22,7 @@ async def test_the_screen_and_s2v_tui_check_agree_on_64px_clips(tmp_path, preset
     """data.resolution = [64, 64] with a fixed bucket: the screen built its own doctor settings (no min_side,
     stride, seed) and blocked every clip as tiny-resolution, while `s2v-tui check` passed them."""
     from engine.data.synth import make_talking_clip
-    from s2v_tui import check_cmd
+    from s2v_tui.commands import check as check_cmd
 
     clips = tmp_path / "clips"
     for i in range(3):
