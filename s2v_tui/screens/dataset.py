@@ -42,10 +42,10 @@ class DoctorProgress(Message):
 
 
 def dataset_spec(config, folder: str) -> DatasetSpec:
-    """The folder as the run would read it: with the audio folder of its [[data.datasets]] entry, if it has one."""
+    """The folder as the run would read it: with every key of its [[data.datasets]] entry (audio folder, caption
+    prefix and separator, default caption, repeats, weight), or the defaults when the config has no such entry."""
     entry = next((d for d in config.data.datasets if d.path == folder), None)
-    audio = Path(entry.audio_dir).expanduser() if entry is not None and entry.audio_dir else None
-    return DatasetSpec(Path(folder).expanduser(), audio_dir=audio)
+    return DatasetSpec.of_entry(entry) if entry is not None else DatasetSpec(Path(folder).expanduser())
 
 
 def datasets_line(config, folder: str) -> str:
