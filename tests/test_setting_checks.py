@@ -1,6 +1,7 @@
 """One function says whether settings may run here (engine.train.allowed.setting_problems), and every caller
-asks it: the runner's check phase, `s2v-tui check PRESET.toml` and the memory switches. The older per-topic
-functions are gone, so no caller can ask a second, different question."""
+asks it: the runner's check phase, `s2v-tui check PRESET.toml`, the memory switches and the app (through
+s2v_tui/services.py, for the Run and Config screens). The older per-topic functions are gone, so no caller can ask
+a second, different question."""
 from __future__ import annotations
 
 import ast
@@ -14,7 +15,7 @@ from s2v_tui.commands.demo import demo_config
 
 REPO = Path(__file__).resolve().parents[1]
 OLD_NAMES = ("unsupported_switches", "combination_problems")
-CALLERS = ("engine/runner.py", "engine/train/switches.py", "s2v_tui/commands/check.py")
+CALLERS = ("engine/runner.py", "engine/train/switches.py", "s2v_tui/commands/check.py", "s2v_tui/services.py")
 
 
 def _names_defined_or_used(path: Path) -> set[str]:
