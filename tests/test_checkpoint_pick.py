@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from engine.config import with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.run_checkpoints import LoraReferenceError, checkpoint_lora, list_run_checkpoints
 from engine.runner import run
 from engine.train import checkpoint as ckpt

@@ -15,7 +15,8 @@ import pytest
 
 from engine import fsio
 from engine.config import save_config, with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.train import checkpoint as ckpt
 from s2v_tui.commands.headless import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from test_run_folder_faults import checkpoint_steps, headless, one_line, step_ends, train

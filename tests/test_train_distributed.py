@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from engine.config import save_config, with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.runner import run
 from engine.train.checkpoint import list_checkpoints, load_checkpoint
 from engine.models.lora import load_lora

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine.config import with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.runner import run
 from engine.models.lora import (LoraFileError, add_lora, check_native_keys, get_lora_state, load_lora,
                                 native_reference_modules, to_native_layout)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from engine.config import save_config, with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.runner import run
 from engine.models.lora import load_lora
 from engine.train.synthetic import SyntheticLatentDataset

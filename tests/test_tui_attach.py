@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.events import RunEnded, read_events
+from engine.event_log import read_events
+from engine.events import RunEnded
 from s2v_tui.app import build_app
 from s2v_tui.session import start_session
 from s2v_tui.testing.fakes import fake_services

@@ -104,7 +104,7 @@ def test_fake_engine_obeys_the_runner_contract(tmp_path):
 
 
 def test_runs_index_tells_a_dead_run_from_a_live_one(tmp_path):
-    from engine.events import JsonlEventWriter
+    from engine.event_log import JsonlEventWriter
 
     with JsonlEventWriter(tmp_path / "dead") as w:
         w(RunStarted(run_dir=str(tmp_path / "dead"), config_hash="x", total_steps=9, pid=2**22 + 12345))

@@ -12,7 +12,8 @@ from textual.containers import Vertical
 from textual.widgets import ContentSwitcher, DataTable, Footer, Static
 from textual.worker import Worker, get_current_worker
 
-from engine.events import EVENTS_FILENAME, follow_events
+from engine.event_log import follow_events
+from engine.events import EVENTS_FILENAME
 
 from s2v_tui.app_handle import WorkerContext, app_of
 from s2v_tui.bridge import EventBridge, EventsPending

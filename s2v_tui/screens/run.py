@@ -22,7 +22,8 @@ from textual.widgets import Footer, Static
 from textual.worker import Worker, get_current_worker
 
 from engine.config import check_config, with_value
-from engine.events import EVENTS_FILENAME, RunEnded, RunStarted, StepEnd, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME, RunEnded, RunStarted, StepEnd
 
 from s2v_tui.app_handle import WorkerContext, app_of
 from s2v_tui.bridge import EventBridge, EventsPending
