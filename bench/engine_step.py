@@ -34,6 +34,10 @@ Each rank trains batch optim.batch_size on its own slice of the global batch; ra
 samples per second of the whole job and every rank's peak memory (StepEnd.rank_*). `--model-dir` reuses a
 folder (never removed); `--scratch` is then required so that every rank writes into the same run folder.
 
+The cost of [rollout] (scheduled sampling): the same command with `--set rollout.enabled=true --set
+rollout.probability=1.0 --steps 12`, against the preset without it; the result's `rollout_forwards` lists the
+no-grad forwards of each step (its largest offset, 0..rollout.max_step_offset), to set beside `s_all`.
+
 `--tiny` runs the same path with engine.models.tiny and tiny samples on the CPU (a test of this script).
 """
 from __future__ import annotations
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -51,6 +56,7 @@ import threading
 import time
 import tomllib
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -75,6 +81,31 @@ TINY_OVERRIDES = {
     "memory.offload_checkpoint_inputs": False, "memory.compile_blocks": False,
     "memory.attention_backend": "auto",
 }
+
+
+class RolloutForwards(logging.Handler):
+    """Collects the no-grad forwards of each rolled-out micro-batch from engine.train.rollout's debug line, so the
+    step times of a run with [rollout] can be set against how many extra forwards each step ran."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.counts: list[int] = []
+        self._logger = logging.getLogger("engine.train.rollout")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts.append(int(record.args[0]))
+
+    def __enter__(self) -> Self:
+        self._saved = self._logger.level, self._logger.propagate
+        self._logger.setLevel(logging.DEBUG)
+        self._logger.propagate = False  # a debug line per step is not for train.log
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._saved[0])
+        self._logger.propagate = self._saved[1]
 
 
 def write_model(folder: Path, tiny: bool) -> float:
@@ -257,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                 phase_at.setdefault(event.phase, time.perf_counter())
             events.append(event)
 
+        forwards = RolloutForwards()
         run_start = time.perf_counter()
-        end = run(config, [collect], threading.Event(), scratch / "runs" / "run", dataset=dataset, device=device)
+        with forwards:
+            end = run(config, [collect], threading.Event(), scratch / "runs" / "run", dataset=dataset, device=device)
         run_s = time.perf_counter() - run_start
         steps = [e for e in events if e.kind == "step_end"]
         durations = step_durations(steps)
@@ -284,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                 "compile_blocks", "residual_dtype", "attention_backend", "vram_budget_gb", "checkpoint_policy",
                 "base_weights", "fp8_input_grad")},
             "overrides": args.set,
+            # [rollout]: the no-grad forwards of each micro-batch (its largest offset), to set beside s_all.
+            "rollout_forwards": forwards.counts,
             "lora_rank": config.lora.rank, "resolution": list(config.data.resolution),
             "world_size": world, "strategy": args.strategy if world > 1 else "single",
             "batch_per_rank": config.optim.batch_size,

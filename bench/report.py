@@ -48,6 +48,48 @@ class MemorySample:
     rss: int  # the process alone
     system_used: int  # the host's total - available (engine.gpu.host_memory: a container's cgroup when tighter)
     gpu_used: int | None  # device memory in use (NVML), None without a reading
+    # From /proc/PID/smaps_rollup (None where the kernel has none): the tree's proportional set size (each shared
+    # page split between the processes that map it, so the sum is what the tree holds) and the descendants'
+    # private pages (USS: what ending the compile workers would give back).
+    tree_pss: int | None = None
+    children_uss: int | None = None
+
+
+def smaps_rollup(pid: int) -> tuple[int, int] | None:
+    """(PSS, USS) of one process in bytes from /proc/PID/smaps_rollup, or None where it cannot be read."""
+    try:
+        text = open(f"/proc/{pid}/smaps_rollup").read()
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            fields[name] = int(parts[0]) * 1024
+    if "Pss" not in fields:
+        return None
+    return fields["Pss"], fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+
+
+def tree_shares(pid: int) -> tuple[int | None, int | None]:
+    """(PSS of `pid` and its descendants, USS of the descendants alone); None where smaps_rollup is missing."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return None, None
+    own = smaps_rollup(pid)
+    if own is None:
+        return None, None
+    pss, uss = own[0], 0
+    for child in children:
+        share = smaps_rollup(child.pid)
+        if share is not None:  # None: it ended between the listing and the reading
+            pss += share[0]
+            uss += share[1]
+    return pss, uss
 
 
 def tree_rss_bytes(pid: int) -> tuple[int, int]:
@@ -81,7 +123,9 @@ def sample_memory(pid: int, done: Callable[[], bool], interval_s: float = 0.2,
         started = time.time()
         own, tree = tree_rss_bytes(pid)
         host = host_memory()
-        sample = MemorySample(started, tree, own, host.used_bytes, gpu_used() if gpu_used else None)
+        pss, children_uss = tree_shares(pid)
+        sample = MemorySample(started, tree, own, host.used_bytes, gpu_used() if gpu_used else None,
+                              pss, children_uss)
         samples.append(sample)
         if on_sample:
             on_sample(sample)

@@ -280,6 +280,10 @@ def summarise(run: dict, parsed: dict) -> dict:
         "s_all": [round(d, 3) for d in durations],
         "peak_rss_gib": peak_rss, "peak_proc_rss_gib": peak_proc,
         "peak_system_used_gib": _gib(peak(samples, "system_used")),
+        # The tree's PSS splits shared library pages between the compile workers and the CLI: the tree's real
+        # share of the host; the workers' USS is what they hold privately.
+        "peak_tree_pss_gib": _gib(peak(samples, "tree_pss")),
+        "peak_children_uss_gib": _gib(peak(samples, "children_uss")),
         "baseline_system_used_gib": _gib(int(statistics.median(s.system_used for s in base))) if base else None,
         "peak_gpu_alloc_gib": _gib(alloc), "peak_gpu_reserved_gib": _gib(reserved),
         "peak_gpu_used_gib_nvml": _gib(peak(samples, "gpu_used")),

@@ -135,3 +135,35 @@ def test_bench_pinned_slab_check_says_it_needs_a_gpu_and_what_it_expects(tmp_pat
     assert "no CUDA device" in r["status"] and r["expected"]["tensors"] == 128
     # The memory model's two counts for the same tensors: exact slabs, and torch's power-of-two buffers.
     assert r["expected"]["slab_gib"] == 5.587 and r["expected"]["torch_rounded_gib"] == 8.376
+
+
+def test_bench_attention_backends_cpu_proof_times_math_and_reports_the_rest_as_errors(tmp_path, capsys):
+    from bench import attention_backends as ab
+
+    out = tmp_path / "attention.jsonl"
+    assert ab.main(["--device", "cpu", "--tokens", "64", "--heads", "2", "--head-dim", "32", "--warmup", "1",
+                    "--iters", "2", "--backends", "sdpa_math,sdpa_cudnn,fa4,sage,cudnn_fp8", "--out", str(out)]) == 0
+    header, *lines = (json.loads(line) for line in out.read_text().splitlines())
+    assert header["shape"] == [1, 64, 2, 32] and header["fwd_flops"] == 4 * 2 * 64 * 64 * 32
+    by_name = {line["backend"]: line for line in lines}
+    assert list(by_name) == ["sdpa_math", "sdpa_cudnn", "fa4", "sage", "cudnn_fp8"]
+    math = by_name["sdpa_math"]
+    assert "error" not in math and math["fwd_ms"] > 0 and math["bwd_ms"] == math["fwd_bwd_ms"] - math["fwd_ms"]
+    assert math["bwd_tflops"] == pytest.approx(2.5 * header["fwd_flops"] / (math["bwd_ms"] * 1e-3) / 1e12)
+    for name in ("o", "dq", "dk", "dv"):  # bf16 inputs and outputs against the fp32 reference
+        assert 0 < math[f"vs_fp32_{name}_rel_l2"] < 1e-2 and math[f"vs_fp32_{name}_cos"] > 0.9999
+    assert all(by_name[n]["error"] for n in ("sdpa_cudnn", "fa4", "sage", "cudnn_fp8"))  # a line each, no crash
+    assert "sdpa_math  fwd" in capsys.readouterr().out
+
+
+def test_bench_attention_fp8_quantisation_maps_the_amax_to_the_e4m3_maximum():
+    import torch
+
+    from bench.attention_backends import FP8_MAX, CudnnFp8
+
+    x = torch.randn(1, 64, 2, 32, dtype=torch.bfloat16)
+    q8, descale = CudnnFp8.quantize(x)
+    assert q8.dtype == torch.float8_e4m3fn and q8.shape == (1, 2, 64, 32) and q8.is_contiguous()
+    assert float(q8.float().abs().max()) == FP8_MAX
+    back = q8.float().transpose(1, 2) * descale
+    assert float((back - x.float()).norm() / x.float().norm()) < 0.05  # e4m3: 3 mantissa bits

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -83,4 +84,9 @@ def test_tree_sampling_counts_a_child_and_its_grandchild():
     assert len(samples) == 3
     assert peak(samples, "tree_rss") >= 128 << 20 > peak(samples, "rss") >= 64 << 20
     assert peak(samples, "system_used") > 0 and peak(samples, "gpu_used") is None
+    if Path("/proc/self/smaps_rollup").exists():
+        # PSS splits the shared interpreter pages, so the tree's is under its RSS sum but holds both buffers;
+        # the grandchild's 64 MiB are private to it.
+        assert 128 << 20 <= peak(samples, "tree_pss") < peak(samples, "tree_rss")
+        assert peak(samples, "children_uss") >= 64 << 20
     assert tree_rss_bytes(proc.pid) == (0, 0)  # gone

@@ -207,6 +207,15 @@ def _check_train(c: _Checker, cfg: Config) -> None:
     c.at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1, "keep at least 1 to be able to resume")
 
 
+def _check_rollout(c: _Checker, cfg: Config) -> None:
+    r = cfg.rollout
+    c.probability("rollout.probability", r.probability)
+    # The model's timestep scale is sigma * 1000: an offset past 1000 would start every rollout from pure noise.
+    if not 1 <= r.max_step_offset <= 1000:
+        c.bad("rollout.max_step_offset", f"must be between 1 and 1000 timesteps, got {r.max_step_offset}",
+              "e.g. 10 (the seed recommends 5 to 10; each step is one more forward pass)")
+
+
 def _check_validation(c: _Checker, cfg: Config) -> None:
     v = cfg.validation
     c.at_least("validation.every_steps", v.every_steps, 0)
@@ -258,6 +267,14 @@ def _check_memory(c: _Checker, cfg: Config) -> None:
             f"{m.base_weights} base weights compute in bf16, but model.dtype is {cfg.model.dtype}",
             'set model.dtype = "bf16" or base_weights = "bf16"',
         )
+    if m.attention_backend == "sage":
+        c.bad("memory.attention_backend", "sage (SageAttention) has no backward pass, so it cannot train",
+              'set attention_backend = "cudnn" or "fa4"; for faster samples set validation.attention_backend = "sage"')
+    fa4_keys = [k for k, name in (("memory.attention_backend", m.attention_backend),
+                                  ("validation.attention_backend", cfg.validation.attention_backend)) if name == "fa4"]
+    if fa4_keys and cfg.model.dtype == "fp32":
+        c.conflict(fa4_keys[0], "fa4 (FlashAttention 4) takes bf16 or fp16 tensors, but model.dtype is fp32",
+                   f'set model.dtype = "bf16" or {fa4_keys[0]} = "cudnn"')
     if m.fp8_input_grad and m.base_weights != "fp8":
         c.conflict("memory.fp8_input_grad", f"needs fp8 base weights, but base_weights = \"{m.base_weights}\"",
                    'set base_weights = "fp8" or fp8_input_grad = false')
@@ -312,6 +329,7 @@ def check_config(
     _check_lora(c, cfg)
     _check_optim(c, cfg, dataset_size)
     _check_train(c, cfg)
+    _check_rollout(c, cfg)
     _check_validation(c, cfg)
     _check_memory(c, cfg)
     _check_output(c, cfg)

@@ -27,7 +27,8 @@ MixedPrecision = Literal["bf16", "fp16", "no"]
 SigmaSampling = Literal["logit_normal", "uniform"]
 Solver = Literal["unipc", "euler"]
 BaseWeights = Literal["bf16", "int8", "fp8"]
-AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
+AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "fa4", "sage"]
+SamplingAttention = Literal["same", "auto", "cudnn", "flash", "efficient", "math", "fa4", "sage"]
 ResidualDtype = Literal["fp32", "bf16"]
 CheckpointPolicy = Literal["full", "save_attention"]
 ExportFormat = Literal["peft", "native"]
@@ -154,6 +155,16 @@ class TrainConfig:
 
 
 @dataclass
+class RolloutConfig:
+    enabled: bool = opt(False, "scheduled sampling: some windows are trained on the model's own denoising from a "
+                        "higher noise level instead of the exact noising (one no-grad forward per rollout step)")
+    probability: float = opt(1.0, "with enabled: the chance that a window is rolled out, drawn per window")
+    max_step_offset: int = opt(
+        10, "with enabled: a rollout starts 0..this many timesteps (of 1000) above the trained one, one Euler step "
+        "per timestep")
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = opt(250, "write a checkpoint every N steps; 0 = only on stop, signal and end")
     keep_last: int = opt(3, "checkpoints kept; older ones are deleted")
@@ -187,6 +198,9 @@ class ValidationConfig:
     lora_scale: float = opt(1.0, "strength of the LoRA in the samples (0 = the base model, 1 = as trained)")
     lora_scales: list[float] = opt([], "a strength sweep: each case also rendered at each of these scales, as "
                                    "case-NN-scale-S.mp4; [] = none")
+    attention_backend: SamplingAttention = opt(
+        "same", "attention kernel of the samples: same = memory.attention_backend's; or one of its values, or sage "
+        "(SageAttention 1, int8 Q.K: faster, samples only)")
     eval_loss: EvalLossConfig = opt(EvalLossConfig(), "fixed-noise evaluation loss")
 
 
@@ -208,7 +222,8 @@ class MemoryConfig:
     fp8_input_grad: bool = opt(
         False, "with base_weights = fp8: the input-gradient matmuls in fp8 too (faster; rounds the gradients)")
     chunked_ffn: int = opt(0, "split the feed-forward over this many sequence chunks; 0 = off")
-    attention_backend: AttentionBackend = opt("auto", "auto, cudnn, flash, efficient or math")
+    attention_backend: AttentionBackend = opt(
+        "auto", "auto, cudnn, flash, efficient, math or fa4 (FlashAttention 4, Hopper/Blackwell); sage: samples only")
     compile_blocks: bool = opt(False, "torch.compile each block (CUDA): fuses the fp32 norm/modulation work")
     residual_dtype: ResidualDtype = opt(
         "fp32", "residual stream between blocks: fp32 (the official model) or bf16 (half the saved activations)")
@@ -252,6 +267,7 @@ class Config:
     lora: LoraConfig = opt(LoraConfig(), "the adapter")
     optim: OptimConfig = opt(OptimConfig(), "optimizer, schedule and batch")
     train: TrainConfig = opt(TrainConfig(), "objective and numerics")
+    rollout: RolloutConfig = opt(RolloutConfig(), "scheduled sampling (rollout) against exposure bias")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints")
     validation: ValidationConfig = opt(ValidationConfig(), "validation samples and loss")
     memory: MemoryConfig = opt(MemoryConfig(), "memory switches (set by the VRAM presets)")
@@ -309,7 +325,7 @@ REPORTING_KEYS = ("logging.every_steps", "logging.tensorboard", "logging.wandb_p
                   "logging.webhook_format", "logging.webhook_timeout_s", "checkpoint.every_steps",
                   "checkpoint.keep_last", "output.formats", "output.push_to_hub", "output.push_checkpoints",
                   "output.hub_private", "validation.negative_prompt", "validation.chunks", "validation.lora_scale",
-                  "validation.lora_scales")
+                  "validation.lora_scales", "validation.attention_backend")
 # Keys that say where tensors live and how the step is scheduled, not what is computed: a run stopped by host or
 # GPU memory resumes on another card or preset with them changed. (Their numerics differ at most by rounding
 # order; the keys that change the base's numerics, base_weights, fp8_input_grad and residual_dtype, are not here.)

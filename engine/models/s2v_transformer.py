@@ -37,6 +37,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from engine.models import loading
+from engine.models.attention import is_self_attention_kernel
 from engine.models.offload_checkpoint import HostActivationStore, host_checkpoint
 
 from engine.models.rope import rope_cos_sin, sequence_positions
@@ -51,19 +52,11 @@ from engine.models.s2v_layers import (
 
 AUDIO_INJECT_LAYERS_14B = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
 
-_SDPA_OPS = {
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-}
-
-
 def _save_self_attention(ctx, op, *args, **kwargs):
     """Selective checkpointing: keep the self-attention kernel's outputs (output + softmax statistics), which
     are the costliest part of a block to recompute (S^2) and cost one [S, D] tensor to store; recompute the rest.
     Cross-attention (512 text keys, 5 audio keys) is cheap to recompute and is not kept."""
-    if op in _SDPA_OPS and args[0].shape[-2] == args[1].shape[-2]:
+    if is_self_attention_kernel(op, args):  # SDPA's kernels and FA4's forward op
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

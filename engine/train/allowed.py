@@ -2,7 +2,8 @@
 
 The config file's own rules (a value out of range, two keys that contradict each other whatever the machine) are
 in engine/config/rules.py and fail while the file is read, naming the file and the key. What is here depends on
-where the run goes: the device (block streaming needs a CUDA GPU, fp8 matmuls need a kernel this GPU runs), the
+where the run goes: the device (block streaming needs a CUDA GPU, fp8 matmuls need a kernel this GPU runs, the
+fa4 and sage attention backends their package and a GPU they run on), the
 number of processes (what the FSDP2 and DDP paths cannot share), and the switch combinations the model cannot
 apply together. The runner's check phase, `s2v-tui check PRESET.toml` and the screens ask this function, so
 each refuses the same settings, with the same message, before a weight is loaded.
@@ -44,8 +45,28 @@ def _switch_problems(config: Config, device: torch.device | None) -> list[str]:
         problem = fp8_kernel_problem(device)
         if problem:
             problems.append(problem)
+    if device is not None:
+        problems += _attention_problems(config, device)
     if m.block_offload and config.train.mixed_precision == "no" and config.model.dtype != "fp32":
         problems.append("memory.block_offload with train.mixed_precision = \"no\" is not supported; use bf16")
+    return problems
+
+
+def _attention_problems(config: Config, device: torch.device) -> list[str]:
+    """The attention backends of training and of the samples that need a package and a GPU of their own (fa4,
+    sage), each tried once on `device`; the samples' one only when validation renders samples."""
+    from engine.models.attention import PROBED, attention_backend_problem
+
+    v = config.validation
+    asked = [("memory.attention_backend", config.memory.attention_backend)]
+    if v.every_steps > 0 and v.cases:
+        asked.append(("validation.attention_backend", v.attention_backend))
+    problems = []
+    for key, name in asked:
+        problem = attention_backend_problem(name, device) if name in PROBED else None
+        if problem:
+            fix = "cudnn" if key.startswith("memory.") else "same"
+            problems.append(f'{key} = "{name}": {problem}; set {key} = "{fix}"')
     return problems
 
 

@@ -39,9 +39,9 @@ from engine.train.ema import LoraEma
 from engine.train.export import emergency_paths, lora_files
 from engine.train.host_guard import HostMemoryGuard
 from engine.train.metrics import LossSmoother, StepTimer, memory_stats
-from engine.train.objective import (flow_loss, noisy_input, sample_sigmas, sigmas_to_timesteps,
-                                    velocity_target)
+from engine.train.objective import flow_loss, sample_sigmas, sigmas_to_timesteps, velocity_target
 from engine.train.optim import build_optimizer, build_scheduler
+from engine.train.rollout import training_input
 
 log = logging.getLogger(__name__)
 metrics_log = logging.getLogger("engine.train.metrics")
@@ -290,14 +290,17 @@ class Trainer:
         sigmas = sample_sigmas(n, self.noise_gen, t.sigma_sampling, t.flow_shift, t.logit_mean,
                                t.logit_std)[part].to(self.device)
         noise = torch.randn((n, *x0.shape[1:]), generator=self.noise_gen)[part].to(self.device)
-        x_t = noisy_input(x0, noise, sigmas)
-        amp = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-               else nullcontext())
-        with amp:
-            prediction = self.model(
-                x_t, sigmas_to_timesteps(sigmas), batch.text, batch.ref_latents, batch.audio,
-                motion_latents=batch.motion_latents, drop_motion_frames=batch.drop_motion,
-            )
+
+        def predict(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            amp = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                   else nullcontext())
+            with amp:
+                return self.model(x, sigmas_to_timesteps(s), batch.text, batch.ref_latents, batch.audio,
+                                  motion_latents=batch.motion_latents, drop_motion_frames=batch.drop_motion)
+
+        # [rollout] off: the plain noising; on, some windows get the model's own no-grad Euler steps from higher up.
+        x_t = training_input(self.cfg.rollout, self.noise_gen, predict, x0, noise, sigmas, n, part)
+        prediction = predict(x_t, sigmas)
         return flow_loss(prediction, velocity_target(x0, noise))
 
     def _grad_norm(self) -> float:

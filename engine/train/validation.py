@@ -10,8 +10,8 @@ every `validation.every_steps` steps and at the end:
     run_dir/samples/step-XXXXX/case-NN-ema.mp4   its EMA weights, when optim.ema is on
     run_dir/samples/step-XXXXX/case-NN-scale-S.mp4   the LoRA at strength S, for each S of validation.lora_scales
 
-with validation.steps / cfg_scale / solver / negative_prompt, flow shift train.flow_shift, the case's seed (so
-samples of different steps differ only by the weights), at the area of data.resolution, the LoRA at
+with validation.steps / cfg_scale / solver / negative_prompt / attention_backend, flow shift train.flow_shift, the
+case's seed (so samples of different steps differ only by the weights), at the area of data.resolution, the LoRA at
 validation.lora_scale. A validation sample is the first validation.chunks 80-frame chunks of its audio (1 by
 default: 77 frames, 4.8 s), with that much audio muxed in: each chunk costs the whole sampling time again at every
 validation, and `s2v-tui sample` renders the whole audio with the exported LoRA.
@@ -34,6 +34,7 @@ from engine.infer.audio import SAMPLE_RATE
 from engine.infer.pipeline import FrozenParts, S2VPipeline
 from engine.infer.sampler import Conditioning, SampleOptions, SamplingStopped
 from engine.infer.video_io import write_sample_mp4
+from engine.models.attention import sampling_attention
 from engine.train.eval_loss import evaluation_loss, make_triples
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Validator:
                                       shift=config.train.flow_shift, seed=seed, lora_scale=v.lora_scale)
                         for seed in vset.seeds]
         self.sweep = list(v.lora_scales)
+        self.attention = v.attention_backend
         self.vset = vset
         self.model = model
         self.dataset = dataset
@@ -134,16 +136,17 @@ class Validator:
             return []
         vae = self.vset.parts.vae.to(self.device)
         try:
-            paths = self._base_samples()
-            paths += self._render_all(samples_dir(self.run_dir, step), "")
-            for scale in self.sweep:
-                paths += self._render_all(samples_dir(self.run_dir, step), f"-scale-{scale:g}", scale)
-            if ema is not None:
-                ema.swap()
-                try:
-                    paths += self._render_all(samples_dir(self.run_dir, step), "-ema")
-                finally:
+            with sampling_attention(self.attention):  # validation.attention_backend; training's comes back after
+                paths = self._base_samples()
+                paths += self._render_all(samples_dir(self.run_dir, step), "")
+                for scale in self.sweep:
+                    paths += self._render_all(samples_dir(self.run_dir, step), f"-scale-{scale:g}", scale)
+                if ema is not None:
                     ema.swap()
+                    try:
+                        paths += self._render_all(samples_dir(self.run_dir, step), "-ema")
+                    finally:
+                        ema.swap()
         finally:
             vae.to("cpu")
             if self.device.type == "cuda":

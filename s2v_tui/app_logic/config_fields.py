@@ -20,7 +20,7 @@ TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Model", ("model",)),
     ("Data", ("data",)),
     ("LoRA", ("lora",)),
-    ("Optimisation", ("optim", "train")),
+    ("Optimisation", ("optim", "train", "rollout")),
     ("Memory", ("memory",)),
     ("Validation", ("validation",)),
     ("Output", ("output", "checkpoint", "logging")),

@@ -18,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+# the values of validation.attention_backend less "same" (there is no training run to be the same as)
+SAMPLING_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4", "sage")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s2v-tui sample", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
@@ -41,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="transformer dtype (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--attention", choices=SAMPLING_BACKENDS, default="auto",
+                   help="attention kernel (default auto: PyTorch picks; fa4 = FlashAttention 4; sage = "
+                   "SageAttention 1, int8 Q.K, faster); refused before the model loads if it cannot run here")
     return p
 
 
@@ -75,6 +81,7 @@ def main(argv: list[str]) -> int:
     from engine.data.windows import MODEL_FPS
     from engine.infer import NEGATIVE_PROMPT, S2VPipeline, SampleOptions, parse_size, write_sample_mp4
     from engine.infer.audio import SAMPLE_RATE
+    from engine.models.attention import attention_backend_problem, set_attention_backend
     from engine.runner import pick_device
 
     try:
@@ -84,6 +91,13 @@ def main(argv: list[str]) -> int:
         return 2
     device = pick_device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    problem = attention_backend_problem(args.attention, device)
+    if problem is None and args.attention == "fa4" and dtype == "fp32":
+        problem = "fa4 takes bf16 or fp16 tensors: give --dtype bf16"
+    if problem:
+        print(f"error: --attention {args.attention}: {problem}; use --attention auto", file=sys.stderr)
+        return 2
+    set_attention_backend(args.attention)
     started = time.perf_counter()
     print(f"loading {args.model} on {device} ({dtype})" + (f" with {lora}" if lora else ""), file=sys.stderr)
     try:
