@@ -64,7 +64,7 @@ def face_headless(preset: Path, run_dir: Path, env: dict) -> None:
 
 
 def face_tmux(preset: Path, run_dir: Path, env: dict) -> None:
-    from s2v_tui.tmux_driver import TmuxApp
+    from s2v_tui.testing.tmux_driver import TmuxApp
 
     with TmuxApp([app_command(), str(preset), "--runs", str(run_dir.parent)], preset.parent,
                  env=_env_delta(env)) as term:
@@ -103,7 +103,7 @@ def pilot_child(preset: Path) -> None:
 
 
 def latency(preset: Path, env: dict, presses: int) -> dict:
-    from s2v_tui.tmux_driver import TmuxApp
+    from s2v_tui.testing.tmux_driver import TmuxApp
 
     def timed(term, key: str, shown: bool) -> float:
         start = time.perf_counter()
@@ -164,7 +164,7 @@ def main() -> None:
         pilot_child(args.pilot_child)
         return
 
-    from s2v_tui.testing import write_tiny_run_preset
+    from s2v_tui.testing.fakes import write_tiny_run_preset
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if args.threads:

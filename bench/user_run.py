@@ -234,7 +234,7 @@ def phase_spans(events, end_ts: float) -> list[tuple[str, float, float]]:
 
 
 def read_run(run_dir: Path) -> dict:
-    from engine.events import read_events
+    from engine.event_log import read_events
 
     path = run_dir / "events.jsonl"
     events = read_events(path) if path.exists() else []

@@ -2,8 +2,9 @@
 
 The engine reports only through these events. Every face (TUI bridge, headless reporter, JSONL writer) is a
 subscriber on an `EventBus`; a process that did not start the run follows it by tailing `events.jsonl` with
-`follow_events`. One event is one strict JSON object on one line (a non-finite float is written as the string
-"NaN", "Infinity" or "-Infinity"), tagged with its `kind`.
+`engine.event_log.follow_events` (that module imports this one, never the other way round). One event is one
+strict JSON object on one line (a non-finite float is written as the string "NaN", "Infinity" or "-Infinity"),
+tagged with its `kind`.
 """
 from __future__ import annotations
 
@@ -322,19 +323,6 @@ class LogRecordsToEvents(logging.Handler):
             self.handleError(record)
         finally:
             self._local.busy = False
-
-
-_EVENT_LOG_NAMES = ("JsonlEventWriter", "follow_events", "read_events")
-
-
-def __getattr__(name: str) -> Any:
-    """The JSONL file of a run (writer, reader, follower) lives in engine.event_log, which imports this module;
-    its names stay importable from here, resolved on first use."""
-    if name in _EVENT_LOG_NAMES:
-        from engine import event_log
-
-        return getattr(event_log, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -1,8 +1,8 @@
 """Which preset: where the shipped presets are, which of them fits a machine, and what to pick instead.
 
 engine.memory says how much memory a config needs; this module turns those needs into a choice. It is the one
-rule behind `s2v-tui presets`, the Presets screen (through s2v_tui.presets_logic), the runner's memory pre-flight
-and its out-of-memory hint, and the host-RAM guard's lighter-preset suggestion.
+rule behind `s2v-tui presets`, the Presets screen (through s2v_tui.app_logic.presets_logic), the runner's memory
+pre-flight and its out-of-memory hint, and the host-RAM guard's lighter-preset suggestion.
 """
 from __future__ import annotations
 

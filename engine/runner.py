@@ -20,8 +20,8 @@ import torch
 
 from engine.config import Config, ConfigError, read_frozen_config, validate_config
 from engine.dtypes import AUTOCAST_DTYPES, TORCH_DTYPES
-from engine.events import (EventBus, JsonlEventWriter, LogRecordsToEvents, PhaseChanged, RunEnded, RunStarted,
-                           RunWarning, Subscriber)
+from engine.event_log import JsonlEventWriter
+from engine.events import EventBus, LogRecordsToEvents, PhaseChanged, RunEnded, RunStarted, RunWarning, Subscriber
 from engine.presets import smaller_preset_hint
 from engine.run_folder import ConfigRefused
 from engine.run_logs import HeldRecords, TrainLogHandler
@@ -69,9 +69,8 @@ def _check(config: Config, bus: EventBus, have_dataset: bool, device: torch.devi
     """`fresh`: no checkpoint to resume from, so lora.init_from (if set) is read and checked."""
     from engine.train.allowed import setting_problems
 
-    validate_config(config, "<run config>", require_data=not have_dataset, require_model=not have_dataset,
-                    require_init_from=fresh)
-    if fresh and config.lora.init_from:
+    validate_config(config, "<run config>", require_data=not have_dataset, require_model=not have_dataset)
+    if fresh and config.lora.init_from:  # a resumed run takes its checkpoint and never reads the file
         from engine.train.init_lora import check_init_from
 
         check_init_from(config)

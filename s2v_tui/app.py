@@ -1,6 +1,6 @@
 """The Textual app: screens as modes, hardware readings at 1 Hz, the one worker-failure handler, quitting.
 
-`build_app` is the only way an app is made, by the CLI (`tui_main.py`) and by the tests alike, so what the
+`build_app` is the only way an app is made, by the CLI (`commands/tui.py`) and by the tests alike, so what the
 tests drive is what users run. Over SSH: no animation, NO_COLOR is honoured by Textual itself, TERM is never
 touched, and a hangup leaves a run started here going (see `hangup`).
 """
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import traceback
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from textual.app import App
 from textual.binding import Binding
@@ -17,9 +15,9 @@ from textual.worker import Worker, WorkerState
 
 from engine.config import ConfigError, with_value
 from engine.events import RunEnded
-from engine.gpu import GpuSnapshot, HostMemory
 
-from s2v_tui.commands import S2VCommands
+from s2v_tui.app_handle import READINGS_GROUP, Readings, WorkerContext
+from s2v_tui.palette import S2VCommands
 from s2v_tui.screens.attach import AttachScreen
 from s2v_tui.screens.config_form import ConfigScreen
 from s2v_tui.screens.dataset import DatasetScreen
@@ -32,28 +30,6 @@ from s2v_tui.services import Services
 from s2v_tui.session import Session
 
 log = logging.getLogger(__name__)
-
-READINGS_GROUP = "readings"
-
-
-@dataclass(frozen=True)
-class Readings:
-    """One poll of the hardware; replaced whole, so screens can compare and skip repaints."""
-
-    gpus: tuple[GpuSnapshot, ...] = ()
-    host: HostMemory | None = None
-    nvml_reason: str = ""  # why there are no GPU readings ("" when there are)
-    version: int = 0
-
-
-@dataclass
-class WorkerContext:
-    """What the failure handler needs to know about a worker: what it was doing and where."""
-
-    what: str
-    run_dir: Path | None = None
-    extra: dict = field(default_factory=dict)
-
 
 # Focus that reads without colour too (NO_COLOR, a monochrome terminal): the border's glyphs change on focus, not
 # only its tint, and a one-line text box gets a bar at its left (the form's rows draw it, see config_form.py).

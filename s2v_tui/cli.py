@@ -13,14 +13,17 @@ import argparse
 import sys
 
 SUBCOMMANDS = {
-    "check": ("s2v_tui.check_cmd", "inspect a dataset without a GPU: what each clip gives, every problem and its fix"),
-    "cache": ("s2v_tui.cache_cmd", "encode latents, text and audio features of a preset's datasets into the cache"),
-    "presets": ("s2v_tui.presets_cmd", "the VRAM presets: memory each needs against this machine's GPUs and RAM"),
-    "attach": ("s2v_tui.tui_main:main_attach", "follow a run started elsewhere (headless, another SSH session)"),
-    "sample": ("s2v_tui.sample_cmd", "render a speech-to-video sample with the official recipe, optionally with a LoRA"),
-    "demo": ("s2v_tui.demo", "the whole job on a tiny generated model and synthetic clips, on the CPU"),
+    "check": ("s2v_tui.commands.check",
+              "inspect a dataset without a GPU: what each clip gives, every problem and its fix"),
+    "cache": ("s2v_tui.commands.cache",
+              "encode latents, text and audio features of a preset's datasets into the cache"),
+    "presets": ("s2v_tui.commands.presets", "the VRAM presets: memory each needs against this machine's GPUs and RAM"),
+    "attach": ("s2v_tui.commands.tui:main_attach", "follow a run started elsewhere (headless, another SSH session)"),
+    "sample": ("s2v_tui.commands.sample",
+               "render a speech-to-video sample with the official recipe, optionally with a LoRA"),
+    "demo": ("s2v_tui.commands.demo", "the whole job on a tiny generated model and synthetic clips, on the CPU"),
     "tiny-model": ("s2v_tui.cli:tiny_model_main", "write a tiny S2V model folder in the real layout"),
-    "push": ("s2v_tui.push_cmd", "upload a run's LoRA, model card and samples to the Hugging Face Hub"),
+    "push": ("s2v_tui.commands.push", "upload a run's LoRA, model card and samples to the Hugging Face Hub"),
 }
 
 
@@ -72,7 +75,7 @@ def _top_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--gpus" or a.startswith("--gpus=") for a in argv):
-        return _call("s2v_tui.launch", argv)
+        return _call("s2v_tui.commands.launch", argv)
     if argv and argv[0] in SUBCOMMANDS:
         return _call(SUBCOMMANDS[argv[0]][0], argv[1:])
     args = _top_parser().parse_args(argv)
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             print("error: give either a config to open in the app or --run PRESET.toml, not both", file=sys.stderr)
             return 2
-        from s2v_tui.headless import run_headless
+        from s2v_tui.commands.headless import run_headless
 
         return run_headless(args.run, overrides=args.overrides, run_dir=args.run_dir)
     if args.overrides or args.run_dir:
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tui_argv = ([args.config] if args.config else []) + (["--runs", args.runs] if args.runs else [])
     tui_argv += ["--fake"] if args.fake else []
-    return _call("s2v_tui.tui_main:main_tui", tui_argv)
+    return _call("s2v_tui.commands.tui:main_tui", tui_argv)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,28 @@ def engine_runner() -> Runner:
     return run
 
 
+# engine.train.allowed.setting_problems(config, world_size, device) for a run of this app: the messages of the
+# settings that cannot run here (empty: all can).
+SettingProblems = Callable[[Config], list[str]]
+
+
+def engine_setting_problems(config: Config) -> list[str]:
+    """The engine's one answer to "may these settings run here", asked for the run the app starts: one process, on
+    the device the runner picks (engine.runner.pick_device), so the screens refuse what the runner would."""
+    from engine.runner import pick_device
+    from engine.train.allowed import setting_problems
+
+    return setting_problems(config, 1, pick_device())
+
+
+def deviceless_setting_problems(config: Config) -> list[str]:
+    """The same rules without a device, for the fake engine (`s2v-tui --fake`, the app's tests), which trains on
+    none: only the rules that hold on every device apply (engine.train.allowed with device None)."""
+    from engine.train.allowed import setting_problems
+
+    return setting_problems(config, 1, None)
+
+
 def leave_a_core_for_the_ui() -> None:
     """On a CPU-only box, train on one core fewer than there are, from the training thread.
 
@@ -97,6 +119,7 @@ class Services:
     host_memory: Callable[[], HostMemory] = host_memory
     presets_dir: Path = field(default_factory=find_repo_presets)
     runs_dir: Path = Path("runs")
+    setting_problems: SettingProblems = engine_setting_problems
     # Doctor entry point, swappable so snapshot tests can show a fixed report without decoding video.
     inspect_datasets: Callable[..., Any] | None = None
 

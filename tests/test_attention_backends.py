@@ -17,7 +17,7 @@ from engine.config.rules import check_config
 from engine.config.schema import ValidationCase
 from engine.models import attention as attn
 from engine.train.allowed import setting_problems
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 CUDA = torch.device("cuda")
 
@@ -197,7 +197,7 @@ def test_save_attention_keeps_self_attention_of_fa4_and_sdpa_but_not_cross_atten
 
 
 def test_sample_command_refuses_a_backend_that_cannot_run_before_loading(tmp_path, capsys):
-    from s2v_tui import sample_cmd
+    from s2v_tui.commands import sample as sample_cmd
 
     for name in ("face.png", "speech.wav"):
         (tmp_path / name).write_bytes(b"x")

@@ -106,7 +106,7 @@ def test_modified_clip_rebuilds_only_its_entries(copy_of):
 
 
 def test_cache_command_on_a_resolution_change_rebuilds_only_latents_and_prunes(copy_of, capsys):
-    from s2v_tui.cache_cmd import main
+    from s2v_tui.commands.cache import main
 
     root, config = copy_of
     before = entries(root / "cache")

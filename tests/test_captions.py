@@ -9,7 +9,7 @@ from engine.config import Config, DatasetEntry, check_config
 from engine.data.cache_fill import fill_cache, plan_cache
 from engine.data.discover import DatasetSpec, discover
 from engine.data.synth import make_talking_clip
-from s2v_tui import check_cmd
+from s2v_tui.commands import check as check_cmd
 
 SMALL = dict(frames=8, motion_frames=5, windows_per_clip=1)
 

@@ -230,7 +230,7 @@ torch.set_num_threads(1)
 from engine import fsio
 from engine.train import checkpoint as ckpt
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.headless import run_headless
+from s2v_tui.commands.headless import run_headless
 
 target, preset, run_dir = sys.argv[1:4]
 real_atomic, real_write, armed = ckpt.atomic_write_bytes, fsio._write_all, []

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from engine.config import with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.run_checkpoints import LoraReferenceError, checkpoint_lora, list_run_checkpoints
 from engine.runner import run
 from engine.train import checkpoint as ckpt
@@ -74,7 +75,7 @@ def test_a_damaged_or_missing_lora_file_shows_in_the_listing(validated, tmp_path
 
 
 def _sample(model_dir, inputs: Path, out: Path, *extra: str) -> int:
-    from s2v_tui.sample_cmd import main
+    from s2v_tui.commands.sample import main
 
     return main(["--model", str(model_dir), "--image", str(inputs / "face.png"), "--audio", str(inputs / "speech.wav"),
                  "--prompt", "a person talks", "--out", str(out), "--device", "cpu", "--steps", "2", "--size",
@@ -149,7 +150,7 @@ def _rows(app) -> list[list[str]]:
 async def test_the_runs_screen_lists_the_checkpoints_of_a_real_run(validated, tmp_path):
     from s2v_tui.app import build_app
     from s2v_tui.session import Session
-    from s2v_tui.testing import fake_services
+    from s2v_tui.testing.fakes import fake_services
 
     config, run_dir, done, _ = validated
     app = build_app(fake_services(tmp_path, runs_dir=run_dir.parent), Session(config=config, attach_dir=run_dir),
@@ -180,7 +181,7 @@ async def test_the_runs_screen_lists_the_checkpoints_of_a_real_run(validated, tm
 async def test_the_run_screen_lists_the_checkpoints_of_the_run_it_trained(tiny_model_dir, tmp_path):
     from s2v_tui.app import build_app
     from s2v_tui.session import Session
-    from s2v_tui.testing import fake_services
+    from s2v_tui.testing.fakes import fake_services
 
     def tiny_engine(config, subscribers, stop, run_dir=None):
         return run(config, subscribers, stop, run_dir=run_dir, dataset=SyntheticLatentDataset(2), device="cpu")

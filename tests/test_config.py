@@ -140,7 +140,7 @@ def test_unreadable_config_names_the_file(tmp_path, monkeypatch):
 
 
 def test_headless_unreadable_config_exits_2(tmp_path, capsys):
-    from s2v_tui.headless import EXIT_CONFIG, run_headless
+    from s2v_tui.commands.headless import EXIT_CONFIG, run_headless
 
     bad = tmp_path / "latin.toml"
     bad.write_bytes(b"[lora]\nrank = 8  # caf\xe9\n")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from engine.config import with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.models.lora import load_lora
 from engine.runner import run
 from engine.train.crepa import (
@@ -19,7 +20,7 @@ from engine.train.crepa import (
     pool_tokens,
 )
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 TINY_DINO_DIM = 16  # engine.models.tiny.TINY_DINOV2_DIM
 

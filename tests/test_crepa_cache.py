@@ -13,7 +13,7 @@ from engine.data.cache_fill import fill_cache
 from engine.data.dataset import CachedWindowDataset
 from engine.models.tiny import write_tiny_dinov2
 from engine.runner import run
-from s2v_tui.demo import demo_config, make_demo_clips
+from s2v_tui.commands.demo import demo_config, make_demo_clips
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_cache_prune_keeps_the_features_a_crepa_config_uses_and_drops_them_witho
     import shutil
 
     from engine.config import save_config
-    from s2v_tui.cache_cmd import main
+    from s2v_tui.commands.cache import main
 
     config, plan = crepa_cache
     shutil.copytree(config.cache_path(), tmp_path / "cache")

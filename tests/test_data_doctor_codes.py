@@ -12,7 +12,7 @@ import pytest
 
 from engine.data import problems, synth_broken
 from engine.data.doctor import DoctorSettings, inspect_datasets
-from s2v_tui import check_cmd
+from s2v_tui.commands import check as check_cmd
 
 
 def run_check(capsys, args: list[str]) -> tuple[int, dict]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.data import synth_broken
-from s2v_tui import check_cmd
+from s2v_tui.commands import check as check_cmd
 
 # 64x48 test clips (synth_broken.GOOD_CLIP) at a matching training size, so that only the planted problem shows.
 PRESET_HEAD = """\

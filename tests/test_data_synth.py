@@ -47,7 +47,7 @@ def test_espeak_speech_when_available():
 def test_rich_output_on_a_terminal(tmp_path):
     from rich.console import Console
 
-    from s2v_tui import check_cmd
+    from s2v_tui.commands import check as check_cmd
 
     synth.make_talking_clip(tmp_path, "nocap", caption=None, use_espeak=False)
     report = inspect_datasets([tmp_path], DoctorSettings(min_side=40))

@@ -16,7 +16,7 @@ from engine.train.ema import LoraEma
 from engine.train.loop import Trainer
 from engine.models.lora import load_lora
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 
 def test_ema_averages_only_at_every_nth_update_and_keeps_its_count():

@@ -74,7 +74,7 @@ def test_every_float_field_round_trips_non_finite_values_as_strict_json(value):
 
 
 def test_a_nan_loss_still_formats_after_the_round_trip():
-    from s2v_tui import fmt
+    from s2v_tui.app_logic import fmt
 
     step = ev.StepEnd(step=1, total_steps=2, epoch=0, loss=math.nan, loss_smooth=math.inf, lr=0.0)
     back = ev.event_from_json(step.to_json())
@@ -148,20 +148,20 @@ def test_log_handler_forwards_records_without_looping():
 
 def test_writer_appends_and_reader_ignores_a_torn_last_line(tmp_path):
     originals = _one_of_each()
-    with ev.JsonlEventWriter(tmp_path) as writer:
+    with event_log.JsonlEventWriter(tmp_path) as writer:
         for event in originals[:4]:
             writer(event)
     path = tmp_path / ev.EVENTS_FILENAME
-    assert ev.read_events(path) == originals[:4]
+    assert event_log.read_events(path) == originals[:4]
     # A writer killed mid-line leaves half a line; the reader ignores it...
     with open(path, "ab") as f:
         f.write(originals[4].to_json().encode()[:20])
-    assert ev.read_events(path) == originals[:4]
+    assert event_log.read_events(path) == originals[:4]
     # ...and a resumed writer starts on a fresh line, so nothing after it is lost.
-    with ev.JsonlEventWriter(tmp_path) as writer:
+    with event_log.JsonlEventWriter(tmp_path) as writer:
         for event in originals[4:]:
             writer(event)
-    assert ev.read_events(path) == originals[:4] + originals[4:]
+    assert event_log.read_events(path) == originals[:4] + originals[4:]
 
 
 def test_reader_skips_a_corrupt_middle_line(tmp_path, caplog):
@@ -169,13 +169,13 @@ def test_reader_skips_a_corrupt_middle_line(tmp_path, caplog):
     a, b = ev.PhaseChanged(phase="load"), ev.PhaseChanged(phase="train")
     path.write_text(a.to_json() + "\ngarbage\n" + b.to_json() + "\n")
     with caplog.at_level(logging.WARNING, logger="engine.events"):
-        assert ev.read_events(path) == [a, b]
+        assert event_log.read_events(path) == [a, b]
     assert ":2:" in caplog.text
 
 
 def _follow_into(path, out: list, stop: threading.Event, **kwargs) -> threading.Thread:
     def run() -> None:
-        for event in ev.follow_events(path, stop, poll_s=0.01, **kwargs):
+        for event in event_log.follow_events(path, stop, poll_s=0.01, **kwargs):
             out.append(event)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -283,7 +283,7 @@ def test_a_full_disk_delays_events_but_loses_none_and_never_detaches_the_writer(
     path = tmp_path / ev.EVENTS_FILENAME
     disk = _FlakyDisk(monkeypatch, short=10)
     bus = ev.EventBus()
-    writer = ev.JsonlEventWriter(tmp_path)
+    writer = event_log.JsonlEventWriter(tmp_path)
     bus.subscribe(writer)
     # The engine's log records come back to the bus as LogLine events: the writer's own warning must not
     # deadlock on it, nor be written ahead of the events that were waiting.
@@ -319,7 +319,7 @@ def test_a_full_disk_delays_events_but_loses_none_and_never_detaches_the_writer(
     assert len(warnings) == 1, "one warning per failure episode, not one per event"
     assert str(path) in warnings[0].getMessage() and "No space left on device" in warnings[0].getMessage()
     assert "written again" in caplog.text
-    events = ev.read_events(path)
+    events = event_log.read_events(path)
     logged = [e for e in events if e.kind == "log"]
     assert _nan_equal([e for e in events if e.kind != "log"], before + during + after)  # step 3's loss is NaN
     assert any("cannot write" in e.message for e in logged)
@@ -330,7 +330,7 @@ def test_a_full_disk_delays_events_but_loses_none_and_never_detaches_the_writer(
 
 def test_a_long_failure_keeps_the_newest_events_and_says_how_many_were_lost(tmp_path, monkeypatch):
     disk = _FlakyDisk(monkeypatch)
-    writer = ev.JsonlEventWriter(tmp_path, max_pending=4)
+    writer = event_log.JsonlEventWriter(tmp_path, max_pending=4)
     writer(ev.PhaseChanged(phase="train"))
     disk.failing = True
     for step in _steps(1, 10):
@@ -338,7 +338,7 @@ def test_a_long_failure_keeps_the_newest_events_and_says_how_many_were_lost(tmp_
     disk.failing = False
     writer(_steps(11, 11)[0])
     writer.close()
-    events = ev.read_events(tmp_path / ev.EVENTS_FILENAME)
+    events = event_log.read_events(tmp_path / ev.EVENTS_FILENAME)
     assert events[0] == ev.PhaseChanged(phase="train", ts=events[0].ts)
     marker = events[1]
     assert marker.kind == "warning" and marker.code == "events_lost"
@@ -351,7 +351,7 @@ def test_a_long_failure_keeps_the_newest_events_and_says_how_many_were_lost(tmp_
 
 def test_a_broken_descriptor_is_reopened_and_a_half_written_line_ended(tmp_path, monkeypatch, caplog):
     disk = _FlakyDisk(monkeypatch, code=errno.EIO, short=12)
-    writer = ev.JsonlEventWriter(tmp_path)
+    writer = event_log.JsonlEventWriter(tmp_path)
     first_fd = writer._fd
     disk.failing = True
     steps = _steps(1, 4)
@@ -363,7 +363,7 @@ def test_a_broken_descriptor_is_reopened_and_a_half_written_line_ended(tmp_path,
     writer.close()
     assert first_fd is not None
     with caplog.at_level(logging.WARNING, logger="engine.events"):
-        events = ev.read_events(tmp_path / ev.EVENTS_FILENAME)
+        events = event_log.read_events(tmp_path / ev.EVENTS_FILENAME)
     assert [e.step for e in events] == [1, 2, 3, 4]  # the torn fragment stands alone and is skipped
     assert "skipped event line" in caplog.text
 
@@ -378,25 +378,25 @@ def test_a_failed_fsync_is_tried_again_and_never_raises(tmp_path, monkeypatch):
         os.fsync(fd)
 
     monkeypatch.setattr(event_log, "_fsync", fsync_fails_once)
-    writer = ev.JsonlEventWriter(tmp_path)
+    writer = event_log.JsonlEventWriter(tmp_path)
     writer(ev.CheckpointSaved(step=1, path="/r/c"))  # fsynced: fails, the line is already in the file
     writer(ev.PhaseChanged(phase="train"))  # not an fsync kind, but the due fsync is tried again
     writer.close()
     assert len(calls) >= 2
-    assert [e.kind for e in ev.read_events(tmp_path / ev.EVENTS_FILENAME)] == ["checkpoint_saved", "phase_changed"]
+    assert [e.kind for e in event_log.read_events(tmp_path / ev.EVENTS_FILENAME)] == ["checkpoint_saved", "phase_changed"]
 
 
 def test_close_tries_once_more_and_never_raises(tmp_path, monkeypatch, caplog):
     disk = _FlakyDisk(monkeypatch)
-    writer = ev.JsonlEventWriter(tmp_path)
+    writer = event_log.JsonlEventWriter(tmp_path)
     disk.failing = True
     writer(ev.PhaseChanged(phase="train"))
     disk.failing = False
     writer.close()  # the disk has room again: close writes what waited
-    assert [e.kind for e in ev.read_events(tmp_path / ev.EVENTS_FILENAME)] == ["phase_changed"]
+    assert [e.kind for e in event_log.read_events(tmp_path / ev.EVENTS_FILENAME)] == ["phase_changed"]
 
     other = tmp_path / "other"
-    writer = ev.JsonlEventWriter(other)
+    writer = event_log.JsonlEventWriter(other)
     disk.failing = True
     writer(ev.PhaseChanged(phase="train"))
     writer(ev.RunEnded(status="stopped"))

@@ -190,7 +190,7 @@ def _video_stats(path):
 
 
 def _sample_command(model_dir, speech, out, audio: str, *extra: str) -> int:
-    from s2v_tui.sample_cmd import main
+    from s2v_tui.commands.sample import main
 
     return main(["--model", str(model_dir), "--image", str(speech / "face.png"), "--audio", str(speech / audio),
                  "--prompt", "a man talks", "--out", str(out), "--device", "cpu", *extra])

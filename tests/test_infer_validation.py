@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from engine.config import with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.runner import run
 from engine.train.eval_loss import evaluation_loss, make_triples, quantile_sigmas
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 
 

@@ -11,6 +11,7 @@ import torch
 
 from engine.config import check_config, with_value
 from engine.models.lora import get_lora_state, load_lora, lora_metadata, native_reference_modules, save_lora
+from engine.train.init_lora import init_from_file_errors
 from test_run_folder_faults import one_line, train
 from test_train_run import _config, _kinds
 
@@ -97,7 +98,7 @@ def test_a_file_that_is_not_a_lora_is_refused_by_the_rule(tiny_model_dir, tmp_pa
     if what == "not a LoRA":
         target = next((tiny_model_dir / "transformer").glob("*.safetensors"))  # the base weights
     config = _config(tiny_model_dir, tmp_path, lora__init_from=str(target))
-    errors = [e for e in check_config(config, "my.toml", require_init_from=True) if e.key == "lora.init_from"]
+    errors = [e for e in init_from_file_errors(config, "my.toml") if e.key == "lora.init_from"]
     assert len(errors) == 1 and str(target) in str(errors[0]) and "fix: point it at a LoRA file" in str(errors[0])
     assert ("does not exist" if what == "missing" else "not a LoRA") in str(errors[0])
     assert not check_config(config, "my.toml")  # only a run about to start fresh asks for the file

@@ -18,7 +18,7 @@ from engine.models.s2v_transformer import S2VTransformer3DModel
 from engine.runner import run
 from engine.train.allowed import setting_problems
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

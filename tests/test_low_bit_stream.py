@@ -19,7 +19,7 @@ from engine.models.low_bit_linear import Int8Linear, LowBitLinear, quantize_base
 from engine.models.pinned_slab import slab_bytes, tensor_bytes, views_bytes
 from engine.models.s2v_transformer import S2VTransformer3DModel
 from engine.train.allowed import setting_problems
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 PRESETS = Path(__file__).resolve().parents[1] / "presets"

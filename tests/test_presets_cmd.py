@@ -5,7 +5,7 @@ import pytest
 
 from engine.memory import GIB, estimate
 from engine.presets import card_class_gib, choose_preset, shipped_presets
-from s2v_tui.presets_cmd import main
+from s2v_tui.commands.presets import main
 
 
 def _plan(capsys, vram_gib: float, host_gib: float) -> dict:

@@ -8,13 +8,14 @@ import torch
 
 from engine import config as cf
 from engine.config import RolloutConfig, with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.models.lora import load_lora
 from engine.runner import run
 from engine.train.objective import noisy_input, sample_sigmas, sigmas_to_timesteps
 from engine.train.rollout import TIMESTEP, draw_offsets, rollout_input, training_input
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 
 def _config(model_dir, tmp_path, **settings):
@@ -342,9 +343,12 @@ def test_two_fsdp_processes_with_rollout_train_the_lora_of_one_process_of_batch_
     _lora_matches(run_dir, tmp_path / "single")
 
 
-def test_the_config_form_shows_the_rollout_keys():
-    from s2v_tui.config_fields import topic_fields
+def test_the_config_form_shows_every_key_and_the_methods_on_their_own_tab():
+    from engine.config import schema_fields
+    from s2v_tui.app_logic.config_fields import topic_fields
 
     shown = {info.key: title for title, infos in topic_fields() for info in infos}
-    assert {shown[k] for k in ("rollout.enabled", "rollout.probability", "rollout.max_step_offset")} == {
-        "Optimisation"}
+    assert {f.key for f in schema_fields()} == set(shown)  # nothing a user cannot reach from the app
+    methods = [k for k in shown if k.split(".")[0] in ("rollout", "tread", "crepa")]
+    assert {"rollout.max_step_offset", "tread.selection_ratio", "crepa.block_index"} <= set(methods)
+    assert {shown[k] for k in methods} == {"Methods"}

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from engine.config import FROZEN_FILENAME, save_config
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.runner import run
 from engine.train import checkpoint as ckpt
 from engine.models.lora import load_lora
-from s2v_tui.headless import EXIT_CONFIG, EXIT_OK, run_headless
+from s2v_tui.commands.headless import EXIT_CONFIG, EXIT_OK, run_headless
 from test_train_run import _config, _kinds, demo_dataset, step_file_names  # tests/ is on sys.path under pytest
 
 NAME = "demo-lora"  # output.name of the demo config

@@ -15,9 +15,10 @@ import pytest
 
 from engine import fsio
 from engine.config import save_config, with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.train import checkpoint as ckpt
-from s2v_tui.headless import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+from s2v_tui.commands.headless import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from test_run_folder_faults import checkpoint_steps, headless, one_line, step_ends, train
 from test_train_run import _config, _kinds, demo_dataset, step_file_names
 
@@ -362,7 +363,7 @@ def test_an_export_failing_with_enospc_says_the_training_is_saved(tiny_model_dir
 def _headless_run(config, run_dir: Path, *subscribers) -> tuple[int, str]:
     import io
 
-    from s2v_tui.headless import run_config_headless
+    from s2v_tui.commands.headless import run_config_headless
 
     out = io.StringIO()
     code = run_config_headless(config, out, run_dir=str(run_dir), dataset=demo_dataset(), device="cpu",

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from engine import fsio
 from engine.config import save_config
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.train import checkpoint as ckpt
-from s2v_tui.headless import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
+from s2v_tui.commands.headless import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
 from test_run_folder_faults import checkpoint_steps, headless, one_line, train
 from test_train_run import _config, _kinds
 from test_train_signals import _wait_for_line
@@ -36,7 +37,7 @@ from engine import fsio
 from engine.train import checkpoint as ckpt
 from engine.train.loop import Trainer
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.headless import run_headless
+from s2v_tui.commands.headless import run_headless
 
 mode, preset, run_dir = sys.argv[1:4]
 if mode == "stall":
@@ -61,7 +62,7 @@ elif mode == "slow":
         return event
     Trainer.train_step = train_step
 elif mode == "slow_close":
-    from engine.events import JsonlEventWriter
+    from engine.event_log import JsonlEventWriter
     real_close = JsonlEventWriter.close
     def close(self):
         print("CLOSING", flush=True)

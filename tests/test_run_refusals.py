@@ -5,7 +5,7 @@ import threading
 
 from engine.config import Config, DatasetEntry
 from engine.runner import run
-from s2v_tui.headless import EXIT_CONFIG, run_headless
+from s2v_tui.commands.headless import EXIT_CONFIG, run_headless
 
 
 def _empty_clips_config(tmp_path, source: str) -> Config:

@@ -1,6 +1,7 @@
 """One function says whether settings may run here (engine.train.allowed.setting_problems), and every caller
-asks it: the runner's check phase, `s2v-tui check PRESET.toml` and the memory switches. The older per-topic
-functions are gone, so no caller can ask a second, different question."""
+asks it: the runner's check phase, `s2v-tui check PRESET.toml`, the memory switches and the app (through
+s2v_tui/services.py, for the Run and Config screens). The older per-topic functions are gone, so no caller can ask
+a second, different question."""
 from __future__ import annotations
 
 import ast
@@ -10,11 +11,11 @@ import torch
 
 from engine.config import with_value
 from engine.train.allowed import SAVE_ATTENTION_CONFLICT, setting_problems
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 REPO = Path(__file__).resolve().parents[1]
 OLD_NAMES = ("unsupported_switches", "combination_problems")
-CALLERS = ("engine/runner.py", "engine/train/switches.py", "s2v_tui/check_cmd.py")
+CALLERS = ("engine/runner.py", "engine/train/switches.py", "s2v_tui/commands/check.py", "s2v_tui/services.py")
 
 
 def _names_defined_or_used(path: Path) -> set[str]:
@@ -60,7 +61,7 @@ def test_device_and_world_size_rules_come_from_the_same_call():
 
 
 def test_check_command_refuses_a_preset_that_cannot_run(tmp_path, capsys):
-    from s2v_tui import check_cmd
+    from s2v_tui.commands import check as check_cmd
 
     (tmp_path / "clips").mkdir()
     preset = tmp_path / "p.toml"

@@ -20,8 +20,8 @@ from engine.events import CheckpointSaved, RunWarning, TrackerStatus
 from engine.runner import run
 from engine.train import hub_push
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui import push_cmd
-from s2v_tui.demo import demo_config
+from s2v_tui.commands import push as push_cmd
+from s2v_tui.commands.demo import demo_config
 
 REPO = "me/voice-lora"
 

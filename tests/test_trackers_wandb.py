@@ -13,11 +13,12 @@ import pytest
 from local_http import dead_port
 
 from engine.config import with_value
-from engine.events import EVENTS_FILENAME, RunWarning, StepEnd, TrackerStatus, ValidationDone, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME, RunWarning, StepEnd, TrackerStatus, ValidationDone
 from engine.runner import run
 from engine.train.synthetic import SyntheticLatentDataset
 from engine.train.tensorboard import step_scalars
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 pytest.importorskip("wandb")  # the dev extra installs it; `pip install -e .` alone does not
 

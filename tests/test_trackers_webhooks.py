@@ -15,7 +15,7 @@ from engine.runner import run
 from engine.train import webhooks
 from engine.train.synthetic import SyntheticLatentDataset
 from engine.train.webhooks import WebhookSender, resolve_format, shown_url
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 
 def _ok(request):

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from engine.config import save_config, with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.runner import run
 from engine.train.checkpoint import list_checkpoints, load_checkpoint
 from engine.models.lora import load_lora
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.demo import demo_config
-from s2v_tui.launch import accelerate_command, split_gpus
+from s2v_tui.commands.demo import demo_config
+from s2v_tui.commands.launch import accelerate_command, split_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = 4
@@ -58,7 +59,7 @@ def spy_os_open(path, flags, *args, **kwargs):
 
 builtins.open, os.open = spy_open, spy_os_open
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.headless import run_headless
+from s2v_tui.commands.headless import run_headless
 code = run_headless(preset, run_dir=run_dir, dataset=SyntheticLatentDataset(int(clips), crepa_dim=int(crepa_dim)),
                     device="cpu")
 real_open(f"{witness}/rank{rank}.json", "w").write(json.dumps({"code": code, "writes": writes}))

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from engine.config import with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.runner import run
 from engine.models.lora import (LoraFileError, add_lora, check_native_keys, get_lora_state, load_lora,
                                 native_reference_modules, to_native_layout)
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.demo import DEMO_STEPS, demo_config, prepare
+from s2v_tui.commands.demo import DEMO_STEPS, demo_config, prepare
 
 
 
@@ -273,7 +274,7 @@ def test_headless_plain_lines_and_exit_codes():
     import io
 
     from engine.events import RunEnded, StepEnd
-    from s2v_tui.headless import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, PlainReporter, exit_code
+    from s2v_tui.commands.headless import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, PlainReporter, exit_code
 
     out = io.StringIO()
     report = PlainReporter(out, every=5)

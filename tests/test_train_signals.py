@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from engine.config import save_config, with_value
-from engine.events import EVENTS_FILENAME, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
 from engine.runner import run
 from engine.models.lora import load_lora
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.demo import demo_config
-from s2v_tui.headless import EXIT_OK, EXIT_STOPPED
+from s2v_tui.commands.demo import demo_config
+from s2v_tui.commands.headless import EXIT_OK, EXIT_STOPPED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from engine.config import with_value
 from engine.runner import run
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 model_dir, runs, run_dir, steps, every = sys.argv[1:6]
 config = demo_config(Path(model_dir), Path(runs))
@@ -50,7 +51,7 @@ import sys
 import torch
 torch.set_num_threads(1)
 from engine.train.synthetic import SyntheticLatentDataset
-from s2v_tui.headless import run_headless
+from s2v_tui.commands.headless import run_headless
 sys.exit(run_headless(sys.argv[1], run_dir=sys.argv[2], dataset=SyntheticLatentDataset(2), device="cpu"))
 """
 

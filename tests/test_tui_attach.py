@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from engine.events import RunEnded, read_events
+from engine.event_log import read_events
+from engine.events import RunEnded
 from s2v_tui.app import build_app
 from s2v_tui.session import start_session
-from s2v_tui.testing import fake_services
+from s2v_tui.testing.fakes import fake_services
 
 pytestmark = pytest.mark.anyio
 
 WRITER = textwrap.dedent("""
     import sys, threading
     from engine.config import Config
-    from s2v_tui.fake_engine import FakeEngine
+    from s2v_tui.testing.fake_engine import FakeEngine
     FakeEngine(steps=int(sys.argv[2]), step_delay_s=float(sys.argv[3]))(Config(), [], threading.Event(),
                                                                          run_dir=sys.argv[1])
 """)

@@ -8,8 +8,9 @@ import pytest
 from test_tui_screens import SIZE, make_app, settle
 
 from engine.config import load_config, save_config, with_value
+from s2v_tui.screens.dataset import dataset_spec
 from s2v_tui.screens.entries import EntryDialog, EntryListDialog
-from s2v_tui.testing import fixed_doctor
+from s2v_tui.testing.fakes import fixed_doctor
 
 pytestmark = pytest.mark.anyio
 
@@ -22,7 +23,7 @@ async def test_the_screen_and_s2v_tui_check_agree_on_64px_clips(tmp_path, preset
     """data.resolution = [64, 64] with a fixed bucket: the screen built its own doctor settings (no min_side,
     stride, seed) and blocked every clip as tiny-resolution, while `s2v-tui check` passed them."""
     from engine.data.synth import make_talking_clip
-    from s2v_tui import check_cmd
+    from s2v_tui.commands import check as check_cmd
 
     clips = tmp_path / "clips"
     for i in range(3):
@@ -41,6 +42,64 @@ async def test_the_screen_and_s2v_tui_check_agree_on_64px_clips(tmp_path, preset
     assert check_cmd.main([str(preset)]) == 0
     out = capsys.readouterr().out
     assert "3 clips, 3 usable" in out and "0 blocking" in out, out
+
+
+async def test_the_screen_checks_a_folder_with_its_entrys_caption_keys(tmp_path, presets_dir, capsys, monkeypatch):
+    """caption_prefix, caption_separator and default_caption of the folder's [[data.datasets]] entry: the clip
+    without a caption file gets the default (a warning, not the blocking caption-missing), every caption the
+    prefix, as `s2v-tui check` of the same config says."""
+    from engine.data.synth import make_talking_clip
+    from s2v_tui.commands import check as check_cmd
+
+    clips = tmp_path / "clips"
+    make_talking_clip(clips, "talk_0", size=(64, 64), duration_s=5.5, seed=0, use_espeak=False, caption="hello")
+    make_talking_clip(clips, "talk_1", size=(64, 64), duration_s=5.5, seed=1, use_espeak=False, caption=None)
+    app = make_app(tmp_path, presets_dir, datasets=False)
+    entry = {"path": str(clips), "caption_prefix": "sks person", "caption_separator": ": ",
+             "default_caption": "a person talking"}
+    for key, value in {"data.resolution": [64, 64], "data.bucket": "fixed", "data.datasets": [entry]}.items():
+        app.session.config = with_value(app.session.config, key, value)
+    preset = save_config(app.session.config, tmp_path / "my-run.toml", full=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press(*str(clips))
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        summary = str(app.screen.query_one("#summary").render())
+        assert "2 clips, 2 usable" in summary and "0 blocking" in summary, summary
+        assert "caption-default" in str(app.screen.query_one("#problems").render())
+        captions = sorted(c.clip.caption for c in app.session.report.clips)
+        assert captions == ["sks person: a person talking", "sks person: hello"]
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    assert check_cmd.main([str(preset)]) == check_cmd.EXIT_OK
+    out = capsys.readouterr().out
+    assert "2 clips, 2 usable" in out and "0 blocking" in out, out
+
+
+async def test_the_caption_keys_of_a_dataset_are_edited_in_its_dialog(tmp_path, presets_dir):
+    app = make_app(tmp_path, presets_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("e")
+        await pilot.pause()
+        await pilot.press("e")  # the highlighted (only) entry
+        await pilot.pause()
+        entry = app.screen
+        assert isinstance(entry, EntryDialog)
+        entry.query_one("#entry-caption_prefix").value = " sks"
+        await pilot.pause()
+        assert "whitespace" in str(entry.query_one("#error-caption_prefix").render())  # the engine's rule
+        entry.query_one("#entry-caption_prefix").value = "sks"
+        entry.query_one("#entry-caption_separator").value = " - "
+        entry.query_one("#entry-default_caption").value = "a person talking"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        (only,) = app.session.config.data.datasets
+        assert (only.caption_prefix, only.caption_separator, only.default_caption) == ("sks", " - ",
+                                                                                      "a person talking")
+        spec = dataset_spec(app.session.config, only.path)
+        assert (spec.caption_prefix, spec.caption_separator, spec.default_caption) == ("sks", " - ",
+                                                                                      "a person talking")
 
 
 async def test_a_folder_goes_into_the_config_without_a_check_with_a_warning(tmp_path, presets_dir):

@@ -6,11 +6,12 @@ import pytest
 from test_tui_screens import SIZE, make_app
 
 from engine.config import with_value
-from engine.events import EVENTS_FILENAME, read_events
-from s2v_tui.fake_engine import FakeEngine, fixed_clock
-from s2v_tui.run_decision import decide
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME
+from s2v_tui.app_logic.run_decision import decide
 from s2v_tui.screens.decision import RunDecisionDialog
-from s2v_tui.testing import fixed_doctor
+from s2v_tui.testing.fake_engine import FakeEngine, fixed_clock
+from s2v_tui.testing.fakes import fixed_doctor
 
 pytestmark = pytest.mark.anyio
 

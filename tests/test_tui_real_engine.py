@@ -15,7 +15,7 @@ from s2v_tui.app import build_app
 from s2v_tui.screens.dialogs import ConfirmStop
 from s2v_tui.services import Services, engine_memory_predictor, engine_runner, find_repo_presets
 from s2v_tui.session import Session, start_session
-from s2v_tui.testing import fake_host_memory, fake_probe, tiny_run_config
+from s2v_tui.testing.fakes import fake_host_memory, fake_probe, tiny_run_config
 
 SIZE = (80, 24)
 pytestmark = pytest.mark.anyio

@@ -7,13 +7,14 @@ import pytest
 
 from engine.config import load_config, with_value
 from engine.gpu_fake import GIB
+from engine.train.allowed import SAVE_ATTENTION_CONFLICT, setting_problems
 from s2v_tui.app import build_app
-from s2v_tui.commands import S2VCommands
-from s2v_tui.fake_engine import FakeEngine, fixed_clock
+from s2v_tui.palette import S2VCommands
+from s2v_tui.testing.fake_engine import FakeEngine, fixed_clock
 from s2v_tui.screens.dialogs import ConfirmQuit, ConfirmStop, ErrorReport
 from s2v_tui.session import start_session
 from s2v_tui.services import MemoryNeed
-from s2v_tui.testing import fake_services, fixed_doctor
+from s2v_tui.testing.fakes import fake_services, fixed_doctor
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (80, 24)
@@ -320,6 +321,48 @@ async def test_start_refused_without_dataset(tmp_path, presets_dir):
         await pilot.pause()
         assert not app.training_active()
         assert "no dataset is given" in app.screen.start_refusal()
+
+
+def _cannot_run_here(config):
+    """save_attention with offloaded checkpoint inputs: a valid file, refused on every device by the engine's one
+    rule (engine.train.allowed.setting_problems)."""
+    config = with_value(config, "memory.checkpoint_policy", "save_attention")
+    return with_value(config, "memory.offload_checkpoint_inputs", True)
+
+
+async def test_start_refused_with_the_engines_message_for_settings_that_cannot_run_here(tmp_path, presets_dir):
+    engine = FakeEngine(steps=5, clock=fixed_clock())
+    app = make_app(tmp_path, presets_dir, engine=engine, start_mode="run")
+    app.session.config = _cannot_run_here(app.session.config)
+    expected = setting_problems(app.session.config, 1, None)
+    assert expected == [SAVE_ATTENTION_CONFLICT]  # the rule this test leans on
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("s")
+        await settle(app, pilot)
+        assert not app.training_active() and not engine.started.is_set()  # no worker, the engine never called
+        assert not (tmp_path / "runs").exists()
+        shown = [n.message for n in app._notifications]
+        assert any(SAVE_ATTENTION_CONFLICT in m and "cannot run here" in m for m in shown), shown
+        app.session.config = with_value(app.session.config, "memory.checkpoint_policy", "full")
+        await pilot.press("s")  # the same run with the conflict gone starts
+        await settle(app, pilot)
+        assert engine.started.is_set() and app.screen.model.snapshot().status == "completed"
+
+
+async def test_the_config_screen_says_which_valid_settings_cannot_run_here(tmp_path, presets_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = make_app(tmp_path, presets_dir, start_mode="config")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        screen = app.screen
+        assert "config valid" in str(screen.query_one("#config-status").render())
+        app.session.config = _cannot_run_here(app.session.config)
+        assert screen.validate_all() == []  # valid as a file: saving stays allowed
+        status = str(screen.query_one("#config-status").render())
+        assert "cannot run here" in status and "does not combine with offload_checkpoint_inputs" in status
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert load_config(tmp_path / "s2v-run.toml").memory.offload_checkpoint_inputs
 
 
 async def test_hangup_leaves_run_going(tmp_path, presets_dir):

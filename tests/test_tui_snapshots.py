@@ -14,9 +14,9 @@ import pytest
 
 from engine.config import with_value
 from s2v_tui.app import build_app
-from s2v_tui.fake_engine import FakeEngine, fixed_clock
 from s2v_tui.session import start_session
-from s2v_tui.testing import fake_services, fixed_doctor, measured_predictor
+from s2v_tui.testing.fake_engine import FakeEngine, fixed_clock
+from s2v_tui.testing.fakes import fake_services, fixed_doctor, measured_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(80, 24), (120, 40)]

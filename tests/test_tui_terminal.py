@@ -14,7 +14,7 @@ from pathlib import Path
 from test_tui_attach import start_writer  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parents[1]
-APP = "import sys; from s2v_tui.tui_main import main_attach; sys.exit(main_attach(sys.argv[1:]))"
+APP = "import sys; from s2v_tui.commands.tui import main_attach; sys.exit(main_attach(sys.argv[1:]))"
 
 
 def read_until(fd: int, needle: bytes, timeout_s: float) -> bytes:

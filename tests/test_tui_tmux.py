@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from s2v_tui.testing import TINY_RUN_STEPS, write_tiny_run_preset
-from s2v_tui.tmux_driver import TmuxApp, tmux_path
+from s2v_tui.testing.fakes import TINY_RUN_STEPS, write_tiny_run_preset
+from s2v_tui.testing.tmux_driver import TmuxApp, tmux_path
 
 STEP = re.compile(rf"step (\d+)/{TINY_RUN_STEPS}")
 

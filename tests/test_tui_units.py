@@ -9,13 +9,13 @@ import pytest
 
 from engine.config import Config
 from engine.events import CheckpointSaved, LogLine, RunEnded, RunStarted, StepEnd
-from s2v_tui import tui_main
+from s2v_tui.app_logic.presets_logic import recommend
+from s2v_tui.app_logic.run_model import LOSS_HISTORY, RunModel
+from s2v_tui.app_logic.runs_index import list_runs, summarise
 from s2v_tui.bridge import EventBridge, EventsPending
-from s2v_tui.fake_engine import FakeEngine, fixed_clock
-from s2v_tui.presets_logic import recommend
-from s2v_tui.run_model import LOSS_HISTORY, RunModel
-from s2v_tui.runs_index import list_runs, summarise
+from s2v_tui.commands import tui as tui_main
 from s2v_tui.services import engine_memory_predictor
+from s2v_tui.testing.fake_engine import FakeEngine, fixed_clock
 
 
 def step(n: int, loss: float = 0.5) -> StepEnd:
@@ -104,7 +104,7 @@ def test_fake_engine_obeys_the_runner_contract(tmp_path):
 
 
 def test_runs_index_tells_a_dead_run_from_a_live_one(tmp_path):
-    from engine.events import JsonlEventWriter
+    from engine.event_log import JsonlEventWriter
 
     with JsonlEventWriter(tmp_path / "dead") as w:
         w(RunStarted(run_dir=str(tmp_path / "dead"), config_hash="x", total_steps=9, pid=2**22 + 12345))
@@ -135,7 +135,7 @@ def test_main_tui_refuses_without_a_tty(capsys, monkeypatch):
 
 def test_headless_prints_a_tracker_line_only_when_it_says_something_new():
     from engine.events import TrackerStatus
-    from s2v_tui.headless import event_line
+    from s2v_tui.commands.headless import event_line
 
     assert event_line(TrackerStatus(tracker="webhooks", state="ok", detail="4 sent, 0 failed")) is None
     assert event_line(TrackerStatus(tracker="hub", state="uploading", detail="the LoRA of checkpoint 5")) is None
@@ -176,7 +176,7 @@ def test_a_resumed_run_keeps_the_loss_curve_up_to_its_checkpoint():
 
 def test_a_reader_gone_with_the_ssh_session_stops_the_output_not_the_run():
     """`s2v-tui --run ... | tee log` after the session dropped: BrokenPipeError tracebacks filled train.log."""
-    from s2v_tui.headless import PlainReporter
+    from s2v_tui.commands.headless import PlainReporter
 
     class Gone:
         writes = 0

@@ -8,7 +8,7 @@ import torch
 
 from engine.config import with_value
 from engine.infer.sampler import SampleOptions, lora_scaled
-from s2v_tui.demo import demo_config
+from s2v_tui.commands.demo import demo_config
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_config_rules_for_the_validation_keys(tiny_model_dir, tmp_path):
 
 
 def test_sample_command_refuses_a_non_finite_lora_scale(inputs, tmp_path, capsys):
-    from s2v_tui.sample_cmd import main
+    from s2v_tui.commands.sample import main
 
     rc = main(["--model", "x", "--image", str(inputs / "face.png"), "--audio", str(inputs / "long.wav"),
                "--prompt", "p", "--out", str(tmp_path / "o.mp4"), "--lora-scale", "nan"])
@@ -114,7 +114,7 @@ def _frames(path) -> list[np.ndarray]:
 
 def test_sample_command_lora_scale_zero_is_the_base_model(lora_pipe, tiny_model_dir, inputs, tmp_path, capsys):
     from engine.models.lora import get_lora_state, lora_metadata, save_lora
-    from s2v_tui.sample_cmd import main
+    from s2v_tui.commands.sample import main
 
     targets = [r"blocks\.\d+\.attn1\.to_q", r"blocks\.\d+\.attn2\.to_v"]
     lora = save_lora(tmp_path / "l_peft.safetensors", get_lora_state(lora_pipe.model), "peft",

@@ -11,7 +11,6 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -162,25 +161,6 @@ def _check_lora(c: _Checker, cfg: Config) -> None:
             re.compile(pattern)
         except re.error as exc:
             c.bad(f"lora.targets[{i}]", f"is not a valid regex: {exc}", "escape dots as \\\\. in TOML strings")
-
-
-def _check_init_from(c: _Checker, cfg: Config) -> None:
-    path = cfg.lora.init_from
-    if not path:
-        return
-    fix = 'point it at a LoRA file in the peft or native layout (e.g. a run\'s NAME_peft.safetensors), or set init_from = ""'
-    file = Path(path).expanduser()
-    if not file.exists():
-        c.bad("lora.init_from", f"{path} does not exist", fix)
-    elif not file.is_file():
-        c.bad("lora.init_from", f"{path} is a folder, not a LoRA file", fix)
-    else:
-        from engine.models.lora import lora_file_layout  # torch: only a run about to start gets here
-
-        try:
-            lora_file_layout(file)
-        except (ValueError, RuntimeError) as exc:  # LoraFileError, CorruptWeightsError
-            c.bad("lora.init_from", str(exc), fix)
 
 
 def _check_optim(c: _Checker, cfg: Config, dataset_size: int | None) -> None:
@@ -352,7 +332,6 @@ def check_config(
     dataset_size: int | None = None,
     require_data: bool = False,
     require_model: bool | None = None,
-    require_init_from: bool = False,
 ) -> list[ConfigError]:
     """Every rule broken by `cfg`, in schema order. `origin` is the file name, or a function from dotted key
     to the file that set it. `dataset_size` (windows) enables the batch-size check; `require_data` the check
@@ -360,8 +339,8 @@ def check_config(
     the check that model.source is an existing folder or has the form of a hub id. It follows `require_data`
     when not given: a config that must name its data is one about to be cached or trained, which needs the
     model too; `s2v-tui check` reads the data of a preset without the model and passes False.
-    `require_init_from`: the check that lora.init_from names a LoRA file; only a run about to start fresh asks
-    (engine.runner): a resumed run never reads the file, so one moved or deleted since must not stop it."""
+    Whether lora.init_from names a LoRA file is not asked here: reading its header needs engine.models, above
+    config; the run about to start fresh asks it (engine.train.init_lora.check_init_from)."""
     where = origin if callable(origin) else (lambda key, name=origin: name)
     c = _Checker(where)
     c.leaves(cfg)
@@ -373,8 +352,6 @@ def check_config(
             c.bad("model.source", problem, SOURCE_FIX)
     _check_data(c, cfg)
     _check_lora(c, cfg)
-    if require_init_from:
-        _check_init_from(c, cfg)
     _check_optim(c, cfg, dataset_size)
     _check_train(c, cfg)
     _check_rollout(c, cfg)

@@ -218,10 +218,7 @@ def dataset_specs(config) -> list[DatasetSpec]:
         while label in seen:
             label, n = f"{path.name}#{n}", n + 1
         seen.add(label)
-        specs.append(DatasetSpec(path=path, audio_dir=Path(entry.audio_dir).expanduser() if entry.audio_dir else None,
-                                 repeats=entry.repeats, weight=entry.weight, name=label,
-                                 caption_prefix=entry.caption_prefix, caption_separator=entry.caption_separator,
-                                 default_caption=entry.default_caption or None))
+        specs.append(DatasetSpec.of_entry(entry, name=label))
     return specs
 
 

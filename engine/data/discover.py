@@ -53,6 +53,15 @@ class DatasetSpec:
             return caption
         return self.caption_prefix + (self.caption_separator + caption if caption else "")
 
+    @classmethod
+    def of_entry(cls, entry, name: str | None = None) -> DatasetSpec:
+        """One [[data.datasets]] entry of a run config (engine.config's DatasetEntry) as the doctor, the cache and
+        the run read it, every key of the entry carried over; the config's '' (none) is None here."""
+        return cls(path=Path(entry.path).expanduser(),
+                   audio_dir=Path(entry.audio_dir).expanduser() if entry.audio_dir else None,
+                   repeats=entry.repeats, weight=entry.weight, name=name, caption_prefix=entry.caption_prefix,
+                   caption_separator=entry.caption_separator, default_caption=entry.default_caption or None)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
         if self.audio_dir is not None:

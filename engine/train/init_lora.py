@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine.config import BadValueError, Config, ConflictError
+from engine.config import BadValueError, Config, ConfigError, ConflictError
 from engine.models.loading import CheckpointError
-from engine.models.lora import (LoraFileError, load_lora, lora_module_names, lora_rank_alpha, matched_modules,
-                                set_lora_state)
+from engine.models.lora import (LoraFileError, load_lora, lora_file_layout, lora_module_names, lora_rank_alpha,
+                                matched_modules, set_lora_state)
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,34 @@ def _read(config: Config, origin: str) -> tuple[dict[str, torch.Tensor], dict[st
                             'init_from = "" to start from a fresh LoRA') from None
 
 
+def init_from_file_errors(config: Config, origin: str = "<run config>") -> list[ConfigError]:
+    """Whether lora.init_from names a LoRA file at all (it exists, is a file, its header is a LoRA's); only its
+    header is read. Only a run about to start fresh asks: a resumed run never reads the file, so one moved or
+    deleted since must not stop it."""
+    path = config.lora.init_from
+    if not path:
+        return []
+    fix = ('point it at a LoRA file in the peft or native layout (e.g. a run\'s NAME_peft.safetensors), or set '
+           'init_from = ""')
+    file = Path(path).expanduser()
+    if not file.exists():
+        return [BadValueError(origin, KEY, f"{path} does not exist", fix)]
+    if not file.is_file():
+        return [BadValueError(origin, KEY, f"{path} is a folder, not a LoRA file", fix)]
+    try:
+        lora_file_layout(file)
+    except (ValueError, RuntimeError) as exc:  # LoraFileError, CorruptWeightsError
+        return [BadValueError(origin, KEY, str(exc), fix)]
+    return []
+
+
 def check_init_from(config: Config, origin: str = "<run config>") -> None:
-    """Refuse a lora.init_from file that does not fit the [lora] settings on this model (ConfigError). The module
-    check needs the model's config.json; when it cannot be read here (a hub id not downloaded yet) the load
-    phase finds a mismatch instead, by name (engine.models.lora.set_lora_state)."""
+    """Refuse a lora.init_from file that is not a LoRA (init_from_file_errors) or does not fit the [lora] settings
+    on this model (ConfigError). The module check needs the model's config.json; when it cannot be read here (a hub
+    id not downloaded yet) the load phase finds a mismatch instead, by name (engine.models.lora.set_lora_state)."""
+    errors = init_from_file_errors(config, origin)
+    if errors:
+        raise errors[0]
     state, meta, rank, alpha = _read(config, origin)
     lo, path = config.lora, config.lora.init_from
     if rank != lo.rank:

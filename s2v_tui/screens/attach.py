@@ -12,11 +12,13 @@ from textual.containers import Vertical
 from textual.widgets import ContentSwitcher, DataTable, Footer, Static
 from textual.worker import Worker, get_current_worker
 
-from engine.events import EVENTS_FILENAME, follow_events
+from engine.event_log import follow_events
+from engine.events import EVENTS_FILENAME
 
+from s2v_tui.app_handle import WorkerContext, app_of
 from s2v_tui.bridge import EventBridge, EventsPending
-from s2v_tui.run_model import RunModel
-from s2v_tui.runs_index import list_runs
+from s2v_tui.app_logic.run_model import RunModel
+from s2v_tui.app_logic.runs_index import list_runs
 from s2v_tui.screens.base import AppScreen
 from s2v_tui.widgets.checkpoints import CheckpointList
 from s2v_tui.widgets.nav import NavBar
@@ -61,7 +63,7 @@ class AttachScreen(AppScreen):
     def on_mount(self) -> None:
         self.set_interval(1 / PAINT_HZ, self.repaint, name="attach-paint")
         self.action_refresh_runs()
-        target = self.app.session.attach_dir  # type: ignore[attr-defined]
+        target = app_of(self).session.attach_dir
         if target is not None:
             self.attach(Path(target))
 
@@ -73,7 +75,7 @@ class AttachScreen(AppScreen):
         return super().check_action(action, parameters)
 
     def action_refresh_runs(self) -> None:
-        runs_dir = self.app.services.runs_dir  # type: ignore[attr-defined]
+        runs_dir = app_of(self).services.runs_dir
         self._runs = list_runs(Path(runs_dir))
         table = self.query_one("#runs", DataTable)
         table.clear()
@@ -99,9 +101,7 @@ class AttachScreen(AppScreen):
         self.following = run_dir
         self.query_one("#switcher", ContentSwitcher).current = "follow-panels"
         worker = self.follow(run_dir, self.bridge)
-        from s2v_tui.app import WorkerContext
-
-        self.app.worker_contexts[worker] = WorkerContext(f"following {run_dir}", None)  # type: ignore[attr-defined]
+        app_of(self).worker_contexts[worker] = WorkerContext(f"following {run_dir}", None)
         self.refresh_bindings()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group=FOLLOW_GROUP, name="follow events")
@@ -129,7 +129,7 @@ class AttachScreen(AppScreen):
     def repaint(self) -> None:
         if self.following is None:
             return
-        readings = self.app.readings  # type: ignore[attr-defined]
+        readings = app_of(self).readings
         self.query_one("#follow-panels", RunPanels).paint(self.model.snapshot(), readings.gpus, readings.host)
 
     def worker_done(self, worker: Worker) -> None:

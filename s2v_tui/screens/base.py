@@ -10,6 +10,8 @@ from textual.screen import Screen
 from textual.widgets import Input
 from textual.worker import Worker
 
+from s2v_tui.app_handle import app_of
+
 
 class AppScreen(Screen):
     # The screen keys (digits, letters) are bindings that a focused text box takes as text first (Textual's
@@ -30,4 +32,4 @@ class AppScreen(Screen):
         """The session's config was changed from outside this screen (a dialog): show it. Screens override."""
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        self.app.handle_worker_state(event)  # type: ignore[attr-defined]
+        app_of(self).handle_worker_state(event)

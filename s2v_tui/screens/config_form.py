@@ -8,12 +8,14 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
 from textual.widgets import Button, Footer, Input, Select, Static, Switch, TabbedContent, TabPane
 
 from engine.config import ConfigError, check_config, diff, save_config, with_value
 
-from s2v_tui.config_fields import (field_of_error_key, is_table_list, key_of, parse, show, topic_fields,
-                                   widget_id)
+from s2v_tui.app_handle import app_of
+from s2v_tui.app_logic.config_fields import (field_of_error_key, is_table_list, key_of, parse, show,
+                                             topic_fields, widget_id)
 from s2v_tui.screens.base import AppScreen
 from s2v_tui.widgets.nav import NavBar
 
@@ -58,7 +60,7 @@ class ConfigScreen(AppScreen):
         self._syncing = False
 
     def compose(self) -> ComposeResult:
-        session = self.app.session  # type: ignore[attr-defined]
+        session = app_of(self).session
         yield NavBar("config")
         with Horizontal(id="save-row"):
             yield Input(str(session.config_path or DEFAULT_SAVE_NAME), id="save-path", compact=True,
@@ -99,7 +101,7 @@ class ConfigScreen(AppScreen):
             yield Static("", classes="field-error", id=f"err-{wid}", markup=False)
 
     def _value(self, key: str):
-        node = self.app.session.config  # type: ignore[attr-defined]
+        node = app_of(self).session.config
         for part in key.split("."):
             node = getattr(node, part)
         return node
@@ -107,7 +109,7 @@ class ConfigScreen(AppScreen):
     def _table_list_text(self, key: str) -> str:
         from s2v_tui.screens.entries import entries_of, entry_summary
 
-        items = [entry_summary(key, e) for e in entries_of(self.app.session.config, key)]  # type: ignore[attr-defined]
+        items = [entry_summary(key, e) for e in entries_of(app_of(self).session.config, key)]
         return f"{len(items)}: {', '.join(items)}" if items else "none yet"
 
     def on_mount(self) -> None:
@@ -116,7 +118,7 @@ class ConfigScreen(AppScreen):
     @on(Button.Pressed, ".list-row Button")
     def _edit_list(self, event: Button.Pressed) -> None:
         key = key_of((event.button.id or "").removeprefix("edit-"))
-        self.app.action_edit_list(key)  # type: ignore[attr-defined]
+        app_of(self).action_edit_list(key)
 
     def config_changed(self) -> None:
         self.on_screen_resume()
@@ -155,7 +157,7 @@ class ConfigScreen(AppScreen):
         info = self._infos[key]
         if isinstance(widget, Switch):
             self.query_one(f"#state-{widget.id}", Static).update(_on_off(bool(event.value)))
-        session = self.app.session  # type: ignore[attr-defined]
+        session = app_of(self).session
         file = str(session.config_path or "<form>")
         value = event.value
         try:
@@ -170,7 +172,7 @@ class ConfigScreen(AppScreen):
 
     def validate_all(self) -> list[str]:
         """Show the engine's verdict under each field; returns every message (empty = valid)."""
-        session = self.app.session  # type: ignore[attr-defined]
+        session = app_of(self).session
         errors: dict[str, list[str]] = {}
         for key, message in self._typing_errors.items():
             errors.setdefault(key, []).append(message)
@@ -187,6 +189,11 @@ class ConfigScreen(AppScreen):
         if count:
             first = next(iter(errors))
             status.update(f"[b red]{count} problem{'s' * (count > 1)}[/], first at [b]{first}[/]")
+        elif problems := app_of(self).services.setting_problems(session.config):
+            # A valid file that cannot run on this machine (it may on another: saving stays allowed); the Run
+            # screen refuses to start it with the same words.
+            status.update(f"[b yellow]config valid, but cannot run here:[/] {escape(problems[0])}"
+                          + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
         else:
             status.update("[green]config valid[/]" + ("" if session.config.data.datasets
                                                       else "  [yellow](no dataset yet: Dataset screen, 1)[/]"))
@@ -194,7 +201,7 @@ class ConfigScreen(AppScreen):
         return [m for v in errors.values() for m in v]
 
     def _update_diff(self) -> None:
-        session = self.app.session  # type: ignore[attr-defined]
+        session = app_of(self).session
         preset = session.preset_path.name if session.preset_path else "the defaults"
         changes = diff(session.preset_config(), session.config)
         lines = [f"{len(changes)} difference(s) from {preset}:"]
@@ -213,7 +220,7 @@ class ConfigScreen(AppScreen):
         if problems:
             self.notify(problems[0], title="Not saved: fix the config first", severity="error", timeout=8)
             return
-        session = self.app.session  # type: ignore[attr-defined]
+        session = app_of(self).session
         path = Path(self.query_one("#save-path", Input).value.strip() or DEFAULT_SAVE_NAME)
         extends = None
         if not path.exists() and session.preset_path is not None:

@@ -21,7 +21,9 @@ from textual.worker import Worker, get_current_worker
 from engine.data.discover import DatasetSpec
 from engine.data.doctor import DoctorReport, problems_by_code
 
+from s2v_tui.app_handle import WorkerContext, app_of
 from s2v_tui.screens.base import AppScreen
+from s2v_tui.screens.run import RunScreen
 from s2v_tui.widgets.nav import NavBar
 
 CLIP_COLUMNS = ("clip", "status", "duration", "fps", "audio", "bucket", "windows")
@@ -40,10 +42,10 @@ class DoctorProgress(Message):
 
 
 def dataset_spec(config, folder: str) -> DatasetSpec:
-    """The folder as the run would read it: with the audio folder of its [[data.datasets]] entry, if it has one."""
+    """The folder as the run would read it: with every key of its [[data.datasets]] entry (audio folder, caption
+    prefix and separator, default caption, repeats, weight), or the defaults when the config has no such entry."""
     entry = next((d for d in config.data.datasets if d.path == folder), None)
-    audio = Path(entry.audio_dir).expanduser() if entry is not None and entry.audio_dir else None
-    return DatasetSpec(Path(folder).expanduser(), audio_dir=audio)
+    return DatasetSpec.of_entry(entry) if entry is not None else DatasetSpec(Path(folder).expanduser())
 
 
 def datasets_line(config, folder: str) -> str:
@@ -160,24 +162,24 @@ class DatasetScreen(AppScreen):
     AUTO_FOCUS = "#clips"
 
     def on_mount(self) -> None:
-        datasets = self.app.session.config.data.datasets  # type: ignore[attr-defined]
+        datasets = app_of(self).session.config.data.datasets
         if datasets and datasets[0].path:
             self.query_one("#folder", Input).value = datasets[0].path
-        report = self.app.session.report  # type: ignore[attr-defined]
+        report = app_of(self).session.report
         if report is not None:
-            self.show_report(report, self.app.session.report_folder)  # type: ignore[attr-defined]
+            self.show_report(report, app_of(self).session.report_folder)
         self.config_changed()
 
     def typed_folder(self) -> str:
         return self.query_one("#folder", Input).value.strip()
 
     def config_changed(self) -> None:
-        datasets = self.app.session.config.data.datasets  # type: ignore[attr-defined]
+        datasets = app_of(self).session.config.data.datasets
         box = self.query_one("#folder", Input)
         if not box.value.strip() and datasets and datasets[0].path:
             box.value = datasets[0].path  # a new run's folder (the New run dialog) is what one checks next
         self.query_one("#in-config", Static).update(
-            datasets_line(self.app.session.config, self.typed_folder()))  # type: ignore[attr-defined]
+            datasets_line(app_of(self).session.config, self.typed_folder()))
         self._sync_train_button()
 
     def on_screen_resume(self) -> None:
@@ -198,7 +200,7 @@ class DatasetScreen(AppScreen):
 
     def _train_refusal(self) -> str:
         """Why Train cannot start from here, in words ("" when it can)."""
-        session = self.app.session  # type: ignore[attr-defined]
+        session = app_of(self).session
         folder = self.typed_folder()
         report = session.report
         if not folder:
@@ -225,9 +227,7 @@ class DatasetScreen(AppScreen):
         self.query_one("#summary", Static).update(f"checking {folder} ...")
         self.query_one("#check-progress", ProgressBar).update(total=None, progress=0)
         worker = self.run_doctor(folder)
-        from s2v_tui.app import WorkerContext
-
-        self.app.worker_contexts[worker] = WorkerContext(f"dataset check of {folder}")  # type: ignore[attr-defined]
+        app_of(self).worker_contexts[worker] = WorkerContext(f"dataset check of {folder}")
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="doctor", name="dataset doctor")
     def run_doctor(self, folder: str) -> tuple[str, DoctorReport]:
@@ -235,8 +235,8 @@ class DatasetScreen(AppScreen):
         from engine.data.cache_plan import doctor_settings
 
         worker = get_current_worker()
-        config = self.app.session.config  # type: ignore[attr-defined]
-        inspect = self.app.services.doctor()  # type: ignore[attr-defined]
+        config = app_of(self).session.config
+        inspect = app_of(self).services.doctor()
 
         def progress(done: int, total: int, _path: Path) -> None:
             self.post_message(DoctorProgress(done, total))
@@ -258,7 +258,7 @@ class DatasetScreen(AppScreen):
                 self.query_one("#summary", Static).update("check did not finish")
             return
         folder, report = worker.result
-        session = self.app.session  # type: ignore[attr-defined]
+        session = app_of(self).session
         session.report, session.report_folder = report, folder
         self.show_report(report, folder)
 
@@ -283,7 +283,7 @@ class DatasetScreen(AppScreen):
     @on(Input.Changed, "#folder")
     def _folder_typed(self) -> None:
         self.query_one("#in-config", Static).update(
-            datasets_line(self.app.session.config, self.typed_folder()))  # type: ignore[attr-defined]
+            datasets_line(app_of(self).session.config, self.typed_folder()))
         self._sync_train_button()
 
     def _sync_train_button(self) -> None:
@@ -291,11 +291,11 @@ class DatasetScreen(AppScreen):
 
     def _add(self, folder: str) -> bool:
         """The folder into the config's datasets (kept as it is when already there); False when nothing to add."""
-        app = self.app
-        entries = [vars(d).copy() for d in app.session.config.data.datasets]  # type: ignore[attr-defined]
+        app = app_of(self)
+        entries = [vars(d).copy() for d in app.session.config.data.datasets]
         if any(e["path"] == folder for e in entries):
             return False
-        error = app.apply_settings({"data.datasets": [*entries, {"path": folder}]})  # type: ignore[attr-defined]
+        error = app.apply_settings({"data.datasets": [*entries, {"path": folder}]})
         if error:
             self.notify(error, title="Not added", severity="error", timeout=10)
             return False
@@ -307,7 +307,7 @@ class DatasetScreen(AppScreen):
         if not folder:
             self.notify("Type the dataset folder first.", severity="warning")
             return
-        session = self.app.session  # type: ignore[attr-defined]
+        session = app_of(self).session
         if not self._add(folder):
             if any(d.path == folder for d in session.config.data.datasets):
                 self.notify(f"{folder} is already in the run config (e edits its entry).")
@@ -330,4 +330,6 @@ class DatasetScreen(AppScreen):
             return
         self._add(self.typed_folder())
         await self.app.switch_mode("run")
-        self.app.screen.action_start()  # type: ignore[attr-defined]
+        run_screen = self.app.screen
+        assert isinstance(run_screen, RunScreen), f"the run mode shows {type(run_screen).__name__}"
+        run_screen.action_start()

@@ -13,7 +13,7 @@ from textual.widgets import Button, Input, Label, Static
 
 from engine.config import Config, ConfigError, check_config, with_value
 
-from s2v_tui.run_decision import Decision, change_lines, trained_text
+from s2v_tui.app_logic.run_decision import Decision, change_lines, trained_text
 
 CONTINUE, NEW = "continue", "new"
 WHAT_MAY_CHANGE = ("only optim.max_steps (more steps), the memory placement, logging, checkpoint and export "

@@ -20,7 +20,7 @@ from textual.widgets import Button, DataTable, Input, Static
 
 from engine.config import Config, ConfigError, FieldInfo, check_config, schema_fields, with_value
 
-from s2v_tui.config_fields import parse, show
+from s2v_tui.app_logic.config_fields import parse, show
 
 # The keys whose value names a file or folder: a missing one is worth a word (but the config may be meant for
 # another machine, so it is not refused).

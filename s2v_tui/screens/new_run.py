@@ -21,6 +21,8 @@ from textual.worker import Worker, WorkerState
 from engine.config import Config
 from engine.model_source import source_problem
 
+from s2v_tui.app_handle import WorkerContext, app_of
+
 DEMO_FOLDER = Path("s2v-demo")
 DEMO_GROUP = "demo-files"
 NOTE_ENTRIES = 400
@@ -30,7 +32,7 @@ def make_demo_files(folder: Path) -> tuple[Path, Path]:
     """The tiny model and the demo clips under `folder` (what exists is kept); returns (model, clips)."""
     from engine.models.tiny import write_tiny_model
 
-    from s2v_tui.demo import make_demo_clips
+    from s2v_tui.commands.demo import make_demo_clips
 
     model = folder / "model"
     if not (model / "model_index.json").exists():
@@ -130,7 +132,7 @@ class NewRunDialog(ModalScreen[dict | None]):
         return make_demo_files(folder)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        self.app.handle_worker_state(event)  # type: ignore[attr-defined]
+        app_of(self).handle_worker_state(event)
 
     def worker_done(self, worker: Worker) -> None:
         """Called by the app's one worker handler (a failure it reports itself)."""
@@ -151,7 +153,7 @@ class NewRunDialog(ModalScreen[dict | None]):
     # -- answers ---------------------------------------------------------------------------------------------
 
     def settings(self) -> dict:
-        from s2v_tui.demo import DEMO_SETTINGS
+        from s2v_tui.commands.demo import DEMO_SETTINGS
 
         values = {"model.source": self.query_one("#new-model", Input).value.strip(),
                   "data.datasets": [{"path": self.query_one("#new-dataset", Input).value.strip()}],
@@ -186,9 +188,7 @@ class NewRunDialog(ModalScreen[dict | None]):
             event.button.disabled = True
             self.query_one("#new-status", Static).update(f"writing a tiny model and two clips into ./{DEMO_FOLDER} ...")
             worker = self.write_demo(DEMO_FOLDER.resolve())
-            from s2v_tui.app import WorkerContext
-
-            self.app.worker_contexts[worker] = WorkerContext("writing the tiny demo files")  # type: ignore[attr-defined]
+            app_of(self).worker_contexts[worker] = WorkerContext("writing the tiny demo files")
         elif event.button.id == "new-use":
             self.action_use()
         else:

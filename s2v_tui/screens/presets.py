@@ -13,8 +13,10 @@ from textual.widgets import DataTable, Footer, Input, Label, Static
 
 from engine.config import with_value
 
-from s2v_tui.fmt import gib
-from s2v_tui.presets_logic import PresetRow, available_host, available_vram, evaluate, load_presets, recommend
+from s2v_tui.app_handle import app_of
+from s2v_tui.app_logic.fmt import gib
+from s2v_tui.app_logic.presets_logic import (PresetRow, available_host, available_vram, evaluate, load_presets,
+                                             recommend)
 from s2v_tui.screens.base import AppScreen
 from s2v_tui.widgets.nav import NavBar
 
@@ -103,12 +105,12 @@ class PresetsScreen(AppScreen):
         self.repaint()
 
     def action_reload(self) -> None:
-        self._presets = load_presets(self.app.services.presets_dir)  # type: ignore[attr-defined]
+        self._presets = load_presets(app_of(self).services.presets_dir)
         self._painted_version = -1
         self.repaint()
 
     def repaint(self) -> None:
-        readings = self.app.readings  # type: ignore[attr-defined]
+        readings = app_of(self).readings
         if readings.version == self._painted_version:
             return
         self._painted_version = readings.version
@@ -118,7 +120,7 @@ class PresetsScreen(AppScreen):
 
     def _paint_host(self, readings) -> None:
         host = readings.host
-        planned = self.app.session.host_override_gb  # type: ignore[attr-defined]
+        planned = app_of(self).session.host_override_gb
         self.query_one("#host", Static).update(
             (f"host RAM {gib(host.available_bytes)} GiB available of {gib(host.total_bytes)} GiB"
              if host else "host RAM: not read yet") + (" · planning for" if planned is not None else " · plan for"))
@@ -146,10 +148,10 @@ class PresetsScreen(AppScreen):
         self.query_one("#vram-row").set_class(no_driver, "shown")
 
     def _paint_presets(self, readings) -> None:
-        session = self.app.session  # type: ignore[attr-defined]
+        session = app_of(self).session
         vram_free = available_vram(readings.gpus, session.vram_override_gb)
         host_available = available_host(readings.host, session.host_override_gb)
-        predict = self.app.services.predict_memory  # type: ignore[attr-defined]
+        predict = app_of(self).services.predict_memory
         self._rows, choice = evaluate(self._presets, predict, vram_free, host_available)
         best = recommend(self._rows, choice)
         table = self.query_one("#presets", DataTable)
@@ -165,7 +167,7 @@ class PresetsScreen(AppScreen):
             table.move_cursor(row=min(cursor, len(self._rows) - 1))
         measured = any(r.need for r in self._rows)
         if not self._rows:
-            note = f"No preset files in {self.app.services.presets_dir}. "  # type: ignore[attr-defined]
+            note = f"No preset files in {app_of(self).services.presets_dir}. "
         elif not measured:
             note = "The memory model has no measurements yet: needs are unknown, so nothing is recommended. "
         else:
@@ -179,13 +181,13 @@ class PresetsScreen(AppScreen):
         valid = bool(text) and (event.validation_result is None or event.validation_result.is_valid)
         self._vram_problem = "" if valid or not text else (
             f"VRAM {text!r} is not a size from {VRAM_GIB_RANGE[0]:g} to {VRAM_GIB_RANGE[1]:g} GiB. ")
-        self.app.session.vram_override_gb = float(text) if valid else None  # type: ignore[attr-defined]
+        app_of(self).session.vram_override_gb = float(text) if valid else None
         self._painted_version = -1
         self.repaint()
 
     @on(Input.Changed, "#host-gb")
     def _host_typed(self, event: Input.Changed) -> None:
-        session = self.app.session  # type: ignore[attr-defined]
+        session = app_of(self).session
         text = event.value.strip()
         if session.host_override_gb is None and text == self._host_live_text:
             return  # the screen's own fill from the live reading
@@ -210,7 +212,7 @@ class PresetsScreen(AppScreen):
         if row.config is None:
             self.notify(row.error, title=f"{row.name} does not load", severity="error", timeout=10)
             return
-        session = self.app.session  # type: ignore[attr-defined]
+        session = app_of(self).session
         datasets = [vars(d).copy() for d in session.config.data.datasets]
         session.config = with_value(row.config, "data.datasets", datasets) if datasets else row.config
         session.preset_path = row.path

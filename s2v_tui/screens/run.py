@@ -4,9 +4,10 @@ The worker calls `services.runner(config, [bridge], stop, run_dir)` on a thread.
 threading.Event owned by this screen and set only by Stop or a confirmed quit: Textual cancels every worker
 when the app exits, and after an SSH hangup the run must outlive the UI (see S2VApp.hangup).
 
-Before the runner, the same worker asks the engine what would happen in the run folder (s2v_tui.run_decision):
-when the folder holds a trained run that the config differs from, the worker returns that instead of training,
-and the screen asks the user (continue, a new run under another name, or cancel) before anything starts.
+Before the runner, the same worker asks the engine what would happen in the run folder
+(s2v_tui.app_logic.run_decision): when the folder holds a trained run that the config differs from, the worker
+returns that instead of training, and the screen asks the user (continue, a new run under another name, or cancel)
+before anything starts.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from textual.widgets import Footer, Static
 from textual.worker import Worker, get_current_worker
 
 from engine.config import check_config, with_value
-from engine.events import EVENTS_FILENAME, RunEnded, RunStarted, StepEnd, read_events
+from engine.event_log import read_events
+from engine.events import EVENTS_FILENAME, RunEnded, RunStarted, StepEnd
 
+from s2v_tui.app_handle import WorkerContext, app_of
 from s2v_tui.bridge import EventBridge, EventsPending
-from s2v_tui.run_model import RunModel
-from s2v_tui.run_decision import Decision
+from s2v_tui.app_logic.run_model import RunModel
+from s2v_tui.app_logic.run_decision import Decision
 from s2v_tui.screens.decision import CONTINUE, NEW, RunDecisionDialog
 from s2v_tui.screens.dialogs import STOP, ConfirmStop
 from s2v_tui.screens.base import AppScreen
@@ -83,7 +86,7 @@ class RunScreen(AppScreen):
         self.repaint()
 
     def repaint(self) -> None:
-        readings = self.app.readings  # type: ignore[attr-defined]
+        readings = app_of(self).readings
         self.query_one(RunPanels).paint(self.model.snapshot(), readings.gpus, readings.host)
 
     @on(EventsPending)
@@ -98,7 +101,7 @@ class RunScreen(AppScreen):
     # -- start ---------------------------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        running = self.app.training_active()  # type: ignore[attr-defined]
+        running = app_of(self).training_active()
         if action == "start":
             return None if running else True  # None: shown, greyed out
         if action == "stop":
@@ -107,11 +110,11 @@ class RunScreen(AppScreen):
 
     def start_refusal(self) -> str | None:
         """Why training cannot start now, in words for the user; None when it can."""
-        app = self.app
-        session = app.session  # type: ignore[attr-defined]
-        if app.training_active():  # type: ignore[attr-defined]
+        app = app_of(self)
+        session = app.session
+        if app.training_active():
             return "a run is already training in this app"
-        if app.services.runner is None:  # type: ignore[attr-defined]
+        if app.services.runner is None:
             return "the training engine (engine.runner) is not installed in this build"
         if session.dataset_blocking:
             return (f"the dataset check of {session.report_folder} found blocking problems: fix those clips (or "
@@ -119,6 +122,9 @@ class RunScreen(AppScreen):
         errors = check_config(session.config, str(session.config_path or "<config>"), require_data=True)
         if errors:
             return f"the config is not valid: {errors[0]}"
+        problems = app.services.setting_problems(session.config)  # what the runner's check phase would refuse
+        if problems:
+            return "these settings cannot run here: " + "; ".join(problems)
         return None
 
     def action_start(self, decided: bool = False) -> None:
@@ -127,23 +133,21 @@ class RunScreen(AppScreen):
         if refusal:
             self.notify(refusal, title="Cannot start", severity="error", timeout=8)
             return
-        config = self.app.session.config  # type: ignore[attr-defined]
+        config = app_of(self).session.config
         self.run_dir = config.run_path()
         self.stop_event = threading.Event()
         self.model.reset()
         self.query_one(RunPanels).reset()
         self.query_one("#run-hint", Static).update(f"training in {self.run_dir}   x: stop (checkpoint first)")
         worker = self.train(config, self.run_dir, self.stop_event, decided)
-        from s2v_tui.app import WorkerContext  # the app module imports this one
-
-        self.app.worker_contexts[worker] = WorkerContext("training", self.run_dir)  # type: ignore[attr-defined]
+        app_of(self).worker_contexts[worker] = WorkerContext("training", self.run_dir)
         self.refresh_bindings()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group=WORKER_GROUP, name="training")
     def train(self, config, run_dir: Path, stop: threading.Event, decided: bool = False) -> RunEnded | Decision:
         get_current_worker()  # a thread worker by contract; the engine's stop is `stop` (see module doc)
         if not decided:
-            from s2v_tui.run_decision import decide
+            from s2v_tui.app_logic.run_decision import decide
 
             decision = decide(config, run_dir)
             if decision is not None:
@@ -151,7 +155,7 @@ class RunScreen(AppScreen):
         history = past_steps(run_dir)
         if history:
             self.post_message(LossHistory(history))  # posted before the first event of the run: applied first
-        services = self.app.services  # type: ignore[attr-defined]
+        services = app_of(self).services
         if services.runner is engine_runner():
             leave_a_core_for_the_ui()  # the real engine only: a fake one has no torch threads to spare
         return services.runner(config, [self.bridge], stop, run_dir=run_dir)
@@ -168,17 +172,17 @@ class RunScreen(AppScreen):
             if kind == CONTINUE:
                 self.action_start(decided=True)
             elif kind == NEW:
-                session = self.app.session  # type: ignore[attr-defined]
+                session = app_of(self).session
                 session.config = with_value(session.config, "output.name", name, "<new run name>")
                 self.notify(f"output.name is now {name} (save the config on the Config screen to keep it)")
                 self.action_start()  # asked again should that folder hold a run too
 
-        self.app.push_screen(RunDecisionDialog(decision, self.app.session.config), answered)  # type: ignore[attr-defined]
+        self.app.push_screen(RunDecisionDialog(decision, app_of(self).session.config), answered)
 
     # -- stop ----------------------------------------------------------------------------------------------
 
     def action_stop(self) -> None:
-        if not self.app.training_active():  # type: ignore[attr-defined]
+        if not app_of(self).training_active():
             return
         snap = self.model.snapshot()
 

@@ -22,8 +22,9 @@ from textual.worker import Worker, WorkerState
 
 from engine.run_checkpoints import CheckpointInfo, list_run_checkpoints
 
-from s2v_tui.fmt import number
-from s2v_tui.run_model import RunSnapshot
+from s2v_tui.app_handle import app_of
+from s2v_tui.app_logic.fmt import number
+from s2v_tui.app_logic.run_model import RunSnapshot
 
 POLL_S = 0.5
 GROUP = "checkpoints"
@@ -76,7 +77,7 @@ class CheckpointList(Vertical):
                         exit_on_error=False, name="list checkpoints")
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        self.app.handle_worker_state(event)  # type: ignore[attr-defined]  # the app's one handler (base.py)
+        app_of(self).handle_worker_state(event)  # the app's one handler (base.py)
 
     def worker_done(self, worker: Worker) -> None:
         """Called by the app's handler when a listing has finished; a superseded one (cancelled) is dropped."""

@@ -14,8 +14,8 @@ from textual.widgets import Log, Sparkline, Static
 
 from engine.gpu import GpuSnapshot, HostMemory
 
-from s2v_tui.fmt import duration, gib, number
-from s2v_tui.run_model import RunSnapshot
+from s2v_tui.app_logic.fmt import duration, gib, number
+from s2v_tui.app_logic.run_model import RunSnapshot
 
 STATUS_STYLE = {"running": "bold green", "completed": "bold cyan", "stopped": "bold yellow",
                 "failed": "bold red", "idle": "dim"}

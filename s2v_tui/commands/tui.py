@@ -12,6 +12,11 @@ import signal
 import sys
 from pathlib import Path
 
+from engine.config import ConfigError
+
+from s2v_tui.app import build_app
+from s2v_tui.session import start_session
+
 NO_TTY_MESSAGE = ("s2v-tui: no terminal here, so the app cannot start. For an unattended run use "
                   "`s2v-tui --run CONFIG.toml`; to watch a run, open a terminal (ssh -t) and use "
                   "`s2v-tui attach RUN_DIR`.")
@@ -60,15 +65,16 @@ def _stop_run_on_signals(app) -> None:
 
 
 def _services(args: argparse.Namespace):
-    from s2v_tui.services import Services, default_services
+    from s2v_tui.services import Services, default_services, deviceless_setting_problems
 
     if not args.fake:
         return default_services(runs_dir=args.runs)
     from engine.gpu import GpuProbe
     from engine.gpu_fake import FakeNvml
-    from s2v_tui.fake_engine import FakeEngine
+    from s2v_tui.testing.fake_engine import FakeEngine
 
-    return Services(probe=GpuProbe(FakeNvml()), runner=FakeEngine(step_delay_s=0.2), runs_dir=args.runs)
+    return Services(probe=GpuProbe(FakeNvml()), runner=FakeEngine(step_delay_s=0.2), runs_dir=args.runs,
+                    setting_problems=deviceless_setting_problems)
 
 
 def _run(argv: list[str], prog: str, attach: bool) -> int:
@@ -76,10 +82,6 @@ def _run(argv: list[str], prog: str, attach: bool) -> int:
     if not _have_tty():
         print(NO_TTY_MESSAGE, file=sys.stderr)
         return 2
-    from engine.config import ConfigError
-    from s2v_tui.app import build_app
-    from s2v_tui.session import start_session
-
     services = _services(args)
     try:
         session = start_session(None if attach else args.config, services.presets_dir)

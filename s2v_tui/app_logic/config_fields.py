@@ -20,8 +20,10 @@ TOPICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Model", ("model",)),
     ("Data", ("data",)),
     ("LoRA", ("lora",)),
-    ("Optimisation", ("optim", "train", "rollout")),
-    ("Memory", ("memory",)),
+    ("Optimisation", ("optim", "train")),
+    # The seed's experimental training methods, each off by default.
+    ("Methods", ("tread", "crepa", "rollout")),
+    ("Memory", ("memory", "distributed")),
     ("Validation", ("validation",)),
     ("Output", ("output", "checkpoint", "logging")),
 )

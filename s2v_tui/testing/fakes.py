@@ -13,8 +13,8 @@ from engine.data.windows import CropPlan, Window
 from engine.gpu import GpuProbe, HostMemory
 from engine.gpu_fake import GIB, FakeGpu, FakeNvml
 
-from s2v_tui.fake_engine import FakeEngine, fixed_clock
-from s2v_tui.services import MemoryNeed, Services
+from s2v_tui.testing.fake_engine import FakeEngine, fixed_clock
+from s2v_tui.services import MemoryNeed, Services, deviceless_setting_problems
 
 
 def fake_host_memory() -> HostMemory:
@@ -37,7 +37,7 @@ def fake_services(tmp: Path, *, engine: FakeEngine | None = None, gpus: int = 1,
                     runner=engine if engine is not None else FakeEngine(steps=20, clock=fixed_clock()),
                     predict_memory=predict or (lambda config: None), host_memory=fake_host_memory,
                     presets_dir=presets_dir or tmp / "presets", runs_dir=runs_dir or tmp / "runs",
-                    inspect_datasets=doctor)
+                    inspect_datasets=doctor, setting_problems=deviceless_setting_problems)
 
 
 def measured_predictor(table: dict[str, tuple[float, float]]):
@@ -102,7 +102,7 @@ def tiny_run_config(folder: Path, steps: int = TINY_RUN_STEPS, name: str = "tui-
     from engine.config import with_value
     from engine.models.tiny import write_tiny_model
 
-    from s2v_tui.demo import demo_config, make_demo_clips
+    from s2v_tui.commands.demo import demo_config, make_demo_clips
 
     model_dir = folder / "model"
     if not (model_dir / "model_index.json").exists():

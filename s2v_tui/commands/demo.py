@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from s2v_tui.headless import EXIT_OK, run_config_headless
+    from s2v_tui.commands.headless import EXIT_OK, run_config_headless
 
     # The tiny model is far faster on one thread when anything else shares the CPU (no spin-waiting threads).
     torch.set_num_threads(1)

@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.config import Config
-from engine.events import (CheckpointSaved, EventBus, JsonlEventWriter, LogLine, PhaseChanged, RunEnded,
-                           RunStarted, StepEnd, Subscriber, ValidationDone)
+from engine.event_log import JsonlEventWriter
+from engine.events import (CheckpointSaved, EventBus, LogLine, PhaseChanged, RunEnded, RunStarted, StepEnd, Subscriber,
+                           ValidationDone)
 
 GIB = 1024**3
 

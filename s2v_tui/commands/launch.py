@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from s2v_tui.headless import EXIT_CONFIG
+from s2v_tui.commands.headless import EXIT_CONFIG
 
 
 def accelerate_command(num_processes: int, cli_argv: list[str], python: str | None = None) -> list[str]:
@@ -51,7 +51,7 @@ def _gpu_count() -> int:
 def main(argv: list[str]) -> int:
     gpus, rest = split_gpus(argv)
     if gpus is None:
-        print("error: s2v_tui.launch needs --gpus N", file=sys.stderr)
+        print("error: s2v_tui.commands.launch needs --gpus N", file=sys.stderr)
         return EXIT_CONFIG
     preset = _preset_of(rest)
     if gpus < 1 or preset is None:
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
         print(f"error: --gpus {gpus}, but this machine shows {have} CUDA GPU(s) (CUDA_VISIBLE_DEVICES="
               f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); ask for at most {have}", file=sys.stderr)
         return EXIT_CONFIG
-    from s2v_tui.cache_cmd import main as cache_main
+    from s2v_tui.commands.cache import main as cache_main
 
     print(f"filling the feature cache of {preset} in one process before starting {gpus}", flush=True)
     code = cache_main([preset])

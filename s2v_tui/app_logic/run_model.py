@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from engine.events import (TRACKERS, CheckpointSaved, Event, LogLine, PhaseChanged, RunEnded, RunStarted,
                            RunWarning, StepEnd, TrackerStatus, ValidationDone)
 
-from s2v_tui.fmt import clock, number
+from s2v_tui.app_logic.fmt import clock, number
 
 LOSS_HISTORY = 512  # points kept for the sparklines: more than any panel is wide
 LOG_HISTORY = 500
