@@ -86,8 +86,8 @@ def state_kind(keys, source: str) -> str:
     elif params & set(_PARAMS["lora"]):
         found.add("lora")
     if len(found) != 1:
-        raise KindError(f"{source}: {'no LoRA parameters' if not found else 'parameters of the kinds ' + ', '.join(sorted(found))}"
-                        f" (e.g. {sorted(keys)[:2]}); a file holds one kind of {', '.join(KINDS)}")
+        what = "no LoRA parameters" if not found else "parameters of the kinds " + ", ".join(sorted(found))
+        raise KindError(f"{source}: {what} (e.g. {sorted(keys)[:2]}); a file holds one kind of {', '.join(KINDS)}")
     return found.pop()
 
 
@@ -160,7 +160,8 @@ def dora_magnitude(module_state, base: torch.Tensor, scaling: float, source: str
     if tuple(scale.shape) not in ((rows, 1), (rows,)):
         raise KindError(f"{source}: dora_scale has shape {tuple(scale.shape)}; this tool's DoRA (peft's) "
                         f"normalises output rows, which needs [{rows}, 1] (a decomposition on the input axis, "
-                        "LyCORIS's wd_on_out = false, has no peft equivalent): train it again with lora.kind = \"dora\"")
+                        "LyCORIS's wd_on_out = false, has no peft equivalent): train it again with "
+                        "lora.kind = \"dora\"")
     adapted, original = _dora_norms(module_state, base, scaling)
     return (scale.reshape(-1, 1) * adapted / original).reshape(-1)
 
