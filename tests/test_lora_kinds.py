@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from engine.models.keymap import diffusers_to_native
 from engine.models.lora import (NATIVE_PREFIX, add_lora, apply_lora_file, base_weight_reader, get_lora_state,
-                                load_lora, lora_bytes, lora_metadata, native_reference_modules)
+                                load_lora, lora_bytes, lora_metadata, lora_parameter_names, native_reference_modules)
 from engine.models.s2v_transformer import S2VTransformer3DModel
 
 TARGETS = [r"blocks\.\d+\.attn1\.(to_q|to_out\.0)", r"audio_injector\.injector\.\d+\.to_v"]
@@ -334,3 +334,35 @@ def test_init_from_refuses_a_lokr_of_another_factorisation_by_module_and_shape(t
     config = _run_config(tiny_model_dir, tmp_path, "lokr", **{"lora.targets": TARGETS, "lora.init_from": str(path)})
     with pytest.raises(BadValueError, match=rf"the lokr of {re.escape(MODULE)} has shapes .*'lokr_w1': \(4, 3\)"):
         check_init_from(config)
+
+
+# ---- the 14B model ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+def test_native_keys_of_every_kind_on_the_14b_model_map_onto_the_manifest(kind):
+    from engine.config import DEFAULT_LORA_TARGETS
+    from engine.memory import adapter_params
+    from engine.models.lora import check_native_keys, lora_parameters, native_key_names
+
+    with torch.device("meta"):
+        model = S2VTransformer3DModel()
+    modules = add_lora(model, 16, 16.0, 0.0, list(DEFAULT_LORA_TARGETS), "default", 0, kind=kind)
+    assert len(modules) == 368
+    state = {name: p for name, p in zip(lora_parameter_names(model), lora_parameters(model), strict=True)}
+    keys = native_key_names(state)
+    check_native_keys(keys, native_reference_modules(model))  # the 14B manifest
+    per_module = {"dora": 4, "loha": 5, "lokr": 4}[kind]  # dora: down, up, dora_scale, alpha; lokr: w1, w2_a, w2_b
+    assert len(keys) == per_module * 368
+    assert sum(p.numel() for p in lora_parameters(model)) == adapter_params(kind, 16)  # the memory model's count
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr"])
+def test_the_memory_model_counts_the_parameters_peft_builds_at_any_rank(kind):
+    import math
+
+    from engine.memory import LORA_MODULES, adapter_params
+    from engine.models.lora_kinds import adapter_shapes
+
+    for rank in (1, 4, 16, 39, 40, 64):
+        shapes = adapter_shapes(kind, rank, 5120, 5120)
+        expected = LORA_MODULES * sum(math.prod(s) for p, s in shapes.items() if p != "dora_scale")
+        assert adapter_params(kind, rank) == expected, rank
