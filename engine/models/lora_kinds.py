@@ -140,11 +140,12 @@ def by_module(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
 
 # ---- DoRA's magnitude, peft <-> ComfyUI ---------------------------------------------------------------------
 def _dora_norms(module_state, base: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(||W + dW||, ||W|| + eps) per output row, in fp32, as [out, 1]; dW = scaling * B @ A."""
-    a, b = module_state["lora_A.weight"].float(), module_state["lora_B.weight"].float()
-    w = base.detach().to(a.device, torch.float32)
+    """(||W + dW||, ||W|| + eps) per output row, in fp32, as [out, 1] on the CPU; dW = scaling * B @ A. Computed
+    where the base weight is (the GPU of a training run): the small factors travel, not the weight."""
+    w = base.detach().float()
+    a, b = (module_state[k].to(w.device, torch.float32) for k in ("lora_A.weight", "lora_B.weight"))
     adapted = w + scaling * (b @ a)
-    return adapted.norm(dim=1, keepdim=True), w.norm(dim=1, keepdim=True) + EPS32
+    return adapted.norm(dim=1, keepdim=True).cpu(), (w.norm(dim=1, keepdim=True) + EPS32).cpu()
 
 
 def dora_scale(module_state, base: torch.Tensor, scaling: float) -> torch.Tensor:
