@@ -111,7 +111,7 @@ class LoraConfig:
     kind: LoraKind = opt("lora", "adapter kind (peft): lora; dora = lora + a trained magnitude per output row; "
                          "loha = Hadamard product of two rank-r products; lokr = Kronecker product")
     rank: int = opt(16, "rank r: of B @ A (lora, dora), of each factor (loha: the update has rank up to r^2), of "
-                    "the factorised Kronecker side (lokr: a side smaller than 2r stays whole)")
+                    "the factorised Kronecker side (lokr: a side of at most 2r stays whole)")
     alpha: float = opt(16.0, "alpha; every kind scales its update by alpha / rank (lokr: 1 when no side is "
                        "factorised, as ComfyUI reads it)")
     dropout: float = opt(0.0, "dropout on the LoRA input, 0 <= dropout < 1 (lora, dora only)")

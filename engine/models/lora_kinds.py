@@ -7,7 +7,7 @@ peft's saved names without the adapter name:
     dora   the two of lora and <module>.lora_magnitude_vector [out]
     loha   <module>.hada_w1_a [out, r], .hada_w1_b [r, in], .hada_w2_a [out, r], .hada_w2_b [r, in]
     lokr   <module>.lokr_w1 [a, c] or .lokr_w1_a/.lokr_w1_b, and .lokr_w2 [b, d] or .lokr_w2_a/.lokr_w2_b
-           (out = a*b, in = c*d; peft factorises a matrix into two factors once r < half its larger side)
+           (out = a*b, in = c*d; peft factorises a side once r < half its larger dimension)
 
 The native files carry, under diffusion_model.<native module>, the keys ComfyUI's weight adapters read
 (comfy/weight_adapter/lora.py, loha.py, lokr.py), with the scale they apply:
