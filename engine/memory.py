@@ -58,7 +58,7 @@ PARAMS_TOTAL = 16_295_755_609
 PARAMS_BLOCK = 351_394_304
 PARAMS_INJECTOR = 104_888_320 + 52_439_040  # cross-attention + AdaLN linear
 INJECTORS = 12
-LORA_PARAMS_PER_RANK = 60_293_120 // 16  # the 368 attention Linears, 5120 -> r -> 5120
+LORA_MODULES = 368  # the attention Linears the default lora.targets adapt, each 5120 -> 5120
 
 # Working set of one block's recompute + backward, bytes per (token x model dim); fitted on CALIBRATION.
 WORK_BYTES_PER_TOKEN_DIM = {"gpu_inputs": 52.2, "host_inputs": 62.0}
@@ -274,7 +274,20 @@ def low_bit_params(families) -> int:
     return total
 
 
-def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 16, ema: bool = False,
+def adapter_params(kind: str, rank: int) -> int:
+    """Trainable parameters of an adapter of lora.kind `kind` on the default targets (each Linear 5120 x 5120), as
+    peft builds it (tests/test_lora_kinds.py holds this against peft's own shapes)."""
+    if kind == "loha":  # two rank-r products
+        per = 4 * DIM * rank
+    elif kind == "lokr":  # peft factorises 5120 as 64 x 80: w1 64 x 64 whole, w2 80 x 80 factorised below r = 40
+        per = 64 * 64 + (80 * 80 if 2 * rank >= 80 else 2 * 80 * rank)
+    else:  # lora, and dora with one magnitude per output row
+        per = 2 * DIM * rank + (DIM if kind == "dora" else 0)
+    return LORA_MODULES * per
+
+
+def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 16, lora_kind: str = "lora",
+                   ema: bool = False,
                    checkpoint_interval: int = 1, offload_inputs: bool = False, gpu_saved_inputs: int = 0,
                    stream_resident: int | None = None, batch: int = 1, low_bit: str = "",
                    low_bit_families=LOW_BIT_DEFAULT_FAMILIES, save_attention: bool = False, engine: bool = False,
@@ -300,7 +313,7 @@ def estimate_parts(tokens: int, *, weight_bytes: float = 2.0, lora_rank: int = 1
         gpu_weights = rest * weight_bytes + sum(sizes[:resident]) + sum(in_flight)
         host_weights = streamed_host_bytes(range(resident, LAYERS), weight_bytes, pinned, families)
     dequant = INT8_DEQUANT_BYTES if low_bit == "int8" else 0
-    lora = LORA_PARAMS_PER_RANK * lora_rank * 4 * (4 + (1 if ema else 0))
+    lora = adapter_params(lora_kind, lora_rank) * 4 * (4 + (1 if ema else 0))
     saved = -(-LAYERS // checkpoint_interval)
     one_input = batch * tokens * DIM * 2
     if offload_inputs:
@@ -371,6 +384,7 @@ def estimate(config, pinned: str = "slab") -> MemoryEstimate:
         low_bit_families=tuple(mem.low_bit_families),
         save_attention=mem.gradient_checkpointing and mem.checkpoint_policy == "save_attention",
         lora_rank=config.lora.rank,
+        lora_kind=config.lora.kind,
         ema=config.optim.ema.enabled,
         checkpoint_interval=mem.checkpoint_interval if mem.gradient_checkpointing else 1,
         offload_inputs=mem.offload_checkpoint_inputs,

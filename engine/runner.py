@@ -249,7 +249,7 @@ def _load_model(config: Config, device: torch.device, fresh: bool = False):
         low_bit=low_bit,
     )
     lo = config.lora
-    add_lora(model, lo.rank, lo.alpha, lo.dropout, list(lo.targets), lo.init, config.train.seed)
+    add_lora(model, lo.rank, lo.alpha, lo.dropout, list(lo.targets), lo.init, config.train.seed, kind=lo.kind)
     if fresh and lo.init_from:
         from engine.train.init_lora import apply_init_from
 

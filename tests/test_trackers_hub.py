@@ -141,6 +141,7 @@ def test_a_run_uploads_each_checkpoint_then_the_lora_card_and_stills(tiny_model_
     assert hub.validated == [card]
     assert card.startswith("---\nlibrary_name: diffusers\n") and "# demo-lora" in card
     assert "trained 4 steps with s2v-tui" in card and "| LoRA rank / alpha | 8 / 8 |" in card
+    assert "| LoRA kind | lora |" in card
     assert "![samples/step-00004/case-00.png](samples/step-00004/case-00.png)" in card
     assert "*samples/step-00004/case-00.png*: a person talks" in card
     assert "Base model: the local folder `model`" in card  # a folder, so no base_model in the card's header

@@ -161,6 +161,21 @@ def _check_lora(c: _Checker, cfg: Config) -> None:
             re.compile(pattern)
         except re.error as exc:
             c.bad(f"lora.targets[{i}]", f"is not a valid regex: {exc}", "escape dots as \\\\. in TOML strings")
+    if lo.kind in ("loha", "lokr"):
+        # peft's LoHa and LoKr have no dropout on the input, and their init has no gaussian variant.
+        if lo.dropout:
+            c.conflict("lora.dropout", f"is {lo.dropout:g}, but lora.kind = {lo.kind!r} has no input dropout",
+                       "set dropout = 0.0, or kind = \"lora\" or \"dora\"")
+        if lo.init == "gaussian":
+            c.conflict("lora.init", f"\"gaussian\" initialises LoRA's A matrix; lora.kind = {lo.kind!r} has its own "
+                       "init", "set init = \"default\"")
+    v = cfg.validation
+    if lo.kind == "dora" and (v.lora_scale != 1.0 or v.lora_scales):
+        # Scaling DoRA's update inside its row norm is not a strength: at 0 it is not the base model (the trained
+        # magnitudes stay), and ComfyUI's strength blends the weights instead.
+        key = "validation.lora_scale" if v.lora_scale != 1.0 else "validation.lora_scales"
+        c.conflict(key, "a LoRA strength other than 1 has no peft equivalent for lora.kind = \"dora\"",
+                   "set lora_scale = 1.0 and lora_scales = [] (or train kind = \"lora\" to preview strengths)")
 
 
 def _check_optim(c: _Checker, cfg: Config, dataset_size: int | None) -> None:

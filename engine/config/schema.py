@@ -20,6 +20,7 @@ BucketMode = Literal["fixed", "aspect"]
 CropMode = Literal["center", "random"]
 ReferenceChoice = Literal["first", "random", "outside"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora"]
+LoraKind = Literal["lora", "dora", "loha", "lokr"]
 OptimizerName = Literal["adamw", "adamw8bit", "lion", "prodigy", "schedulefree"]
 GradClip = Literal["norm", "value"]
 ScheduleName = Literal["constant", "cosine", "linear"]
@@ -108,11 +109,16 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = opt(16, "LoRA rank")
-    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank")
-    dropout: float = opt(0.0, "dropout on the LoRA input, 0 <= dropout < 1")
+    kind: LoraKind = opt("lora", "adapter kind (peft): lora; dora = lora + a trained magnitude per output row; "
+                         "loha = Hadamard product of two rank-r products; lokr = Kronecker product")
+    rank: int = opt(16, "rank r: of B @ A (lora, dora), of each factor (loha: the update has rank up to r^2), of "
+                    "the factorised Kronecker side (lokr: a side of at most 2r stays whole)")
+    alpha: float = opt(16.0, "alpha; every kind scales its update by alpha / rank (lokr: 1 when no side is "
+                       "factorised, as ComfyUI reads it)")
+    dropout: float = opt(0.0, "dropout on the LoRA input, 0 <= dropout < 1 (lora, dora only)")
     targets: list[str] = opt(list(DEFAULT_LORA_TARGETS), "full-match regexes of the Linear modules to adapt")
-    init: LoraInit = opt("default", "initialisation of the LoRA weights: default, gaussian, pissa or olora")
+    init: LoraInit = opt("default", "initialisation of the LoRA weights: default, gaussian (lora, dora), pissa "
+                         "or olora")
     init_from: str = opt("", "LoRA file (peft or native) a new run starts from, of this rank, alpha and targets; "
                          "'' = none")
 

@@ -139,17 +139,24 @@ def sample_frames(model, vae, cond: Conditioning, options: SampleOptions, device
 
 @contextmanager
 def lora_scaled(model, scale: float):
-    """Every peft LoRA layer of `model` at `scale` times its trained strength for the block, restored after.
+    """Every peft adapter layer of `model` (LoRA, LoHa, LoKr: each scales its update by `scaling`) at `scale`
+    times its trained strength for the block, restored after.
 
     The saved scalings are put back as they were (not divided back), so the model trains on bit-for-bit
-    unchanged after a validation at another strength. A model without LoRA layers ignores the scale."""
+    unchanged after a validation at another strength. A model without adapter layers ignores the scale. A DoRA
+    is refused: scaling its update inside the row norm is not a strength (at 0 it is not the base model)."""
     if scale == 1.0:
         yield
         return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     saved = []
     for module in model.modules():
+        if any(getattr(module, "use_dora", {}).values()):
+            raise ValueError(f"a LoRA strength of {scale:g} cannot be applied to a DoRA (its magnitudes are "
+                             "absolute): sample it at strength 1")
         scaling = getattr(module, "scaling", None)
-        if isinstance(scaling, dict) and hasattr(module, "lora_A"):
+        if isinstance(scaling, dict) and isinstance(module, BaseTunerLayer):
             saved.append((module, dict(scaling)))
             for name in scaling:
                 scaling[name] = scaling[name] * scale

@@ -56,6 +56,13 @@ def _switch_problems(config: Config, device: torch.device | None) -> list[str]:
         problems += _attention_problems(config, device)
     if m.block_offload and config.train.mixed_precision == "no" and config.model.dtype != "fp32":
         problems.append("memory.block_offload with train.mixed_precision = \"no\" is not supported; use bf16")
+    kind = config.lora.kind
+    if m.base_weights != "bf16" and kind != "lora":
+        # A low-bit Linear holds no `weight`: DoRA needs its values (the magnitude at init, the row norms at every
+        # step), peft's LoHa and LoKr its shape at every forward (engine.models.lora.add_lora refuses it too).
+        problems.append(f"lora.kind = \"{kind}\" does not combine with memory.base_weights = \"{m.base_weights}\": "
+                        "peft's layer reads the base Linear's weight, which a low-bit Linear does not have; set "
+                        "base_weights = \"bf16\" or kind = \"lora\"")
     return problems
 
 
@@ -92,6 +99,10 @@ def _process_problems(config: Config, world_size: int) -> list[str]:
             "memory.offload_checkpoint_inputs = true recomputes blocks with a re-entrant checkpoint that FSDP2 "
             "cannot re-gather weights for; set offload_checkpoint_inputs = false with distributed.strategy = "
             "\"fsdp\" (it combines with \"ddp\")")
+    if strategy == "fsdp" and config.lora.kind == "dora":
+        problems.append(
+            "lora.kind = \"dora\" with distributed.strategy = \"fsdp\": the native DoRA file's dora_scale is computed "
+            "from each adapted layer's whole base weight, which FSDP2 shards; use strategy = \"ddp\" or another kind")
     if strategy == "fsdp" and m.base_weights != "bf16":
         problems.append(f"memory.base_weights = \"{m.base_weights}\" is not sharded by FSDP2; set base_weights = "
                         "\"bf16\" with distributed.strategy = \"fsdp\"")

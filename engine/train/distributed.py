@@ -147,20 +147,20 @@ class Distributed:
         return value
 
     def lora_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        from engine.models.lora import _canonical, get_lora_state
+        from engine.models.lora import _canonical, get_lora_state, is_lora_parameter
 
         if not self.sharded:
             return get_lora_state(model)
         return {_canonical(n): p.detach().full_tensor().to("cpu", torch.float32)
-                for n, p in model.named_parameters() if ".lora_" in n}
+                for n, p in model.named_parameters() if is_lora_parameter(n)}
 
     def set_lora_state(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-        from engine.models.lora import _canonical, set_lora_state
+        from engine.models.lora import _canonical, is_lora_parameter, set_lora_state
 
         if not self.sharded:
             set_lora_state(model, state, source)
             return
-        params = {_canonical(n): p for n, p in model.named_parameters() if ".lora_" in n}
+        params = {_canonical(n): p for n, p in model.named_parameters() if is_lora_parameter(n)}
         if set(params) != set(state):
             from engine.models.lora import LoraFileError
 

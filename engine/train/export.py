@@ -29,10 +29,11 @@ class ExportFailed(RuntimeError):
 
 
 def lora_files(config: Config, weights: Mapping[str, torch.Tensor], kind: str, modules: frozenset[str],
-               step: int, config_hash: str) -> dict[str, bytes]:
+               step: int, config_hash: str, base_weight=None) -> dict[str, bytes]:
     """layout -> the bytes of the LoRA file of `weights` (named `kind`: "ema", "trained" or "schedulefree_eval")
     at `step`, for every layout of output.formats; `modules` are the native module names the keys are checked
-    against (engine.models.lora.native_reference_modules)."""
+    against (engine.models.lora.native_reference_modules); `base_weight` (module -> base weight) is what a
+    native DoRA file is computed against (engine.models.lora.base_weight_reader)."""
     lo = config.lora
     extra = {"ema": str(kind == "ema"), "weights": kind, "identity": config.identity_hash()}
     if lo.init_from:
@@ -40,8 +41,8 @@ def lora_files(config: Config, weights: Mapping[str, torch.Tensor], kind: str, m
     files = {}
     for layout in config.output.formats:
         meta = lora_metadata(config.model.source, lo.rank, lo.alpha, step, config_hash, layout, list(lo.targets),
-                             extra)
-        files[layout] = lora_bytes(weights, layout, meta, lo.alpha, modules)
+                             extra, kind=lo.kind)
+        files[layout] = lora_bytes(weights, layout, meta, lo.alpha, modules, base_weight)
     return files
 
 
@@ -55,7 +56,7 @@ def export_final(config: Config, trainer, run_dir: Path, config_hash: str) -> di
     identity = config.identity_hash()
     outputs = {}
     for layout, blob in lora_files(config, weights, kind, trainer.native_modules, trainer.step,
-                                   config_hash).items():
+                                   config_hash, trainer.base_weight).items():
         path = run_dir / f"{config.output.name}_{layout}.safetensors"
         keep_previous_export(path, trainer.step, identity)
         try:

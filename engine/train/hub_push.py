@@ -152,7 +152,7 @@ def model_card(config: Config, run_dir: Path, exports: list[tuple[str, Path]],
         lines.append("The training captions were not available when this card was written.")
     lines += ["", "## Settings", "", "| setting | value |", "| --- | --- |"]
     settings = {
-        "LoRA rank / alpha": f"{lo.rank} / {lo.alpha:g}", "LoRA targets": ", ".join(f"`{t}`" for t in lo.targets),
+        "LoRA kind": lo.kind, "LoRA rank / alpha": f"{lo.rank} / {lo.alpha:g}", "LoRA targets": ", ".join(f"`{t}`" for t in lo.targets),
         "optimizer": f"{o.optimizer}, lr {o.lr:g}, {o.schedule} schedule, warmup {o.warmup_steps}",
         "steps": f"{steps} of {o.max_steps}", "batch": f"{o.batch_size} x {o.grad_accum} accumulation",
         "resolution": f"{width}x{height}, {config.data.frames} frames at 16 fps, {config.data.motion_frames} "

@@ -1,6 +1,7 @@
 """`lora.init_from`: a new run starts from the weights of an existing LoRA file, in the peft or native layout.
 
-The file must fit the run's [lora] settings exactly: its rank and alpha are lora.rank and lora.alpha, and it
+The file must fit the run's [lora] settings exactly: its kind, rank and alpha are lora.kind, lora.rank and
+lora.alpha, and it
 holds a LoRA for exactly the modules that lora.targets match on this model, each of this model's shape. Anything
 else is refused in the check phase, before any cache work, with the file, the key and the fix (check_init_from).
 The weights are copied in after the adapter is added (apply_init_from); the optimizer, its schedule and the EMA
@@ -18,6 +19,7 @@ from engine.config import BadValueError, Config, ConfigError, ConflictError
 from engine.models.loading import CheckpointError
 from engine.models.lora import (LoraFileError, load_lora, lora_file_layout, lora_module_names, lora_rank_alpha,
                                 matched_modules, set_lora_state)
+from engine.models.lora_kinds import adapter_shapes, by_module
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,10 @@ def check_init_from(config: Config, origin: str = "<run config>") -> None:
         raise errors[0]
     state, meta, rank, alpha = _read(config, origin)
     lo, path = config.lora, config.lora.init_from
+    if meta["lora_kind"] != lo.kind:
+        raise ConflictError(origin, "lora.kind", f"is {lo.kind!r}, but lora.init_from ({path}) holds a "
+                            f"{meta['lora_kind']!r} adapter", f"set lora.kind = \"{meta['lora_kind']}\" to start from "
+                            "that file, or give lora.init_from a file of the kind you train")
     if rank != lo.rank:
         raise ConflictError(origin, "lora.rank", f"is {lo.rank}, but the LoRA of lora.init_from ({path}) has rank "
                             f"{rank}", f"set lora.rank = {rank} and lora.alpha = {alpha:g} to start from that file, "
@@ -94,14 +100,19 @@ def check_init_from(config: Config, origin: str = "<run config>") -> None:
                "set lora.targets to full-match exactly the modules the file adapts")
         raise ConflictError(origin, "lora.targets", f"do not fit the LoRA of lora.init_from ({path}): "
                             + "; ".join(said), fix)
-    for module in sorted(have):
+    expected: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
+    for module, params in sorted(by_module(state).items()):
         layer = linears[module]
-        a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
-        if (tuple(a.shape), tuple(b.shape)) != ((rank, layer.in_features), (layer.out_features, rank)):
-            raise BadValueError(origin, KEY, f"{path}: the LoRA of {module} has shapes {tuple(a.shape)} and "
-                                f"{tuple(b.shape)}, this model's layer is {layer.in_features} -> "
-                                f"{layer.out_features}: it was made for another model", "give a LoRA trained on "
-                                "this base model")
+        sizes = (layer.in_features, layer.out_features)
+        if sizes not in expected:  # what peft gives a layer of this size with these settings
+            expected[sizes] = adapter_shapes(lo.kind, rank, *sizes)
+        shapes = {p: tuple(v.shape) for p, v in params.items()}
+        if any(expected[sizes].get(p) != s for p, s in shapes.items()):
+            raise BadValueError(origin, KEY, f"{path}: the {lo.kind} of {module} has shapes {shapes}, this model's "
+                                f"layer ({layer.in_features} -> {layer.out_features}) takes "
+                                f"{ {p: s for p, s in expected[sizes].items() if p in shapes or p != 'dora_scale'} }: "
+                                "it was made for another model (or another LoKr factorisation)",
+                                "give a LoRA trained on this base model")
 
 
 def _meta_model(config: Config) -> nn.Module | None:

@@ -34,7 +34,7 @@ from engine.config import Config, resolved_dict
 from engine.dtypes import AUTOCAST_DTYPES
 from engine.events import CheckpointSaved, Event, PhaseChanged, RunWarning, StepEnd
 from engine.fsio import atomic_write_bytes
-from engine.models.lora import lora_parameter_names, lora_parameters, native_reference_modules
+from engine.models.lora import base_weight_reader, lora_parameter_names, lora_parameters, native_reference_modules
 from engine.models.tread import TokenRoute, check_capture_outside, resolve_span
 from engine.train import checkpoint as ckpt
 from engine.train.batches import Batch, BatchSource
@@ -236,8 +236,14 @@ class Trainer:
             return weights, "schedulefree_eval"
         return (lora if lora is not None else self.dist.lora_state(self.model)), "trained"
 
+    @property
+    def base_weight(self):
+        """module -> its base weight, for the native layout of a DoRA (computed against it)."""
+        return base_weight_reader(self.model)
+
     def _lora_files(self, weights: dict[str, torch.Tensor], kind: str) -> dict[str, bytes]:
-        return lora_files(self.cfg, weights, kind, self.native_modules, self.step, self.config_hash)
+        return lora_files(self.cfg, weights, kind, self.native_modules, self.step, self.config_hash,
+                          self.base_weight)
 
     def complete_checkpoint_loras(self) -> None:
         """Write the LoRA files that the checkpoint resumed from lacks: one set aside as damaged at the start, a
