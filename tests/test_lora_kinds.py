@@ -137,7 +137,7 @@ def test_both_layouts_reload_to_the_trained_outputs(tiny_model_dir, tmp_path, ki
 # ---- runs through the runner -----------------------------------------------------------------------------------
 def _run_config(model_dir, tmp_path, kind, **overrides):
     from engine.config import with_value
-    from s2v_tui.demo import demo_config
+    from s2v_tui.commands.demo import demo_config
 
     settings = {"optim.warmup_steps": 0, "lora.kind": kind, "lora.rank": 2, "lora.alpha": 4.0, **overrides}
     config = demo_config(model_dir, tmp_path / "runs")
@@ -157,7 +157,8 @@ def _run(config, run_dir, stop=None, subscribers=()):
 
 
 def _step_losses(run_dir) -> dict[int, float]:
-    from engine.events import EVENTS_FILENAME, read_events
+    from engine.event_log import read_events
+    from engine.events import EVENTS_FILENAME
 
     return {e.step: e.loss for e in read_events(run_dir / EVENTS_FILENAME) if e.kind == "step_end"}
 
