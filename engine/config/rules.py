@@ -233,6 +233,13 @@ def _check_validation(c: _Checker, cfg: Config) -> None:
     c.at_least("validation.steps", v.steps, 1, "40 as the official inference")
     c.at_least("validation.cfg_scale", v.cfg_scale, 1, "4.5 as the official inference; 1 = no guidance")
     c.at_least("validation.eval_loss.num_triples", v.eval_loss.num_triples, 1)
+    c.probability("validation.eval_loss.holdout", v.eval_loss.holdout, allow_one=False)
+    if v.eval_loss.holdout > 0 and not (v.eval_loss.enabled and v.every_steps > 0):
+        # The clips would be taken out of training and never measured.
+        c.conflict("validation.eval_loss.holdout",
+                   "holds clips out of training for the eval loss, but the eval loss is never measured "
+                   "(it needs validation.eval_loss.enabled = true and validation.every_steps > 0)",
+                   "enable the eval loss and set validation.every_steps, or set holdout = 0")
     c.at_least("validation.chunks", v.chunks, 1, "1 = 77 frames (4.8 s), as before")
     names = [f"{s:g}" for s in v.lora_scales]
     for i, name in enumerate(names):

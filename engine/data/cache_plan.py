@@ -233,7 +233,8 @@ def _crop_list(crop: CropPlan) -> list[int]:
     return [crop.resize_w, crop.resize_h, crop.left, crop.top, crop.width, crop.height]
 
 
-def _clip_id(clip: ClipSource, specs: dict[str, DatasetSpec]) -> str:
+def clip_id_of(clip: ClipSource, specs: dict[str, DatasetSpec]) -> str:
+    """"<dataset label>/<path inside the dataset>": the identity of a clip in records, holdout and check."""
     spec = specs.get(clip.dataset)
     try:
         rel = clip.video.relative_to(spec.path).as_posix() if spec else clip.video.name
@@ -277,7 +278,7 @@ def plan_work(reports: list[ClipReport], specs: list[DatasetSpec], settings: Doc
             skipped.append(SkippedClip(clip.video, tuple(p for p in report.problems if p.blocking)))
             continue
         warnings.extend((clip.video, p) for p in report.problems if not p.blocking)
-        clip_id = _clip_id(clip, by_label)
+        clip_id = clip_id_of(clip, by_label)
         transform = plan.crop
         size = (plan.crop.width, plan.crop.height)
         video_sha = store.file_digest(clip.video)
