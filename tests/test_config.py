@@ -49,7 +49,8 @@ def test_every_schema_key_has_help():
     assert {f.key for f in fields} == set(flatten(cf.resolved_dict(cf.Config())))
     assert all(f.help for f in fields)
     optimizer = next(f for f in fields if f.key == "optim.optimizer")
-    assert optimizer.choices == ("adamw", "adamw8bit", "lion", "prodigy", "schedulefree")
+    assert optimizer.choices == ("adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit", "lion",
+                                "prodigy", "schedulefree")
 
 
 def test_defaults_follow_the_brief():

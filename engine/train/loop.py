@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,19 +198,28 @@ class Trainer:
             shadow = self.dist.full(list(self.ema.shadow))
             return {n: s.detach().to("cpu", torch.float32, copy=True) for n, s in zip(names, shadow, strict=True)}, "ema"
         if hasattr(self.optimizer, "eval"):
-            # eval() moves the weights to the evaluation point and train() back, but not exactly (floating
-            # point): the trained weights are copied back afterwards.
-            live = [p.detach().clone() for p in self.params]
-            self.optimizer.eval()
-            try:
-                weights = self.dist.lora_state(self.model)
-            finally:
-                self.optimizer.train()
-                with torch.no_grad():
-                    for p, saved in zip(self.params, live, strict=True):
-                        p.copy_(saved)
-            return weights, "schedulefree_eval"
+            with self.evaluation_weights():
+                return self.dist.lora_state(self.model), "schedulefree_eval"
         return (lora if lora is not None else self.dist.lora_state(self.model)), "trained"
+
+    @contextmanager
+    def evaluation_weights(self):
+        """A schedule-free optimizer's evaluation weights (its averaged point x) in the LoRA for the block, where
+        the trained ones (the point y its gradients are taken at) are restored after; any other optimizer leaves
+        the weights as they are. eval() moves the weights to x and train() back, but not exactly (floating point),
+        so the trained weights are copied back afterwards: validating never changes the training that follows."""
+        if not hasattr(self.optimizer, "eval"):
+            yield
+            return
+        live = [p.detach().clone() for p in self.params]
+        self.optimizer.eval()
+        try:
+            yield
+        finally:
+            self.optimizer.train()
+            with torch.no_grad():
+                for p, saved in zip(self.params, live, strict=True):
+                    p.copy_(saved)
 
     def _lora_files(self, weights: dict[str, torch.Tensor], kind: str) -> dict[str, bytes]:
         return lora_files(self.cfg, weights, kind, self.native_modules, self.step, self.config_hash)
@@ -448,7 +457,8 @@ class Trainer:
 
     def validate(self) -> None:
         self.emit(PhaseChanged(phase="validate", detail=f"step {self.step}"))
-        done = self.validator.run(self.step, self.ema)
+        with self.evaluation_weights():  # samples and eval loss of the weights the export would hold
+            done = self.validator.run(self.step, self.ema)
         if done is not None:
             self.emit(done)
         self.emit(PhaseChanged(phase="train", detail=f"{self.cfg.optim.max_steps} steps"))
