@@ -221,6 +221,11 @@ def _check_optim(c: _Checker, cfg: Config, dataset_size: int | None) -> None:
 def _check_train(c: _Checker, cfg: Config) -> None:
     t = cfg.train
     c.positive("train.flow_shift", t.flow_shift)
+    if t.flow_schedule_auto_shift and t.flow_shift != 3.0:
+        # The auto shift replaces flow_shift; a flow_shift set beside it would silently do nothing.
+        c.conflict("train.flow_schedule_auto_shift", f"computes the training shift from the window size, but "
+                   f"train.flow_shift = {t.flow_shift:g} is set too", "remove flow_shift (or set it to 3) or set "
+                   "flow_schedule_auto_shift = false")
     c.positive("train.logit_std", t.logit_std)
     c.at_least("train.nonfinite_max_in_a_row", t.nonfinite_max_in_a_row, 1)
     c.at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 0, "0 = only on stop, signal and end")
@@ -232,6 +237,7 @@ def _check_validation(c: _Checker, cfg: Config) -> None:
     c.at_least("validation.every_steps", v.every_steps, 0)
     c.at_least("validation.steps", v.steps, 1, "40 as the official inference")
     c.at_least("validation.cfg_scale", v.cfg_scale, 1, "4.5 as the official inference; 1 = no guidance")
+    c.positive("validation.flow_shift", v.flow_shift)
     c.at_least("validation.eval_loss.num_triples", v.eval_loss.num_triples, 1)
     c.probability("validation.eval_loss.holdout", v.eval_loss.holdout, allow_one=False)
     if v.eval_loss.holdout > 0 and not (v.eval_loss.enabled and v.every_steps > 0):

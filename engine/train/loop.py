@@ -39,7 +39,7 @@ from engine.train.ema import LoraEma
 from engine.train.export import emergency_paths, lora_files
 from engine.train.host_guard import HostMemoryGuard
 from engine.train.metrics import LossSmoother, StepTimer, memory_stats
-from engine.train.objective import (flow_loss, noisy_input, sample_sigmas, sigmas_to_timesteps,
+from engine.train.objective import (flow_loss, noisy_input, sample_sigmas, sigmas_to_timesteps, training_shift,
                                     velocity_target)
 from engine.train.optim import build_optimizer, build_scheduler
 
@@ -296,7 +296,8 @@ class Trainer:
         # several processes each draws them for the whole global batch and keeps its slice: N ranks of batch b
         # then train on exactly the noise one process of batch N*b would.
         n, part = batch.global_size or x0.shape[0], slice(batch.offset, batch.offset + x0.shape[0])
-        sigmas = sample_sigmas(n, self.noise_gen, t.sigma_sampling, t.flow_shift, t.logit_mean,
+        shift = training_shift(t, x0.shape)  # one shape per global batch (batches keep to one bucket)
+        sigmas = sample_sigmas(n, self.noise_gen, t.sigma_sampling, shift, t.logit_mean,
                                t.logit_std)[part].to(self.device)
         noise = torch.randn((n, *x0.shape[1:]), generator=self.noise_gen)[part].to(self.device)
         x_t = noisy_input(x0, noise, sigmas)
