@@ -251,10 +251,12 @@ def _validation_set(config: Config, device: torch.device):
 def _holdout_split(config: Config, dataset):
     """(training windows, held-out windows or None): validation.eval_loss.holdout's clips leave the training
     order here, before the trainer draws its first batch, and become the eval loss's windows."""
+    from engine.data.cache_plan import eval_dataset_labels
     from engine.data.holdout import HoldoutError, split_dataset
 
     try:
-        train, held_out, clips = split_dataset(dataset, config.validation.eval_loss.holdout, config.train.seed)
+        train, held_out, clips = split_dataset(dataset, config.validation.eval_loss.holdout, config.train.seed,
+                                               eval_dataset_labels(config))
     except HoldoutError as exc:
         raise RunFailed(str(exc)) from None
     if clips:

@@ -122,26 +122,29 @@ def _preset_inputs(path: Path, args: argparse.Namespace):
         raise ValueError(f"{path}: these settings cannot run: " + "; ".join(problems))
     # Relative dataset folders resolve against the working directory, as in `s2v-tui cache` and `--run`.
     settings = dataclasses.replace(doctor_settings(config), workers=args.workers, count_tokens=_token_counter(args))
-    return dataset_specs(config), settings, config
+    return dataset_specs(config, with_eval=True), settings, config
 
 
 def held_out(report: DoctorReport, specs: list[DatasetSpec], config) -> tuple[list[str], str]:
-    """(the clip ids validation.eval_loss.holdout keeps out of training, the line that says so); the line is
-    the refusal when the holdout leaves no training or no eval clip. Nothing without a preset or a holdout."""
-    if config is None or config.validation.eval_loss.holdout == 0:
+    """(the clip ids kept out of training for the eval loss: validation.eval_loss.datasets' and holdout's, the line
+    that says so); the line is the refusal when that leaves no training or no eval clip. Nothing without a preset,
+    a holdout or eval datasets. The choice is the run's own (engine.data.holdout.held_out_ids)."""
+    v = None if config is None else config.validation.eval_loss
+    if v is None or (v.holdout == 0 and not v.datasets):
         return [], ""
-    from engine.data.cache_plan import clip_id_of
-    from engine.data.holdout import HoldoutError, held_out_clips
+    from engine.data.cache_plan import clip_id_of, eval_dataset_labels
+    from engine.data.holdout import HoldoutError, held_out_ids
 
     by_label = {s.label: s for s in specs}
-    ids = [clip_id_of(c.clip, by_label) for c in report.clips if c.usable and c.plan is not None]
-    fraction = config.validation.eval_loss.holdout
+    usable = [c for c in report.clips if c.usable and c.plan is not None]
     try:
-        held = sorted(held_out_clips(ids, fraction, config.train.seed))
+        held = held_out_ids([(clip_id_of(c.clip, by_label), c.clip.dataset) for c in usable], v.holdout,
+                            config.train.seed, eval_dataset_labels(config))
     except HoldoutError as exc:
         return [], f"BLOCKING holdout: {exc}"
-    return held, (f"held out of training for the eval loss (validation.eval_loss.holdout = {fraction:g}): "
-                  f"{len(held)} of {len(ids)} clips: {', '.join(held)}")
+    held = sorted(held)
+    return held, (f"held out of training for the eval loss (validation.eval_loss.holdout = {v.holdout:g}, "
+                  f"{len(v.datasets)} eval dataset(s)): {len(held)} of {len(usable)} clips: {', '.join(held)}")
 
 
 def _exit_code(report: DoctorReport, strict: bool, holdout_line: str = "") -> int:

@@ -40,8 +40,9 @@ def test_defaults_are_valid_and_base_preset_is_every_default():
     written = set(flatten(tomllib.loads(BASE_PRESET.read_text())))
     expected = set(flatten(cf.resolved_dict(cf.Config())))
     # Empty arrays of tables are shown as commented examples; every other key is written out.
-    assert expected - written == {"data.datasets", "validation.cases"}
+    assert expected - written == {"data.datasets", "validation.cases", "validation.eval_loss.datasets"}
     assert "[[data.datasets]]" in BASE_PRESET.read_text()
+    assert "[[validation.eval_loss.datasets]]" in BASE_PRESET.read_text()
 
 
 def test_every_schema_key_has_help():

@@ -153,3 +153,71 @@ def test_check_lists_the_clips_the_run_holds_out(tmp_path, tiny_model_dir, capsy
     preset.write_text(preset.read_text().replace("holdout = 0.5", "holdout = 0.1"))
     assert check_cmd.main([str(preset)]) == check_cmd.EXIT_PROBLEMS
     assert "holds out no clip" in capsys.readouterr().out
+
+
+def _talking(folder: Path, count: int, seed: int = 0) -> None:
+    for i in range(count):
+        make_talking_clip(folder, f"c{i}", fps=25, size=(64, 64), duration_s=1.0, seed=seed + i, use_espeak=False,
+                          caption=f"Speaker {seed + i}.")
+
+
+def test_eval_datasets_are_cached_never_trained_and_all_the_eval_loss_measures(tiny_model_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    _talking(tmp_path / "train", 3)
+    _talking(tmp_path / "heldout", 2, seed=10)
+    trained: list[str] = []
+    measured: list[str] = []
+    real_collate, real_eval = batches.collate, validation.evaluation_loss
+
+    def recording_collate(samples, caption_drop, motion_drop):
+        trained.extend(s["clip_id"] for s in samples)
+        return real_collate(samples, caption_drop, motion_drop)
+
+    def recording_eval(model, dataset, triples, *args, **kwargs):
+        measured.extend(dataset[t.index]["clip_id"] for t in triples)
+        return real_eval(model, dataset, triples, *args, **kwargs)
+
+    monkeypatch.setattr(batches, "collate", recording_collate)
+    monkeypatch.setattr(validation, "evaluation_loss", recording_eval)
+    config = demo_config(tiny_model_dir, tmp_path / "runs", tmp_path / "train", tmp_path / "cache")
+    for key, value in {"optim.max_steps": 6, "optim.warmup_steps": 0, "data.frames": 8, "data.motion_frames": 5,
+                       "data.windows_per_clip": 1, "validation.every_steps": 3, "validation.eval_loss.enabled": True,
+                       "validation.eval_loss.num_triples": 4,
+                       "validation.eval_loss.datasets": [{"path": str(tmp_path / "heldout")}]}.items():
+        config = with_value(config, key, value)
+    end = run(config, [], threading.Event(), run_dir=tmp_path / "run", device="cpu")
+    assert end.status == "completed", end.reason
+    assert set(trained) == {f"train/c{i}.mp4" for i in range(3)}  # no eval clip in any training batch
+    assert set(measured) == {"heldout/c0.mp4", "heldout/c1.mp4"}
+    # Both folders went through the same cache: a second plan finds nothing to compute.
+    from engine.data.cache_fill import plan_cache
+
+    work, _, _ = plan_cache(config)
+    assert not (work.windows or work.references or work.audio or work.texts)
+    assert {r.dataset for r in work.plan.records} == {"train", "heldout"}
+    # `s2v-tui check` names the same clips, and with a holdout too those of the training folder it picks.
+    preset = tmp_path / "run.toml"
+    from engine.config import save_config
+
+    save_config(with_value(config, "validation.eval_loss.holdout", 0.34), preset)
+    assert check_cmd.main([str(preset), "--json"]) == check_cmd.EXIT_OK
+    listed = json.loads(capsys.readouterr().out)["held_out"]
+    picked = held_out_clips([f"train/c{i}.mp4" for i in range(3)], 0.34, config.train.seed)
+    assert listed == sorted({"heldout/c0.mp4", "heldout/c1.mp4"} | picked) and len(picked) == 1
+
+
+def test_eval_dataset_rules(tmp_path):
+    config = Config()
+    config.data.datasets = [DatasetEntry(path=str(tmp_path / "a"))]
+    config.validation.every_steps = 5
+    config.validation.eval_loss.enabled = True
+    config.validation.eval_loss.datasets = [DatasetEntry(path=str(tmp_path / "a")), DatasetEntry(path="b", repeats=2)]
+    keys = {e.key for e in check_config(config)}
+    assert {"validation.eval_loss.datasets[0].path", "validation.eval_loss.datasets[1].repeats"} <= keys
+    config.validation.eval_loss.datasets = [DatasetEntry(path="b")]
+    assert not {e.key for e in check_config(config)}
+    config.validation.eval_loss.enabled = False
+    assert "validation.eval_loss.datasets" in {e.key for e in check_config(config)}
+    # A dataset given by the caller has no cache to read the eval clips from: refused, not ignored.
+    with pytest.raises(HoldoutError, match="feature cache"):
+        split_dataset(SyntheticLatentDataset(3), 0.0, 0, frozenset({"b"}))

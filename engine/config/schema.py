@@ -181,6 +181,9 @@ class EvalLossConfig:
     num_triples: int = opt(8, "(window, sigma, noise) triples in the eval loss")
     holdout: float = opt(0.0, "fraction of the clips (0 <= f < 1) never trained on, that the eval loss measures; "
                          "chosen from train.seed and the clip ids, listed by `s2v-tui check`; 0 = none")
+    datasets: list[DatasetEntry] = opt([], "folders of clips that only the eval loss measures, one "
+                                       "[[validation.eval_loss.datasets]] table each (the keys of [[data.datasets]] "
+                                       "but repeats and weight); cached, never trained")
 
 
 @dataclass

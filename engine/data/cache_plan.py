@@ -190,12 +190,14 @@ class PlannedWork:
 # From the run config
 
 
-def dataset_specs(config) -> list[DatasetSpec]:
-    """The config's datasets; labels made unique so clip ids never collide."""
+def dataset_specs(config, with_eval: bool = False) -> list[DatasetSpec]:
+    """The config's training datasets, and with `with_eval` its validation.eval_loss.datasets after them (cached
+    like them, never trained: engine.data.holdout); labels made unique so clip ids never collide."""
     if not config.data.datasets:
         raise ValueError("the config has no [[data.datasets]] table; add one with `path = \"FOLDER\"`")
     specs, seen = [], set()
-    for entry in config.data.datasets:
+    entries = list(config.data.datasets) + (list(config.validation.eval_loss.datasets) if with_eval else [])
+    for entry in entries:
         path = Path(entry.path).expanduser()
         label, n = path.name or str(path), 2
         while label in seen:
@@ -206,6 +208,13 @@ def dataset_specs(config) -> list[DatasetSpec]:
                                  caption_prefix=entry.caption_prefix, caption_separator=entry.caption_separator,
                                  default_caption=entry.default_caption or None))
     return specs
+
+
+def eval_dataset_labels(config) -> frozenset[str]:
+    """The labels (clip id prefixes) of the config's validation.eval_loss.datasets."""
+    if not config.validation.eval_loss.datasets:
+        return frozenset()
+    return frozenset(s.label for s in dataset_specs(config, with_eval=True)[len(config.data.datasets):])
 
 
 def doctor_settings(config) -> DoctorSettings:

@@ -8,6 +8,10 @@ shuffle of the list would reshuffle them all). The split is by clip, never by wi
 overlap in motion frames and share a speaker and a caption, so a window of a training clip would leak into the
 measurement. Held-out clips are cached like the others (they are in the same plan) and only left out of the
 training order.
+
+The clips of validation.eval_loss.datasets (folders of their own) are held out whole: they are planned and cached
+with the training datasets (engine.data.cache_plan.dataset_specs with_eval) and leave the training order here too;
+the fraction then applies to the training datasets' clips only.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 HOLDOUT_KEY = "validation.eval_loss.holdout"
+DATASETS_KEY = "validation.eval_loss.datasets"
 
 
 class HoldoutError(ValueError):
@@ -53,6 +58,22 @@ def held_out_clips(clip_ids: Iterable[str], fraction: float, seed: int) -> froze
     return frozenset(sorted(unique, key=lambda c: _rank(seed, c))[:n])
 
 
+def held_out_ids(clips: Sequence[tuple[str, str]], fraction: float, seed: int,
+                 eval_datasets: frozenset[str] = frozenset()) -> frozenset[str]:
+    """The held-out clip ids of (clip id, dataset label) pairs (one per window or per clip): every clip of the
+    `eval_datasets` labels, and `fraction` of the others. HoldoutError when no clip would train or none be
+    measured."""
+    ids = {c for c, _ in clips}
+    held = frozenset(c for c, label in clips if label in eval_datasets)
+    if eval_datasets and not held:
+        raise HoldoutError(f"{DATASETS_KEY} gave no usable clip (see the skipped clips, or `s2v-tui check "
+                           "PRESET.toml`): fix those clips or remove the eval datasets")
+    if eval_datasets and held == ids:
+        raise HoldoutError("no clip of [[data.datasets]] is usable, so nothing would train (the clips of "
+                           f"{DATASETS_KEY} never train): fix the training clips")
+    return held | held_out_clips(sorted(ids - held), fraction, seed)
+
+
 class IndexSubset:
     """The windows `indices` of a map-style dataset of sample dicts (len, [i]), in that order."""
 
@@ -76,23 +97,29 @@ def dataset_clip_ids(dataset) -> list[str]:
     return [str(dataset[i]["clip_id"]) for i in range(len(dataset))]
 
 
-def split_dataset(dataset, fraction: float, seed: int):
-    """(training windows, held-out windows, held-out clip ids) of `dataset`; with fraction 0 the dataset itself,
-    None and no clip. A cached dataset splits into two cached datasets over the same cache (the training one
-    keeps its bucket-grouped batch sampler); any other into two IndexSubsets."""
-    if fraction == 0:
+def split_dataset(dataset, fraction: float, seed: int, eval_datasets: frozenset[str] = frozenset()):
+    """(training windows, held-out windows, held-out clip ids) of `dataset`; with fraction 0 and no eval dataset
+    the dataset itself, None and no clip. `eval_datasets`: the labels of the eval-only datasets, whose clips are
+    all held out. A cached dataset splits into two cached datasets over the same cache (the training one keeps its
+    bucket-grouped batch sampler); any other into two IndexSubsets."""
+    if fraction == 0 and not eval_datasets:
         return dataset, None, frozenset()
     ids = dataset_clip_ids(dataset)
-    held = held_out_clips(ids, fraction, seed)
+    records = getattr(dataset, "records", None)
+    if eval_datasets and records is None:
+        raise HoldoutError(f"{DATASETS_KEY} is read through the feature cache, but this run was given a dataset "
+                           "without one: remove the eval datasets or let the run fill its cache")
+    labels = [r.dataset for r in records] if records is not None else [""] * len(ids)
+    held = held_out_ids(list(zip(ids, labels, strict=True)), fraction, seed, eval_datasets)
     train = [i for i, c in enumerate(ids) if c not in held]
     evaluate = [i for i, c in enumerate(ids) if c in held]
     plan = getattr(dataset, "plan", None)
-    if plan is not None and getattr(dataset, "records", None) is not None:
+    if plan is not None and records is not None:
         from engine.data.dataset import CachedWindowDataset
 
         def part(indices: list[int]):
-            records = tuple(dataset.records[i] for i in indices)
-            return CachedWindowDataset(dataclasses.replace(plan, records=records), dataset.store)
+            kept = tuple(records[i] for i in indices)
+            return CachedWindowDataset(dataclasses.replace(plan, records=kept), dataset.store)
 
         return part(train), part(evaluate), held
     return IndexSubset(dataset, train), IndexSubset(dataset, evaluate), held
