@@ -10,6 +10,7 @@ import mpmath
 import numpy as np
 import pytest
 import torch
+from test_validation_options import inputs  # noqa: F401 - the reference image and speech fixture
 
 from engine.config import check_config, with_value
 from engine.infer import sampler, schedule
@@ -64,18 +65,6 @@ def test_both_solvers_walk_the_beta_schedule(solver):
     assert not torch.equal(official.timesteps.cpu(), s.timesteps.cpu())
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    from PIL import Image
-
-    from engine.data.synth import speech_audio, write_audio_file
-
-    d = tmp_path_factory.mktemp("inputs")
-    Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)).save(d / "face.png")
-    write_audio_file(d / "speech.wav", speech_audio(2.0, seed=1), 16000)
-    return d
-
-
 def _recording_solver(monkeypatch):
     calls = []
     real = sampler.make_solver
@@ -88,12 +77,13 @@ def _recording_solver(monkeypatch):
     return calls
 
 
-def test_validation_samples_with_its_own_schedule_and_shift(tiny_model_dir, inputs, tmp_path, monkeypatch):
+def test_validation_samples_with_its_own_schedule_and_shift(tiny_model_dir, inputs, tmp_path,  # noqa: F811
+                                                            monkeypatch):
     calls = _recording_solver(monkeypatch)
     config = demo_config(tiny_model_dir, tmp_path / "runs")
     settings = {"optim.max_steps": 2, "optim.warmup_steps": 0, "validation.every_steps": 2, "validation.steps": 2,
                 "validation.solver": "euler", "validation.sigma_schedule": "beta", "validation.flow_shift": 5.0,
-                "validation.cases": [{"reference": str(inputs / "face.png"), "audio": str(inputs / "speech.wav"),
+                "validation.cases": [{"reference": str(inputs / "face.png"), "audio": str(inputs / "long.wav"),
                                       "prompt": "a man talks"}]}
     for key, value in settings.items():
         config = with_value(config, key, value)
@@ -114,12 +104,12 @@ def test_validation_schedule_keys_may_change_on_resume_and_are_checked():
     assert "validation.flow_shift" in {e.key for e in check_config(b)}
 
 
-def test_sample_command_takes_the_schedule(tiny_model_dir, inputs, tmp_path, monkeypatch, capsys):
+def test_sample_command_takes_the_schedule(tiny_model_dir, inputs, tmp_path, monkeypatch, capsys):  # noqa: F811
     from s2v_tui.sample_cmd import main
 
     calls = _recording_solver(monkeypatch)
     common = ["--model", str(tiny_model_dir), "--image", str(inputs / "face.png"), "--audio",
-              str(inputs / "speech.wav"), "--prompt", "a man talks", "--device", "cpu", "--steps", "3", "--size",
+              str(inputs / "long.wav"), "--prompt", "a man talks", "--device", "cpu", "--steps", "3", "--size",
               "64x64", "--max-chunks", "1", "--solver", "euler", "--shift", "4"]
     assert main([*common, "--out", str(tmp_path / "a.mp4")]) == 0, capsys.readouterr().err
     assert main([*common, "--sigma-schedule", "beta", "--out", str(tmp_path / "b.mp4")]) == 0

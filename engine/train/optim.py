@@ -43,8 +43,10 @@ class OptimizerUnavailable(RuntimeError):
 def _require(name: str):
     module, pip_name, extra = _PACKAGES[name]
     if importlib.util.find_spec(module) is None:
-        how = (f"`pip install 's2v-tui[{extra}]'` (or `pip install -e '.[{extra}]'` in a checkout), which installs "
-               "lion-pytorch, prodigyopt and schedulefree at the tested versions") if extra else f"`pip install {pip_name}`"
+        how = f"`pip install {pip_name}`"
+        if extra:
+            how = (f"`pip install 's2v-tui[{extra}]'` (or `pip install -e '.[{extra}]'` in a checkout), which "
+                   "installs lion-pytorch, prodigyopt and schedulefree at the tested versions")
         raise OptimizerUnavailable(
             f"optim.optimizer = \"{name}\" needs the '{pip_name}' package, which is not installed: {how}; or "
             "choose optimizer = \"adamw\""
