@@ -249,8 +249,9 @@ def _validation_set(config: Config, device: torch.device):
 
 
 def _holdout_split(config: Config, dataset):
-    """(training windows, held-out windows or None): validation.eval_loss.holdout's clips leave the training
-    order here, before the trainer draws its first batch, and become the eval loss's windows."""
+    """(training windows, held-out windows or None): the clips of validation.eval_loss.holdout and
+    validation.eval_loss.datasets leave the training order here, before the trainer draws its first batch, and
+    become the eval loss's windows."""
     from engine.data.cache_plan import eval_dataset_labels
     from engine.data.holdout import HoldoutError, split_dataset
 

@@ -176,8 +176,8 @@ class ValidationCase:
 
 @dataclass
 class EvalLossConfig:
-    enabled: bool = opt(False, "measure a fixed-noise loss at each validation: on the held-out clips with holdout > "
-                        "0, else on training windows")
+    enabled: bool = opt(False, "measure a fixed-noise loss at each validation: on the held-out clips (holdout, "
+                        "datasets) when there are any, else on training windows")
     num_triples: int = opt(8, "(window, sigma, noise) triples in the eval loss")
     holdout: float = opt(0.0, "fraction of the clips (0 <= f < 1) never trained on, that the eval loss measures; "
                          "chosen from train.seed and the clip ids, listed by `s2v-tui check`; 0 = none")

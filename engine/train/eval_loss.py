@@ -7,8 +7,9 @@ windows spread evenly over the dataset, sigmas at evenly spaced quantiles of the
 (logit-normal or uniform, then shifted), noise from a seeded generator per triple. The same weights give the same
 number, bit for bit on the CPU, wherever and whenever it is computed.
 
-The windows are those of the clips held out by validation.eval_loss.holdout (engine.data.holdout), which never
-train, so the number measures generalisation; with holdout = 0 they are training windows and it measures fit.
+The windows are those of the clips held out by validation.eval_loss.holdout and validation.eval_loss.datasets
+(engine.data.holdout), which never train, so the number measures generalisation; without either they are training
+windows and it measures fit.
 Captions are never dropped and motion is used where the window has it.
 """
 from __future__ import annotations
