@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from test_cache_dataset import fake_plan
 
 from engine.config import Config, DatasetEntry, check_config, with_value
@@ -221,3 +222,38 @@ def test_eval_dataset_rules(tmp_path):
     # A dataset given by the caller has no cache to read the eval clips from: refused, not ignored.
     with pytest.raises(HoldoutError, match="feature cache"):
         split_dataset(SyntheticLatentDataset(3), 0.0, 0, frozenset({"b"}))
+
+
+def test_a_resumed_run_holds_out_the_same_clips_and_trains_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch):
+    from engine.models.lora import load_lora
+
+    trained: list[str] = []
+    real_collate = batches.collate
+
+    def recording_collate(samples, caption_drop, motion_drop):
+        trained.extend(s["clip_id"] for s in samples)
+        return real_collate(samples, caption_drop, motion_drop)
+
+    monkeypatch.setattr(batches, "collate", recording_collate)
+    config = _config(tiny_model_dir, tmp_path, **{
+        "optim.max_steps": 8, "checkpoint.every_steps": 3, "validation.every_steps": 4,
+        "validation.eval_loss.enabled": True, "validation.eval_loss.num_triples": 2,
+        "validation.eval_loss.holdout": 0.4})
+    ref = run(config, [], threading.Event(), run_dir=tmp_path / "ref", dataset=SyntheticLatentDataset(5),
+              device="cpu")
+    stop = threading.Event()
+
+    def stop_at_5(event):
+        if event.kind == "step_end" and event.step == 5:
+            stop.set()
+
+    assert run(config, [stop_at_5], stop, run_dir=tmp_path / "resumed", dataset=SyntheticLatentDataset(5),
+               device="cpu").status == "stopped"
+    resumed = run(config, [], threading.Event(), run_dir=tmp_path / "resumed", dataset=SyntheticLatentDataset(5),
+                  device="cpu")
+    assert ref.status == resumed.status == "completed", (ref.reason, resumed.reason)
+    held = held_out_clips([f"synthetic-{i}" for i in range(5)], 0.4, config.train.seed)
+    assert len(trained) == 8 + 8 and not set(trained) & held
+    a, _ = load_lora(ref.outputs["peft"])
+    b, _ = load_lora(resumed.outputs["peft"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
