@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         v = config.validation
-        options = SampleOptions(steps=v.steps, cfg_scale=v.cfg_scale, solver=v.solver,
-                                shift=config.train.flow_shift, seed=v.cases[0].seed)
+        options = SampleOptions(steps=v.steps, cfg_scale=v.cfg_scale, solver=v.solver, shift=v.flow_shift,
+                                sigma_schedule=v.sigma_schedule, seed=v.cases[0].seed)
         stamps: list[float] = []
         t0 = time.perf_counter()
         vset.parts.vae.to(device)

@@ -271,6 +271,24 @@ def _validation_set(config: Config, device: torch.device):
         raise RunFailed(f"{exc}; fix the case in [[validation.cases]] or remove it") from exc
 
 
+def _holdout_split(config: Config, dataset):
+    """(training windows, held-out windows or None): the clips of validation.eval_loss.holdout and
+    validation.eval_loss.datasets leave the training order here, before the trainer draws its first batch, and
+    become the eval loss's windows."""
+    from engine.data.cache_plan import eval_dataset_labels
+    from engine.data.holdout import HoldoutError, split_dataset
+
+    try:
+        train, held_out, clips = split_dataset(dataset, config.validation.eval_loss.holdout, config.train.seed,
+                                               eval_dataset_labels(config))
+    except HoldoutError as exc:
+        raise RunFailed(str(exc)) from None
+    if clips:
+        log.info("held out of training for the eval loss: %d clip(s), %d window(s): %s", len(clips), len(held_out),
+                 ", ".join(sorted(clips)))
+    return train, held_out
+
+
 def _validator(config: Config, model, dataset, vset, run_dir: Path, device: torch.device, stop_event):
     if vset is None:
         return None
@@ -498,6 +516,7 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
         if dataset is None:
             return RunEnded(status="stopped", reason="stopped while filling the cache; the entries written so "
                             "far are kept: run again to continue")
+    dataset, held_out = _holdout_split(config, dataset)
     if len(dataset) < config.optim.batch_size:
         raise RunFailed(f"the dataset has {len(dataset)} windows, fewer than optim.batch_size = "
                         f"{config.optim.batch_size}: lower the batch size or add clips")
@@ -511,7 +530,8 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
     # FSDP: each rank loads the whole model to host memory and keeps only its shards on the GPU.
     model = dist.prepare_model(_load_model(config, torch.device("cpu") if dist.sharded else device,
                                            fresh=resume_state is None))
-    validator = _validator(config, model, dataset, vset, run_dir, device, stop_event)
+    validator = _validator(config, model, dataset if held_out is None else held_out, vset, run_dir, device,
+                           stop_event)
     release_host_memory("loading the model")
 
     bus.emit(PhaseChanged(phase="train", detail=f"{config.optim.max_steps} steps"))

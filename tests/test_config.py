@@ -40,8 +40,9 @@ def test_defaults_are_valid_and_base_preset_is_every_default():
     written = set(flatten(tomllib.loads(BASE_PRESET.read_text())))
     expected = set(flatten(cf.resolved_dict(cf.Config())))
     # Empty arrays of tables are shown as commented examples; every other key is written out.
-    assert expected - written == {"data.datasets", "validation.cases"}
+    assert expected - written == {"data.datasets", "validation.cases", "validation.eval_loss.datasets"}
     assert "[[data.datasets]]" in BASE_PRESET.read_text()
+    assert "[[validation.eval_loss.datasets]]" in BASE_PRESET.read_text()
 
 
 def test_every_schema_key_has_help():
@@ -49,7 +50,8 @@ def test_every_schema_key_has_help():
     assert {f.key for f in fields} == set(flatten(cf.resolved_dict(cf.Config())))
     assert all(f.help for f in fields)
     optimizer = next(f for f in fields if f.key == "optim.optimizer")
-    assert optimizer.choices == ("adamw", "adamw8bit", "lion", "prodigy", "schedulefree")
+    assert optimizer.choices == ("adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit", "lion",
+                                "prodigy", "schedulefree")
 
 
 def test_defaults_follow_the_brief():

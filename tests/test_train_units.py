@@ -75,7 +75,7 @@ def test_missing_optimizer_package_is_named(name, package, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == package.replace("-", "_") else real(n, *a))
-    with pytest.raises(OptimizerUnavailable, match=f"pip install {package}"):
+    with pytest.raises(OptimizerUnavailable, match=rf"'{package}'.*pip install 's2v-tui\[optimizers\]'"):
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], name, 1e-3)
 
 

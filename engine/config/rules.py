@@ -11,6 +11,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -125,19 +126,41 @@ class _Checker:
             self.bad(key, f"must be a probability between 0 and {upper}, got {value:g}", "e.g. 0.1")
 
 
+def _check_dataset_entry(c: _Checker, key: str, ds) -> None:
+    if not ds.path:
+        c.bad(f"{key}.path", "is empty", "give the folder of the clips")
+    if ds.caption_prefix != ds.caption_prefix.strip():
+        # Captions are stripped when read; a prefix with edge spaces would silently differ from the
+        # trigger word written at sampling time.
+        c.bad(f"{key}.caption_prefix", f"{ds.caption_prefix!r} starts or ends with whitespace",
+              "put the spacing in caption_separator instead")
+
+
+def _check_eval_datasets(c: _Checker, cfg: Config) -> None:
+    trained = {Path(ds.path).expanduser().resolve() for ds in cfg.data.datasets if ds.path}
+    for i, ds in enumerate(cfg.validation.eval_loss.datasets):
+        key = f"validation.eval_loss.datasets[{i}]"
+        _check_dataset_entry(c, key, ds)
+        # The eval loss reads each window once: a sampling share means nothing there.
+        if ds.repeats != 1:
+            c.bad(f"{key}.repeats", f"is {ds.repeats}, but an eval dataset is measured, not sampled",
+                  "remove repeats from this table")
+        if ds.weight != 1.0:
+            c.bad(f"{key}.weight", f"is {ds.weight:g}, but an eval dataset is measured, not sampled",
+                  "remove weight from this table")
+        if ds.path and Path(ds.path).expanduser().resolve() in trained:
+            c.conflict(f"{key}.path", f"{ds.path} is also a training dataset, so its clips would train and be "
+                       "measured", "give a folder of clips that are not in [[data.datasets]], or use "
+                       "validation.eval_loss.holdout to hold out part of a training folder")
+
+
 def _check_data(c: _Checker, cfg: Config) -> None:
     d = cfg.data
     for i, ds in enumerate(d.datasets):
         key = f"data.datasets[{i}]"
-        if not ds.path:
-            c.bad(f"{key}.path", "is empty", "give the folder of the clips")
+        _check_dataset_entry(c, key, ds)
         c.at_least(f"{key}.repeats", ds.repeats, 1)
         c.positive(f"{key}.weight", ds.weight)
-        if ds.caption_prefix != ds.caption_prefix.strip():
-            # Captions are stripped when read; a prefix with edge spaces would silently differ from the
-            # trigger word written at sampling time.
-            c.bad(f"{key}.caption_prefix", f"{ds.caption_prefix!r} starts or ends with whitespace",
-                  "put the spacing in caption_separator instead")
     width, height = d.resolution
     if width <= 0 or height <= 0 or width % 16 or height % 16:
         fix = f"use multiples of 16, e.g. [{max(16, round(width / 16) * 16)}, {max(16, round(height / 16) * 16)}]"
@@ -216,6 +239,11 @@ def _check_optim(c: _Checker, cfg: Config, dataset_size: int | None) -> None:
 def _check_train(c: _Checker, cfg: Config) -> None:
     t = cfg.train
     c.positive("train.flow_shift", t.flow_shift)
+    if t.flow_schedule_auto_shift and t.flow_shift != 3.0:
+        # The auto shift replaces flow_shift; a flow_shift set beside it would silently do nothing.
+        c.conflict("train.flow_schedule_auto_shift", f"computes the training shift from the window size, but "
+                   f"train.flow_shift = {t.flow_shift:g} is set too", "remove flow_shift (or set it to 3) or set "
+                   "flow_schedule_auto_shift = false")
     c.positive("train.logit_std", t.logit_std)
     c.at_least("train.nonfinite_max_in_a_row", t.nonfinite_max_in_a_row, 1)
     c.at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 0, "0 = only on stop, signal and end")
@@ -249,7 +277,22 @@ def _check_validation(c: _Checker, cfg: Config) -> None:
     c.at_least("validation.every_steps", v.every_steps, 0)
     c.at_least("validation.steps", v.steps, 1, "40 as the official inference")
     c.at_least("validation.cfg_scale", v.cfg_scale, 1, "4.5 as the official inference; 1 = no guidance")
+    c.positive("validation.flow_shift", v.flow_shift)
     c.at_least("validation.eval_loss.num_triples", v.eval_loss.num_triples, 1)
+    c.probability("validation.eval_loss.holdout", v.eval_loss.holdout, allow_one=False)
+    measured = v.eval_loss.enabled and v.every_steps > 0
+    if v.eval_loss.holdout > 0 and not measured:
+        # The clips would be taken out of training and never measured.
+        c.conflict("validation.eval_loss.holdout",
+                   "holds clips out of training for the eval loss, but the eval loss is never measured "
+                   "(it needs validation.eval_loss.enabled = true and validation.every_steps > 0)",
+                   "enable the eval loss and set validation.every_steps, or set holdout = 0")
+    if v.eval_loss.datasets and not measured:
+        c.conflict("validation.eval_loss.datasets",
+                   "lists clips for the eval loss (cached at every run), but the eval loss is never measured "
+                   "(it needs validation.eval_loss.enabled = true and validation.every_steps > 0)",
+                   "enable the eval loss and set validation.every_steps, or remove the eval datasets")
+    _check_eval_datasets(c, cfg)
     c.at_least("validation.chunks", v.chunks, 1, "1 = 77 frames (4.8 s), as before")
     names = [f"{s:g}" for s in v.lora_scales]
     for i, name in enumerate(names):

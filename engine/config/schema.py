@@ -21,12 +21,14 @@ CropMode = Literal["center", "random"]
 ReferenceChoice = Literal["first", "random", "outside"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora"]
 LoraKind = Literal["lora", "dora", "loha", "lokr"]
-OptimizerName = Literal["adamw", "adamw8bit", "lion", "prodigy", "schedulefree"]
+OptimizerName = Literal["adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit", "lion", "prodigy",
+                        "schedulefree"]
 GradClip = Literal["norm", "value"]
 ScheduleName = Literal["constant", "cosine", "linear"]
 MixedPrecision = Literal["bf16", "fp16", "no"]
 SigmaSampling = Literal["logit_normal", "uniform"]
 Solver = Literal["unipc", "euler"]
+SigmaSchedule = Literal["shifted", "beta"]
 BaseWeights = Literal["bf16", "int8", "fp8"]
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "fa4", "sage"]
 SamplingAttention = Literal["same", "auto", "cudnn", "flash", "efficient", "math", "fa4", "sage"]
@@ -132,7 +134,9 @@ class EmaConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: OptimizerName = opt("adamw", "adamw, adamw8bit (bitsandbytes), lion, prodigy or schedulefree")
+    optimizer: OptimizerName = opt(
+        "adamw", "adamw; adamw8bit, lion8bit, paged_adamw8bit, paged_lion8bit (bitsandbytes, CUDA only; paged = the "
+        "state moves to host RAM when the GPU runs short); lion, prodigy, schedulefree (the optimizers extra)")
     lr: float = opt(1e-4, "peak learning rate (prodigy: a multiplier, usually 1.0)")
     betas: tuple[float, float] = opt((0.9, 0.999), "[beta1, beta2] of the optimizer")
     weight_decay: float = opt(0.01, "decoupled weight decay")
@@ -154,6 +158,9 @@ class TrainConfig:
     seed: int = opt(42, "seed of every random choice (data order, noise, sigmas, LoRA init)")
     mixed_precision: MixedPrecision = opt("bf16", "autocast dtype of the forward pass: bf16, fp16 or no")
     flow_shift: float = opt(3.0, "shift of the flow-matching sigmas (the official inference uses 3)")
+    flow_schedule_auto_shift: bool = opt(
+        False, "shift the training sigmas by the window's size instead of flow_shift: k = exp(0.5 + 0.65 (n - 256) "
+        "/ 3840), n = (h/8) (w/8) / 4 tokens per frame (SimpleTuner's, from Flux; 832x480: k = 2.06)")
     sigma_sampling: SigmaSampling = opt("logit_normal", "how training sigmas are drawn: logit_normal or uniform")
     logit_mean: float = opt(0.0, "mean of the logit-normal sigma distribution")
     logit_std: float = opt(1.0, "standard deviation of the logit-normal sigma distribution")
@@ -200,8 +207,14 @@ class ValidationCase:
 
 @dataclass
 class EvalLossConfig:
-    enabled: bool = opt(False, "measure a fixed-noise loss on held-out windows at each validation")
+    enabled: bool = opt(False, "measure a fixed-noise loss at each validation: on the held-out clips (holdout, "
+                        "datasets) when there are any, else on training windows")
     num_triples: int = opt(8, "(window, sigma, noise) triples in the eval loss")
+    holdout: float = opt(0.0, "fraction of the clips (0 <= f < 1) never trained on, that the eval loss measures; "
+                         "chosen from train.seed and the clip ids, listed by `s2v-tui check`; 0 = none")
+    datasets: list[DatasetEntry] = opt([], "folders of clips that only the eval loss measures, one "
+                                       "[[validation.eval_loss.datasets]] table each (the keys of [[data.datasets]] "
+                                       "but repeats and weight); cached, never trained")
 
 
 @dataclass
@@ -211,6 +224,11 @@ class ValidationConfig:
     steps: int = opt(40, "sampling steps per validation sample")
     cfg_scale: float = opt(4.5, "classifier-free guidance scale")
     solver: Solver = opt("unipc", "sampler: unipc (as the official inference) or euler")
+    sigma_schedule: SigmaSchedule = opt(
+        "shifted", "sampling sigmas: shifted (the official flow shift) or beta (the same end points, the steps between "
+        "at Beta(0.6, 0.6) quantiles, crowded at both ends)")
+    flow_shift: float = opt(3.0, "shift of the sampling sigmas (3 as the official inference; train.flow_shift is "
+                            "the training one)")
     negative_prompt: str = opt(OFFICIAL_NEGATIVE_PROMPT, "negative prompt of the unconditional pass (default: the "
                                "official one, in Chinese); '' = an empty prompt")
     chunks: int = opt(1, "length of each sample in 80-frame chunks (1 = 77 frames, 4.8 s; n = 80 n - 3 frames), "
@@ -357,7 +375,8 @@ REPORTING_KEYS = ("logging.every_steps", "logging.tensorboard", "logging.wandb_p
                   "logging.webhook_format", "logging.webhook_timeout_s", "checkpoint.every_steps",
                   "checkpoint.keep_last", "output.formats", "output.push_to_hub", "output.push_checkpoints",
                   "output.hub_private", "validation.negative_prompt", "validation.chunks", "validation.lora_scale",
-                  "validation.lora_scales", "validation.attention_backend")
+                  "validation.lora_scales", "validation.attention_backend", "validation.sigma_schedule",
+                  "validation.flow_shift")
 # Keys that say where tensors live and how the step is scheduled, not what is computed: a run stopped by host or
 # GPU memory resumes on another card or preset with them changed. (Their numerics differ at most by rounding
 # order; the keys that change the base's numerics, base_weights, fp8_input_grad and residual_dtype, are not here.)

@@ -336,7 +336,7 @@ def plan_cache(config, progress_cb: ProgressCallback | None = None, *, settings:
     removed = store.remove_stale_temps()
     if removed:
         log.info("removed %d temporary files left by an interrupted cache write", removed)
-    specs = dataset_specs(config)
+    specs = dataset_specs(config, with_eval=True)  # the eval-only clips are cached too
     dsettings = doctor_settings(config)
     report = inspect_datasets(specs, dsettings, stop=stop,
                               progress=lambda d, t, path: emit(CacheProgress("check", d, t, path.name)))

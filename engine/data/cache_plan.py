@@ -207,12 +207,14 @@ class PlannedWork:
 # From the run config
 
 
-def dataset_specs(config) -> list[DatasetSpec]:
-    """The config's datasets; labels made unique so clip ids never collide."""
+def dataset_specs(config, with_eval: bool = False) -> list[DatasetSpec]:
+    """The config's training datasets, and with `with_eval` its validation.eval_loss.datasets after them (cached
+    like them, never trained: engine.data.holdout); labels made unique so clip ids never collide."""
     if not config.data.datasets:
         raise ValueError("the config has no [[data.datasets]] table; add one with `path = \"FOLDER\"`")
     specs, seen = [], set()
-    for entry in config.data.datasets:
+    entries = list(config.data.datasets) + (list(config.validation.eval_loss.datasets) if with_eval else [])
+    for entry in entries:
         path = Path(entry.path).expanduser()
         label, n = path.name or str(path), 2
         while label in seen:
@@ -220,6 +222,13 @@ def dataset_specs(config) -> list[DatasetSpec]:
         seen.add(label)
         specs.append(DatasetSpec.of_entry(entry, name=label))
     return specs
+
+
+def eval_dataset_labels(config) -> frozenset[str]:
+    """The labels (clip id prefixes) of the config's validation.eval_loss.datasets."""
+    if not config.validation.eval_loss.datasets:
+        return frozenset()
+    return frozenset(s.label for s in dataset_specs(config, with_eval=True)[len(config.data.datasets):])
 
 
 def doctor_settings(config) -> DoctorSettings:
@@ -247,7 +256,8 @@ def _crop_list(crop: CropPlan) -> list[int]:
     return [crop.resize_w, crop.resize_h, crop.left, crop.top, crop.width, crop.height]
 
 
-def _clip_id(clip: ClipSource, specs: dict[str, DatasetSpec]) -> str:
+def clip_id_of(clip: ClipSource, specs: dict[str, DatasetSpec]) -> str:
+    """"<dataset label>/<path inside the dataset>": the identity of a clip in records, holdout and check."""
     spec = specs.get(clip.dataset)
     try:
         rel = clip.video.relative_to(spec.path).as_posix() if spec else clip.video.name
@@ -292,7 +302,7 @@ def plan_work(reports: list[ClipReport], specs: list[DatasetSpec], settings: Doc
             skipped.append(SkippedClip(clip.video, tuple(p for p in report.problems if p.blocking)))
             continue
         warnings.extend((clip.video, p) for p in report.problems if not p.blocking)
-        clip_id = _clip_id(clip, by_label)
+        clip_id = clip_id_of(clip, by_label)
         transform = plan.crop
         size = (plan.crop.width, plan.crop.height)
         video_sha = store.file_digest(clip.video)

@@ -43,6 +43,7 @@ class SampleOptions:
     cfg_scale: float = DEFAULT_CFG
     solver: str = "unipc"
     shift: float = DEFAULT_SHIFT
+    sigma_schedule: str = "shifted"  # the official shifted sigmas, or "beta" (engine.infer.schedule)
     seed: int = 0
     lora_scale: float = 1.0  # multiplies each LoRA layer's alpha / rank for this render (1 = as trained)
 
@@ -107,7 +108,7 @@ class Denoiser:
 def denoise_chunk(denoiser: Denoiser, cond: Conditioning, noise: torch.Tensor, audio: torch.Tensor,
                   motion: torch.Tensor | None, drop_motion: bool, options: SampleOptions,
                   on_step: Callable[[], None] | None = None, stop: threading.Event | None = None) -> torch.Tensor:
-    solver = make_solver(options.solver, options.steps, options.shift)
+    solver = make_solver(options.solver, options.steps, options.shift, options.sigma_schedule)
     x = noise.to(denoiser.device)
     for t in solver.timesteps:
         if stop is not None and stop.is_set():

@@ -7,8 +7,10 @@ windows spread evenly over the dataset, sigmas at evenly spaced quantiles of the
 (logit-normal or uniform, then shifted), noise from a seeded generator per triple. The same weights give the same
 number, bit for bit on the CPU, wherever and whenever it is computed.
 
-The windows come from the training set (the config has no held-out split yet): the number measures fit, not
-generalisation. Captions are never dropped and motion is used where the window has it.
+The windows are those of the clips held out by validation.eval_loss.holdout and validation.eval_loss.datasets
+(engine.data.holdout), which never train, so the number measures generalisation; without either they are training
+windows and it measures fit.
+Captions are never dropped and motion is used where the window has it.
 """
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.train.objective import flow_loss, noisy_input, shift_sigmas, sigmas_to_timesteps, velocity_target
+from engine.train.objective import (auto_shift, flow_loss, noisy_input, shift_sigmas, sigmas_to_timesteps,
+                                    velocity_target)
 
 
 @dataclass(frozen=True)
 class EvalTriple:
     index: int  # dataset index of the window
-    sigma: float  # shifted sigma
+    sigma: float  # shifted sigma; with train.flow_schedule_auto_shift the unshifted quantile (shifted per window)
     noise_seed: int
 
 
@@ -54,8 +57,9 @@ def make_triples(dataset_size: int, n: int, seed: int, mode: str, shift: float, 
 
 @torch.no_grad()
 def evaluation_loss(model, dataset, triples: list[EvalTriple], device: torch.device,
-                    autocast_dtype: torch.dtype | None = None) -> float:
-    """Mean flow-matching loss over the triples; the model is in eval mode for the call."""
+                    autocast_dtype: torch.dtype | None = None, shift_by_size: bool = False) -> float:
+    """Mean flow-matching loss over the triples; the model is in eval mode for the call. `shift_by_size`: the
+    triples' sigmas are unshifted and get the shift of their window's size, as training draws them."""
     was_training = model.training
     model.eval()
     losses = []
@@ -65,6 +69,8 @@ def evaluation_loss(model, dataset, triples: list[EvalTriple], device: torch.dev
             x0 = torch.as_tensor(sample["latents"], dtype=torch.float32)[None]
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(triple.noise_seed))
             sigma = torch.tensor([triple.sigma], dtype=torch.float32)
+            if shift_by_size:  # train.flow_schedule_auto_shift
+                sigma = shift_sigmas(sigma, auto_shift(*x0.shape[-2:]))
             x0, noise, sigma = x0.to(device), noise.to(device), sigma.to(device)
             motion = sample["motion_latents"]
             motion = None if motion is None else torch.as_tensor(motion, dtype=torch.float32)[None].to(device)

@@ -157,7 +157,8 @@ def model_card(config: Config, run_dir: Path, exports: list[tuple[str, Path]],
         "steps": f"{steps} of {o.max_steps}", "batch": f"{o.batch_size} x {o.grad_accum} accumulation",
         "resolution": f"{width}x{height}, {config.data.frames} frames at 16 fps, {config.data.motion_frames} "
                       f"motion frames (dropped with p={config.data.motion_drop_prob:g})",
-        "flow shift / seed": f"{config.train.flow_shift:g} / {config.train.seed}",
+        "flow shift / seed": ("auto (by frame size)" if config.train.flow_schedule_auto_shift
+                              else f"{config.train.flow_shift:g}") + f" / {config.train.seed}",
         "EMA": f"decay {o.ema.decay:g}" if o.ema.enabled else "off",
     }
     lines += ["| " + k + " | " + v.replace("|", "\\|") + " |" for k, v in settings.items()]

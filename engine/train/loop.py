@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from engine.train.ema import LoraEma
 from engine.train.export import emergency_paths, lora_files
 from engine.train.host_guard import HostMemoryGuard
 from engine.train.metrics import LossSmoother, StepTimer, memory_stats
-from engine.train.objective import flow_loss, sample_sigmas, sigmas_to_timesteps, velocity_target
+from engine.train.objective import flow_loss, sample_sigmas, sigmas_to_timesteps, training_shift, velocity_target
 from engine.train.optim import build_optimizer, build_scheduler
 from engine.train.rollout import training_input
 
@@ -222,19 +222,28 @@ class Trainer:
             shadow = self.dist.full(list(self.ema.shadow))
             return {n: s.detach().to("cpu", torch.float32, copy=True) for n, s in zip(names, shadow, strict=True)}, "ema"
         if hasattr(self.optimizer, "eval"):
-            # eval() moves the weights to the evaluation point and train() back, but not exactly (floating
-            # point): the trained weights are copied back afterwards.
-            live = [p.detach().clone() for p in self.trainable]  # the CREPA projector moves with the LoRA
-            self.optimizer.eval()
-            try:
-                weights = self.dist.lora_state(self.model)
-            finally:
-                self.optimizer.train()
-                with torch.no_grad():
-                    for p, saved in zip(self.trainable, live, strict=True):
-                        p.copy_(saved)
-            return weights, "schedulefree_eval"
+            with self.evaluation_weights():
+                return self.dist.lora_state(self.model), "schedulefree_eval"
         return (lora if lora is not None else self.dist.lora_state(self.model)), "trained"
+
+    @contextmanager
+    def evaluation_weights(self):
+        """A schedule-free optimizer's evaluation weights (its averaged point x) in the LoRA for the block, where
+        the trained ones (the point y its gradients are taken at) are restored after; any other optimizer leaves
+        the weights as they are. eval() moves the weights to x and train() back, but not exactly (floating point),
+        so the trained weights are copied back afterwards: validating never changes the training that follows."""
+        if not hasattr(self.optimizer, "eval"):
+            yield
+            return
+        live = [p.detach().clone() for p in self.trainable]  # the CREPA projector moves with the LoRA
+        self.optimizer.eval()
+        try:
+            yield
+        finally:
+            self.optimizer.train()
+            with torch.no_grad():
+                for p, saved in zip(self.trainable, live, strict=True):
+                    p.copy_(saved)
 
     @property
     def base_weight(self):
@@ -317,7 +326,8 @@ class Trainer:
         # several processes each draws them for the whole global batch and keeps its slice: N ranks of batch b
         # then train on exactly the noise one process of batch N*b would.
         n, part = batch.global_size or x0.shape[0], slice(batch.offset, batch.offset + x0.shape[0])
-        sigmas = sample_sigmas(n, self.noise_gen, t.sigma_sampling, t.flow_shift, t.logit_mean,
+        shift = training_shift(t, x0.shape)  # one shape per global batch (batches keep to one bucket)
+        sigmas = sample_sigmas(n, self.noise_gen, t.sigma_sampling, shift, t.logit_mean,
                                t.logit_std)[part].to(self.device)
         noise = torch.randn((n, *x0.shape[1:]), generator=self.noise_gen)[part].to(self.device)
 
@@ -495,7 +505,8 @@ class Trainer:
 
     def validate(self) -> None:
         self.emit(PhaseChanged(phase="validate", detail=f"step {self.step}"))
-        done = self.validator.run(self.step, self.ema)
+        with self.evaluation_weights():  # samples and eval loss of the weights the export would hold
+            done = self.validator.run(self.step, self.ema)
         if done is not None:
             self.emit(done)
         self.emit(PhaseChanged(phase="train", detail=f"{self.cfg.optim.max_steps} steps"))

@@ -11,9 +11,15 @@ one would.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 SIGMA_MODES = ("logit_normal", "uniform")
+# train.flow_schedule_auto_shift: SimpleTuner's resolution-dependent shift, the linear mu(n) of Flux's inference
+# (diffusers' FlowMatchEulerDiscreteScheduler defaults: mu 0.5 at 256 tokens, 1.15 at 4096), k = exp(mu).
+AUTO_SHIFT_BASE_TOKENS, AUTO_SHIFT_MAX_TOKENS = 256, 4096
+AUTO_SHIFT_BASE_MU, AUTO_SHIFT_MAX_MU = 0.5, 1.15
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -21,6 +27,21 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     if shift <= 0:
         raise ValueError(f"flow shift must be > 0, got {shift}")
     return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def auto_shift(latent_height: int, latent_width: int) -> float:
+    """k = exp(mu), mu = 0.5 + 0.65 (n - 256) / 3840 with n = h w // 4, the 2x2 patches of one latent frame (the
+    frame count does not enter, as in SimpleTuner): larger frames train at higher noise."""
+    tokens = latent_height * latent_width // 4
+    slope = (AUTO_SHIFT_MAX_MU - AUTO_SHIFT_BASE_MU) / (AUTO_SHIFT_MAX_TOKENS - AUTO_SHIFT_BASE_TOKENS)
+    return math.exp(AUTO_SHIFT_BASE_MU + slope * (tokens - AUTO_SHIFT_BASE_TOKENS))
+
+
+def training_shift(train, latents_shape) -> float:
+    """The shift of the training sigmas of latents [.., h, w]: train.flow_shift, or the auto shift of that size."""
+    if train.flow_schedule_auto_shift:
+        return auto_shift(int(latents_shape[-2]), int(latents_shape[-1]))
+    return train.flow_shift
 
 
 def sample_sigmas(

@@ -1,8 +1,13 @@
 """Optimizers and learning-rate schedules from the [optim] section.
 
-AdamW is torch's; AdamW 8-bit comes from bitsandbytes; Lion (lion-pytorch), Prodigy (prodigyopt) and
-schedule-free AdamW (schedulefree) only where their package is installed: a missing one is an error that names
-the package to install, never a silent fallback to AdamW.
+AdamW is torch's; the 8-bit AdamW and Lion and their paged forms come from bitsandbytes (a dependency; CUDA
+only); Lion (lion-pytorch), Prodigy (prodigyopt) and schedule-free AdamW (schedulefree) come with the
+`optimizers` extra (`pip install 's2v-tui[optimizers]'`): a missing one is an error that names the extra, never a
+silent fallback to AdamW.
+
+The paged forms keep their state in CUDA unified memory, which the driver moves to host RAM when the GPU runs
+short and back when a step needs it: the LoRA's optimizer state stops competing with activations for the last
+gigabytes of a 24 GB card, at the price of a page-in when memory is tight. Their updates are the unpaged ones.
 """
 from __future__ import annotations
 
@@ -13,15 +18,21 @@ from collections.abc import Iterable
 
 import torch
 
-OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "schedulefree")
+OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit", "lion", "prodigy",
+              "schedulefree")
 SCHEDULES = ("constant", "cosine", "linear")
+# The bitsandbytes optimizers: name -> the class in bitsandbytes.optim. They run on CUDA only
+# (engine.train.allowed refuses them elsewhere before a weight is loaded).
+BITSANDBYTES = {"adamw8bit": "AdamW8bit", "lion8bit": "Lion8bit", "paged_adamw8bit": "PagedAdamW8bit",
+                "paged_lion8bit": "PagedLion8bit"}
+OPTIMIZERS_EXTRA = "optimizers"  # pyproject.toml [project.optional-dependencies]
 
-# optimizer name -> (import name, pip name)
+# optimizer name -> (import name, pip name, extra that installs it or "")
 _PACKAGES = {
-    "adamw8bit": ("bitsandbytes", "bitsandbytes"),
-    "lion": ("lion_pytorch", "lion-pytorch"),
-    "prodigy": ("prodigyopt", "prodigyopt"),
-    "schedulefree": ("schedulefree", "schedulefree"),
+    **{name: ("bitsandbytes", "bitsandbytes", "") for name in BITSANDBYTES},
+    "lion": ("lion_pytorch", "lion-pytorch", OPTIMIZERS_EXTRA),
+    "prodigy": ("prodigyopt", "prodigyopt", OPTIMIZERS_EXTRA),
+    "schedulefree": ("schedulefree", "schedulefree", OPTIMIZERS_EXTRA),
 }
 
 
@@ -30,13 +41,26 @@ class OptimizerUnavailable(RuntimeError):
 
 
 def _require(name: str):
-    module, pip_name = _PACKAGES[name]
+    module, pip_name, extra = _PACKAGES[name]
     if importlib.util.find_spec(module) is None:
+        how = f"`pip install {pip_name}`"
+        if extra:
+            how = (f"`pip install 's2v-tui[{extra}]'` (or `pip install -e '.[{extra}]'` in a checkout), which "
+                   "installs lion-pytorch, prodigyopt and schedulefree at the tested versions")
         raise OptimizerUnavailable(
-            f"optim.optimizer = \"{name}\" needs the '{pip_name}' package, which is not installed: "
-            f"`pip install {pip_name}`, or choose optimizer = \"adamw\""
+            f"optim.optimizer = \"{name}\" needs the '{pip_name}' package, which is not installed: {how}; or "
+            "choose optimizer = \"adamw\""
         )
     return importlib.import_module(module)
+
+
+def cuda_only_problem(name: str, device_type: str) -> str:
+    """Why optimizer `name` cannot run on a `device_type` device ('' when it can)."""
+    if name in BITSANDBYTES and device_type != "cuda":
+        return (f'optim.optimizer = "{name}" is a bitsandbytes optimizer, which runs on CUDA only (its 8-bit and '
+                f'paged state live in GPU memory); this run is on {device_type}: use "adamw" (or "lion" with the '
+                "optimizers extra) here")
+    return ""
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, betas=(0.9, 0.999),
@@ -48,13 +72,15 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
     if name == "adamw":
         # foreach is deterministic and fast on CPU and GPU; fused would not run on CPU for every dtype.
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, foreach=True)
-    if name == "adamw8bit":
+    if name in BITSANDBYTES:
         bnb = _require(name)
-        if params[0].device.type != "cuda":
-            raise OptimizerUnavailable(
-                'optim.optimizer = "adamw8bit" runs on CUDA only (bitsandbytes); use "adamw" on this device'
-            )
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+        problem = cuda_only_problem(name, params[0].device.type)
+        if problem:
+            raise OptimizerUnavailable(problem)
+        cls = getattr(bnb.optim, BITSANDBYTES[name])
+        if "lion" in name:  # Lion has no epsilon: its update is the sign of a momentum
+            return cls(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
     if name == "lion":
         lion = _require(name)
         return lion.Lion(params, lr=lr, betas=betas, weight_decay=weight_decay)

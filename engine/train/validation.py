@@ -10,7 +10,7 @@ every `validation.every_steps` steps and at the end:
     run_dir/samples/step-XXXXX/case-NN-ema.mp4   its EMA weights, when optim.ema is on
     run_dir/samples/step-XXXXX/case-NN-scale-S.mp4   the LoRA at strength S, for each S of validation.lora_scales
 
-with validation.steps / cfg_scale / solver / negative_prompt / attention_backend, flow shift train.flow_shift, the
+with validation.steps / cfg_scale / solver / negative_prompt / attention_backend / sigma_schedule / flow_shift, the
 case's seed (so samples of different steps differ only by the weights), at the area of data.resolution, the LoRA at
 validation.lora_scale. A validation sample is the first validation.chunks 80-frame chunks of its audio (1 by
 default: 77 frames, 4.8 s), with that much audio muxed in: each chunk costs the whole sampling time again at every
@@ -89,7 +89,8 @@ class Validator:
         v = config.validation
         self.every = v.every_steps
         self.options = [SampleOptions(steps=v.steps, cfg_scale=v.cfg_scale, solver=v.solver,
-                                      shift=config.train.flow_shift, seed=seed, lora_scale=v.lora_scale)
+                                      shift=v.flow_shift, sigma_schedule=v.sigma_schedule, seed=seed,
+                                      lora_scale=v.lora_scale)
                         for seed in vset.seeds]
         self.sweep = list(v.lora_scales)
         self.attention = v.attention_backend
@@ -101,7 +102,10 @@ class Validator:
         self.autocast_dtype = autocast_dtype
         self.stop_event = stop_event
         t = config.train
-        self.triples = (make_triples(len(dataset), v.eval_loss.num_triples, t.seed, t.sigma_sampling, t.flow_shift,
+        # With the auto shift each window's sigma is shifted by its own size when it is measured.
+        self.auto_shift = t.flow_schedule_auto_shift
+        shift = 1.0 if self.auto_shift else t.flow_shift
+        self.triples = (make_triples(len(dataset), v.eval_loss.num_triples, t.seed, t.sigma_sampling, shift,
                                      t.logit_mean, t.logit_std) if v.eval_loss.enabled else [])
         self.last_step = -1
 
@@ -113,7 +117,8 @@ class Validator:
     def eval_loss(self) -> float | None:
         if not self.triples:
             return None
-        return evaluation_loss(self.model, self.dataset, self.triples, self.device, self.autocast_dtype)
+        return evaluation_loss(self.model, self.dataset, self.triples, self.device, self.autocast_dtype,
+                               self.auto_shift)
 
     def run(self, step: int, ema=None) -> ValidationDone | None:
         """Validate at `step`; None when the stop event interrupted the samples (the eval loss is still logged)."""

@@ -109,8 +109,8 @@ def _preset_path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
     return presets[0]
 
 
-def _preset_inputs(path: Path, args: argparse.Namespace) -> tuple[list[DatasetSpec], DoctorSettings]:
-    """The datasets and doctor settings of a run config. Raises ConfigError (file, key, fix) or OSError."""
+def _preset_inputs(path: Path, args: argparse.Namespace):
+    """The datasets, doctor settings and config of a run config. Raises ConfigError (file, key, fix) or OSError."""
     from engine.config import load_config
     from engine.data.cache_plan import dataset_specs, doctor_settings
     from engine.train.allowed import setting_problems
@@ -122,11 +122,33 @@ def _preset_inputs(path: Path, args: argparse.Namespace) -> tuple[list[DatasetSp
         raise ValueError(f"{path}: these settings cannot run: " + "; ".join(problems))
     # Relative dataset folders resolve against the working directory, as in `s2v-tui cache` and `--run`.
     settings = dataclasses.replace(doctor_settings(config), workers=args.workers, count_tokens=_token_counter(args))
-    return dataset_specs(config), settings
+    return dataset_specs(config, with_eval=True), settings, config
 
 
-def _exit_code(report: DoctorReport, strict: bool) -> int:
-    if report.blocking or report.cancelled or (strict and report.warnings):
+def held_out(report: DoctorReport, specs: list[DatasetSpec], config) -> tuple[list[str], str]:
+    """(the clip ids kept out of training for the eval loss: validation.eval_loss.datasets' and holdout's, the line
+    that says so); the line is the refusal when that leaves no training or no eval clip. Nothing without a preset,
+    a holdout or eval datasets. The choice is the run's own (engine.data.holdout.held_out_ids)."""
+    v = None if config is None else config.validation.eval_loss
+    if v is None or (v.holdout == 0 and not v.datasets):
+        return [], ""
+    from engine.data.cache_plan import clip_id_of, eval_dataset_labels
+    from engine.data.holdout import HoldoutError, held_out_ids
+
+    by_label = {s.label: s for s in specs}
+    usable = [c for c in report.clips if c.usable and c.plan is not None]
+    try:
+        held = held_out_ids([(clip_id_of(c.clip, by_label), c.clip.dataset) for c in usable], v.holdout,
+                            config.train.seed, eval_dataset_labels(config))
+    except HoldoutError as exc:
+        return [], f"BLOCKING holdout: {exc}"
+    held = sorted(held)
+    return held, (f"held out of training for the eval loss (validation.eval_loss.holdout = {v.holdout:g}, "
+                  f"{len(v.datasets)} eval dataset(s)): {len(held)} of {len(usable)} clips: {', '.join(held)}")
+
+
+def _exit_code(report: DoctorReport, strict: bool, holdout_line: str = "") -> int:
+    if report.blocking or report.cancelled or (strict and report.warnings) or holdout_line.startswith("BLOCKING"):
         return EXIT_PROBLEMS
     return EXIT_OK
 
@@ -194,9 +216,9 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # argparse exits on --help (0) and on bad arguments (2)
         return int(exc.code or 0)
     try:
-        preset = _preset_path(args, parser)
+        preset, config = _preset_path(args, parser), None
         if preset is not None:
-            specs, settings = _preset_inputs(preset, args)
+            specs, settings, config = _preset_inputs(preset, args)
         else:
             settings = _settings(args)
             specs = [DatasetSpec(path=d, audio_dir=args.audio_dir, caption_prefix=args.caption_prefix,
@@ -213,16 +235,23 @@ def main(argv: list[str]) -> int:
     if args.json:
         report = inspect_datasets(specs, settings)
         doc = report.to_dict()
+        held, line = held_out(report, specs, config)
         if preset is not None:
             doc["preset"] = str(preset)
+            doc["held_out"] = held  # validation.eval_loss.holdout's clip ids; [] without a holdout
+            if line.startswith("BLOCKING"):
+                doc["holdout_problem"] = line.removeprefix("BLOCKING holdout: ")
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return _exit_code(report, args.strict)
+        return _exit_code(report, args.strict, line)
 
     if not sys.stdout.isatty():
         report = inspect_datasets(specs, settings)
         _print_plain(report, sys.stdout, args.verbose)
-        return _exit_code(report, args.strict)
+        line = held_out(report, specs, config)[1]
+        if line:
+            print(line, file=sys.stdout)
+        return _exit_code(report, args.strict, line)
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -242,7 +271,12 @@ def main(argv: list[str]) -> int:
             console.print("[yellow]check interrupted[/]")
             return EXIT_PROBLEMS
     _print_rich(report, console, args.verbose)
-    return _exit_code(report, args.strict)
+    line = held_out(report, specs, config)[1]
+    if line:
+        from rich.markup import escape
+
+        console.print(f"[{'red' if line.startswith('BLOCKING') else 'cyan'}]{escape(line)}[/]")
+    return _exit_code(report, args.strict, line)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40, help="sampling steps (default 40)")
     p.add_argument("--cfg", type=float, default=4.5, help="guidance scale (default 4.5; <= 1 turns CFG off)")
     p.add_argument("--solver", choices=("unipc", "euler"), default="unipc", help="default unipc (official)")
-    p.add_argument("--shift", type=float, default=3.0, help="flow shift of the sigmas (default 3)")
+    p.add_argument("--shift", type=float, default=3.0, help="flow shift of the sigmas (default 3), as "
+                   "validation.flow_shift")
+    p.add_argument("--sigma-schedule", choices=("shifted", "beta"), default="shifted",
+                   help="shifted (default, official) or beta: the steps at Beta(0.6, 0.6) quantiles between the same "
+                        "end points, as validation.sigma_schedule")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--size", default="832x480", help="WxH whose area bounds the video (default 832x480)")
     p.add_argument("--max-chunks", type=int, default=None, help="render at most this many 80-frame chunks")
@@ -108,7 +112,7 @@ def main(argv: list[str]) -> int:
               f"{args.steps} {args.solver} steps, cfg {args.cfg}, seed {args.seed}"
               + (f", LoRA at {args.lora_scale:g}" if lora and args.lora_scale != 1.0 else "") + ")", file=sys.stderr)
         options = SampleOptions(steps=args.steps, cfg_scale=args.cfg, solver=args.solver, shift=args.shift,
-                                seed=args.seed, lora_scale=args.lora_scale)
+                                sigma_schedule=args.sigma_schedule, seed=args.seed, lora_scale=args.lora_scale)
         with torch.inference_mode():
             frames = pipe.render(cond, options, progress=_progress)
         # Chunks are whole (80 frames); the video ends with the speech, as the user's audio asks.
