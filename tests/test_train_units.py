@@ -79,9 +79,12 @@ def test_missing_optimizer_package_is_named(name, package, monkeypatch):
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], name, 1e-3)
 
 
-def test_adamw8bit_refuses_cpu_params():
-    with pytest.raises(OptimizerUnavailable, match="CUDA"):
-        build_optimizer([torch.nn.Parameter(torch.zeros(1))], "adamw8bit", 1e-3)
+def test_adamw8bit_keeps_its_state_in_8_bits():
+    p = torch.nn.Parameter(torch.randn(8192))
+    opt = build_optimizer([p], "adamw8bit", 1e-3)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["state1"].dtype == torch.uint8 and opt.state[p]["state2"].dtype == torch.uint8
 
 
 # ---- checkpoint files -----------------------------------------------------------------------------------------

@@ -135,8 +135,8 @@ class EmaConfig:
 @dataclass
 class OptimConfig:
     optimizer: OptimizerName = opt(
-        "adamw", "adamw; adamw8bit, lion8bit, paged_adamw8bit, paged_lion8bit (bitsandbytes, CUDA only; paged = the "
-        "state moves to host RAM when the GPU runs short); lion, prodigy, schedulefree (the optimizers extra)")
+        "adamw", "adamw; adamw8bit, lion8bit, paged_adamw8bit, paged_lion8bit (bitsandbytes; paged = on a GPU "
+        "the state moves to host RAM when the GPU runs short); lion, prodigy, schedulefree (the optimizers extra)")
     lr: float = opt(1e-4, "peak learning rate (prodigy: a multiplier, usually 1.0)")
     betas: tuple[float, float] = opt((0.9, 0.999), "[beta1, beta2] of the optimizer")
     weight_decay: float = opt(0.01, "decoupled weight decay")

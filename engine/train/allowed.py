@@ -54,11 +54,6 @@ def _switch_problems(config: Config, device: torch.device | None) -> list[str]:
             problems.append(problem)
     if device is not None:
         problems += _attention_problems(config, device)
-        from engine.train.optim import cuda_only_problem
-
-        problem = cuda_only_problem(config.optim.optimizer, device.type)
-        if problem:
-            problems.append(problem)
     if m.block_offload and config.train.mixed_precision == "no" and config.model.dtype != "fp32":
         problems.append("memory.block_offload with train.mixed_precision = \"no\" is not supported; use bf16")
     kind = config.lora.kind

@@ -21,8 +21,8 @@ import torch
 OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit", "lion", "prodigy",
               "schedulefree")
 SCHEDULES = ("constant", "cosine", "linear")
-# The bitsandbytes optimizers: name -> the class in bitsandbytes.optim. They run on CUDA only
-# (engine.train.allowed refuses them elsewhere before a weight is loaded).
+# The bitsandbytes optimizers: name -> the class in bitsandbytes.optim. bitsandbytes 0.50 runs them on the CPU too
+# (there the paged ones keep their state in ordinary memory: paging only matters on a GPU).
 BITSANDBYTES = {"adamw8bit": "AdamW8bit", "lion8bit": "Lion8bit", "paged_adamw8bit": "PagedAdamW8bit",
                 "paged_lion8bit": "PagedLion8bit"}
 OPTIMIZERS_EXTRA = "optimizers"  # pyproject.toml [project.optional-dependencies]
@@ -54,15 +54,6 @@ def _require(name: str):
     return importlib.import_module(module)
 
 
-def cuda_only_problem(name: str, device_type: str) -> str:
-    """Why optimizer `name` cannot run on a `device_type` device ('' when it can)."""
-    if name in BITSANDBYTES and device_type != "cuda":
-        return (f'optim.optimizer = "{name}" is a bitsandbytes optimizer, which runs on CUDA only (its 8-bit and '
-                f'paged state live in GPU memory); this run is on {device_type}: use "adamw" (or "lion" with the '
-                "optimizers extra) here")
-    return ""
-
-
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, betas=(0.9, 0.999),
                     weight_decay: float = 0.01, eps: float = 1e-8) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
@@ -74,9 +65,6 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, foreach=True)
     if name in BITSANDBYTES:
         bnb = _require(name)
-        problem = cuda_only_problem(name, params[0].device.type)
-        if problem:
-            raise OptimizerUnavailable(problem)
         cls = getattr(bnb.optim, BITSANDBYTES[name])
         if "lion" in name:  # Lion has no epsilon: its update is the sign of a momentum
             return cls(params, lr=lr, betas=betas, weight_decay=weight_decay)
