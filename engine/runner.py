@@ -115,17 +115,11 @@ def _check_model_folder(config: Config) -> None:
 
 def _check_tread_span(config: Config, folder: Path) -> None:
     """The TREAD span against the model's block count, before the cache phase (the trainer checks it again, for a
-    hub id or a caller's dataset). Both config layouts name the count num_layers; without it the model is built
-    with the class default (the 14B's 40 blocks), which is therefore the count."""
-    import inspect
-    import json
-
-    from engine.models.loading import CONFIG_NAME
-    from engine.models.s2v_transformer import S2VTransformer3DModel
+    hub id or a caller's dataset)."""
+    from engine.models.s2v_transformer import block_count
     from engine.models.tread import check_capture_outside, resolve_span
 
-    default = inspect.signature(S2VTransformer3DModel.__init__).parameters["num_layers"].default
-    layers = json.loads((folder / CONFIG_NAME).read_text()).get("num_layers", default)
+    layers = block_count(folder)
     try:
         first, last = resolve_span(config.tread.start_layer_idx, config.tread.end_layer_idx, layers)
         if config.crepa.enabled:

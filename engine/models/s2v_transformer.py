@@ -27,6 +27,7 @@ Native -> module names: `keymap.native_to_diffusers` (e.g. `blocks.3.self_attn.q
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -465,3 +466,14 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if inj is not None:
             x = self.audio_injector(inj, x, audio_local, audio_global, n_video)
         return x
+
+
+def block_count(folder) -> int:
+    """How many blocks the transformer in the local `folder` has: its config.json's num_layers (both config layouts
+    name it so), or the class default (the 14B's 40) when the file leaves it out, as the model is then built."""
+    import inspect
+    import json
+
+    raw = json.loads((Path(folder) / loading.CONFIG_NAME).read_text(encoding="utf-8"))
+    default = inspect.signature(S2VTransformer3DModel.__init__).parameters["num_layers"].default
+    return int(raw.get("num_layers", default))

@@ -112,19 +112,18 @@ def _process_problems(config: Config, world_size: int) -> list[str]:
 def _model_blocks(config: Config) -> int | None:
     """The block count of a local model.source's transformer (its config.json); None when it cannot be read here
     (a hub id not fetched yet): the trainer checks crepa.block_index against the loaded model again."""
-    import json
     from pathlib import Path
 
     from engine.models.loading import resolve_transformer_dir
+    from engine.models.s2v_transformer import block_count
 
     if not Path(config.model.source).expanduser().is_dir():
         return None
     try:
-        folder = resolve_transformer_dir(config.model.source, config.model.transformer_subfolder or "transformer")
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return block_count(resolve_transformer_dir(config.model.source,
+                                                   config.model.transformer_subfolder or "transformer"))
     except (OSError, ValueError):
         return None  # the load phase reports an unreadable model with its own message
-    return int(raw.get("num_layers", 40))
 
 
 def _crepa_problems(config: Config, world_size: int) -> list[str]:
