@@ -125,13 +125,21 @@ def _preset_inputs(path: Path, args: argparse.Namespace):
     return dataset_specs(config, with_eval=True), settings, config
 
 
-def held_out(report: DoctorReport, specs: list[DatasetSpec], config) -> tuple[list[str], str]:
-    """(the clip ids kept out of training for the eval loss: validation.eval_loss.datasets' and holdout's, the line
-    that says so); the line is the refusal when that leaves no training or no eval clip. Nothing without a preset,
-    a holdout or eval datasets. The choice is the run's own (engine.data.holdout.held_out_ids)."""
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """The clip ids kept out of training for the eval loss (validation.eval_loss.datasets' and holdout's), the line
+    that says so, and the refusal when that leaves no training or no eval clip ('' when none)."""
+    ids: list[str] = dataclasses.field(default_factory=list)
+    line: str = ""
+    problem: str = ""
+
+
+def held_out(report: DoctorReport, specs: list[DatasetSpec], config) -> HeldOut:
+    """What the run will hold out; nothing without a preset, a holdout or eval datasets. The choice is the run's
+    own (engine.data.holdout.held_out_ids)."""
     v = None if config is None else config.validation.eval_loss
     if v is None or (v.holdout == 0 and not v.datasets):
-        return [], ""
+        return HeldOut()
     from engine.data.cache_plan import clip_id_of, eval_dataset_labels
     from engine.data.holdout import HoldoutError, held_out_ids
 
@@ -141,14 +149,14 @@ def held_out(report: DoctorReport, specs: list[DatasetSpec], config) -> tuple[li
         held = held_out_ids([(clip_id_of(c.clip, by_label), c.clip.dataset) for c in usable], v.holdout,
                             config.train.seed, eval_dataset_labels(config))
     except HoldoutError as exc:
-        return [], f"BLOCKING holdout: {exc}"
+        return HeldOut(line=f"BLOCKING holdout: {exc}", problem=str(exc))
     held = sorted(held)
-    return held, (f"held out of training for the eval loss (validation.eval_loss.holdout = {v.holdout:g}, "
-                  f"{len(v.datasets)} eval dataset(s)): {len(held)} of {len(usable)} clips: {', '.join(held)}")
+    return HeldOut(held, f"held out of training for the eval loss (validation.eval_loss.holdout = {v.holdout:g}, "
+                         f"{len(v.datasets)} eval dataset(s)): {len(held)} of {len(usable)} clips: {', '.join(held)}")
 
 
-def _exit_code(report: DoctorReport, strict: bool, holdout_line: str = "") -> int:
-    if report.blocking or report.cancelled or (strict and report.warnings) or holdout_line.startswith("BLOCKING"):
+def _exit_code(report: DoctorReport, strict: bool, holdout: HeldOut = HeldOut()) -> int:
+    if report.blocking or report.cancelled or (strict and report.warnings) or holdout.problem:
         return EXIT_PROBLEMS
     return EXIT_OK
 
@@ -235,23 +243,23 @@ def main(argv: list[str]) -> int:
     if args.json:
         report = inspect_datasets(specs, settings)
         doc = report.to_dict()
-        held, line = held_out(report, specs, config)
+        held = held_out(report, specs, config)
         if preset is not None:
             doc["preset"] = str(preset)
-            doc["held_out"] = held  # validation.eval_loss.holdout's clip ids; [] without a holdout
-            if line.startswith("BLOCKING"):
-                doc["holdout_problem"] = line.removeprefix("BLOCKING holdout: ")
+            doc["held_out"] = held.ids  # validation.eval_loss.holdout's clip ids; [] without a holdout
+            if held.problem:
+                doc["holdout_problem"] = held.problem
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return _exit_code(report, args.strict, line)
+        return _exit_code(report, args.strict, held)
 
     if not sys.stdout.isatty():
         report = inspect_datasets(specs, settings)
         _print_plain(report, sys.stdout, args.verbose)
-        line = held_out(report, specs, config)[1]
-        if line:
-            print(line, file=sys.stdout)
-        return _exit_code(report, args.strict, line)
+        held = held_out(report, specs, config)
+        if held.line:
+            print(held.line, file=sys.stdout)
+        return _exit_code(report, args.strict, held)
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -271,12 +279,12 @@ def main(argv: list[str]) -> int:
             console.print("[yellow]check interrupted[/]")
             return EXIT_PROBLEMS
     _print_rich(report, console, args.verbose)
-    line = held_out(report, specs, config)[1]
-    if line:
+    held = held_out(report, specs, config)
+    if held.line:
         from rich.markup import escape
 
-        console.print(f"[{'red' if line.startswith('BLOCKING') else 'cyan'}]{escape(line)}[/]")
-    return _exit_code(report, args.strict, line)
+        console.print(f"[{'red' if held.problem else 'cyan'}]{escape(held.line)}[/]")
+    return _exit_code(report, args.strict, held)
 
 
 if __name__ == "__main__":
