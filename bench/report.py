@@ -72,15 +72,36 @@ def smaps_rollup(pid: int) -> tuple[int, int] | None:
     return fields["Pss"], fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
 
 
-def tree_shares(pid: int) -> tuple[int | None, int | None]:
-    """(PSS of `pid` and its descendants, USS of the descendants alone); None where smaps_rollup is missing."""
+def _tree(pid: int):
+    """(the process, its descendants) of `pid`, listed once per reading; None once it is gone."""
     import psutil
 
     try:
-        children = psutil.Process(pid).children(recursive=True)
+        root = psutil.Process(pid)
+        return root, root.children(recursive=True)
     except psutil.Error:
-        return None, None
-    own = smaps_rollup(pid)
+        return None
+
+
+def _rss_of(root, children) -> tuple[int, int]:
+    import psutil
+
+    try:
+        own = root.memory_info().rss
+    except psutil.Error:
+        return 0, 0
+    total = own
+    for child in children:
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # it ended between the listing and the reading
+            continue
+    return own, total
+
+
+def _shares_of(root, children) -> tuple[int | None, int | None]:
+    """(PSS of the process and its descendants, USS of the descendants alone); None where smaps_rollup is missing."""
+    own = smaps_rollup(root.pid)
     if own is None:
         return None, None
     pss, uss = own[0], 0
@@ -94,21 +115,8 @@ def tree_shares(pid: int) -> tuple[int | None, int | None]:
 
 def tree_rss_bytes(pid: int) -> tuple[int, int]:
     """(RSS of `pid`, RSS of `pid` and every descendant); (0, 0) once it is gone."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        own = root.memory_info().rss
-        children = root.children(recursive=True)
-    except psutil.Error:
-        return 0, 0
-    total = own
-    for child in children:
-        try:
-            total += child.memory_info().rss
-        except psutil.Error:  # it ended between the listing and the reading
-            continue
-    return own, total
+    tree = _tree(pid)
+    return _rss_of(*tree) if tree is not None else (0, 0)
 
 
 def sample_memory(pid: int, done: Callable[[], bool], interval_s: float = 0.2,
@@ -121,9 +129,10 @@ def sample_memory(pid: int, done: Callable[[], bool], interval_s: float = 0.2,
     samples: list[MemorySample] = []
     while not done():
         started = time.time()
-        own, tree = tree_rss_bytes(pid)
+        listed = _tree(pid)  # one listing of the tree for both readings
+        own, tree = _rss_of(*listed) if listed is not None else (0, 0)
+        pss, children_uss = _shares_of(*listed) if listed is not None else (None, None)
         host = host_memory()
-        pss, children_uss = tree_shares(pid)
         sample = MemorySample(started, tree, own, host.used_bytes, gpu_used() if gpu_used else None,
                               pss, children_uss)
         samples.append(sample)
