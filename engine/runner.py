@@ -269,12 +269,17 @@ def _holdout_split(config: Config, dataset):
     """(training windows, held-out windows or None): the clips of validation.eval_loss.holdout and
     validation.eval_loss.datasets leave the training order here, before the trainer draws its first batch, and
     become the eval loss's windows."""
-    from engine.data.cache_plan import eval_dataset_labels
     from engine.data.holdout import HoldoutError, split_dataset
 
+    labels: frozenset[str] = frozenset()
+    if config.validation.eval_loss.datasets:
+        # cache_plan reads the media modules (PyAV): a run on in-memory samples without eval datasets needs none
+        from engine.data.cache_plan import eval_dataset_labels
+
+        labels = eval_dataset_labels(config)
     try:
         train, held_out, clips = split_dataset(dataset, config.validation.eval_loss.holdout, config.train.seed,
-                                               eval_dataset_labels(config))
+                                               labels)
     except HoldoutError as exc:
         raise RunFailed(str(exc)) from None
     if clips:

@@ -289,6 +289,38 @@ def test_compiled_blocks_make_one_more_graph_for_the_routed_length_then_none(mod
     torch._dynamo.reset()
 
 
+@pytest.mark.timeout(600)
+def test_inductor_with_padding_recomputes_a_routed_step_under_the_graph_it_ran(model):
+    """The engine's compile under TREAD (routed=True, inductor, save_attention): the first step is routed and an
+    injector sits before the span, so a static graph (its buffers padded by inductor, as on CUDA; the CPU pads
+    nothing unless told) would run that injector's forward and a dynamic one, made later in the step, its
+    recompute; the static backward then meets unpadded saved tensors (the 14B failed so on the H200). Padding is
+    forced on here with a low threshold so that the tiny shapes are padded as the 14B's are."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    params = _with_lora(model, dropout=0.0)
+    # 4 frames of 8x6 tokens: no size of the first call equals another by chance (dynamo would tie them: "duck
+    # sizing"), so the later shapes below reuse the graph.
+    batch = _inputs(model, frames=4, height=16)
+    model.enable_gradient_checkpointing(policy="save_attention")
+    span = (1, len(model.blocks) - 1)  # the tiny model's injectors sit at blocks 0 (before) and 3 (inside)
+    assert 0 in model.injector_of_block and span[1] in model.injector_of_block
+    ref = _loss_and_grads(model, batch, params, _route(0.25, *span))
+    with inductor_config.patch(disable_padding_cpu=False, padding_stride_threshold=8):
+        model.compile_blocks(routed=True)
+        torch._dynamo.utils.counters.clear()
+        loss, grads = _loss_and_grads(model, batch, params, _route(0.25, *span))
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        _loss_and_grads(model, batch, params)
+        _loss_and_grads(model, _inputs(model, frames=3, height=8), params, _route(0.5, *span))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # one graph per kind
+    assert abs(loss - ref[0]) <= 1e-4 * abs(ref[0])
+    for a, b in zip(grads, ref[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    torch._dynamo.reset()
+
+
 # ---- config ---------------------------------------------------------------------------------------------------
 def test_tread_keys_are_checked():
     base = Config()

@@ -241,7 +241,7 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                     module._buffers[name] = buf.to(device)
         return self._streamer.host_bytes()
 
-    def compile_blocks(self, **compile_kwargs) -> None:
+    def compile_blocks(self, routed: bool = False, **compile_kwargs) -> None:
         """Regional torch.compile: each block and each audio-injector module, sharing one graph per kind.
 
         Fuses the fp32 norm / modulation / RoPE element-wise work that otherwise dominates the step's memory
@@ -250,10 +250,17 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Graph count: dynamo compiles a module's first input shape statically and, at its second shape, one graph
         with the changed sizes dynamic (automatic dynamic shapes), which serves every later shape. So each kind
         (block, injector attention, AdaLN; the no-grad forward and the recompute apart) compiles at most twice,
-        whatever the buckets and TREAD's token counts. TREAD's routed blocks see a shorter sequence (and routed
-        injectors fewer tokens per frame), so the second, dynamic graph comes at the first step instead of at the
-        first bucket change; a later subset, ratio or bucket compiles nothing (tests/test_tread.py).
+        whatever the buckets.
+
+        `routed` (TREAD): the routed blocks see a shorter sequence and routed injectors fewer tokens per frame, so
+        one step runs a kind at two lengths. Such modules are compiled dynamic from their first call, one graph per
+        kind: with a static graph for the first length and a dynamic one made later in the same step, a block
+        checkpointed under the static graph would be recomputed by the dynamic one, whose saved tensors have other
+        strides (inductor pads a static graph's buffers, never a dynamic one's), and the static backward fails on
+        them. A later subset, ratio or bucket compiles nothing (tests/test_tread.py).
         """
+        if routed:
+            compile_kwargs.setdefault("dynamic", True)
         for block in self.blocks:
             block.compile(**compile_kwargs)
         for attn in self.audio_injector.injector:

@@ -80,8 +80,8 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
     else:
         model.to(device)
     if m.compile_blocks:
-        model.compile_blocks()
-        done.append("blocks compiled (torch.compile, regional)")
+        model.compile_blocks(routed=config.tread.enabled)
+        done.append("blocks compiled (torch.compile, regional" + (", dynamic lengths for TREAD)" if config.tread.enabled else ")"))
     cap = cap_gpu_memory(config, device)
     if cap:
         done.append(cap)
