@@ -288,13 +288,13 @@ def _holdout_split(config: Config, dataset):
     return train, held_out
 
 
-def _validator(config: Config, model, dataset, vset, run_dir: Path, device: torch.device, stop_event):
+def _validator(config: Config, model, dataset, vset, run_dir: Path, device: torch.device, stop_event, dist):
     if vset is None:
         return None
     from engine.train.validation import Validator
 
     return Validator(config, model, dataset, vset, run_dir, device, AUTOCAST_DTYPES.get(config.train.mixed_precision),
-                     stop_event)
+                     stop_event, dist)
 
 
 # ---- logging plumbing ------------------------------------------------------------------------------------------
@@ -530,7 +530,7 @@ def _run_phases(config: Config, bus: EventBus, stop_event: threading.Event, run_
     model = dist.prepare_model(_load_model(config, torch.device("cpu") if dist.sharded else device,
                                            fresh=resume_state is None))
     validator = _validator(config, model, dataset if held_out is None else held_out, vset, run_dir, device,
-                           stop_event)
+                           stop_event, dist)
     release_host_memory("loading the model")
 
     bus.emit(PhaseChanged(phase="train", detail=f"{config.optim.max_steps} steps"))

@@ -10,6 +10,8 @@ command that needs them, so `--help` stays instant.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 SUBCOMMANDS = {
@@ -74,6 +76,12 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A rank of `s2v-tui --gpus N`: the launcher ignores the stop signals (s2v_tui.commands.launch) and passed
+        # that on; until the run installs its own handlers a stop ends this rank at once (nothing trained yet).
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if any(a == "--gpus" or a.startswith("--gpus=") for a in argv):
         return _call("s2v_tui.commands.launch", argv)
     if argv and argv[0] in SUBCOMMANDS:

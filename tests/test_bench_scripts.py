@@ -196,7 +196,7 @@ def test_bench_attention_fp8_quantisation_maps_the_amax_to_the_e4m3_maximum():
 
 
 @pytest.mark.timeout(120)
-def test_bench_engine_step_runs_without_pyav(tmp_path):
+def test_bench_engine_step_runs_without_pyav(tmp_path, tiny_model_dir):
     """The GPU machine has no PyAV unless a wheel is carried: the engine's training loop on in-memory samples (no
     clip to decode, no eval dataset) must not import it. An `av` that refuses to import stands first on the path."""
     import subprocess
@@ -207,6 +207,7 @@ def test_bench_engine_step_runs_without_pyav(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path / 'noav'}:{repo}"}
     proc = subprocess.run([sys.executable, str(repo / "bench" / "engine_step.py"), "--tiny", "--steps", "3",
-                           "--scratch", str(tmp_path / "s")], capture_output=True, text=True, env=env, cwd=repo)
+                           "--model-dir", str(tiny_model_dir), "--scratch", str(tmp_path / "s")],
+                          capture_output=True, text=True, env=env, cwd=repo)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and result["status"] == "completed", result["reason"]

@@ -1,7 +1,10 @@
 """Several processes on the CPU (gloo), started by `accelerate launch` as on a multi-GPU machine.
 
-One launch per strategy (ddp, fsdp), 2 processes of batch 1 each, against one in-process run of batch 2: the LoRA
-must agree; the run folder must hold what rank 0 alone wrote; its checkpoint must resume in one process.
+One launch per strategy (ddp, fsdp), 2 processes of batch 1 each, against one in-process run of batch 2, on the
+user's path: clips on disk whose feature cache was filled once in one process (as `s2v-tui --gpus N` does before
+launching), validation on (two cases, the eval loss). The LoRA and the eval loss must agree; the run folder must
+hold what rank 0 wrote, with the samples of DDP's second case from rank 1; nothing is written to the cache; the
+checkpoint must resume in one process; a SIGTERM to the launcher leaves a checkpoint that resumes there.
 """
 from __future__ import annotations
 
@@ -42,26 +45,36 @@ CHILD = r"""
 import builtins, json, os, sys
 import torch
 torch.set_num_threads(1)
-preset, run_dir, clips, witness, crepa_dim = sys.argv[1:6]
+preset, run_dir, clips, witness, crepa_dim, cache_dir = sys.argv[1:7]
 rank = int(os.environ["RANK"])
 writes = []
 real_open, real_os_open = builtins.open, os.open
+watched = tuple(p for p in (run_dir, cache_dir) if p)
 
 def spy_open(file, mode="r", *args, **kwargs):
-    if any(c in mode for c in "wax+") and str(file).startswith(run_dir):
+    if any(c in mode for c in "wax+") and str(file).startswith(watched):
         writes.append(str(file))
     return real_open(file, mode, *args, **kwargs)
 
 def spy_os_open(path, flags, *args, **kwargs):
-    if flags & (os.O_WRONLY | os.O_RDWR) and str(path).startswith(run_dir):
+    if flags & (os.O_WRONLY | os.O_RDWR) and str(path).startswith(watched):
         writes.append(str(path))
     return real_os_open(path, flags, *args, **kwargs)
 
 builtins.open, os.open = spy_open, spy_os_open
+import engine.train.validation as validation  # PyAV opens the sample files in C, past the spies above
+real_write_sample = validation.write_sample_mp4
+
+def spy_write_sample(path, *args, **kwargs):
+    writes.append(str(path))
+    return real_write_sample(path, *args, **kwargs)
+
+validation.write_sample_mp4 = spy_write_sample
 from engine.train.synthetic import SyntheticLatentDataset
 from s2v_tui.commands.headless import run_headless
-code = run_headless(preset, run_dir=run_dir, dataset=SyntheticLatentDataset(int(clips), crepa_dim=int(crepa_dim)),
-                    device="cpu")
+# clips "0": the preset's clips through their filled cache (the user's path); else that many in-memory windows
+dataset = None if clips == "0" else SyntheticLatentDataset(int(clips), crepa_dim=int(crepa_dim))
+code = run_headless(preset, run_dir=run_dir, dataset=dataset, device="cpu")
 real_open(f"{witness}/rank{rank}.json", "w").write(json.dumps({"code": code, "writes": writes}))
 sys.exit(code)
 """
@@ -69,8 +82,21 @@ sys.exit(code)
 
 
 
-def _config(model_dir, runs, **overrides):
-    config = demo_config(Path(model_dir), Path(runs))
+# Validation at the last step: two cases (one per rank under DDP), three eval triples (one rank has one more).
+VALIDATION = {"validation.every_steps": STEPS, "validation.steps": 2, "validation.solver": "euler",
+              "validation.eval_loss.enabled": True, "validation.eval_loss.num_triples": 3}
+
+
+def _config(model_dir, runs, user_path=None, **overrides):
+    """The tiny run; with `user_path` (the clips fixture) on clips and their cache, validation on."""
+    if user_path is None:
+        config = demo_config(Path(model_dir), Path(runs))
+    else:
+        clips, cache = user_path
+        config = demo_config(Path(model_dir), Path(runs), clips, cache)
+        cases = [{"reference": str(c), "audio": str(c), "prompt": "a person talks", "seed": i}
+                 for i, c in enumerate(sorted(clips.glob("*.mp4")))]
+        overrides = {**VALIDATION, "validation.cases": cases, **overrides}
     settings = {"optim.max_steps": STEPS, "optim.warmup_steps": 0, "checkpoint.every_steps": 2,
                 "checkpoint.keep_last": 5, "memory.gradient_checkpointing": True, "optim.eps": 1e-4, **overrides}
     for key, value in settings.items():
@@ -86,7 +112,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path: Path, config, name: str, crepa_dim: int = 0) -> tuple[Path, dict[int, dict]]:
+def _launch_command(tmp_path: Path, config, name: str, crepa_dim: int = 0, cached: bool = False):
+    """(command, env, run folder, witness folder) of a 2-process launch of the child on `config`."""
     preset = save_config(config, tmp_path / f"{name}.toml")
     run_dir, witness = tmp_path / name, tmp_path / f"{name}-witness"
     witness.mkdir()
@@ -94,29 +121,64 @@ def _launch(tmp_path: Path, config, name: str, crepa_dim: int = 0) -> tuple[Path
     script.write_text(CHILD)
     launcher = accelerate_command(2, [])[:-2]  # without "-m s2v_tui.cli": the child script instead
     command = [*launcher, "--main_process_port", str(_free_port()), str(script), str(preset), str(run_dir),
-               str(CLIPS), str(witness), str(crepa_dim)]
+               "0" if cached else str(CLIPS), str(witness), str(crepa_dim), str(config.data.cache_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return command, env, run_dir, witness
+
+
+def _launch(tmp_path: Path, config, name: str, crepa_dim: int = 0, cached: bool = False):
+    command, env, run_dir, witness = _launch_command(tmp_path, config, name, crepa_dim, cached)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"accelerate launch failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return run_dir, {r: json.loads((witness / f"rank{r}.json").read_text()) for r in (0, 1)}
 
 
 @pytest.fixture(scope="module")
-def single_batch2(tiny_model_dir, tmp_path_factory):
-    """The reference: one process, batch 2 (= 2 processes x batch 1)."""
+def user_path(tiny_model_dir, tmp_path_factory):
+    """Two talking clips on disk and their feature cache, filled once in one process by `s2v-tui cache`, as
+    `s2v-tui --gpus N` fills it before it launches N processes."""
+    from s2v_tui.commands.cache import main as cache_main
+    from s2v_tui.commands.demo import make_demo_clips
+
+    tmp = tmp_path_factory.mktemp("clips")
+    paths = make_demo_clips(tmp / "clips"), tmp / "cache"
+    preset = save_config(_config(tiny_model_dir, tmp / "runs", paths), tmp / "cache.toml")
+    assert cache_main([str(preset)]) == 0
+    return paths
+
+
+@pytest.fixture(scope="module")
+def single_batch2(tiny_model_dir, tmp_path_factory, user_path):
+    """The reference: one process, batch 2 (= 2 processes x batch 1), on the same cache, validation on."""
     tmp = tmp_path_factory.mktemp("single")
-    config = _config(tiny_model_dir, tmp / "runs", **{"optim.batch_size": 2})
-    end = run(config, [], threading.Event(), run_dir=tmp / "run", dataset=SyntheticLatentDataset(CLIPS),
-              device="cpu")
+    config = _config(tiny_model_dir, tmp / "runs", user_path, **{"optim.batch_size": 2})
+    end = run(config, [], threading.Event(), run_dir=tmp / "run", device="cpu")
     assert end.status == "completed", end.reason
     return tmp / "run", end
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tiny_model_dir, tmp_path_factory):
+def ddp_run(tiny_model_dir, tmp_path_factory, user_path):
     tmp = tmp_path_factory.mktemp("ddp")
-    return _launch(tmp, _config(tiny_model_dir, tmp / "runs"), "ddp")
+    return _launch(tmp, _config(tiny_model_dir, tmp / "runs", user_path), "ddp", cached=True)
+
+
+def _validations(run_dir: Path) -> dict[int, tuple[float, list[str]]]:
+    """step -> (eval loss, the sample files relative to the run folder) of the run's ValidationDone events."""
+    return {e.step: (e.eval_loss, sorted(str(Path(p).relative_to(run_dir)) for p in e.sample_paths))
+            for e in read_events(run_dir / EVENTS_FILENAME) if e.kind == "validation_done"}
+
+
+def _validation_matches(run_dir: Path, reference: Path) -> None:
+    got, want = _validations(run_dir), _validations(reference)
+    assert got.keys() == want.keys() == {STEPS}
+    for step, (loss, paths) in got.items():
+        assert paths == want[step][1], step
+        assert len(paths) == 4  # the base model's two samples (once a run), then the LoRA's two
+        assert all((run_dir / p).stat().st_size > 0 for p in paths)
+        # The LoRA differs from the reference's by the order of the gradient sums (TOLERANCE): so does the loss.
+        assert abs(loss - want[step][0]) <= 1e-4 * abs(want[step][0]), (step, loss, want[step][0])
 
 
 def _lora_matches(run_dir: Path, reference: Path) -> float:
@@ -141,10 +203,20 @@ def test_two_processes_of_batch_1_train_the_lora_of_one_of_batch_2(ddp_run, sing
         assert abs(loss - want[step]) <= 1e-5 * abs(want[step]), (step, loss, want[step])
 
 
-def test_only_rank_0_writes_and_it_reports_every_rank_memory(ddp_run):
+def test_ddp_shares_the_validation_out_and_gives_one_process_numbers(ddp_run, single_batch2):
+    run_dir, ranks = ddp_run
+    _validation_matches(run_dir, single_batch2[0])
+    # Case i renders (and is written) on rank i mod 2: rank 1 wrote case 1's samples and nothing else.
+    ones = {"samples/base/case-01.mp4", f"samples/step-{STEPS:05d}/case-01.mp4"}
+    assert {str(Path(p).relative_to(run_dir)) for p in ranks[1]["writes"]} == ones
+    assert not any(str(Path(p).relative_to(run_dir)) in ones for p in ranks[0]["writes"] if p.startswith(str(run_dir)))
+
+
+def test_only_rank_0_writes_and_it_reports_every_rank_memory(ddp_run, user_path):
     run_dir, ranks = ddp_run
     assert ranks[0]["code"] == ranks[1]["code"] == 0
-    assert ranks[1]["writes"] == [], f"rank 1 wrote {ranks[1]['writes'][:5]}"
+    assert all(p.startswith(str(run_dir / "samples")) for p in ranks[1]["writes"]), ranks[1]["writes"][:5]
+    assert not any(p.startswith(str(user_path[1])) for r in (0, 1) for p in ranks[r]["writes"])  # cache: read only
     written = {Path(p).name for p in ranks[0]["writes"]}
     assert {EVENTS_FILENAME, "train.log"} <= written
     events = read_events(run_dir / EVENTS_FILENAME)
@@ -158,7 +230,7 @@ def test_only_rank_0_writes_and_it_reports_every_rank_memory(ddp_run):
     assert [s for s, _ in list_checkpoints(run_dir)] == [4, 2]
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process(ddp_run, tiny_model_dir, tmp_path):
+def test_a_two_process_checkpoint_resumes_in_one_process(ddp_run, tiny_model_dir, tmp_path, user_path):
     source, _ = ddp_run
     run_dir = tmp_path / "resumed"
     shutil.copytree(source, run_dir)
@@ -168,27 +240,29 @@ def test_a_two_process_checkpoint_resumes_in_one_process(ddp_run, tiny_model_dir
     for output in run_dir.glob("*.safetensors"):
         output.unlink()
     at_2 = load_checkpoint(run_dir / "checkpoints" / "step-00000002.pt")
-    assert at_2["world_size"] == 2 and at_2["data"]["cursor"] == 4  # global: 2 steps x 2 ranks x batch 1
+    # The cache's sampler position is global: 2 steps of the global batch of 2 ranks x batch 1.
+    assert at_2["world_size"] == 2 and at_2["data"]["batch_size"] == 2
     events = []
-    config = _config(tiny_model_dir, tmp_path)  # the run folder's frozen copy of it is what resumes
-    end = run(config, [events.append], threading.Event(), run_dir=run_dir, dataset=SyntheticLatentDataset(CLIPS),
-              device="cpu")
+    config = _config(tiny_model_dir, tmp_path, user_path)  # the run folder's frozen copy of it is what resumes
+    end = run(config, [events.append], threading.Event(), run_dir=run_dir, device="cpu")
     assert end.status == "completed", end.reason
     assert next(e for e in events if e.kind == "run_started").resumed_from_step == 2
     assert any(e.kind == "warning" and e.code == "world_size_changed" for e in events)
     final = load_checkpoint(run_dir / "checkpoints" / f"step-{STEPS:08d}.pt")
-    assert final["world_size"] == 1 and final["data"]["cursor"] == 4 + (STEPS - 2)  # one window a step now
+    assert final["world_size"] == 1 and final["data"]["batch_size"] == 1  # one window a step now
 
 
-def test_fsdp2_shards_the_tiny_model_and_trains_the_same_lora(tiny_model_dir, tmp_path, single_batch2):
+def test_fsdp2_shards_the_tiny_model_and_trains_the_same_lora(tiny_model_dir, tmp_path, single_batch2, user_path):
     from torch.distributed.fsdp import fully_shard  # noqa: F401 - the test needs FSDP2 itself
 
     # With the 80gb preset's selective checkpointing (exact on the CPU, so the reference's full policy still
     # gives the same LoRA): FSDP2 re-gathers each block for the recompute that keeps the attention outputs.
-    config = _config(tiny_model_dir, tmp_path / "runs", **{"distributed.strategy": "fsdp",
-                                                          "memory.checkpoint_policy": "save_attention"})
-    run_dir, ranks = _launch(tmp_path, config, "fsdp")
+    config = _config(tiny_model_dir, tmp_path / "runs", user_path, **{"distributed.strategy": "fsdp",
+                                                                     "memory.checkpoint_policy": "save_attention"})
+    run_dir, ranks = _launch(tmp_path, config, "fsdp", cached=True)
+    # Every sample rendered by both ranks together (each forward gathers the other's shards), written by rank 0.
     assert ranks[1]["writes"] == []
+    _validation_matches(run_dir, single_batch2[0])
     log = (run_dir / "train.log").read_text()
     assert "FSDP2: " in log and "(save_attention)" in log
     print(f"largest LoRA difference, 2 x batch 1 (fsdp) vs 1 x batch 2: {_lora_matches(run_dir, single_batch2[0]):.3g}")
@@ -236,3 +310,43 @@ def test_ddp_with_crepa_trains_the_lora_and_projector_of_one_process(tiny_model_
     got, want = find_resume_state(run_dir)[0]["crepa"], find_resume_state(tmp_path / "single")[0]["crepa"]
     for k in want:
         torch.testing.assert_close(got[k], want[k], **TOLERANCE, msg=lambda m, k=k: f"projector {k}: {m}")
+
+
+# `s2v-tui --gpus N` after its cache phase: the launch under run_launcher, which takes the stop signals.
+PARENT = "import sys; from s2v_tui.commands.launch import run_launcher; sys.exit(run_launcher(sys.argv[1:]))"
+
+
+@pytest.mark.timeout(300)
+def test_a_stop_signal_to_the_command_leaves_a_checkpoint_that_resumes_in_one_process(tiny_model_dir, tmp_path,
+                                                                                     user_path):
+    """SIGTERM (a rented box's shutdown, `kill`; a Ctrl-C's SIGINT takes the same handler) to the command: it passes
+    one stop to every rank (the launcher, in its own session, ignores them); the ranks agree on the step, rank 0
+    writes the checkpoint, both exit 75, the command says 75, and one process resumes from it."""
+    signum = "SIGTERM"
+    import signal
+    import time
+
+    from s2v_tui.commands.headless import EXIT_STOPPED
+
+    config = _config(tiny_model_dir, tmp_path / "runs", user_path,
+                     **{"optim.max_steps": 24, "checkpoint.every_steps": 1000, "validation.every_steps": 0})
+    command, env, run_dir, witness = _launch_command(tmp_path, config, "term", cached=True)
+    proc = subprocess.Popen([sys.executable, "-c", PARENT, *command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 200
+    log = run_dir / EVENTS_FILENAME
+    while not (log.exists() and any(e.kind == "step_end" and e.step >= 2 for e in read_events(log))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, signum))
+    _, err = proc.communicate(timeout=120)
+    ranks = {r: json.loads((witness / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert ranks[0]["code"] == ranks[1]["code"] == EXIT_STOPPED, err[-3000:]
+    assert proc.returncode == EXIT_STOPPED and f"{signum}: stopping 2 rank(s)" in err
+    [end] = [e for e in read_events(log) if e.kind == "run_ended"]
+    [(step, _)] = list_checkpoints(run_dir)
+    assert end.status == "stopped" and 2 <= step < 24
+    events = []
+    end = run(config, [events.append], threading.Event(), run_dir=run_dir, device="cpu")
+    assert end.status == "completed", end.reason
+    assert next(e for e in events if e.kind == "run_started").resumed_from_step == step

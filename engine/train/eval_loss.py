@@ -58,8 +58,16 @@ def make_triples(dataset_size: int, n: int, seed: int, mode: str, shift: float, 
 @torch.no_grad()
 def evaluation_loss(model, dataset, triples: list[EvalTriple], device: torch.device,
                     autocast_dtype: torch.dtype | None = None, shift_by_size: bool = False) -> float:
-    """Mean flow-matching loss over the triples; the model is in eval mode for the call. `shift_by_size`: the
-    triples' sigmas are unshifted and get the shift of their window's size, as training draws them."""
+    """Mean flow-matching loss over the triples (see evaluation_losses)."""
+    losses = evaluation_losses(model, dataset, triples, device, autocast_dtype, shift_by_size)
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def evaluation_losses(model, dataset, triples: list[EvalTriple], device: torch.device,
+                      autocast_dtype: torch.dtype | None = None, shift_by_size: bool = False) -> list[float]:
+    """The flow-matching loss of each triple, in order; the model is in eval mode for the call. `shift_by_size`:
+    the triples' sigmas are unshifted and get the shift of their window's size, as training draws them."""
     was_training = model.training
     model.eval()
     losses = []
@@ -86,4 +94,4 @@ def evaluation_loss(model, dataset, triples: list[EvalTriple], device: torch.dev
             losses.append(float(flow_loss(prediction, velocity_target(x0, noise))))
     finally:
         model.train(was_training)
-    return sum(losses) / len(losses)
+    return losses

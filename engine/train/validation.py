@@ -17,12 +17,21 @@ default: 77 frames, 4.8 s), with that much audio muxed in: each chunk costs the 
 validation, and `s2v-tui sample` renders the whole audio with the exported LoRA.
 Validation draws no number from the training generators (it forks the global RNG), so a run with validation
 trains exactly as one without.
+
+Several processes (engine.train.distributed): with "ddp" every rank holds the whole model, so the cases are
+shared out (case i renders on rank i mod N, which writes its file: N times fewer samples per GPU) and the eval
+loss's triples too (each rank's losses are summed into every rank in triple order, so the number is the one of a
+single process, bit for bit on the CPU). With "fsdp" every forward gathers the others' shards, so all ranks render
+every sample together, in lockstep, and rank 0 alone writes it; the stop request is agreed between them at every
+sampling step, and the triples are shared out with as many forwards on every rank. A validation ends for all ranks
+together: each waits for the others before training goes on, and a stop on one stops the validation on all.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +44,8 @@ from engine.infer.pipeline import FrozenParts, S2VPipeline
 from engine.infer.sampler import Conditioning, SampleOptions, SamplingStopped
 from engine.infer.video_io import write_sample_mp4
 from engine.models.attention import sampling_attention
-from engine.train.eval_loss import evaluation_loss, make_triples
+from engine.train.distributed import SINGLE, Distributed
+from engine.train.eval_loss import evaluation_losses, make_triples
 
 log = logging.getLogger(__name__)
 metrics_log = logging.getLogger("engine.train.metrics")
@@ -83,9 +93,32 @@ def prepare_validation(config: Config, device: torch.device) -> ValidationSet:
     return ValidationSet(cases, [c.seed for c in v.cases], parts)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One sample of a validation: a case, the weights it is rendered with, where it goes."""
+
+    case: int
+    weights: str  # "base" (LoRA off), "trained" or "ema"
+    path: Path
+    lora_scale: float | None = None  # None: validation.lora_scale
+
+
+class _AgreedStop:
+    """A stop event that all ranks read alike: true on every rank as soon as it is set on any. Under FSDP the
+    ranks sample in lockstep, so one that stopped alone would leave the others waiting in a collective."""
+
+    def __init__(self, event: threading.Event | None, dist: Distributed) -> None:
+        self.event, self.dist = event, dist
+
+    def is_set(self) -> bool:
+        return self.dist.any(self.event is not None and self.event.is_set())
+
+
 class Validator:
     def __init__(self, config: Config, model, dataset, vset: ValidationSet, run_dir: Path, device: torch.device,
-                 autocast_dtype: torch.dtype | None, stop_event: threading.Event | None = None) -> None:
+                 autocast_dtype: torch.dtype | None, stop_event: threading.Event | None = None,
+                 dist: Distributed = SINGLE) -> None:
+        self.dist = dist
         v = config.validation
         self.every = v.every_steps
         self.options = [SampleOptions(steps=v.steps, cfg_scale=v.cfg_scale, solver=v.solver,
@@ -117,8 +150,17 @@ class Validator:
     def eval_loss(self) -> float | None:
         if not self.triples:
             return None
-        return evaluation_loss(self.model, self.dataset, self.triples, self.device, self.autocast_dtype,
-                               self.auto_shift)
+        d, n = self.dist, len(self.triples)
+        mine = list(range(d.rank, n, d.world_size))
+        # FSDP: each forward is collective, so a rank short of triples repeats one (its loss is not counted).
+        padding = -(-n // d.world_size) - len(mine) if d.sharded else 0
+        losses = evaluation_losses(self.model, self.dataset, [self.triples[i] for i in mine] + self.triples[:1] * padding,
+                                   self.device, self.autocast_dtype, self.auto_shift)
+        every = [0.0] * n
+        for i, loss in zip(mine, losses, strict=False):
+            every[i] = loss
+        every = d.sum_floats(every)  # one rank's loss per entry, zeros from the rest: exact
+        return sum(every) / n
 
     def run(self, step: int, ema=None) -> ValidationDone | None:
         """Validate at `step`; None when the stop event interrupted the samples (the eval loss is still logged)."""
@@ -136,46 +178,75 @@ class Validator:
         return ValidationDone(step=step, sample_paths=tuple(str(p) for p in paths), eval_loss=loss)
 
     # ---- samples -------------------------------------------------------------------------------------------------
+    def _jobs(self, step: int, with_ema: bool) -> list[_Job]:
+        """Every sample of this validation, in render order. The base model's samples are made once per run (also
+        across a resume): those whose file is missing on any rank."""
+        base, here = samples_dir(self.run_dir, None), samples_dir(self.run_dir, step)
+        cases = range(len(self.vset.cases))
+        jobs = [_Job(i, "base", base / f"case-{i:02d}.mp4") for i in cases
+                if self.dist.any(not (base / f"case-{i:02d}.mp4").exists())]
+        jobs += [_Job(i, "trained", here / f"case-{i:02d}.mp4") for i in cases]
+        for scale in self.sweep:
+            jobs += [_Job(i, "trained", here / f"case-{i:02d}-scale-{scale:g}.mp4", scale) for i in cases]
+        if with_ema:
+            jobs += [_Job(i, "ema", here / f"case-{i:02d}-ema.mp4") for i in cases]
+        return jobs
+
+    def _renders(self, job: _Job) -> bool:
+        """FSDP: every rank renders every sample (together); otherwise case i renders on rank i mod N."""
+        return self.dist.sharded or job.case % self.dist.world_size == self.dist.rank
+
     def _samples(self, step: int, ema) -> list[Path]:
         if not self.vset.cases:
             return []
+        jobs = self._jobs(step, ema is not None)
+        stopped = False
         vae = self.vset.parts.vae.to(self.device)
         try:
             with sampling_attention(self.attention):  # validation.attention_backend; training's comes back after
-                paths = self._base_samples()
-                paths += self._render_all(samples_dir(self.run_dir, step), "")
-                for scale in self.sweep:
-                    paths += self._render_all(samples_dir(self.run_dir, step), f"-scale-{scale:g}", scale)
-                if ema is not None:
-                    ema.swap()
-                    try:
-                        paths += self._render_all(samples_dir(self.run_dir, step), "-ema")
-                    finally:
-                        ema.swap()
+                for weights in ("base", "trained", "ema"):
+                    mine = [j for j in jobs if j.weights == weights and self._renders(j)]
+                    if mine:
+                        with self._weights(weights, ema):
+                            self._render(mine)
+        except SamplingStopped:
+            stopped = True
         finally:
             vae.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        return paths
+        # Every rank waits here for the others' samples: a stop on any stops the validation on all.
+        if self.dist.any(stopped):
+            raise SamplingStopped("stopped during the validation samples")
+        return [j.path for j in jobs]
 
-    def _base_samples(self) -> list[Path]:
-        folder = samples_dir(self.run_dir, None)
-        if all((folder / f"case-{i:02d}.mp4").exists() for i in range(len(self.vset.cases))):
-            return []  # rendered by an earlier validation (also before a resume)
-        self.model.disable_adapters()
-        try:
-            return self._render_all(folder, "")
-        finally:
-            self.model.enable_adapters()
+    @contextmanager
+    def _weights(self, weights: str, ema):
+        if weights == "base":
+            self.model.disable_adapters()
+            try:
+                yield
+            finally:
+                self.model.enable_adapters()
+        elif weights == "ema":
+            ema.swap()
+            try:
+                yield
+            finally:
+                ema.swap()
+        else:
+            yield
 
-    def _render_all(self, folder: Path, suffix: str, lora_scale: float | None = None) -> list[Path]:
+    def _render(self, jobs: list[_Job]) -> None:
         pipe = S2VPipeline(self.model, self.vset.parts, self.device, self.autocast_dtype)
-        out = []
-        for i, (cond, options) in enumerate(zip(self.vset.cases, self.options, strict=True)):
-            if lora_scale is not None:
-                options = dataclasses.replace(options, lora_scale=lora_scale)
-            frames = pipe.render(cond, options, stop=self.stop_event)
+        stop = _AgreedStop(self.stop_event, self.dist) if self.dist.sharded else self.stop_event
+        for job in jobs:
+            cond, options = self.vset.cases[job.case], self.options[job.case]
+            if job.lora_scale is not None:
+                options = dataclasses.replace(options, lora_scale=job.lora_scale)
+            frames = pipe.render(cond, options, stop=stop)
+            if self.dist.sharded and not self.dist.is_main:
+                continue  # rank 0 writes the sample all ranks rendered
             seconds = frames.shape[0] / 16
             audio = cond.audio.waveform[: round(seconds * SAMPLE_RATE)]
-            out.append(write_sample_mp4(folder / f"case-{i:02d}{suffix}.mp4", frames.numpy(), audio))
-        return out
+            write_sample_mp4(job.path, frames.numpy(), audio)

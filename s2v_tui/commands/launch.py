@@ -7,14 +7,24 @@ accelerate (torchrun underneath) starts the processes and sets the environment e
 it there (engine.train.distributed). Before launching, the feature cache of the preset is filled in this one
 process: filling takes hours on a large dataset, longer than the other ranks could wait at a barrier.
 `--gpus 1` runs the command here, as if `--gpus` had not been given.
+
+Signals: the launcher runs in a session of its own and ignores SIGINT, SIGTERM and SIGHUP; this process takes them
+and passes a stop to the ranks themselves (`run_launcher`). Left to itself, torchrun would pass a Ctrl-C on to the
+ranks that the terminal had already sent them (two SIGINTs: the hard stop, without a checkpoint) and kill them 30 s
+after any signal, before a 14B rank has finished its step and written the checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
-from s2v_tui.commands.headless import EXIT_CONFIG
+from s2v_tui.commands.headless import EXIT_CONFIG, EXIT_STOPPED
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def accelerate_command(num_processes: int, cli_argv: list[str], python: str | None = None) -> list[str]:
@@ -75,8 +85,56 @@ def main(argv: list[str]) -> int:
         return code
     command = accelerate_command(gpus, rest)
     print("starting: " + " ".join(command), flush=True)
-    sys.stdout.flush()
-    # Replace this process: Ctrl-C and SIGTERM then reach accelerate's launcher, which passes them to every rank,
-    # and each rank checkpoints at the same step (the stop is agreed through a collective).
-    os.execv(command[0], command)
-    return 0  # not reached
+    return run_launcher(command)
+
+
+def rank_pids(launcher_pid: int) -> list[int]:
+    """The launcher's child processes (the ranks), from Linux's /proc; [] once it has none."""
+    pids: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{launcher_pid}/task").iterdir())
+    except OSError:
+        return pids
+    for task in tasks:
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def _launcher_ignores_stops() -> None:
+    # In the launcher's process before exec: dispositions set to "ignore" survive exec (and the ranks inherit them
+    # until the headless run installs its handlers), and torchrun installs none of its own for these (the env).
+    for sig in FORWARDED:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def run_launcher(command: list[str]) -> int:
+    """Run the accelerate launch `command`; the first SIGINT/SIGTERM/SIGHUP here becomes a SIGTERM to every rank
+    (each stops at the same step and rank 0 writes the checkpoint), a later SIGINT a SIGINT to each (the hard stop
+    of a second Ctrl-C). Returns the launcher's exit code, or 75 (stopped; the same command resumes) when a stop
+    was passed on and the launcher then ended with an error (torchrun reports the ranks' 75 as a failure)."""
+    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT"}
+    proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_launcher_ignores_stops)
+    received: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        received.append(signum)
+        hard = signum == signal.SIGINT and len(received) > 1
+        ranks = rank_pids(proc.pid)
+        print(f"{signal.Signals(signum).name}: {'hard stop' if hard else 'stopping'} {len(ranks)} rank(s) "
+              f"{'now' if hard else 'at the next step, after a checkpoint'}", file=sys.stderr, flush=True)
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGINT if hard else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_STOPPED if received and code != 0 else code
