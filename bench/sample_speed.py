@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         times["load_s"] = time.perf_counter() - t0
         load_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
 
-        # What Validator._samples/_render_all do, with a progress callback for the per-step times.
+        # What Validator._samples/_render do, with a progress callback for the per-step times.
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

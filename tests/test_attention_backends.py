@@ -130,11 +130,13 @@ def test_validation_renders_with_the_configured_backend(monkeypatch):
     v = validation.Validator.__new__(validation.Validator)
     v.vset = validation.ValidationSet(cases=[object()], seeds=[0], parts=type("P", (), {"vae": torch.nn.Linear(1, 1)}))
     v.run_dir, v.device, v.sweep, v.attention = Path("r"), torch.device("cpu"), [], "math"
-    monkeypatch.setattr(v, "_base_samples", lambda: seen.append(attn.get_attention_backend()) or [])
-    monkeypatch.setattr(v, "_render_all", lambda *a, **k: seen.append(attn.get_attention_backend()) or [])
+    v.dist = validation.SINGLE
+    v.model = type("M", (), {"disable_adapters": lambda self: None, "enable_adapters": lambda self: None})()
+    # The base model's sample (no file under r/ yet) and the LoRA's: both with the samples' backend.
+    monkeypatch.setattr(v, "_render", lambda jobs: seen.append((attn.get_attention_backend(), len(jobs))))
     attn.set_attention_backend("cudnn")
     v._samples(step=2, ema=None)
-    assert seen == ["math", "math"] and attn.get_attention_backend() == "cudnn"
+    assert seen == [("math", 1), ("math", 1)] and attn.get_attention_backend() == "cudnn"
 
 
 def test_sage_refuses_a_backward_pass():

@@ -253,8 +253,8 @@ class S2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         whatever the buckets.
 
         `routed` (TREAD): the routed blocks see a shorter sequence and routed injectors fewer tokens per frame, so
-        one step runs a kind at two lengths. Such modules are compiled dynamic from their first call, one graph per
-        kind: with a static graph for the first length and a dynamic one made later in the same step, a block
+        one step runs a kind at two lengths. Such modules are compiled dynamic from their first call, so both
+        lengths run the same graphs (one per kind and grad mode): with a static graph for the first length and a dynamic one made later in the same step, a block
         checkpointed under the static graph would be recomputed by the dynamic one, whose saved tensors have other
         strides (inductor pads a static graph's buffers, never a dynamic one's), and the static backward fails on
         them. A later subset, ratio or bucket compiles nothing (tests/test_tread.py).
