@@ -84,7 +84,7 @@ def _config(model_dir, tmp_path, **settings):
 def test_held_out_clips_never_train_and_are_what_the_eval_loss_measures(tiny_model_dir, tmp_path, monkeypatch):
     trained: list[str] = []
     measured: list[str] = []
-    real_collate, real_eval = batches.collate, validation.evaluation_loss
+    real_collate, real_eval = batches.collate, validation.evaluation_losses
 
     def recording_collate(samples, caption_drop, motion_drop):
         batch = real_collate(samples, caption_drop, motion_drop)
@@ -96,7 +96,7 @@ def test_held_out_clips_never_train_and_are_what_the_eval_loss_measures(tiny_mod
         return real_eval(model, dataset, triples, *args, **kwargs)
 
     monkeypatch.setattr(batches, "collate", recording_collate)
-    monkeypatch.setattr(validation, "evaluation_loss", recording_eval)
+    monkeypatch.setattr(validation, "evaluation_losses", recording_eval)
     config = _config(tiny_model_dir, tmp_path, **{
         "optim.max_steps": 12, "validation.every_steps": 4, "validation.eval_loss.enabled": True,
         "validation.eval_loss.num_triples": 4, "validation.eval_loss.holdout": 0.4})
@@ -168,7 +168,7 @@ def test_eval_datasets_are_cached_never_trained_and_all_the_eval_loss_measures(t
     _talking(tmp_path / "heldout", 2, seed=10)
     trained: list[str] = []
     measured: list[str] = []
-    real_collate, real_eval = batches.collate, validation.evaluation_loss
+    real_collate, real_eval = batches.collate, validation.evaluation_losses
 
     def recording_collate(samples, caption_drop, motion_drop):
         trained.extend(s["clip_id"] for s in samples)
@@ -179,7 +179,7 @@ def test_eval_datasets_are_cached_never_trained_and_all_the_eval_loss_measures(t
         return real_eval(model, dataset, triples, *args, **kwargs)
 
     monkeypatch.setattr(batches, "collate", recording_collate)
-    monkeypatch.setattr(validation, "evaluation_loss", recording_eval)
+    monkeypatch.setattr(validation, "evaluation_losses", recording_eval)
     config = demo_config(tiny_model_dir, tmp_path / "runs", tmp_path / "train", tmp_path / "cache")
     for key, value in {"optim.max_steps": 6, "optim.warmup_steps": 0, "data.frames": 8, "data.motion_frames": 5,
                        "data.windows_per_clip": 1, "validation.every_steps": 3, "validation.eval_loss.enabled": True,

@@ -72,7 +72,7 @@ def test_optional_optimizer_trains_and_resumes_bit_for_bit(name, tiny_model_dir,
 def test_schedulefree_validates_at_its_evaluation_weights_and_trains_on_unchanged(tiny_model_dir, tmp_path,
                                                                                   monkeypatch):
     optimizers, modes = [], []
-    real_build, real_eval = loop.build_optimizer, validation.evaluation_loss
+    real_build, real_eval = loop.build_optimizer, validation.evaluation_losses
 
     def recording_build(*args, **kwargs):
         optimizers.append(real_build(*args, **kwargs))
@@ -83,7 +83,7 @@ def test_schedulefree_validates_at_its_evaluation_weights_and_trains_on_unchange
         return real_eval(*args, **kwargs)
 
     monkeypatch.setattr(loop, "build_optimizer", recording_build)
-    monkeypatch.setattr(validation, "evaluation_loss", recording_eval)
+    monkeypatch.setattr(validation, "evaluation_losses", recording_eval)
     plain = _train(_config(tiny_model_dir, tmp_path, "schedulefree"), tmp_path / "plain")
     validated = _train(_config(tiny_model_dir, tmp_path, "schedulefree", **{
         "validation.every_steps": 2, "validation.eval_loss.enabled": True, "validation.eval_loss.num_triples": 2}),

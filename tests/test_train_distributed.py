@@ -312,17 +312,18 @@ def test_ddp_with_crepa_trains_the_lora_and_projector_of_one_process(tiny_model_
         torch.testing.assert_close(got[k], want[k], **TOLERANCE, msg=lambda m, k=k: f"projector {k}: {m}")
 
 
-# `s2v-tui --gpus N` after its cache phase: the launch under run_launcher, which takes the stop signals.
-PARENT = "import sys; from s2v_tui.commands.launch import run_launcher; sys.exit(run_launcher(sys.argv[1:]))"
+# `s2v-tui --gpus 2 --run PRESET` itself, on a machine whose 2 "GPUs" are CPU processes (gloo).
+COMMAND = ("import sys; import s2v_tui.commands.launch as launch; launch._gpu_count = lambda: 2; "
+           "from s2v_tui.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 @pytest.mark.timeout(300)
 def test_a_stop_signal_to_the_command_leaves_a_checkpoint_that_resumes_in_one_process(tiny_model_dir, tmp_path,
                                                                                      user_path):
-    """SIGTERM (a rented box's shutdown, `kill`; a Ctrl-C's SIGINT takes the same handler) to the command: it passes
-    one stop to every rank (the launcher, in its own session, ignores them); the ranks agree on the step, rank 0
-    writes the checkpoint, both exit 75, the command says 75, and one process resumes from it."""
-    signum = "SIGTERM"
+    """`s2v-tui --gpus 2 --run PRESET` (its cache phase in one process, then the launch) and a SIGTERM to it (a
+    rented box's shutdown, `kill`; a Ctrl-C's SIGINT takes the same handler): it passes one stop to every rank
+    (the launcher, in its own session, ignores them); the ranks agree on the step, rank 0 writes the checkpoint,
+    the command exits 75, and one process resumes from the checkpoint."""
     import signal
     import time
 
@@ -330,23 +331,46 @@ def test_a_stop_signal_to_the_command_leaves_a_checkpoint_that_resumes_in_one_pr
 
     config = _config(tiny_model_dir, tmp_path / "runs", user_path,
                      **{"optim.max_steps": 24, "checkpoint.every_steps": 1000, "validation.every_steps": 0})
-    command, env, run_dir, witness = _launch_command(tmp_path, config, "term", cached=True)
-    proc = subprocess.Popen([sys.executable, "-c", PARENT, *command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    preset = save_config(config, tmp_path / "term.toml")
+    run_dir = tmp_path / "term"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_free_port())}
+    proc = subprocess.Popen([sys.executable, "-c", COMMAND, "--gpus", "2", "--run", str(preset), "--run-dir",
+                             str(run_dir)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.monotonic() + 200
     log = run_dir / EVENTS_FILENAME
     while not (log.exists() and any(e.kind == "step_end" and e.step >= 2 for e in read_events(log))):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.2)
-    proc.send_signal(getattr(signal, signum))
-    _, err = proc.communicate(timeout=120)
-    ranks = {r: json.loads((witness / f"rank{r}.json").read_text()) for r in (0, 1)}
-    assert ranks[0]["code"] == ranks[1]["code"] == EXIT_STOPPED, err[-3000:]
-    assert proc.returncode == EXIT_STOPPED and f"{signum}: stopping 2 rank(s)" in err
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, (out[-2000:], err[-3000:])
+    assert "filling the feature cache" in out and "SIGTERM: stopping 2 rank(s)" in err
     [end] = [e for e in read_events(log) if e.kind == "run_ended"]
     [(step, _)] = list_checkpoints(run_dir)
-    assert end.status == "stopped" and 2 <= step < 24
+    assert end.status == "stopped" and 2 <= step < 24 and "2 processes (ddp)" in read_events(log)[0].device
     events = []
     end = run(config, [events.append], threading.Event(), run_dir=run_dir, device="cpu")
     assert end.status == "completed", end.reason
     assert next(e for e in events if e.kind == "run_started").resumed_from_step == step
+
+
+def test_a_launch_that_accelerate_joins_as_single_processes_is_refused(monkeypatch):
+    """WORLD_SIZE says 2 but accelerate made one process of this one (no device for the group): N ranks that each
+    trained alone would share one run folder, so the rank stops, naming it."""
+    import accelerate
+
+    from engine.config import Config
+    from engine.train import distributed
+
+    class Alone:
+        num_processes, process_index, device = 1, 0, torch.device("cpu")
+
+        def __init__(self, cpu=False):
+            pass
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(accelerate, "PartialState", Alone)
+    with pytest.raises(RuntimeError, match=r"launched as 2 processes \(WORLD_SIZE\), but accelerate joined 1"):
+        distributed.setup(Config(), None)

@@ -220,8 +220,14 @@ def setup(config, device_name: str | None = None) -> Distributed:
         return SINGLE
     from accelerate import PartialState
 
-    cpu = device_name is not None and torch.device(device_name).type == "cpu"
+    # The device the run would pick (engine.runner.pick_device): a CPU-only machine joins with gloo.
+    cpu = torch.device(device_name).type == "cpu" if device_name is not None else not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
+    if state.num_processes != world:
+        # N processes that each trained alone would share one run folder and data order: never start so.
+        raise RuntimeError(f"launched as {world} processes (WORLD_SIZE), but accelerate joined {state.num_processes} "
+                           f"on {state.device}: each GPU needs its own process and CUDA must see the GPUs "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
     strategy = config.distributed.strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed.strategy = {strategy!r}: use one of {', '.join(STRATEGIES)}")
