@@ -149,8 +149,6 @@ def test_bench_load_host_tiny_measures_the_low_bit_load_in_a_fresh_process(tmp_p
         assert 0 < r["baseline_used_gib"] and 0 < r["peak_used_gib"]
     assert rows[0]["bf16_model_gib"] >= rows[0]["low_bit_model_gib"] == rows[1]["low_bit_model_gib"]
     assert list((tmp_path / "s").iterdir()) == []  # the written model is removed
-    assert load_host.main(["--tiny", "--path", "new", "--scratch", str(tmp_path / "s"), "--json", str(out)]) == 0
-    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == ["old", "new", "new"]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the answer without CUDA")

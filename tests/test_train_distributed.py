@@ -83,7 +83,7 @@ sys.exit(code)
 
 
 # Validation at the last step: two cases (one per rank under DDP), three eval triples (one rank has one more).
-VALIDATION = {"validation.every_steps": STEPS, "validation.steps": 2, "validation.solver": "euler",
+VALIDATION = {"validation.every_steps": STEPS, "validation.steps": 1, "validation.solver": "euler",
               "validation.eval_loss.enabled": True, "validation.eval_loss.num_triples": 3}
 
 

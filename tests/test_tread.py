@@ -252,41 +252,19 @@ def test_routed_step_with_a_low_bit_base(tiny_model_dir):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("policy", ["full+host-offload"])  # save_attention: the inductor test below
-def test_compiled_blocks_make_one_more_graph_for_the_routed_length_then_none(model, policy):
-    """compile_blocks without `routed` (what a caller other than the engine may do; aot_eager pads nothing): the
-    routed length adds graphs once (automatic dynamic shapes), and later steps, other subsets or another ratio,
-    compile nothing."""
+def test_compiled_blocks_without_routing_make_a_second_graph_at_the_second_shape_then_none(model):
+    """compile_blocks' graph count for a run without TREAD (forwards, as validation runs them): the first bucket
+    compiles static graphs, the second one dynamic graph per kind (automatic dynamic shapes), a third nothing."""
     torch._dynamo.reset()
-    params = _with_lora(model, dropout=0.0)
-    batch = _inputs(model)
-    if policy == "save_attention":
-        model.enable_gradient_checkpointing(policy="save_attention")
-    else:
-        model.enable_gradient_checkpointing(offload_inputs=True)
-    ref = _loss_and_grads(model, batch, params, _route())
+    model.eval()
     model.compile_blocks(backend="aot_eager")
     torch._dynamo.utils.counters.clear()
-    _loss_and_grads(model, batch, params)  # the full length only
-    full_only = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    loss, grads = _loss_and_grads(model, batch, params, _route())
-    with_routed = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert with_routed > full_only > 0
-    assert abs(loss - ref[0]) <= 1e-5 * abs(ref[0])
-    for a, b in zip(grads, ref[1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    _loss_and_grads(model, batch, params, _route(seed=8))
-    _loss_and_grads(model, batch, params, _route(0.25))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == with_routed
-    # A bucket of another size: only the modules that had seen one shape so far (the injectors, both outside the
-    # span here) get their dynamic graph; the blocks have theirs already.
-    other = _inputs(model, frames=3, height=16)
-    _loss_and_grads(model, other, params, _route())
-    bucket = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert bucket > with_routed
-    _loss_and_grads(model, other, params)
-    _loss_and_grads(model, batch, params, _route(0.75))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == bucket
+    counts = []
+    with torch.no_grad():
+        for frames, height in ((4, 16), (3, 8), (2, 12)):
+            model(**_inputs(model, frames=frames, height=height))
+            counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert 0 < counts[0] < counts[1] == counts[2], counts
     torch._dynamo.reset()
 
 
@@ -396,7 +374,8 @@ def test_a_span_outside_the_model_fails_before_the_first_step(tiny_model_dir, tm
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+# FSDP: its sharded forward is the one routing could break; DDP runs the one-process forward on each rank.
+@pytest.mark.parametrize("strategy", ["fsdp"])
 def test_two_processes_route_one_subset_per_global_batch(tiny_model_dir, tmp_path, strategy):
     """2 processes of batch 1 train the LoRA of one process of batch 2, with TREAD on: every rank draws the same
     subset, the one the single process draws for its batch of 2 (the distributed tests' launcher and tolerance)."""
