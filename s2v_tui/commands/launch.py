@@ -103,11 +103,12 @@ def rank_pids(launcher_pid: int) -> list[int]:
     return pids
 
 
-def _launcher_ignores_stops() -> None:
-    # In the launcher's process before exec: dispositions set to "ignore" survive exec (and the ranks inherit them
-    # until the headless run installs its handlers), and torchrun installs none of its own for these (the env).
-    for sig in FORWARDED:
-        signal.signal(sig, signal.SIG_IGN)
+# Runs the launcher with the stop signals ignored: dispositions set to "ignore" survive exec (the ranks inherit them
+# until the CLI resets them), and torchrun installs no handler of its own for them (TORCHELASTIC_SIGNALS_TO_HANDLE).
+# A one-line exec, not Popen's preexec_fn, which is unsafe once this process has threads (the cache phase's).
+_IGNORING = ("import os, signal, sys\n"
+             "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): signal.signal(s, signal.SIG_IGN)\n"
+             "os.execv(sys.argv[1], sys.argv[1:])")
 
 
 def run_launcher(command: list[str]) -> int:
@@ -116,7 +117,7 @@ def run_launcher(command: list[str]) -> int:
     of a second Ctrl-C). Returns the launcher's exit code, or 75 (stopped; the same command resumes) when a stop
     was passed on and the launcher then ended with an error (torchrun reports the ranks' 75 as a failure)."""
     env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT"}
-    proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_launcher_ignores_stops)
+    proc = subprocess.Popen([sys.executable, "-c", _IGNORING, *command], env=env, start_new_session=True)
     received: list[int] = []
 
     def forward(signum, _frame) -> None:
