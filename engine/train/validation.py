@@ -183,8 +183,8 @@ class Validator:
         across a resume): those whose file is missing on any rank."""
         base, here = samples_dir(self.run_dir, None), samples_dir(self.run_dir, step)
         cases = range(len(self.vset.cases))
-        jobs = [_Job(i, "base", base / f"case-{i:02d}.mp4") for i in cases
-                if self.dist.any(not (base / f"case-{i:02d}.mp4").exists())]
+        jobs = [job for job in (_Job(i, "base", base / f"case-{i:02d}.mp4") for i in cases)
+                if self.dist.any(not job.path.exists())]
         jobs += [_Job(i, "trained", here / f"case-{i:02d}.mp4") for i in cases]
         for scale in self.sweep:
             jobs += [_Job(i, "trained", here / f"case-{i:02d}-scale-{scale:g}.mp4", scale) for i in cases]

@@ -107,7 +107,7 @@ def rank_pids(launcher_pid: int) -> list[int]:
 # until the CLI resets them), and torchrun installs no handler of its own for them (TORCHELASTIC_SIGNALS_TO_HANDLE).
 # A one-line exec, not Popen's preexec_fn, which is unsafe once this process has threads (the cache phase's).
 _IGNORING = ("import os, signal, sys\n"
-             "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): signal.signal(s, signal.SIG_IGN)\n"
+             f"for s in ({', '.join(f'signal.{sig.name}' for sig in FORWARDED)}): signal.signal(s, signal.SIG_IGN)\n"
              "os.execv(sys.argv[1], sys.argv[1:])")
 
 
