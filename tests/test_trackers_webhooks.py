@@ -119,8 +119,10 @@ def test_a_slow_endpoint_never_slows_the_steps(tiny_model_dir, tmp_path, quick_r
         return 200, {}
 
     with serve(slow) as server:
+        # 12 steps (at least 3.6 s) and the end's 2 s: longer than the first message's 3 tries of 1 s, so the
+        # failure is reported before the run closes (with 6 steps a fast run could end first: seen once).
         config = _config(tiny_model_dir, tmp_path, **{
-            "logging.webhooks": [server.url], "logging.webhook_timeout_s": 1.0, "optim.max_steps": 6,
+            "logging.webhooks": [server.url], "logging.webhook_timeout_s": 1.0, "optim.max_steps": 12,
             "checkpoint.every_steps": 1})
         started = time.monotonic()
         end, events = _run(config, tmp_path)
