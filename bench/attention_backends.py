@@ -50,7 +50,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the engine, for engine_fa4
 
-BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "fa4", "sage", "cudnn_fp8", "engine_fa4", "sdpa_math")
+BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "fa4", "sage", "cudnn_fp8", "engine_fa4",
+            "engine_cudnn_fp8", "sdpa_math")
 DEFAULT_BACKENDS = BACKENDS[:-1]  # the math kernel holds the whole S x S score matrix: small shapes only
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -98,6 +99,53 @@ def _engine(name):
 
     set_attention_backend(name)
     return attention
+
+
+def _engine_fp8():
+    """The engine's cudnn_fp8 backend as the model calls it for self-attention, with one layer's scaling state."""
+    from engine.models.attention import attention, set_attention_backend
+
+    set_attention_backend("cudnn_fp8")
+    ratios = torch.zeros(4, device="cuda")
+
+    def run(q, k, v):
+        return attention(q, k, v, self_attention=True, fp8_ratios=ratios)
+    run.ratios = ratios
+    return run
+
+
+def emulation_check(device, tokens: int = 4096, heads: int = 8, seed: int = 1) -> dict:
+    """The engine's fp8 kernels against engine.models.attention_fp8's emulation on the same e4m3 inputs and
+    scales (and both against fp32), at a shape small enough for the emulation's full score matrix."""
+    from engine.models import attention_fp8 as f8
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, do = (torch.randn(1, tokens, heads, 128, device=device, dtype=torch.bfloat16, generator=g)
+                   for _ in range(4))
+    ratios = torch.zeros(4, device=device)
+    o, stats = f8.forward(q, k, v)
+    dq, dk, dv = f8.backward(do, q, k, v, o, stats, ratios)
+    layout = f8.kernel_layout()
+    (q8, sq, _), (k8, sk, _), (v8, sv, _), (do8, sdo, amax_do) = (f8.quantize(t) for t in (q, k, v, do))
+    eo, estats = f8.emulate_forward(q8, k8, v8, (sq, sk, sv), o_fp8=layout.o_dtype == "fp8")
+    scales = list(f8._grad_scales(ratios, amax_do))
+    if layout.grad_dtype == "bf16":
+        scales[1:] = [None, None, None]
+    edq, edk, edv, eamax = f8.emulate_backward(do8, q8, k8, v8, o.float(), stats, (sdo, sq, sk, sv), scales)
+    ref = reference(q, k, v, do)
+    out = {"kind": "emulation_check", "shape": [1, tokens, heads, 128], "layout": vars(layout),
+           "kernel_amax": [float(x) for x in ratios * amax_do], "emulated_amax": [float(x) for x in eamax],
+           "stats_max_abs_diff": float((stats - estats).abs().max())}
+    for name, kern, emu in (("o", o, eo), ("dq", dq, edq), ("dk", dk, edk), ("dv", dv, edv)):
+        out[f"{name}_kernel_vs_emulation_rel_l2"] = rel_l2(kern, emu)
+        out[f"{name}_kernel_vs_fp32_rel_l2"] = rel_l2(kern, ref[name])
+        out[f"{name}_emulation_vs_fp32_rel_l2"] = rel_l2(emu, ref[name])
+    # Scales 64x too large (an amax 16x past the headroom): does the kernel saturate, or write NaN/inf?
+    ratios.div_(64.0)
+    over = f8.backward(do, q, k, v, o, stats, ratios.clone())
+    out["overflowed_finite"] = all(bool(torch.isfinite(t.float()).all()) for t in over)
+    out["overflowed_rel_l2"] = [rel_l2(t, ref[n]) for t, n in zip(over, ("dq", "dk", "dv"), strict=True)]
+    return out
 
 
 def _sage():
@@ -366,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reference", action="store_true", help="skip the fp32 reference (numerics vs cuDNN only)")
     ap.add_argument("--compile-check", action="store_true", help="torch.compile the engine's fa4 attention")
+    ap.add_argument("--emulation-check", action="store_true",
+                    help="the engine's fp8 kernels against their emulation (engine/models/attention_fp8.py)")
     ap.add_argument("--out", required=True, help="JSON lines file to append to")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (the script's own CPU proof)")
     args = ap.parse_args(argv)
@@ -408,10 +458,14 @@ def main(argv: list[str] | None = None) -> int:
             if name == "cudnn_fp8":
                 result, outputs = run_cudnn_fp8(q, k, v, do, args)
             else:
-                fn = {"fa4": _fa4, "sage": _sage}.get(name)
+                fn = {"fa4": _fa4, "sage": _sage, "engine_cudnn_fp8": _engine_fp8}.get(name)
                 fn = fn() if fn else _engine("fa4") if name == "engine_fa4" else _sdpa(name)
                 result, outputs = run_autograd_backend(fn, q, k, v, do, args, has_backward=name != "sage")
             line.update(result)
+            if name == "engine_cudnn_fp8":
+                from engine.models.attention_fp8 import kernel_layout
+
+                line.update(layout=vars(kernel_layout()), ratios=[float(x) for x in fn.ratios])
             line["fwd_tflops"] = flops / (line["fwd_ms"] * 1e-3) / 1e12
             if "fwd_bwd_ms" in line:
                 line["bwd_ms"] = line["fwd_bwd_ms"] - line["fwd_ms"]
@@ -427,6 +481,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
         lines.append(line)
         print(json.dumps(line), flush=True)
+    if args.emulation_check:
+        try:
+            lines.append(emulation_check(dev))
+        except Exception as exc:  # noqa: BLE001
+            lines.append({"kind": "emulation_check", "error": f"{type(exc).__name__}: {str(exc)[:600]}",
+                          "traceback_tail": traceback.format_exc().splitlines()[-4:]})
+        print(json.dumps(lines[-1]), flush=True)
     if args.compile_check:
         lines.append({"kind": "compile_check", **compile_check(q, k, v)})
         print(json.dumps(lines[-1]), flush=True)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.flops import H100_BF16_DENSE_TFLOPS, step_flops  # noqa: E402
 from bench.report import check_host_budget, emit_result, peak_host_rss_gib  # noqa: E402
-from engine.models.attention import set_attention_backend  # noqa: E402
+from engine.models.attention import attach_fp8_ratios, set_attention_backend  # noqa: E402
 from engine.models.s2v_transformer import S2VTransformer3DModel  # noqa: E402
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -177,6 +177,24 @@ def quantize_and_compare(model, batch, device, kind: str, target=None, params=No
     return out
 
 
+def attention_compare(model, batch, target, params, name: str, baseline: str) -> dict:
+    """The relative L2 error of the model output, some block outputs, the loss and the LoRA gradients of one
+    (uncompiled) step with attention backend `name` against `baseline`, on the bench's inputs. The fp8 backend's
+    first backward measures its scales first (engine/models/attention_fp8.py), so this is a calibrated step."""
+    ref_pred, ref_blocks = _forward_with_block_outputs(model, batch)
+    ref_loss, ref_grads = _lora_grads(model, batch, target, params)
+    set_attention_backend(name)
+    try:
+        pred, blocks = _forward_with_block_outputs(model, batch)
+        loss, grads = _lora_grads(model, batch, target, params)
+    finally:
+        set_attention_backend(baseline)
+    return {"backend": name, "baseline": baseline, "output": _rel(ref_pred, pred),
+            "blocks": {str(i): _rel(ref_blocks[i], blocks[i]) for i in ref_blocks},
+            "loss_baseline": ref_loss, "loss": loss, "lora_grads": _rel(ref_grads, grads),
+            "lora_grads_cosine": round(float(torch.nn.functional.cosine_similarity(ref_grads, grads, dim=0)), 5)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("first", "continuation"), default="first")
@@ -210,6 +228,9 @@ def main(argv=None) -> int:
                     help="with --base-weights fp8: no fast-accumulate mode (the engine uses it)")
     ap.add_argument("--grad-error", action="store_true",
                     help="with --base-weights: also compare the loss and LoRA gradients of one step against bf16")
+    ap.add_argument("--attention-error", metavar="BACKEND",
+                    help="before the timed steps, compare the output and LoRA gradients of one step with this "
+                         "attention backend against --attention's (e.g. cudnn_fp8 against cudnn)")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile one more step and report GPU time per kernel family")
     ap.add_argument("--steps", type=int, default=5)
@@ -229,7 +250,12 @@ def main(argv=None) -> int:
                                             gpu_saved_inputs=args.gpu_saved_inputs if args.offload_inputs else 0)
     model.train()
     params = add_lora(model, args.rank)
+    attach_fp8_ratios(model, device)  # the cudnn_fp8 backend's per-layer scales (unused by the others)
     batch, target = inputs(args.mode, device, args.frames, args.width, args.height)
+    attention_error = None
+    if args.attention_error:
+        attention_error = attention_compare(model, batch, target, params, args.attention_error, args.attention)
+        torch.cuda.empty_cache()
     low_bit_error = None
     if args.base_weights != "bf16":
         options = dict(fp8_backward=args.fp8_backward, fast_accum=not args.exact_accum) if args.base_weights == "fp8" else {}
@@ -292,9 +318,17 @@ def main(argv=None) -> int:
         "mfu": round(fl["model"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "hfu": round(fl["hardware"] / med / 1e12 / H100_BF16_DENSE_TFLOPS, 3),
         "losses": losses, "build_s": round(build_s, 1),
-        "base_weights": args.base_weights, "fp8_backward": args.fp8_backward, "fast_accum": args.base_weights == "fp8" and not args.exact_accum, "low_bit_rel_error": low_bit_error, "profile": profile,
+        "base_weights": args.base_weights, "fp8_backward": args.fp8_backward, "fast_accum": args.base_weights == "fp8" and not args.exact_accum, "low_bit_rel_error": low_bit_error, "attention_rel_error": attention_error, "profile": profile,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
+    if "cudnn_fp8" in (args.attention, args.attention_error):
+        from engine.models.attention_fp8 import kernel_layout
+
+        ratios = torch.stack([m.fp8_ratios for m in model.modules() if getattr(m, "fp8_ratios", None) is not None])
+        used = ratios[(ratios > 0).all(dim=1)]
+        result["fp8_layout"] = vars(kernel_layout()) if kernel_layout() else None
+        result["fp8_ratios_min_max"] = [[round(float(x), 4) for x in used.min(0).values],
+                                        [round(float(x), 4) for x in used.max(0).values]] if len(used) else None
     within = check_host_budget(result, args.host_budget_gib)
     emit_result(result, args.json)
     return 0 if within else 2

@@ -214,10 +214,10 @@ def test_the_trial_passes_a_right_kernel_and_catches_a_wrong_one(monkeypatch):
     attn._trial("math", torch.device("cpu"))  # SDPA against the math kernel: passes, forward and backward
     assert attn.get_attention_backend() == "auto"  # the trial puts the backend back
     real = attn.attention
-    monkeypatch.setattr(attn, "attention", lambda q, k, v: real(q, k, v) * 1.1)
+    monkeypatch.setattr(attn, "attention", lambda q, k, v, **kw: real(q, k, v, **kw) * 1.1)
     with pytest.raises(RuntimeError, match="its output is off by 0.1"):
         attn._trial("math", torch.device("cpu"))
-    monkeypatch.setattr(attn, "attention", lambda q, k, v: real(q, k.detach(), v))
+    monkeypatch.setattr(attn, "attention", lambda q, k, v, **kw: real(q, k.detach(), v, **kw))
     with pytest.raises(RuntimeError, match="its dk is missing"):
         attn._trial("math", torch.device("cpu"))
 

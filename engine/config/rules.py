@@ -346,6 +346,12 @@ def _check_memory(c: _Checker, cfg: Config) -> None:
     if fa4_keys and cfg.model.dtype == "fp32":
         c.conflict(fa4_keys[0], "fa4 (FlashAttention 4) takes bf16 or fp16 tensors, but model.dtype is fp32",
                    f'set model.dtype = "bf16" or {fa4_keys[0]} = "cudnn"')
+    fp8_keys = [k for k, name in (("memory.attention_backend", m.attention_backend),
+                                  ("validation.attention_backend", cfg.validation.attention_backend))
+                if name == "cudnn_fp8"]
+    if fp8_keys and cfg.model.dtype != "bf16":
+        c.conflict(fp8_keys[0], f"cudnn_fp8 attention takes bf16 tensors, but model.dtype is {cfg.model.dtype}",
+                   f'set model.dtype = "bf16" or {fp8_keys[0]} = "cudnn"')
     if m.fp8_input_grad and m.base_weights != "fp8":
         c.conflict("memory.fp8_input_grad", f"needs fp8 base weights, but base_weights = \"{m.base_weights}\"",
                    'set base_weights = "fp8" or fp8_input_grad = false')

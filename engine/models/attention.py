@@ -3,7 +3,8 @@
 Training (memory.attention_backend): `auto` lets PyTorch choose; `cudnn`, `flash`, `efficient` and `math` pin one
 SDPA kernel (cuDNN is the fastest SDPA kernel measured on H100 and H200 at S2V sequence lengths, BENCHMARKS.md);
 `fa4` is FlashAttention 4 (the flash-attn-4 package: CuTe DSL kernels for Hopper and Blackwell), forward and
-backward. Sampling only (validation.attention_backend, `s2v-tui sample --attention`): `sage`, SageAttention 1
+backward; `cudnn_fp8` is cuDNN's fp8 SDPA for self-attention (engine/models/attention_fp8.py: e4m3 with per-tensor
+scales, not exact; cross-attention stays on cuDNN bf16), forward and backward. Sampling only (validation.attention_backend, `s2v-tui sample --attention`): `sage`, SageAttention 1
 (int8 Q.K, fp16 P.V), which has no backward pass. `flash_attn` (the FlashAttention 2 package) stays for the benches.
 
 Whether a backend can run on a device is answered by `attention_backend_problem`, which runs a small attention
@@ -29,11 +30,12 @@ _SDPA_BACKENDS = {
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "math": [SDPBackend.MATH],
 }
-BACKENDS = ("auto", *_SDPA_BACKENDS, "fa4", "flash_attn", "sage")
+BACKENDS = ("auto", *_SDPA_BACKENDS, "fa4", "cudnn_fp8", "flash_attn", "sage")
 FORWARD_ONLY = ("sage",)  # no backward pass: samples only
-PROBED = ("fa4", "sage", "flash_attn")  # packages of their own: tried on the device before a run uses them
-_PACKAGES = {"fa4": "flash_attn", "flash_attn": "flash_attn", "sage": "sageattention"}
+PROBED = ("fa4", "cudnn_fp8", "sage", "flash_attn")  # packages of their own: tried on the device before a run uses them
+_PACKAGES = {"fa4": "flash_attn", "cudnn_fp8": "cudnn", "flash_attn": "flash_attn", "sage": "sageattention"}
 _INSTALL = {"fa4": "pip install --pre flash-attn-4, which brings nvidia-cutlass-dsl",
+            "cudnn_fp8": "pip install nvidia-cudnn-frontend",
             "flash_attn": "pip install flash-attn", "sage": "pip install sageattention==1.0.6"}
 
 _state = {"backend": "auto"}
@@ -112,6 +114,74 @@ def _fa4_grad(ctx, dout, _dlse):
 
 fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)
 
+# ---- cuDNN fp8 self-attention as custom ops -----------------------------------------------------------------------
+# As for FA4: one opaque node for torch.compile. `ratios` is the layer's delayed-scaling state (amax of dS, dQ, dK,
+# dV over amax of dO, engine/models/attention_fp8.py): read by the backward, which writes this call's values back.
+
+@torch.library.custom_op("s2v::fp8_attention_forward", mutates_args=())
+def fp8_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          ratios: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from engine.models import attention_fp8
+
+    return attention_fp8.forward(q, k, v)
+
+
+@fp8_attention_forward.register_fake
+def _fp8_forward_fake(q, k, v, ratios):
+    b, s, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, s, 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("s2v::fp8_attention_backward", mutates_args=("ratios",))
+def fp8_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, stats: torch.Tensor,
+                           ratios: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from engine.models import attention_fp8
+
+    return attention_fp8.backward(dout, q, k, v, out, stats, ratios)
+
+
+@fp8_attention_backward.register_fake
+def _fp8_backward_fake(dout, q, k, v, out, stats, ratios):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fp8_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _fp8_grad(ctx, dout, _dstats):
+    q, k, v, ratios, out, stats = ctx.saved_tensors
+    return (*fp8_attention_backward(dout.contiguous(), q, k, v, out, stats, ratios), None)
+
+
+fp8_attention_forward.register_autograd(_fp8_grad, setup_context=_fp8_setup_context)
+
+
+def attach_fp8_ratios(model: torch.nn.Module, device) -> int:
+    """Give every attention module of `model` its fp8 delayed-scaling state on the compute device (zeros: not yet
+    measured); returns how many. Self-attention uses it under attention backend cudnn_fp8."""
+    n = 0
+    for module in model.modules():
+        if hasattr(type(module), "fp8_ratios"):
+            module.fp8_ratios = torch.zeros(4, device=device, dtype=torch.float32)
+            n += 1
+    return n
+
+
+def _cudnn_fp8(q, k, v, ratios):
+    if q.dtype != torch.bfloat16 or not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"attention backend 'cudnn_fp8' takes bf16 tensors, got {q.dtype}, {k.dtype}, {v.dtype}: "
+                        "set model.dtype = \"bf16\" or memory.attention_backend = \"cudnn\"")
+    if ratios is None:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise RuntimeError("attention backend 'cudnn_fp8' trains with per-layer scales that the engine attaches "
+                               "(engine.models.attention.attach_fp8_ratios); this model has none")
+        ratios = torch.zeros(4, device=q.device)  # a forward alone reads no scale of the backward
+    out, _stats = fp8_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), ratios)
+    return out
+
+
 # Kernels whose outputs the save_attention checkpoint policy keeps, with the index of the sequence dimension of
 # their query and key arguments (self-attention: equal lengths).
 SELF_ATTENTION_KERNELS = {
@@ -120,6 +190,7 @@ SELF_ATTENTION_KERNELS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default: -2,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: -2,
     torch.ops.s2v.fa4_forward.default: 1,
+    torch.ops.s2v.fp8_attention_forward.default: 1,
 }
 
 
@@ -136,9 +207,15 @@ def _fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full bidirectional attention. q [B, Sq, H, D], k/v [B, Sk, H, D] -> [B, Sq, H, D]."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_attention: bool = False,
+              fp8_ratios: torch.Tensor | None = None) -> torch.Tensor:
+    """Full bidirectional attention. q [B, Sq, H, D], k/v [B, Sk, H, D] -> [B, Sq, H, D]. `self_attention` and
+    the layer's `fp8_ratios` matter to cudnn_fp8 only, which takes self-attention and leaves the rest to cuDNN."""
     backend = _state["backend"]
+    if backend == "cudnn_fp8":
+        if self_attention:
+            return _cudnn_fp8(q, k, v, fp8_ratios)
+        backend = "cudnn"
     if backend == "fa4":
         return _fa4(q, k, v)
     if backend == "flash_attn":
@@ -183,6 +260,10 @@ def _probe_backend(name: str, device: torch.device) -> None:
         if major not in (9, 10, 11):
             raise RuntimeError(f"FlashAttention 4 trains on Hopper (compute capability 9.0) and Blackwell (10.x) "
                                f"GPUs; this one is {label}")
+    elif name == "cudnn_fp8":
+        if major < 9:
+            raise RuntimeError(f"cuDNN's fp8 attention runs on Hopper (compute capability 9.0) and newer GPUs; "
+                               f"this one is {label}")
     elif major < 8:
         raise RuntimeError(f"it needs an Ampere or newer GPU (compute capability 8.0+); this one is {label}")
     _trial(name, device)
@@ -200,7 +281,8 @@ def _trial(name: str, device: torch.device) -> None:
     _state["backend"] = name
     try:
         with torch.set_grad_enabled(backward):
-            out = attention(*inputs)
+            ratios = torch.zeros(4, device=device)
+            out = attention(*inputs, self_attention=True, fp8_ratios=ratios)
             if out.shape != q.shape:
                 raise RuntimeError(f"its output has shape {tuple(out.shape)}, not {tuple(q.shape)}")
             if backward:
@@ -215,7 +297,8 @@ def _trial(name: str, device: torch.device) -> None:
     pairs = [("output", out, ref)]
     if backward:
         pairs += [(f"d{n}", t.grad, r.grad.transpose(1, 2)) for n, t, r in zip("qkv", inputs, ref_in, strict=True)]
-    tol = 0.05 if name == "sage" else 0.02  # int8 Q.K rounds more than bf16 does
+    # int8 Q.K rounds more than bf16 does; e4m3 (3 mantissa bits) more still: 6-7% measured at the 14B shape
+    tol = {"sage": 0.05, "cudnn_fp8": 0.15}.get(name, 0.02)
     for what, got, want in pairs:
         if got is None or got.shape != want.shape:
             raise RuntimeError(f"its {what} is missing or has the wrong shape")

@@ -51,6 +51,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class S2VAttention(nn.Module):
     """q/k/v/o with biases, RMSNorm on q and k over the full width (native: `q, k, v, o, norm_q, norm_k`)."""
 
+    fp8_ratios: torch.Tensor | None = None  # attention backend cudnn_fp8's scaling state (attach_fp8_ratios)
+
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
         super().__init__()
         self.num_heads = num_heads
@@ -76,7 +78,7 @@ class S2VAttention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        out = attention(q, k, v)
+        out = attention(q, k, v, self_attention=context is None, fp8_ratios=self.fp8_ratios)
         return self.to_out[0](out.flatten(2))
 
 

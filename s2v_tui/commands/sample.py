@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 # the values of validation.attention_backend less "same" (there is no training run to be the same as)
-SAMPLING_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4", "sage")
+SAMPLING_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4", "cudnn_fp8", "sage")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="transformer dtype (default bf16 on cuda, fp32 on cpu)")
     p.add_argument("--attention", choices=SAMPLING_BACKENDS, default="auto",
-                   help="attention kernel (default auto: PyTorch picks; fa4 = FlashAttention 4; sage = "
+                   help="attention kernel (default auto: PyTorch picks; fa4 = FlashAttention 4; cudnn_fp8 = cuDNN's "
+                   "e4m3 self-attention, inexact; sage = "
                    "SageAttention 1, int8 Q.K, faster); refused before the model loads if it cannot run here")
     return p
 
@@ -98,6 +99,8 @@ def main(argv: list[str]) -> int:
     problem = attention_backend_problem(args.attention, device)
     if problem is None and args.attention == "fa4" and dtype == "fp32":
         problem = "fa4 takes bf16 or fp16 tensors: give --dtype bf16"
+    if problem is None and args.attention == "cudnn_fp8" and dtype != "bf16":
+        problem = "cudnn_fp8 takes bf16 tensors: give --dtype bf16"
     if problem:
         print(f"error: --attention {args.attention}: {problem}; use --attention auto", file=sys.stderr)
         return 2
