@@ -184,13 +184,9 @@ class CudnnFp8:
         return g.tensor(dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=self.cudnn.data_type.FLOAT)
 
     def _finish(self, g):
-        c = self.cudnn
-        g.validate()
-        g.build_operation_graph()
-        g.create_execution_plans([c.heur_mode.A, c.heur_mode.FALLBACK])
-        g.check_support()
-        g.build_plans()
-        return torch.empty(g.get_workspace_size(), device=self.device, dtype=torch.uint8)
+        from engine.models.attention_fp8 import build_plans
+
+        return torch.empty(build_plans(self.cudnn, g), device=self.device, dtype=torch.uint8)
 
     def _out(self, t, dim, dtype):
         stride = tuple(math.prod(dim[i + 1:]) for i in range(len(dim)))

@@ -14,7 +14,8 @@ Scales are powers of two, so scaling a bf16 tensor is exact and the only roundin
   so each layer keeps amax(x) / amax(dO) for x in dS, dQ, dK, dV (a tensor of 4 floats on its attention module,
   `fp8_ratios`, set by attention.attach_fp8_ratios), and this call scales x for an amax of HEADROOM x ratio x amax(dO) (a factor 4 of
   headroom for the change from step to step; a value past it saturates at 448). A layer's first backward runs three times: twice to measure (dQ and dK
-  come from the scaled dS), once to use.
+  come from the scaled dS), once to use. The ratios are not in a checkpoint: a resumed run measures them again at
+  its first step.
 
 `emulate_forward` / `emulate_backward` compute the same quantities as the kernel, with the same quantisation, in
 fp32 on any device (the kernel's online softmax takes block-wise row maxima where these take the row's): the CPU
@@ -106,6 +107,17 @@ def emulate_backward(do8, q8, k8, v8, out, stats, descales, grad_scales):
 
 # ---- the cuDNN graphs -------------------------------------------------------------------------------------------
 
+def build_plans(cudnn, graph) -> int:
+    """Validate a cuDNN frontend graph and build its execution plans (heuristics A, then the fallback); raises when
+    no engine supports it. Returns the workspace size in bytes."""
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return graph.get_workspace_size()
+
+
 @dataclass(frozen=True)
 class KernelLayout:
     o_dtype: str  # "bf16" or "fp8": the dtype of O written by the forward and read by the backward
@@ -167,13 +179,7 @@ class _CudnnGraphs:
         t.set_output(True).set_dim(dims).set_stride(strides).set_data_type(self._type(dtype))
 
     def _finish(self, g):
-        c = self.cudnn
-        g.validate()
-        g.build_operation_graph()
-        g.create_execution_plans([c.heur_mode.A, c.heur_mode.FALLBACK])
-        g.check_support()
-        g.build_plans()
-        return g.get_workspace_size()
+        return build_plans(self.cudnn, g)
 
     def _build_forward(self, layout):
         g = self._graph()
