@@ -234,3 +234,40 @@ def test_memory_switches_select_and_report_the_backend_or_refuse_it_before_apply
     with pytest.raises(UnsupportedSwitch, match='memory.attention_backend = "fa4": .*CUDA GPUs only'):
         apply_memory_switches(model, with_value(config, "memory.attention_backend", "fa4"), cpu)
     assert attn.get_attention_backend() == "math"  # the refused switch set nothing
+
+
+def test_fastest_takes_fa4_where_its_probe_passes_and_says_why_not_elsewhere(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    calls = _probe_that(monkeypatch, None)
+    assert attn.resolve_attention_backend("fastest", CUDA, "bf16") == ("fa4", "FlashAttention 4 runs on this GPU")
+    assert calls == [("fa4", "cuda")]
+    assert attn.resolve_attention_backend("fastest", CUDA, "fp32")[0] != "fa4"  # fa4 takes no fp32 tensors
+    assert attn.resolve_attention_backend("cudnn", CUDA) == ("cudnn", None)  # any other name means itself
+    monkeypatch.setattr(attn, "_PROBED", {})
+    _probe_that(monkeypatch, "the 'flash_attn' package is not installed")
+    chosen, why = attn.resolve_attention_backend("fastest", CUDA, "bf16")
+    assert chosen == "cudnn" and "not installed" in why and why.endswith("cudnn instead")
+    assert attn.resolve_attention_backend("fastest", "cpu", "fp32")[0] == "auto"
+
+
+def test_fastest_in_a_run_reports_its_choice_and_samples_follow_it(tiny_model_dir):
+    from engine.models.s2v_transformer import S2VTransformer3DModel
+    from engine.train.switches import apply_memory_switches
+
+    cpu = torch.device("cpu")
+    model = S2VTransformer3DModel.from_pretrained(tiny_model_dir)
+    config = with_value(demo_config(tiny_model_dir, "r"), "memory.attention_backend", "fastest")
+    config = with_value(config, "model.dtype", "bf16")
+    done = apply_memory_switches(model, config, cpu)  # the real probe: fa4 runs on CUDA GPUs only
+    line = next(x for x in done if x.startswith("attention backend"))
+    assert line.startswith("attention backend auto (memory.attention_backend = \"fastest\": ") and "CUDA" in line
+    assert attn.get_attention_backend() == "auto"
+    with attn.sampling_attention("same"):
+        assert attn.get_attention_backend() == "auto"
+
+
+def test_the_80gb_preset_takes_the_fastest_exact_kernel():
+    from engine.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "presets" / "80gb.toml")
+    assert config.memory.attention_backend == "fastest"

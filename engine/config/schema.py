@@ -30,8 +30,9 @@ SigmaSampling = Literal["logit_normal", "uniform"]
 Solver = Literal["unipc", "euler"]
 SigmaSchedule = Literal["shifted", "beta"]
 BaseWeights = Literal["bf16", "int8", "fp8"]
-AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "fa4", "cudnn_fp8", "sage"]
-SamplingAttention = Literal["same", "auto", "cudnn", "flash", "efficient", "math", "fa4", "cudnn_fp8", "sage"]
+AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "fa4", "cudnn_fp8", "fastest", "sage"]
+SamplingAttention = Literal["same", "auto", "cudnn", "flash", "efficient", "math", "fa4", "cudnn_fp8", "fastest",
+                            "sage"]
 ResidualDtype = Literal["fp32", "bf16"]
 CheckpointPolicy = Literal["full", "save_attention"]
 ExportFormat = Literal["peft", "native"]
@@ -261,8 +262,9 @@ class MemoryConfig:
         False, "with base_weights = fp8: the input-gradient matmuls in fp8 too (faster; rounds the gradients)")
     chunked_ffn: int = opt(0, "split the feed-forward over this many sequence chunks; 0 = off")
     attention_backend: AttentionBackend = opt(
-        "auto", "auto, cudnn, flash, efficient, math, fa4 (FlashAttention 4, Hopper/Blackwell) or cudnn_fp8 (cuDNN's "
-        "fp8 self-attention, Hopper/Blackwell; inexact); sage: samples only")
+        "auto", "auto, cudnn, flash, efficient, math, fa4 (FlashAttention 4, Hopper/Blackwell), cudnn_fp8 (cuDNN's "
+        "fp8 self-attention, Hopper/Blackwell; inexact) or fastest (fa4 where it runs, else cudnn; the run says "
+        "which); sage: samples only")
     compile_blocks: bool = opt(False, "torch.compile each block (CUDA): fuses the fp32 norm/modulation work")
     residual_dtype: ResidualDtype = opt(
         "fp32", "residual stream between blocks: fp32 (the official model) or bf16 (half the saved activations)")

@@ -7,6 +7,10 @@ backward; `cudnn_fp8` is cuDNN's fp8 SDPA for self-attention (engine/models/atte
 scales, not exact; cross-attention stays on cuDNN bf16), forward and backward. Sampling only (validation.attention_backend, `s2v-tui sample --attention`): `sage`, SageAttention 1
 (int8 Q.K, fp16 P.V), which has no backward pass. `flash_attn` (the FlashAttention 2 package) stays for the benches.
 
+`fastest` (memory.attention_backend, `s2v-tui sample --attention`) is not a kernel but a choice made once per run
+by `resolve_attention_backend`: fa4 where its probe passes on this GPU for this dtype (the fastest exact kernel
+measured, BENCHMARKS.md), else cudnn (auto off CUDA or before Ampere); the run reports which and why.
+
 Whether a backend can run on a device is answered by `attention_backend_problem`, which runs a small attention
 through it and compares it with PyTorch's math kernel (as the fp8 matmul probe does): the check phase asks it
 before a weight is loaded. An unavailable choice is an error, never a silent fallback.
@@ -51,6 +55,22 @@ def set_attention_backend(name: str) -> None:
             f"({_INSTALL[name]}); or pick 'auto' / 'cudnn' / 'flash'"
         )
     _state["backend"] = name
+
+
+def resolve_attention_backend(name: str, device, dtype: str = "bf16") -> tuple[str, str | None]:
+    """The backend that `name` means on `device` for a model in `dtype`, and for "fastest" why it is that one
+    (None for any other name, which means itself)."""
+    if name != "fastest":
+        return name, None
+    device = torch.device(device)
+    if dtype == "fp32":
+        problem = "fa4 takes bf16 or fp16 tensors and model.dtype is fp32"
+    else:
+        problem = attention_backend_problem("fa4", device)
+    if problem is None:
+        return "fa4", "FlashAttention 4 runs on this GPU"
+    fallback = "cudnn" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "auto"
+    return fallback, f"{problem}; {fallback} instead"
 
 
 def get_attention_backend() -> str:

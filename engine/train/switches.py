@@ -11,7 +11,7 @@ import math
 import torch
 
 from engine.config import Config
-from engine.models.attention import attach_fp8_ratios, set_attention_backend
+from engine.models.attention import attach_fp8_ratios, resolve_attention_backend, set_attention_backend
 from engine.train.allowed import setting_problems
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,15 @@ def apply_memory_switches(model: torch.nn.Module, config: Config, device: torch.
     model.set_ffn_chunk_size(chunk)
     if chunk:
         done.append(f"feed-forward in chunks of {chunk} tokens ({m.chunked_ffn} chunks per window)")
-    set_attention_backend(m.attention_backend)
-    if "cudnn_fp8" in (m.attention_backend, config.validation.attention_backend):
+    backend, why = resolve_attention_backend(m.attention_backend, device, config.model.dtype)
+    set_attention_backend(backend)
+    if "cudnn_fp8" in (backend, config.validation.attention_backend):
         # the per-layer delayed scales of the fp8 backward, on the compute device whatever the blocks' placement
         attach_fp8_ratios(model, device)
-    done.append(f"attention backend {m.attention_backend}" +
+    done.append(f"attention backend {backend}" +
+                (f" (memory.attention_backend = \"fastest\": {why})" if why else "") +
                 (" (e4m3 self-attention, per-tensor scales; cross-attention cuDNN bf16)"
-                 if m.attention_backend == "cudnn_fp8" else ""))
+                 if backend == "cudnn_fp8" else ""))
     if m.base_weights != "bf16":
         # Before anything moves. The runner's loader made the low-bit Linears as it read them; a model loaded in
         # bf16 is quantised here Linear by Linear, onto the device when the whole model goes there (the GPU never

@@ -43,7 +43,7 @@ from engine.infer.audio import SAMPLE_RATE
 from engine.infer.pipeline import FrozenParts, S2VPipeline
 from engine.infer.sampler import Conditioning, SampleOptions, SamplingStopped
 from engine.infer.video_io import write_sample_mp4
-from engine.models.attention import sampling_attention
+from engine.models.attention import resolve_attention_backend, sampling_attention
 from engine.train.distributed import SINGLE, Distributed
 from engine.train.eval_loss import evaluation_losses, make_triples
 
@@ -126,7 +126,8 @@ class Validator:
                                       lora_scale=v.lora_scale)
                         for seed in vset.seeds]
         self.sweep = list(v.lora_scales)
-        self.attention = v.attention_backend
+        # "fastest" is chosen here once, as training's is in the switches (same model dtype, same GPU)
+        self.attention = resolve_attention_backend(v.attention_backend, device, config.model.dtype)[0]
         self.vset = vset
         self.model = model
         self.dataset = dataset

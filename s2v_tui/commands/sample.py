@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 # the values of validation.attention_backend less "same" (there is no training run to be the same as)
-SAMPLING_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4", "cudnn_fp8", "sage")
+SAMPLING_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4", "cudnn_fp8", "fastest", "sage")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformer dtype (default bf16 on cuda, fp32 on cpu)")
     p.add_argument("--attention", choices=SAMPLING_BACKENDS, default="auto",
                    help="attention kernel (default auto: PyTorch picks; fa4 = FlashAttention 4; cudnn_fp8 = cuDNN's "
-                   "e4m3 self-attention, inexact; sage = "
+                   "e4m3 self-attention, inexact; fastest = fa4 where it runs, else cudnn; sage = "
                    "SageAttention 1, int8 Q.K, faster); refused before the model loads if it cannot run here")
     return p
 
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
     from engine.data.windows import MODEL_FPS
     from engine.infer import NEGATIVE_PROMPT, S2VPipeline, SampleOptions, parse_size, write_sample_mp4
     from engine.infer.audio import SAMPLE_RATE
-    from engine.models.attention import attention_backend_problem, set_attention_backend
+    from engine.models.attention import attention_backend_problem, resolve_attention_backend, set_attention_backend
     from engine.runner import pick_device
 
     try:
@@ -96,6 +96,9 @@ def main(argv: list[str]) -> int:
         return 2
     device = pick_device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    args.attention, why = resolve_attention_backend(args.attention, device, dtype)
+    if why:
+        print(f"attention: {args.attention} (--attention fastest: {why})", file=sys.stderr)
     problem = attention_backend_problem(args.attention, device)
     if problem is None and args.attention == "fa4" and dtype == "fp32":
         problem = "fa4 takes bf16 or fp16 tensors: give --dtype bf16"
