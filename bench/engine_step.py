@@ -81,6 +81,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.report import check_host_budget, emit_result, peak_host_rss_gib, step_durations  # noqa: E402
 from engine.config import with_value  # noqa: E402
+from engine.models.attention import get_attention_backend  # noqa: E402
 from engine.config.toml_io import load_config  # noqa: E402
 from engine.train.synthetic import SyntheticLatentDataset  # noqa: E402
 
@@ -360,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                 "compile_blocks", "residual_dtype", "attention_backend", "vram_budget_gb", "checkpoint_policy",
                 "base_weights", "fp8_input_grad")},
             "overrides": args.set,
+            # the kernel the run trained with ("fastest" is resolved by the switches)
+            "attention_backend_used": get_attention_backend(),
             # [rollout]: the no-grad forwards of each micro-batch (its largest offset), to set beside s_all.
             "rollout_forwards": forwards.counts,
             # TREAD's settings (config [tread]): off, or the ratio and span a timing row was taken with.

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.flops import H100_BF16_DENSE_TFLOPS, step_flops  # noqa: E402
 from bench.report import check_host_budget, emit_result, peak_host_rss_gib  # noqa: E402
-from engine.models.attention import attach_fp8_ratios, set_attention_backend  # noqa: E402
+from engine.models.attention import (  # noqa: E402
+    attach_fp8_ratios, resolve_attention_backend, set_attention_backend)
 from engine.models.s2v_transformer import S2VTransformer3DModel  # noqa: E402
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -239,6 +240,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device = torch.device("cuda")
+    args.attention = resolve_attention_backend(args.attention, device)[0]  # "fastest": fa4 where it runs
     set_attention_backend(args.attention)
     t0 = time.perf_counter()
     model = random_14b(device)
