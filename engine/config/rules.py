@@ -341,14 +341,13 @@ def _check_memory(c: _Checker, cfg: Config) -> None:
     if m.attention_backend == "sage":
         c.bad("memory.attention_backend", "sage (SageAttention) has no backward pass, so it cannot train",
               'set attention_backend = "cudnn" or "fa4"; for faster samples set validation.attention_backend = "sage"')
-    fa4_keys = [k for k, name in (("memory.attention_backend", m.attention_backend),
-                                  ("validation.attention_backend", cfg.validation.attention_backend)) if name == "fa4"]
+    attention_keys = (("memory.attention_backend", m.attention_backend),
+                      ("validation.attention_backend", cfg.validation.attention_backend))
+    fa4_keys = [k for k, name in attention_keys if name == "fa4"]
     if fa4_keys and cfg.model.dtype == "fp32":
         c.conflict(fa4_keys[0], "fa4 (FlashAttention 4) takes bf16 or fp16 tensors, but model.dtype is fp32",
                    f'set model.dtype = "bf16" or {fa4_keys[0]} = "cudnn"')
-    fp8_keys = [k for k, name in (("memory.attention_backend", m.attention_backend),
-                                  ("validation.attention_backend", cfg.validation.attention_backend))
-                if name == "cudnn_fp8"]
+    fp8_keys = [k for k, name in attention_keys if name == "cudnn_fp8"]
     if fp8_keys and cfg.model.dtype != "bf16":
         c.conflict(fp8_keys[0], f"cudnn_fp8 attention takes bf16 tensors, but model.dtype is {cfg.model.dtype}",
                    f'set model.dtype = "bf16" or {fp8_keys[0]} = "cudnn"')

@@ -4,8 +4,9 @@ Training (memory.attention_backend): `auto` lets PyTorch choose; `cudnn`, `flash
 SDPA kernel (cuDNN is the fastest SDPA kernel measured on H100 and H200 at S2V sequence lengths, BENCHMARKS.md);
 `fa4` is FlashAttention 4 (the flash-attn-4 package: CuTe DSL kernels for Hopper and Blackwell), forward and
 backward; `cudnn_fp8` is cuDNN's fp8 SDPA for self-attention (engine/models/attention_fp8.py: e4m3 with per-tensor
-scales, not exact; cross-attention stays on cuDNN bf16), forward and backward. Sampling only (validation.attention_backend, `s2v-tui sample --attention`): `sage`, SageAttention 1
-(int8 Q.K, fp16 P.V), which has no backward pass. `flash_attn` (the FlashAttention 2 package) stays for the benches.
+scales, not exact; cross-attention stays on cuDNN bf16), forward and backward. Sampling only
+(validation.attention_backend, `s2v-tui sample --attention`): `sage`, SageAttention 1 (int8 Q.K, fp16 P.V), which
+has no backward pass. `flash_attn` (the FlashAttention 2 package) stays for the benches.
 
 `fastest` (memory.attention_backend, `s2v-tui sample --attention`) is not a kernel but a choice made once per run
 by `resolve_attention_backend`: fa4 where its probe passes on this GPU for this dtype (the fastest exact kernel
@@ -123,7 +124,7 @@ def _fa4_backward_fake(dout, q, k, v, out, lse):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _fa4_setup_context(ctx, inputs, output):
+def _save_inputs_and_outputs(ctx, inputs, output):  # the setup_context of both custom-op pairs (FA4, cuDNN fp8)
     ctx.save_for_backward(*inputs, *output)
 
 
@@ -132,7 +133,7 @@ def _fa4_grad(ctx, dout, _dlse):
     return fa4_backward(dout.contiguous(), q, k, v, out, lse)
 
 
-fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)
+fa4_forward.register_autograd(_fa4_grad, setup_context=_save_inputs_and_outputs)
 
 # ---- cuDNN fp8 self-attention as custom ops -----------------------------------------------------------------------
 # As for FA4: one opaque node for torch.compile. `ratios` is the layer's delayed-scaling state (amax of dS, dQ, dK,
@@ -166,27 +167,20 @@ def _fp8_backward_fake(dout, q, k, v, out, stats, ratios):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _fp8_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
-
-
 def _fp8_grad(ctx, dout, _dstats):
     q, k, v, ratios, out, stats = ctx.saved_tensors
     return (*fp8_attention_backward(dout.contiguous(), q, k, v, out, stats, ratios), None)
 
 
-fp8_attention_forward.register_autograd(_fp8_grad, setup_context=_fp8_setup_context)
+fp8_attention_forward.register_autograd(_fp8_grad, setup_context=_save_inputs_and_outputs)
 
 
-def attach_fp8_ratios(model: torch.nn.Module, device) -> int:
+def attach_fp8_ratios(model: torch.nn.Module, device) -> None:
     """Give every attention module of `model` its fp8 delayed-scaling state on the compute device (zeros: not yet
-    measured); returns how many. Self-attention uses it under attention backend cudnn_fp8."""
-    n = 0
+    measured). Self-attention uses it under attention backend cudnn_fp8."""
     for module in model.modules():
         if hasattr(type(module), "fp8_ratios"):
             module.fp8_ratios = torch.zeros(4, device=device, dtype=torch.float32)
-            n += 1
-    return n
 
 
 def _cudnn_fp8(q, k, v, ratios):

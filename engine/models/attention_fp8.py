@@ -145,6 +145,9 @@ class _CudnnGraphs:
         self.strides = (s * h * d, d, h * d, 1)
         self.handle = cudnn.create_handle()
         self.attn_scale = 1.0 / math.sqrt(d)
+        # the probabilities' fixed scale, made once: a torch.tensor(...) per call would copy from the host each time
+        self.p_scale = torch.full((1, 1, 1, 1), P_SCALE, device=device)
+        self.p_descale = torch.full((1, 1, 1, 1), 1.0 / P_SCALE, device=device)
         errors = []
         for layout in LAYOUTS:
             try:
@@ -230,8 +233,7 @@ class _CudnnGraphs:
         stats = torch.empty((b, h, s, 1), device=self.device, dtype=torch.float32)
         amax_o = torch.empty((1, 1, 1, 1), device=self.device, dtype=torch.float32)
         values = {"descale_q": descales[0], "descale_k": descales[1], "descale_v": descales[2],
-                  "descale_s": torch.tensor(1.0 / P_SCALE, device=self.device),
-                  "scale_s": torch.tensor(P_SCALE, device=self.device), "scale_o": scale_o}
+                  "descale_s": self.p_descale, "scale_s": self.p_scale, "scale_o": scale_o}
         pack = {self.f_in["q"]: q8, self.f_in["k"]: k8, self.f_in["v"]: v8, self.f_out["o"]: o,
                 self.f_out["stats"]: stats, self.f_out["amax_o"]: amax_o}
         pack.update({self.f_sc[n]: self._s(t) for n, t in values.items()})
@@ -245,10 +247,9 @@ class _CudnnGraphs:
         amax = torch.empty(4, device=self.device, dtype=torch.float32)
         amaxes = {n: amax[i:i + 1].view(1, 1, 1, 1) for i, n in enumerate(("amax_dP", "amax_dQ", "amax_dK",
                                                                             "amax_dV"))}
-        one = torch.ones((), device=self.device)
         values = {"descale_dO": descales[0], "descale_q": descales[1], "descale_k": descales[2],
                   "descale_v": descales[3], "descale_o": descale_o,
-                  "descale_s": one / P_SCALE, "scale_s": one * P_SCALE,
+                  "descale_s": self.p_descale, "scale_s": self.p_scale,
                   "scale_dP": grad_scales[0], "descale_dP": 1.0 / grad_scales[0],
                   "scale_dQ": grad_scales[1], "scale_dK": grad_scales[2], "scale_dV": grad_scales[3]}
         pack = {self.b_in["q"]: q8, self.b_in["k"]: k8, self.b_in["v"]: v8, self.b_in["o"]: o_in,
